@@ -1,0 +1,142 @@
+"""The ``imgcurate`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXAMPLE_CONFIG = """\
+# imgcurate pipeline: steps run in order over the input shards, then the kept samples are exported.
+input: sample_data/shards
+output: sample_data/curated
+id_col: key
+backend: auto            # auto | pandas | cudf
+# cluster: {n_workers: 2, threads_per_worker: 1}   # or {address: tcp://host:8786}, or {type: cuda}
+steps:
+  - SampleFilter:
+      min_width: 256       # pixels
+      max_aspect_ratio: 3.0
+      drop_errors: true    # drop samples whose error column is set
+export:
+  filter_column: keep
+  samples_per_shard: 10000
+  old_id_col: old_key
+"""
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from imgcurate.testing import make_sample_shards
+
+    paths = make_sample_shards(args.out, samples_per_shard=args.samples_per_shard)
+    print(f"wrote {len(paths)} sample shards to {args.out}")
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from imgcurate.io.make import make_shards
+
+    paths = make_shards(
+        args.src,
+        args.out,
+        samples_per_shard=args.samples_per_shard,
+        path_col=args.path_col,
+        caption_col=args.caption_col,
+    )
+    print(f"wrote {len(paths)} shards to {args.out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from imgcurate.filters import drop_report
+    from imgcurate.pipeline import Pipeline
+
+    pipeline = Pipeline.from_yaml(args.config)
+    if args.output:
+        pipeline.export = {**(pipeline.export or {}), "path": args.output}
+    if args.overwrite and pipeline.export:
+        pipeline.export["overwrite"] = True
+    export = pipeline.export
+    pipeline.export = None
+    with_steps = pipeline.run()
+    if "drop_reason" in with_steps.metadata.columns:
+        print(drop_report(with_steps).to_string())
+    if export:
+        kwargs = dict(export)
+        out = with_steps.to_webdataset(kwargs.pop("path"), **kwargs)
+        print(f"exported {len(out.metadata)} samples in {out.num_shards} shards to {out.path}")
+    return 0
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from imgcurate.pipeline import STAGES, stage_summary
+
+    width = max(map(len, STAGES))
+    for name in sorted(STAGES):
+        print(f"{name:<{width}}  {stage_summary(name)}")
+    return 0
+
+
+def _cmd_init_config(args: argparse.Namespace) -> int:
+    if args.out == "-":
+        sys.stdout.write(EXAMPLE_CONFIG)
+        return 0
+    import os
+
+    if os.path.exists(args.out) and not args.force:
+        print(f"{args.out} exists; pass --force to overwrite", file=sys.stderr)
+        return 1
+    with open(args.out, "w") as f:
+        f.write(EXAMPLE_CONFIG)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgcurate", description="Curate image-text datasets in WebDataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="write the bundled sample shards (real photos shipped by scikit-image)")
+    p.add_argument("out")
+    p.add_argument("--samples-per-shard", type=int, default=10)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("shard", help="turn a folder of images (or a CSV/parquet list) into shards")
+    p.add_argument("src", help="folder of images with optional .txt/.json sidecars, or a .csv/.parquet list")
+    p.add_argument("out")
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--path-col", default=None)
+    p.add_argument("--caption-col", default=None)
+    p.set_defaults(func=_cmd_shard)
+
+    p = sub.add_parser("run", help="run a YAML pipeline")
+    p.add_argument("config")
+    p.add_argument("--output", default=None, help="override the export folder")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in the export folder")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("stages", help="list the steps a pipeline can use")
+    p.set_defaults(func=_cmd_stages)
+
+    p = sub.add_parser("init-config", help="write an example pipeline config")
+    p.add_argument("out", nargs="?", default="-", help="file to write ('-' for stdout)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_init_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as err:  # the CLI shows the message, not a traceback, for our own errors
+        from imgcurate.errors import ImgcurateError
+
+        if isinstance(err, ImgcurateError | FileNotFoundError | FileExistsError | ValueError):
+            print(f"imgcurate: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

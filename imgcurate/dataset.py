@@ -1,0 +1,323 @@
+"""ImageTextPairDataset: WebDataset tar shards plus a Dask metadata frame, one partition per shard.
+
+The invariant that everything relies on: ``metadata.partitions[i]`` describes samples of ``tar_files[i]``, in tar
+order. Rows may be dropped (a filtered frame is still aligned) but never moved to another partition or reordered.
+The partition count is checked whenever a frame goes back into a dataset; the keys are checked against the tar
+whenever a step reads the shard, so a broken alignment is always an error, never a silent mismatch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import posixpath
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from imgcurate import progress
+from imgcurate.backends import get_backend, resolve_backend_name
+from imgcurate.errors import AlignmentError, ShardError
+from imgcurate.io.shards import KEY_COLUMN, scan_shard, write_parquet
+from imgcurate.io.tar import read_keys
+
+__all__ = ["ImageTextPairDataset"]
+
+
+def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def parquet_path_for(tar_path: str) -> str:
+    """The parquet that sits beside a tar shard: ``00012.tar`` -> ``00012.parquet``."""
+    return tar_path[: -len(".tar")] + ".parquet"
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one metadata partition is read from: a parquet path or an in-memory table."""
+
+    tar: str
+    parquet: str | None
+    table: pa.Table | None
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Gives a shard's table the dataset's unified schema: missing columns become nulls, types are cast."""
+    arrays = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            arrays.append(column if column.type == field.type else column.cast(field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _read_partition(part: _Part, schema: pa.Schema, backend: str, storage_options: dict) -> Any:
+    if part.table is not None:
+        table = part.table
+    else:
+        try:
+            with fsspec.open(part.parquet, "rb", **storage_options) as f:
+                table = pq.read_table(f, columns=[n for n in schema.names if n in pq.read_schema(f).names])
+        except (OSError, pa.ArrowException) as err:
+            raise ShardError(part.parquet, f"cannot read parquet ({err})") from None
+    return get_backend(backend).from_arrow(_conform(table, schema))
+
+
+def _unify(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Schema:
+    try:
+        schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ShardError(paths[0], f"parquet schemas of the shards cannot be unified ({err})") from None
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+    return pa.schema(fields)
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"row {i}: parquet has key {x!r}, tar has {y!r}"
+    if len(a) > len(b):
+        return f"parquet has {len(a)} rows, tar has {len(b)} samples; first extra key in parquet: {a[len(b)]!r}"
+    return f"parquet has {len(a)} rows, tar has {len(b)} samples; first key missing from parquet: {b[len(a)]!r}"
+
+
+class ImageTextPairDataset:
+    """Image-text pairs in WebDataset tar shards, described by a Dask metadata frame with one partition per shard.
+
+    Args:
+        path: the folder (local path or fsspec URL) that holds the shards.
+        metadata: the Dask frame, partition ``i`` describing ``tar_files[i]``.
+        tar_files: the shard paths, in order.
+        id_col: the column that holds sample keys.
+        storage_options: passed to fsspec for every file access.
+        arrow_types: arrow types of columns whose type cannot be read off a pandas dtype (embeddings), used when
+            metadata is written to parquet.
+
+    Example:
+        >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
+        >>> df = ds.metadata
+        >>> ds = ds.with_metadata(df.assign(keep=df.width >= 256))
+        >>> ds.to_webdataset("curated/", filter_column="keep")
+    """
+
+    def __init__(
+        self,
+        path: str,
+        metadata: dd.DataFrame,
+        tar_files: Sequence[str],
+        id_col: str = KEY_COLUMN,
+        *,
+        storage_options: dict | None = None,
+        arrow_types: dict[str, pa.DataType] | None = None,
+    ):
+        self.path = path
+        self.tar_files = list(tar_files)
+        self.id_col = id_col
+        self.storage_options = dict(storage_options or {})
+        self.arrow_types = dict(arrow_types or {})
+        self._metadata = self._checked(metadata)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def from_webdataset(
+        cls,
+        path: str,
+        id_col: str = KEY_COLUMN,
+        *,
+        storage_options: dict | None = None,
+        backend: str | None = None,
+        validate: bool = True,
+    ) -> ImageTextPairDataset:
+        """Opens a folder of ``*.tar`` shards with their per-shard parquet files.
+
+        A shard without its parquet gets one built by scanning the tar (with a progress bar) and written beside it.
+        Files that do not end in ``.tar`` are ignored.
+
+        Args:
+            path: the folder, a local path or any fsspec URL.
+            id_col: the column of sample keys.
+            storage_options: passed to fsspec.
+            backend: ``auto``, ``pandas`` or ``cudf``; None reads the ``imgcurate.backend`` config key.
+            validate: read each tar's headers and check that its keys match its parquet, in order (cheap on local
+                disks; turn it off for remote stores where every header is a request).
+
+        Returns:
+            The dataset, its metadata frame lazily reading one parquet per partition.
+
+        Raises:
+            FileNotFoundError: the folder holds no tar shard.
+            ShardError: a tar is unreadable or truncated, a parquet lacks ``id_col``, or a parquet's keys differ from
+                its tar's (naming the shard and the first differing key).
+        """
+        storage_options = dict(storage_options or {})
+        backend = resolve_backend_name(backend)
+        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        tars = sorted(p for p in fs.glob(posixpath.join(root, "*.tar")) if fs.isfile(p))
+        if not tars:
+            raise FileNotFoundError(f"{path}: no .tar shards in this folder")
+        existing = set(fs.glob(posixpath.join(root, "*.parquet")))
+
+        def prepare(tar: str) -> tuple[_Part, pa.Schema]:
+            full_tar = _full_path(fs, tar)
+            pq_path = parquet_path_for(tar)
+            full_pq = _full_path(fs, pq_path)
+            if pq_path not in existing:
+                table = scan_shard(full_tar, id_col, storage_options)
+                try:
+                    write_parquet(table, full_pq, storage_options)
+                except OSError as err:
+                    message = f"{full_pq}: could not write the scanned metadata ({err}); keeping it in memory"
+                    warnings.warn(message, stacklevel=2)
+                    return _Part(full_tar, None, table), table.schema
+                return _Part(full_tar, full_pq, None), table.schema
+            with fs.open(pq_path, "rb") as f:
+                try:
+                    schema = pq.read_schema(f)
+                except (OSError, pa.ArrowException) as err:
+                    raise ShardError(full_pq, f"not a readable parquet file ({err})") from None
+            if id_col not in schema.names:
+                raise ShardError(full_pq, f"has no {id_col!r} column (columns: {', '.join(schema.names)})")
+            if validate:
+                with fs.open(pq_path, "rb") as f:
+                    pq_keys = pq.read_table(f, columns=[id_col]).column(id_col).to_pylist()
+                tar_keys = read_keys(full_tar, storage_options=storage_options)
+                if pq_keys != tar_keys:
+                    raise ShardError(full_tar, "keys differ from its parquet: " + _first_difference(pq_keys, tar_keys))
+            return _Part(full_tar, full_pq, None), schema
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            prepared = list(progress.bar(pool.map(prepare, tars), desc="opening shards", total=len(tars), unit="shard"))
+        parts = [p for p, _ in prepared]
+        schema = _unify([s for _, s in prepared], [p.tar for p in parts])
+        metadata = cls._metadata_frame(parts, schema, backend, storage_options)
+        return cls(path, metadata, [p.tar for p in parts], id_col, storage_options=storage_options)
+
+    @staticmethod
+    def _metadata_frame(parts: list[_Part], schema: pa.Schema, backend: str, storage_options: dict) -> dd.DataFrame:
+        meta = get_backend(backend).from_arrow(schema.empty_table())
+        # Our reader already gives strings their arrow-backed dtype; dask's own string conversion would also turn
+        # object columns that hold arrays (embeddings) into text.
+        config = {"dataframe.backend": get_backend(backend).dask_backend, "dataframe.convert-string": False}
+        with dask.config.set(config):
+            return dd.from_map(
+                _read_partition,
+                parts,
+                args=[schema, backend, storage_options],
+                meta=meta,
+                label="imgcurate-metadata",
+                enforce_metadata=False,
+            )
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def metadata(self) -> dd.DataFrame:
+        """The Dask metadata frame: partition ``i`` describes ``tar_files[i]``."""
+        return self._metadata
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.tar_files)
+
+    def _checked(self, metadata: dd.DataFrame) -> dd.DataFrame:
+        if not isinstance(metadata, dd.DataFrame):
+            raise TypeError(f"metadata must be a dask DataFrame, got {type(metadata).__name__}")
+        if metadata.npartitions != len(self.tar_files):
+            raise AlignmentError(
+                f"metadata has {metadata.npartitions} partitions for {len(self.tar_files)} tar shards: partition i must"
+                " describe tar_files[i]. Do not repartition or drop partitions; select samples with a boolean column "
+                "(or row filters, which keep the partitioning) instead."
+            )
+        if self.id_col not in metadata.columns:
+            raise AlignmentError(f"metadata has no {self.id_col!r} column, which ties its rows to the tar samples")
+        return metadata
+
+    def with_metadata(
+        self, metadata: dd.DataFrame, arrow_types: dict[str, pa.DataType] | None = None
+    ) -> ImageTextPairDataset:
+        """A dataset over the same shards with a new metadata frame.
+
+        Args:
+            metadata: a frame derived from :attr:`metadata` (new columns, row filters), one partition per shard.
+            arrow_types: arrow types for new columns that hold arrays (e.g. ``pa.list_(pa.float32())``).
+
+        Raises:
+            AlignmentError: the frame's partition count differs from the shard count or it lacks the id column.
+                Keys are also checked against each tar whenever a step reads it.
+        """
+        types = {**self.arrow_types, **(arrow_types or {})}
+        return type(self)(
+            self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options, arrow_types=types
+        )
+
+    def save_metadata(self, path: str | None = None, columns: Sequence[str] | None = None) -> list[str]:
+        """Writes the metadata as one parquet per shard, named after the tars (``00012.tar`` -> ``00012.parquet``).
+
+        Args:
+            path: the folder to write to; None overwrites the parquet files beside the tars (atomically).
+            columns: the columns to write (the id column is always written); None writes all.
+
+        Returns:
+            The paths written.
+        """
+        from imgcurate.io.export import partition_to_arrow
+
+        df = self._metadata
+        if columns is not None:
+            df = df[[self.id_col, *[c for c in columns if c != self.id_col]]]
+        targets = [
+            parquet_path_for(t if path is None else posixpath.join(path, posixpath.basename(t))) for t in self.tar_files
+        ]
+        if path is not None:
+            fs, root = fsspec.core.url_to_fs(path, **self.storage_options)
+            fs.makedirs(root, exist_ok=True)
+
+        def write(part: Any, target: str) -> str:
+            write_parquet(partition_to_arrow(part, self.arrow_types), target, self.storage_options)
+            return target
+
+        tasks = [dask.delayed(write)(p, t) for p, t in zip(df.to_delayed(), targets, strict=True)]
+        return progress.compute(tasks, desc="saving metadata")
+
+    # ------------------------------------------------------------------ export
+    def to_webdataset(
+        self,
+        path: str,
+        filter_column: str | None = None,
+        samples_per_shard: int = 10000,
+        max_shards: int | None = None,
+        old_id_col: str | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> ImageTextPairDataset:
+        """Re-shards the kept samples into new tar shards with their parquet, copying member bytes unchanged.
+
+        See :func:`imgcurate.io.export.export_webdataset` for the details (key scheme, streaming, atomicity).
+
+        Returns:
+            The new dataset, opened from ``path``.
+        """
+        from imgcurate.io.export import export_webdataset
+
+        return export_webdataset(
+            self,
+            path,
+            filter_column=filter_column,
+            samples_per_shard=samples_per_shard,
+            max_shards=max_shards,
+            old_id_col=old_id_col,
+            overwrite=overwrite,
+        )
+
+    def __repr__(self) -> str:
+        cols = ", ".join(map(str, self._metadata.columns))
+        return f"ImageTextPairDataset(path={self.path!r}, shards={len(self.tar_files)}, columns=[{cols}])"

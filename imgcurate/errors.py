@@ -1,0 +1,36 @@
+"""Exceptions raised by imgcurate. Each names the file and the problem."""
+
+from __future__ import annotations
+
+
+class ImgcurateError(Exception):
+    """Base class of imgcurate's errors."""
+
+
+class ShardError(ImgcurateError, ValueError):
+    """A shard (tar or parquet) is unreadable or inconsistent.
+
+    Args:
+        path: the shard file at fault.
+        problem: what is wrong with it.
+    """
+
+    def __init__(self, path: str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+
+class AlignmentError(ImgcurateError, ValueError):
+    """The metadata frame no longer lines up with the tar shards (partition i must describe tar_files[i])."""
+
+
+class MissingDependencyError(ImgcurateError, ImportError):
+    """An optional dependency that a step needs is not installed."""
+
+    def __init__(self, what: str, package: str, extra: str | None = None):
+        hint = f"pip install 'imgcurate[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{what} needs {package!r}, which is not installed: {hint}")

@@ -1,0 +1,169 @@
+"""Selecting samples: a boolean ``keep`` column built from thresholds, with the reasons for every drop.
+
+Scales, so that thresholds mean what they say:
+
+- ``aesthetic_score`` (:class:`~imgcurate.classifiers.AestheticClassifier`) is roughly 0-10, as in the LAION
+  improved aesthetic predictor: about 4.5-5 is an average web photo; LAION-Aesthetics used >= 5, 6 and 6.5 for its
+  subsets. ``min_aesthetic=5.0`` is a mild filter, ``6.5`` a strict one. It is not a 0-1 probability.
+- ``nsfw_score`` (:class:`~imgcurate.classifiers.NsfwClassifier`) is a probability 0-1; ``max_nsfw=0.5`` drops
+  samples the detector thinks more likely unsafe than not, lower values are stricter.
+- Width, height and aspect ratio are read from the metadata (``width``/``height`` columns).
+
+A sample whose value is null for a rule (a failed decode gives null scores) fails that rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+
+from imgcurate.dataset import ImageTextPairDataset
+
+__all__ = ["Rule", "SampleFilter", "drop_report"]
+
+_OPS = {
+    ">=": lambda s, v: s >= v,
+    ">": lambda s, v: s > v,
+    "<=": lambda s, v: s <= v,
+    "<": lambda s, v: s < v,
+    "==": lambda s, v: s == v,
+    "!=": lambda s, v: s != v,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Keep a sample when ``column <op> value`` holds; otherwise it is dropped for ``reason``.
+
+    ``op`` is one of ``>= > <= < == !=``, or ``isnull``/``notnull`` (``value`` unused).
+    """
+
+    column: str
+    op: str
+    value: Any = None
+    reason: str | None = None
+
+    def __post_init__(self):
+        if self.op not in _OPS and self.op not in ("isnull", "notnull"):
+            raise ValueError(f"unknown op {self.op!r}: choose one of {', '.join([*_OPS, 'isnull', 'notnull'])}")
+
+    @property
+    def name(self) -> str:
+        if self.reason:
+            return self.reason
+        return f"{self.column} {self.op}" + ("" if self.op in ("isnull", "notnull") else f" {self.value}")
+
+    def passes(self, df: dd.DataFrame) -> dd.Series:
+        column = df[self.column]
+        if self.op == "isnull":
+            return column.isnull()
+        if self.op == "notnull":
+            return column.notnull()
+        return _OPS[self.op](column, self.value).fillna(False).astype(bool)
+
+
+@dataclass
+class SampleFilter:
+    """Adds ``keep`` (bool) and ``drop_reason`` (the failed rules, ``;``-separated; null when kept) columns.
+
+    Args:
+        min_width: drop images narrower than this (``width`` column).
+        min_height: drop images lower than this (``height`` column).
+        max_aspect_ratio: drop images whose longer side exceeds ``max_aspect_ratio`` times the shorter one.
+        min_aesthetic: drop samples whose ``aesthetic_column`` is below this (0-10 scale).
+        max_nsfw: drop samples whose ``nsfw_column`` is at or above this (0-1 probability).
+        drop_errors: drop samples whose ``error`` column (or any ``*_error`` column) is set.
+        drop_duplicates: boolean columns that mark duplicates (e.g. ``is_duplicate``); marked samples are dropped.
+        rules: further :class:`Rule` objects.
+        keep_column: the name of the boolean output column.
+        reason_column: the name of the reason column.
+
+    Example:
+        >>> step = SampleFilter(min_width=256, min_aesthetic=5.0, max_nsfw=0.5)
+        >>> ds = step(ds)  # doctest: +SKIP
+        >>> ds.to_webdataset("out/", filter_column="keep")  # doctest: +SKIP
+    """
+
+    min_width: int | None = None
+    min_height: int | None = None
+    max_aspect_ratio: float | None = None
+    min_aesthetic: float | None = None
+    max_nsfw: float | None = None
+    drop_errors: bool = True
+    drop_duplicates: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    aesthetic_column: str = "aesthetic_score"
+    nsfw_column: str = "nsfw_score"
+    keep_column: str = "keep"
+    reason_column: str = "drop_reason"
+
+    def __post_init__(self):
+        if isinstance(self.drop_duplicates, str):
+            self.drop_duplicates = (self.drop_duplicates,)
+        self.rules = tuple(Rule(**r) if isinstance(r, dict) else r for r in self.rules)
+
+    def _rules(self, columns: list[str]) -> list[tuple[str, Any]]:
+        """(reason, predicate on the frame) pairs; predicates return True where the sample passes."""
+        rules: list[tuple[str, Any]] = []
+        if self.min_width is not None:
+            rules.append((f"width < {self.min_width}", Rule("width", ">=", self.min_width).passes))
+        if self.min_height is not None:
+            rules.append((f"height < {self.min_height}", Rule("height", ">=", self.min_height).passes))
+        if self.max_aspect_ratio is not None:
+            limit = self.max_aspect_ratio
+
+            def aspect(df):
+                w, h = df["width"].astype("float64"), df["height"].astype("float64")
+                ratio = w.where(w >= h, h) / w.where(w < h, h)
+                return (ratio <= limit).fillna(False).astype(bool)
+
+            rules.append((f"aspect ratio > {limit}", aspect))
+        if self.min_aesthetic is not None:
+            reason = f"{self.aesthetic_column} < {self.min_aesthetic}"
+            rules.append((reason, Rule(self.aesthetic_column, ">=", self.min_aesthetic).passes))
+        if self.max_nsfw is not None:
+            reason = f"{self.nsfw_column} >= {self.max_nsfw}"
+            rules.append((reason, Rule(self.nsfw_column, "<", self.max_nsfw).passes))
+        if self.drop_errors:
+            for column in [c for c in columns if c == "error" or str(c).endswith("_error")]:
+                rules.append((f"{column} set", Rule(column, "isnull").passes))
+        for column in self.drop_duplicates:
+            rules.append((f"{column}", Rule(column, "!=", True).passes))
+        rules.extend((r.name if r.reason else f"not {r.name}", r.passes) for r in self.rules)
+        return rules
+
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        df = dataset.metadata
+        columns = list(df.columns)
+        needed = {"width", "height"} if self.min_width or self.min_height or self.max_aspect_ratio else set()
+        needed |= {self.aesthetic_column} if self.min_aesthetic is not None else set()
+        needed |= {self.nsfw_column} if self.max_nsfw is not None else set()
+        needed |= set(self.drop_duplicates) | {r.column for r in self.rules}
+        missing = sorted(needed - set(columns))
+        if missing:
+            raise ValueError(f"SampleFilter needs metadata columns that are missing: {', '.join(missing)}")
+        keep = None
+        reason = df[dataset.id_col].astype(str).str.slice(0, 0)  # empty strings, same partitions and backend
+        for name, passes in self._rules(columns):
+            ok = passes(df)
+            keep = ok if keep is None else keep & ok
+            reason = reason.where(ok, reason + f"{name};")
+        if keep is None:
+            keep = df[dataset.id_col].notnull() | True
+        reason = reason.str.rstrip(";")
+        reason = reason.mask(reason == "", None)
+        return dataset.with_metadata(df.assign(**{self.keep_column: keep, self.reason_column: reason}))
+
+
+def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason") -> pd.Series:
+    """How many samples each reason dropped (a sample dropped for two reasons counts under both), plus totals."""
+    df = dataset.metadata
+    reasons = df[reason_column].dropna().str.split(";").explode().value_counts().compute()
+    reasons = reasons.to_pandas() if hasattr(reasons, "to_pandas") else reasons
+    total = len(df)
+    dropped = int(df[reason_column].notnull().sum().compute())
+    summary = pd.Series({"total": total, "kept": total - dropped, "dropped": dropped})
+    return pd.concat([summary, reasons.astype("int64")])

@@ -1,0 +1,209 @@
+"""Making shards: from a folder of images with sidecar files, from a CSV/parquet list, or from in-memory records."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pandas as pd
+from PIL import Image
+
+from imgcurate import progress
+from imgcurate.io.shards import CAPTION_COLUMN, ERROR_COLUMN, KEY_COLUMN, ShardWriter, columns_to_table, new_key
+from imgcurate.io.tar import IMAGE_EXTENSIONS
+
+__all__ = ["Record", "write_shards", "make_shards", "image_size"]
+
+_PATH_COLUMNS = ("path", "image_path", "filepath", "file", "image")
+_CAPTION_COLUMNS = ("caption", "text", "txt")
+
+
+@dataclass
+class Record:
+    """One sample to write: its members (extension -> bytes) and the fields of its json member.
+
+    ``caption`` becomes the ``txt`` member; ``error`` is recorded in the metadata only.
+    """
+
+    members: dict[str, bytes]
+    fields: dict[str, Any] = field(default_factory=dict)
+    caption: str | None = None
+    error: str | None = None
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from an image header without decoding the pixels; None when unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # PIL raises many types for bad input
+        return None
+
+
+def write_shards(
+    records: Iterable[Record],
+    out: str,
+    *,
+    samples_per_shard: int = 10000,
+    id_col: str = KEY_COLUMN,
+    total: int | None = None,
+    storage_options: dict | None = None,
+) -> list[str]:
+    """Writes records into ``out/00000.tar`` (+ ``.parquet``), ... with keys from :func:`new_key`.
+
+    Each record's json member holds its fields (plus width/height read from the image header); the parquet has the
+    key, the caption, the error and the same fields.
+
+    Returns:
+        The tar paths written.
+    """
+    so = storage_options or {}
+    fs, root = fsspec.core.url_to_fs(out, **so)
+    fs.makedirs(root, exist_ok=True)
+    paths: list[str] = []
+    writer: ShardWriter | None = None
+    rows: list[dict[str, Any]] = []
+
+    def finish() -> None:
+        names: list[str] = [id_col, CAPTION_COLUMN, ERROR_COLUMN]
+        for row in rows:
+            names.extend(k for k in row if k not in names)
+        writer.set_metadata(columns_to_table({n: [r.get(n) for r in rows] for n in names}))
+        writer.close()
+        paths.append(writer.tar_path)
+
+    try:
+        for index, record in enumerate(progress.bar(records, desc="writing shards", total=total, unit="sample")):
+            shard, position = divmod(index, samples_per_shard)
+            if position == 0:
+                if writer is not None:
+                    finish()
+                writer = ShardWriter(posixpath.join(out.rstrip("/"), f"{shard:05d}.tar"), storage_options=so)
+                rows = []
+            key = new_key(shard, position, samples_per_shard)
+            fields = dict(record.fields)
+            image = next((data for ext, data in record.members.items() if ext.lower() in IMAGE_EXTENSIONS), None)
+            size = image_size(image) if image is not None else None
+            error = record.error
+            if image is not None and size is None:
+                error = error or "image header is unreadable"
+            fields.setdefault("width", size[0] if size else None)
+            fields.setdefault("height", size[1] if size else None)
+            members = dict(record.members)
+            if record.caption is not None:
+                members["txt"] = record.caption.encode("utf-8")
+            members["json"] = json.dumps({"key": key, **fields}, sort_keys=True).encode("utf-8")
+            writer.write(key, members)
+            rows.append({id_col: key, CAPTION_COLUMN: record.caption, ERROR_COLUMN: error, **fields})
+        if writer is not None:
+            finish()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return paths
+
+
+def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Record]:
+    files = sorted(fs.find(folder))
+    present = set(files)
+    for path in files:
+        stem, _, ext = path.rpartition(".")
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            continue
+        caption = error = None
+        fields: dict[str, Any] = {"source_path": posixpath.relpath(path, folder)}
+        if f"{stem}.txt" in present:
+            raw = fs.cat_file(f"{stem}.txt")
+            try:
+                caption = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                caption, error = raw.decode("utf-8", errors="replace").strip(), "caption is not valid UTF-8"
+        if f"{stem}.json" in present:
+            try:
+                extra = json.loads(fs.cat_file(f"{stem}.json"))
+                if isinstance(extra, dict):
+                    fields = {**extra, **fields}
+                else:
+                    error = error or "sidecar json is not an object"
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                error = error or f"sidecar json is not valid JSON ({err})"
+        yield Record({ext.lower(): fs.cat_file(path)}, fields, caption, error)
+
+
+def _table_records(table: pd.DataFrame, base: str, path_col: str | None, caption_col: str | None) -> Iterator[Record]:
+    path_col = path_col or next((c for c in _PATH_COLUMNS if c in table.columns), None)
+    if path_col is None or path_col not in table.columns:
+        raise ValueError(f"the list needs a column of image paths (one of {', '.join(_PATH_COLUMNS)}), or path_col=")
+    caption_col = caption_col or next((c for c in _CAPTION_COLUMNS if c in table.columns), None)
+    extra_cols = [c for c in table.columns if c not in (path_col, caption_col)]
+    for row in table.to_dict("records"):
+        source = str(row[path_col])
+        path = source if os.path.isabs(source) or "://" in source else os.path.join(base, source)
+        caption = row.get(caption_col) if caption_col else None
+        caption = None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
+        fields = {c: _plain(row[c]) for c in extra_cols}
+        fields["source_path"] = source
+        ext = path.rpartition(".")[2].lower()
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            yield Record({}, fields, caption, f"cannot read image file {source!r} ({err})")
+            continue
+        if ext not in IMAGE_EXTENSIONS:
+            yield Record({"bin": data}, fields, caption, f"{source!r} has no image extension")
+            continue
+        yield Record({ext: data}, fields, caption)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def make_shards(
+    source: str,
+    out: str,
+    *,
+    samples_per_shard: int = 10000,
+    path_col: str | None = None,
+    caption_col: str | None = None,
+) -> list[str]:
+    """Turns images into WebDataset shards with their parquet.
+
+    Args:
+        source: a folder of images (searched recursively; ``photo.jpg`` takes its caption from ``photo.txt`` and
+            extra fields from ``photo.json`` beside it), or a ``.csv``/``.parquet`` list with a column of image paths
+            (relative paths are taken from the list's folder), an optional caption column and any other columns,
+            which go into the json member.
+        out: the output folder.
+        samples_per_shard: samples per shard.
+        path_col: the column of image paths in a list (default: the first of path, image_path, filepath, file, image).
+        caption_col: the caption column in a list (default: the first of caption, text, txt).
+
+    Returns:
+        The tar paths written. Image bytes are copied unchanged; an unreadable file becomes a sample with an error.
+
+    Example:
+        >>> make_shards("photos/", "shards/", samples_per_shard=1000)  # doctest: +SKIP
+    """
+    fs, root = fsspec.core.url_to_fs(source)
+    if fs.isdir(root):
+        records: Iterable[Record] = _folder_records(root, fs)
+        total = None
+    elif root.endswith((".csv", ".parquet")):
+        table = pd.read_csv(source) if root.endswith(".csv") else pd.read_parquet(source)
+        records = _table_records(table, posixpath.dirname(root), path_col, caption_col)
+        total = len(table)
+    else:
+        raise ValueError(f"{source}: expected a folder of images or a .csv/.parquet list of image paths")
+    return write_shards(records, out, samples_per_shard=samples_per_shard, total=total)

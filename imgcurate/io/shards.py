@@ -1,0 +1,201 @@
+"""Writing shards (deterministic tar + parquet, atomically) and scanning a tar into its metadata table."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgcurate.io.tar import iter_samples
+
+#: Columns that every scanned shard has, besides the fields of its json members.
+KEY_COLUMN = "key"
+CAPTION_COLUMN = "caption"
+ERROR_COLUMN = "error"
+
+
+def new_key(shard_index: int, index_in_shard: int, samples_per_shard: int) -> str:
+    """The key of the ``index_in_shard``-th sample of output shard ``shard_index``.
+
+    Keys are the shard number (5 digits or more) followed by the position in the shard, zero-padded to as many
+    digits as ``samples_per_shard - 1`` has: with 10,000 samples per shard, sample 7 of shard 3 is ``000030007``.
+    Keys sort in export order and never collide.
+    """
+    width = len(str(max(samples_per_shard - 1, 1)))
+    return f"{shard_index:05d}{index_in_shard:0{width}d}"
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "wb", storage_options: dict | None = None) -> Iterator[IO]:
+    """Opens a temporary file beside ``path`` and renames it to ``path`` only when the block succeeds."""
+    fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    tmp = f"{fs_path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, fs_path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_parquet(table: pa.Table, path: str, storage_options: dict | None = None) -> None:
+    """Writes a table to parquet atomically (temporary name, then rename)."""
+    with atomic_open(path, "wb", storage_options) as f:
+        pq.write_table(table, f)
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Writes one tar shard and its parquet, byte-for-byte reproducibly, under temporary names until closed.
+
+    Members get mtime 0, uid/gid 0 and mode 0644, in the order given, so the same input always makes the same bytes.
+    A writer that is not closed (an exception, a crash) leaves no file that looks finished.
+
+    Example:
+        >>> with ShardWriter("out/00000.tar") as w:  # doctest: +SKIP
+        ...     w.write("000000000", {"jpg": jpeg_bytes, "txt": b"a cat"})
+        ...     w.set_metadata(table)
+    """
+
+    def __init__(self, tar_path: str, parquet_path: str | None = None, storage_options: dict | None = None):
+        self.tar_path = tar_path
+        self.parquet_path = parquet_path if parquet_path is not None else _with_suffix(tar_path, ".parquet")
+        self.storage_options = storage_options or {}
+        self._fs, self._fs_tar = fsspec.core.url_to_fs(tar_path, **self.storage_options)
+        self._tmp = f"{self._fs_tar}.tmp-{uuid.uuid4().hex[:12]}"
+        self._file = self._fs.open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._table: pa.Table | None = None
+        self.count = 0
+
+    def write(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Adds one sample: each member is written as ``<key>.<ext>`` (``<key>`` for an empty extension)."""
+        for ext, data in members.items():
+            name = f"{key}.{ext}" if ext else key
+            self._tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+        self.count += 1
+
+    def set_metadata(self, table: pa.Table) -> None:
+        """The parquet table written beside the tar on close (one row per sample, in order)."""
+        self._table = table
+
+    def close(self) -> None:
+        """Finishes the tar, writes the parquet, then renames both into place (parquet first)."""
+        self._tar.close()
+        self._file.close()
+        if self._table is not None:
+            if self._table.num_rows != self.count:
+                self.abort()
+                raise ValueError(
+                    f"{self.tar_path}: metadata has {self._table.num_rows} rows for {self.count} samples written"
+                )
+            write_parquet(self._table, self.parquet_path, self.storage_options)
+        self._fs.mv(self._tmp, self._fs_tar)
+
+    def abort(self) -> None:
+        """Drops the unfinished shard."""
+        try:
+            self._tar.close()
+            self._file.close()
+        finally:
+            if self._fs.exists(self._tmp):
+                self._fs.rm(self._tmp)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _with_suffix(path: str, suffix: str) -> str:
+    base, dot, _ = path.rpartition(".")
+    return (base if dot else path) + suffix
+
+
+def columns_to_table(columns: dict[str, list[Any]]) -> pa.Table:
+    """Builds a table from python lists, falling back to JSON text for a column whose values mix types."""
+    arrays = {}
+    for name, values in columns.items():
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arrays[name] = pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+        if pa.types.is_null(arrays[name].type):
+            arrays[name] = arrays[name].cast(pa.string())
+    return pa.table(arrays)
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _json_fields(data: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return {}, f"json member is not valid JSON ({err})"
+    if not isinstance(value, dict):
+        return {}, "json member is not a JSON object"
+    fields = {k: (v if v is None or isinstance(v, str | int | float | bool) else _as_text(v)) for k, v in value.items()}
+    return fields, None
+
+
+def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None = None) -> pa.Table:
+    """Builds a shard's metadata table by reading its tar (captions and json, not images).
+
+    One row per sample, in tar order: ``id_col`` (the key), ``caption`` (the ``txt`` member, null when absent),
+    ``error`` (null, or what is wrong with the sample: no image, caption not UTF-8, bad json, unsafe name), then the
+    top-level fields of the ``json`` member (nested values as JSON text). Our own columns win over json fields of
+    the same name.
+
+    Raises:
+        ShardError: the tar is unreadable, truncated or has duplicate keys.
+    """
+    rows: list[dict[str, Any]] = []
+    for sample in iter_samples(path, storage_options=storage_options, exts={"txt", "json"}):
+        errors = list(sample.errors)
+        caption = None
+        if "txt" in sample.members:
+            try:
+                caption = sample.members["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                caption = sample.members["txt"].decode("utf-8", errors="replace")
+                errors.append("caption is not valid UTF-8 (undecodable bytes replaced)")
+        fields: dict[str, Any] = {}
+        if "json" in sample.members:
+            fields, problem = _json_fields(sample.members["json"])
+            if problem:
+                errors.append(problem)
+        if sample.image_ext is None:
+            errors.append("sample has no image member")
+        fields.update({id_col: sample.key, CAPTION_COLUMN: caption, ERROR_COLUMN: "; ".join(errors) or None})
+        rows.append(fields)
+    names = [id_col, CAPTION_COLUMN, ERROR_COLUMN]
+    for row in rows:
+        names.extend(k for k in row if k not in names)
+    if not rows:
+        return pa.table({n: pa.array([], pa.string()) for n in names})
+    return columns_to_table({n: [row.get(n) for row in rows] for n in names})

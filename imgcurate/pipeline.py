@@ -1,0 +1,169 @@
+"""YAML pipelines: a list of step constructors run over a dataset, then an export. The CLI is the Python API.
+
+A config looks like this (``imgcurate init-config`` writes a commented one)::
+
+    input: sample_data/shards        # folder of tar shards (local or fsspec URL)
+    output: sample_data/curated      # where the kept samples are re-sharded
+    id_col: key
+    backend: auto                    # auto | pandas | cudf
+    cluster: {n_workers: 2}          # or {address: tcp://scheduler:8786}, or {type: cuda}; omit for no cluster
+    steps:
+      - SampleFilter: {min_width: 256}
+    export: {filter_column: keep, samples_per_shard: 10000, old_id_col: old_key}
+
+Each step is ``Name: {keyword arguments}``; names resolve through :data:`STAGES`, which imports a step's module only
+when a config uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from imgcurate.dataset import ImageTextPairDataset
+
+__all__ = ["STAGES", "Pipeline", "load_stage", "run_config"]
+
+#: Step name -> "module:attribute". Modules are imported only when a step is used.
+STAGES: dict[str, str] = {
+    "SampleFilter": "imgcurate.filters:SampleFilter",
+    "TimmImageEmbedder": "imgcurate.embedders.timm:TimmImageEmbedder",
+    "AestheticClassifier": "imgcurate.classifiers.aesthetic:AestheticClassifier",
+    "NsfwClassifier": "imgcurate.classifiers.nsfw:NsfwClassifier",
+    "ExactDuplicates": "imgcurate.dedup.exact:ExactDuplicates",
+    "SemanticDeduplicator": "imgcurate.dedup.semantic:SemanticDeduplicator",
+}
+
+
+def load_stage(name: str) -> type:
+    """The step class registered under ``name``.
+
+    Raises:
+        ValueError: unknown name, listing the valid ones.
+    """
+    if name not in STAGES:
+        raise ValueError(f"unknown step {name!r}: choose one of {', '.join(sorted(STAGES))}")
+    module, _, attr = STAGES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def stage_summary(name: str) -> str:
+    """The first line of a step's docstring."""
+    try:
+        doc = inspect.getdoc(load_stage(name)) or ""
+    except ImportError as err:  # a step whose optional dependency is missing still gets listed
+        return f"(unavailable: {err})"
+    return doc.splitlines()[0] if doc else ""
+
+
+def _build_step(spec: Any) -> Any:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"a step is written as 'Name: {{arguments}}', got {spec!r}")
+    ((name, kwargs),) = spec.items()
+    cls = load_stage(name)
+    try:
+        return cls(**(kwargs or {}))
+    except TypeError as err:
+        raise ValueError(f"step {name}: {err}") from None
+
+
+@contextlib.contextmanager
+def _cluster(spec: dict | None) -> Iterator[Any]:
+    if not spec:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    spec = dict(spec)
+    if "address" in spec:
+        with Client(spec["address"]) as client:
+            yield client
+        return
+    kind = spec.pop("type", "local")
+    if kind == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as err:
+            from imgcurate.errors import MissingDependencyError
+
+            raise MissingDependencyError("cluster type 'cuda'", "dask-cuda", extra="gpu") from err
+        cluster = LocalCUDACluster(**spec)
+    elif kind == "local":
+        cluster = LocalCluster(**spec)
+    else:
+        raise ValueError(f"unknown cluster type {kind!r}: choose local or cuda, or give an address")
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+@dataclass
+class Pipeline:
+    """Steps applied in order to a dataset, then an optional export.
+
+    Args:
+        steps: objects with ``__call__(dataset) -> dataset``.
+        export: keyword arguments of :meth:`ImageTextPairDataset.to_webdataset` (``path`` among them), or None.
+    """
+
+    steps: list[Any]
+    export: dict[str, Any] | None = None
+    input: str | None = None
+    id_col: str = "key"
+    backend: str | None = None
+    cluster: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Pipeline:
+        known = {"input", "output", "id_col", "backend", "cluster", "steps", "export", "storage_options"}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        export = dict(config.get("export") or {})
+        if config.get("output"):
+            export.setdefault("path", config["output"])
+        return cls(
+            steps=[_build_step(s) for s in config.get("steps") or []],
+            export=export if export.get("path") else None,
+            input=config.get("input"),
+            id_col=config.get("id_col", "key"),
+            backend=config.get("backend"),
+            cluster=config.get("cluster"),
+            options={"storage_options": config.get("storage_options")},
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str) -> Pipeline:
+        with open(path) as f:
+            return cls.from_config(yaml.safe_load(f) or {})
+
+    def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        for step in self.steps:
+            dataset = step(dataset)
+        return dataset
+
+    def run(self, dataset: ImageTextPairDataset | None = None) -> ImageTextPairDataset:
+        """Opens the input (unless given), applies the steps and exports; returns the exported (or final) dataset."""
+        with _cluster(self.cluster):
+            if dataset is None:
+                if not self.input:
+                    raise ValueError("the config has no 'input' folder")
+                dataset = ImageTextPairDataset.from_webdataset(
+                    self.input, self.id_col, backend=self.backend, storage_options=self.options.get("storage_options")
+                )
+            dataset = self.apply(dataset)
+            if self.export:
+                kwargs = dict(self.export)
+                return dataset.to_webdataset(kwargs.pop("path"), **kwargs)
+            return dataset
+
+
+def run_config(path: str) -> ImageTextPairDataset:
+    """Runs the pipeline described by a YAML file."""
+    return Pipeline.from_yaml(path).run()

@@ -1,0 +1,72 @@
+"""Progress bars for long work, on the local Dask schedulers and on a distributed cluster alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import dask
+from dask.callbacks import Callback
+from tqdm.auto import tqdm
+
+from imgcurate import config
+
+T = TypeVar("T")
+
+
+def bar(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = None, unit: str = "it") -> tqdm:
+    """A tqdm bar, silent when ``imgcurate.progress`` is false."""
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not config.show_progress(), leave=False)
+
+
+class _TaskBar(Callback):
+    """Advances a tqdm bar as the local scheduler finishes tasks."""
+
+    def __init__(self, desc: str):
+        super().__init__()
+        self._desc = desc
+        self._bar: tqdm | None = None
+
+    def _start_state(self, dsk, state):
+        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+        self._bar = bar(desc=self._desc, total=total, unit="task")
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _finish(self, dsk, state, errored):
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _distributed_client() -> Any | None:
+    try:
+        from distributed import get_client
+    except ImportError:  # pragma: no cover - distributed is a core dependency
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def compute(tasks: Sequence[Any], *, desc: str) -> list[Any]:
+    """Computes Dask collections or delayed objects with a progress bar, on the active scheduler.
+
+    On a distributed client the bar counts finished outputs as they complete; on the local schedulers it counts
+    tasks. Results come back in the order of ``tasks``.
+    """
+    if not tasks:
+        return []
+    client = _distributed_client()
+    if client is None:
+        with _TaskBar(desc):
+            return list(dask.compute(*tasks))
+    from distributed import as_completed
+
+    futures = client.compute(list(tasks))
+    for future in bar(as_completed(futures), desc=desc, total=len(futures), unit="part"):
+        if future.status == "error":
+            future.result()  # raises the task's exception here, not after the rest finish
+    return client.gather(futures)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+
+import dask
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DASK_IMGCURATE__PROGRESS", "false")
+
+import imgcurate  # noqa: E402  (after the environment is set)
+
+dask.config.set({"imgcurate.progress": False})
+
+
+@pytest.fixture(scope="session")
+def _sample_master(tmp_path_factory):
+    from imgcurate.testing import make_sample_shards
+
+    path = tmp_path_factory.mktemp("sample") / "shards"
+    make_sample_shards(str(path))
+    return path
+
+
+@pytest.fixture
+def sample_dir(_sample_master, tmp_path):
+    """A private copy of the bundled sample shards (4 shards, 36 real photos with near-duplicates)."""
+    dst = tmp_path / "shards"
+    shutil.copytree(_sample_master, dst)
+    return dst
+
+
+@pytest.fixture
+def sample_ds(sample_dir):
+    return imgcurate.ImageTextPairDataset.from_webdataset(str(sample_dir))
+
+
+def write_tar(path, members):
+    """Writes a raw tar from (name, bytes) pairs, for bad-input tests."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def tar_members(path):
+    """{name: bytes} of a tar, in order."""
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}

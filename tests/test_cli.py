@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import yaml
+
+from imgcurate import ImageTextPairDataset
+from imgcurate.cli import EXAMPLE_CONFIG, main
+
+
+def test_sample_then_run_the_example_pipeline(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "shards")]) == 0
+    config = yaml.safe_load(EXAMPLE_CONFIG)
+    config["input"], config["output"] = str(tmp_path / "shards"), str(tmp_path / "curated")
+    config["steps"][0]["SampleFilter"]["min_width"] = 400
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    printed = capsys.readouterr().out
+    out = ImageTextPairDataset.from_webdataset(str(tmp_path / "curated")).metadata.compute()
+    src = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
+    assert (out["width"] >= 400).all()
+    assert len(out) == (src["width"] >= 400).sum()
+    assert out["old_key"].tolist() == src[src["width"] >= 400]["key"].tolist()
+    assert f"exported {len(out)} samples" in printed and "width < 400" in printed
+
+
+def test_stages_and_init_config(tmp_path, capsys):
+    assert main(["stages"]) == 0
+    assert "SampleFilter" in capsys.readouterr().out
+    assert main(["init-config", str(tmp_path / "c.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["steps"][0]["SampleFilter"]["min_width"] == 256
+    assert main(["init-config", str(tmp_path / "c.yaml")]) == 1
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("input: x\nsteps:\n  - NoSuchStep: {}\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown step 'NoSuchStep'" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import dask.dataframe as dd
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from imgcurate import AlignmentError, ImageTextPairDataset, ShardError
+from imgcurate.backends import get_backend, resolve_backend_name
+from imgcurate.io import read_keys
+
+
+def test_one_partition_per_shard_in_order(sample_ds):
+    assert sample_ds.metadata.npartitions == len(sample_ds.tar_files) == 4
+    assert [os.path.basename(t) for t in sample_ds.tar_files] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+    for i, tar in enumerate(sample_ds.tar_files):
+        part = sample_ds.metadata.partitions[i].compute()
+        assert part["key"].tolist() == read_keys(tar)
+    df = sample_ds.metadata.compute()
+    assert len(df) == 36
+    assert {"key", "caption", "error", "width", "height", "source", "variant"} <= set(df.columns)
+    assert df["error"].isna().all()
+    assert (df["width"] > 0).all()
+
+
+def test_meta_matches_partitions(sample_ds):
+    meta = sample_ds.metadata._meta
+    part = sample_ds.metadata.partitions[2].compute()
+    assert list(meta.columns) == list(part.columns)
+    assert list(meta.dtypes) == list(part.dtypes)
+
+
+def test_missing_parquet_is_built_from_the_tar(sample_dir):
+    original = pq.read_table(sample_dir / "00001.parquet").to_pandas()
+    os.remove(sample_dir / "00001.parquet")
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    assert (sample_dir / "00001.parquet").exists()
+    rebuilt = ds.metadata.partitions[1].compute()
+    for col in ["key", "caption", "width", "height", "source", "variant"]:
+        assert rebuilt[col].tolist() == original[col].tolist(), col
+
+
+def test_parquet_key_mismatch_names_shard_and_key(sample_dir):
+    table = pq.read_table(sample_dir / "00002.parquet").to_pandas()
+    table.loc[3, "key"] = "not-a-key"
+    table.to_parquet(sample_dir / "00002.parquet", index=False)
+    with pytest.raises(ShardError) as err:
+        ImageTextPairDataset.from_webdataset(str(sample_dir))
+    assert "00002.tar" in str(err.value) and "not-a-key" in str(err.value)
+
+
+def test_parquet_missing_rows_is_an_error(sample_dir):
+    table = pq.read_table(sample_dir / "00000.parquet").to_pandas().iloc[:-1]
+    table.to_parquet(sample_dir / "00000.parquet", index=False)
+    with pytest.raises(ShardError, match="00000.tar.*first key missing from parquet"):
+        ImageTextPairDataset.from_webdataset(str(sample_dir))
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path))
+
+
+def test_with_metadata_checks_partitions(sample_ds):
+    df = sample_ds.metadata
+    with pytest.raises(AlignmentError, match="3 partitions for 4 tar shards"):
+        sample_ds.with_metadata(df.partitions[[0, 1, 3]])
+    with pytest.raises(AlignmentError, match="1 partitions for 4"):
+        sample_ds.with_metadata(df.repartition(npartitions=1))
+    with pytest.raises(AlignmentError, match="no 'key' column"):
+        sample_ds.with_metadata(df.drop(columns=["key"]))
+    ok = sample_ds.with_metadata(df.assign(big=df.width > 500))
+    assert "big" in ok.metadata.columns and ok.tar_files == sample_ds.tar_files
+
+
+def test_heterogeneous_json_fields_are_unified(sample_dir):
+    # a shard whose parquet has an extra column and lacks another: the frame has the union, nulls elsewhere
+    t = pq.read_table(sample_dir / "00003.parquet").to_pandas()
+    t = t.drop(columns=["variant"]).assign(license="cc-by")
+    t.to_parquet(sample_dir / "00003.parquet", index=False)
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    df = ds.metadata.compute()
+    assert df["license"].notna().sum() == len(t)
+    assert df["variant"].isna().sum() == len(t)
+
+
+def test_save_metadata_round_trip(sample_ds, tmp_path):
+    df = sample_ds.metadata
+    ds = sample_ds.with_metadata(df.assign(area=df.width * df.height))
+    written = ds.save_metadata(str(tmp_path / "meta"), columns=["area"])
+    assert [os.path.basename(p) for p in written] == [
+        "00000.parquet",
+        "00001.parquet",
+        "00002.parquet",
+        "00003.parquet",
+    ]
+    back = pd.concat([pq.read_table(p).to_pandas() for p in written], ignore_index=True)
+    assert list(back.columns) == ["key", "area"]
+    expected = ds.metadata.compute()
+    assert back["area"].tolist() == (expected["width"] * expected["height"]).tolist()
+    # in place: the dataset re-opens with the new column
+    ds.save_metadata()
+    again = ImageTextPairDataset.from_webdataset(sample_ds.path)
+    assert again.metadata["area"].compute().tolist() == back["area"].tolist()
+
+
+def test_backend_choice():
+    assert resolve_backend_name("pandas") == "pandas"
+    assert get_backend("pandas").name == "pandas"
+    with pytest.raises(ValueError, match="auto, pandas, cudf"):
+        resolve_backend_name("polars")
+
+
+def test_cpu_path_never_imports_gpu_libraries(sample_ds, tmp_path):
+    df = sample_ds.metadata
+    sample_ds.with_metadata(df.assign(k=df.width > 300)).to_webdataset(str(tmp_path / "o"), filter_column="k")
+    for name in ("cudf", "dask_cudf", "cuml", "cupy", "nvidia.dali"):
+        assert name not in sys.modules
+
+
+def test_metadata_is_a_plain_dask_frame(sample_ds):
+    assert isinstance(sample_ds.metadata, dd.DataFrame)
+    assert "shards=4" in repr(sample_ds)

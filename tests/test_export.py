@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import os
+import tarfile
+
+import dask
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tar_members
+
+from imgcurate import AlignmentError, ImageTextPairDataset, new_key
+from imgcurate.io import ShardWriter
+
+
+def _members_by_key(ds):
+    """old key -> {ext: bytes} over all shards of a dataset."""
+    out = {}
+    for tar in ds.tar_files:
+        for name, data in tar_members(tar).items():
+            key, _, ext = name.partition(".")
+            out.setdefault(key, {})[ext] = data
+    return out
+
+
+def _with_keep(ds, every=3):
+    def mark(part):
+        return part.assign(keep=[hash(k) % every != 0 for k in part["key"]])
+
+    df = ds.metadata
+    keep = df.map_partitions(mark, meta={**df.dtypes.to_dict(), "keep": bool})
+    return ds.with_metadata(keep)
+
+
+def test_export_keeps_exactly_the_true_rows_in_order_bytes_unchanged(sample_ds, tmp_path):
+    ds = _with_keep(sample_ds)
+    source = ds.metadata.compute()
+    out = ds.to_webdataset(str(tmp_path / "out"), filter_column="keep", samples_per_shard=7, old_id_col="old_key")
+    exported = out.metadata.compute().reset_index(drop=True)
+    kept = source[source["keep"]].reset_index(drop=True)
+    assert exported["old_key"].tolist() == kept["key"].tolist()
+    assert exported["key"].tolist() == [new_key(i // 7, i % 7, 7) for i in range(len(kept))]
+    for col in ["caption", "width", "height", "source", "variant", "keep"]:
+        assert exported[col].tolist() == kept[col].tolist(), col
+    # every member of every kept sample, byte for byte, renamed to the new key
+    old = _members_by_key(sample_ds)
+    new = _members_by_key(out)
+    assert set(new) == set(exported["key"])
+    for new_k, old_k in zip(exported["key"], exported["old_key"], strict=True):
+        assert new[new_k] == old[old_k]
+    # shard sizes and the parquet beside each tar
+    assert [len(tar_members(t)) // 3 for t in out.tar_files][:-1] == [7] * (len(out.tar_files) - 1)
+    for tar in out.tar_files:
+        assert os.path.exists(tar[:-4] + ".parquet")
+
+
+def test_export_all_rows_without_filter_and_row_filtered_frames(sample_ds, tmp_path):
+    out = sample_ds.to_webdataset(str(tmp_path / "all"), samples_per_shard=100)
+    assert len(out.tar_files) == 1 and len(out.metadata) == 36
+    # a row-filtered frame keeps its partitioning and exports only its rows
+    df = sample_ds.metadata
+    small = sample_ds.with_metadata(df[df.width < 450])
+    out2 = small.to_webdataset(str(tmp_path / "small"), old_id_col="old")
+    assert out2.metadata["old"].compute().tolist() == df[df.width < 450]["key"].compute().tolist()
+
+
+def test_list_columns_survive_export(sample_ds, tmp_path):
+    def embed(part):
+        rng = np.random.default_rng(len(part))
+        return part.assign(emb=[rng.standard_normal(8).astype(np.float32) for _ in range(len(part))])
+
+    df = sample_ds.metadata
+    ds = sample_ds.with_metadata(
+        df.map_partitions(embed, meta={**df.dtypes.to_dict(), "emb": object}),
+        arrow_types={"emb": pa.list_(pa.float32())},
+    )
+    expected = ds.metadata.compute()
+    out = ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=10)
+    table = pq.read_table(out.tar_files[0][:-4] + ".parquet")
+    assert table.schema.field("emb").type == pa.list_(pa.float32())
+    got = out.metadata.compute()
+    for a, b in zip(got["emb"], expected["emb"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a, dtype=np.float32), b)
+
+
+def test_output_is_byte_identical_across_runs_and_schedulers(sample_ds, tmp_path):
+    ds = _with_keep(sample_ds)
+    with dask.config.set(scheduler="sync"):
+        a = ds.to_webdataset(str(tmp_path / "a"), filter_column="keep", samples_per_shard=5)
+    with dask.config.set(scheduler="threads", num_workers=4):
+        b = ds.to_webdataset(str(tmp_path / "b"), filter_column="keep", samples_per_shard=5)
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            c = ds.to_webdataset(str(tmp_path / "c"), filter_column="keep", samples_per_shard=5)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) == sorted(os.listdir(tmp_path / "c"))
+    assert not [n for n in names if "tmp" in n]
+    for name in names:
+        data = (tmp_path / "a" / name).read_bytes()
+        assert data == (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
+    assert len(a.tar_files) == len(b.tar_files) == len(c.tar_files)
+    with tarfile.open(a.tar_files[0]) as tar:
+        assert {(m.mtime, m.uid, m.gid, m.mode) for m in tar.getmembers()} == {(0, 0, 0, 0o644)}
+
+
+def test_max_shards_and_existing_output(sample_ds, tmp_path):
+    out = sample_ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=4, max_shards=2)
+    assert len(out.tar_files) == 2 and len(out.metadata) == 8
+    with pytest.raises(FileExistsError):
+        sample_ds.to_webdataset(str(tmp_path / "o"))
+    again = sample_ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=30, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "o")) == ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar"]
+    assert len(again.metadata) == 36
+
+
+def test_bad_export_arguments(sample_ds, tmp_path):
+    with pytest.raises(ValueError, match="not a metadata column"):
+        sample_ds.to_webdataset(str(tmp_path / "o"), filter_column="nope")
+    with pytest.raises(ValueError, match="must be boolean"):
+        sample_ds.to_webdataset(str(tmp_path / "o"), filter_column="width")
+    with pytest.raises(ValueError, match="must differ"):
+        sample_ds.to_webdataset(sample_ds.path)
+    df = sample_ds.metadata
+    none = sample_ds.with_metadata(df.assign(k=df.width < 0))
+    with pytest.raises(ValueError, match="no sample is selected"):
+        none.to_webdataset(str(tmp_path / "o"), filter_column="k")
+
+
+def test_reordered_partition_is_an_alignment_error(sample_ds, tmp_path):
+    df = sample_ds.metadata
+    shuffled = sample_ds.with_metadata(df.map_partitions(lambda p: p.iloc[::-1], meta=df._meta))
+    with pytest.raises(AlignmentError, match="00000.tar"):
+        shuffled.to_webdataset(str(tmp_path / "o"))
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".tar", ".parquet")]
+
+
+def test_crash_mid_shard_leaves_no_finished_looking_file(sample_ds, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ShardWriter.write
+
+    def flaky(self, key, members):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError("disk full")
+        return original(self, key, members)
+
+    monkeypatch.setattr(ShardWriter, "write", flaky)
+    with dask.config.set(scheduler="sync"), pytest.raises(OSError, match="disk full"):
+        sample_ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=10)
+    left = sorted(os.listdir(tmp_path / "o"))
+    # one shard was finished before the failure; the broken one left nothing behind, not even a temporary file
+    assert len(left) == 2 and left[0].endswith(".parquet") and left[1] == left[0].replace(".parquet", ".tar")
+    reopened = ImageTextPairDataset.from_webdataset(str(tmp_path / "o"))
+    n = len(reopened.metadata)  # the shard that finished: 10 samples, or 6 if it was the last one
+    assert n in (10, 6) and len(tar_members(reopened.tar_files[0])) == 3 * n

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from conftest import tar_members
+
+from imgcurate import ImageTextPairDataset, make_shards
+from imgcurate.testing import SAMPLE_PHOTOS, encode_image, sample_records
+
+
+def _photo_folder(tmp_path, n=5):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    files = {}
+    for i in range(n):
+        img = Image.new("RGB", (40 + i, 30), (i * 40, 100, 200))
+        fmt = ["jpg", "png", "webp"][i % 3]
+        path = folder / ("sub" if i % 2 else "") / f"img{i}.{fmt}"
+        path.write_bytes(encode_image(img, fmt))
+        files[str(path.relative_to(folder))] = path.read_bytes()
+        if i != 2:
+            path.with_suffix(".txt").write_text(f"caption {i}")
+        if i == 3:
+            path.with_suffix(".json").write_text(json.dumps({"url": "http://example.invalid/3", "license": "cc0"}))
+    (folder / "notes.md").write_text("ignored")
+    return folder, files
+
+
+def test_shards_from_a_folder(tmp_path):
+    folder, files = _photo_folder(tmp_path)
+    tars = make_shards(str(folder), str(tmp_path / "shards"), samples_per_shard=2)
+    assert len(tars) == 3
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().set_index("source_path")
+    assert sorted(df.index) == sorted(files)
+    row = df.loc["sub/img3.jpg"]
+    assert row["caption"] == "caption 3" and row["license"] == "cc0" and row["width"] == 43
+    assert pd.isna(df.loc["img2.webp", "caption"])
+    # image bytes copied unchanged
+    members = {}
+    for tar in tars:
+        members.update(tar_members(tar))
+    for source, key in zip(df.index, df["key"], strict=True):
+        ext = source.rpartition(".")[2]
+        assert members[f"{key}.{ext}"] == files[source]
+
+
+def test_shards_from_a_csv_with_a_missing_file(tmp_path):
+    folder, files = _photo_folder(tmp_path, n=3)
+    listing = pd.DataFrame(
+        {"path": ["img0.jpg", "sub/img1.png", "missing.jpg"], "text": ["a", "b", "c"], "score": [1.5, 2.5, None]}
+    )
+    listing.to_csv(folder / "list.csv", index=False)
+    make_shards(str(folder / "list.csv"), str(tmp_path / "shards"))
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
+    assert df["caption"].tolist() == ["a", "b", "c"]
+    assert df["score"].tolist()[:2] == [1.5, 2.5]
+    assert df["error"].isna().tolist() == [True, True, False]
+    assert "missing.jpg" in df["error"].iloc[2]
+
+
+def test_bundled_sample_has_formats_and_duplicates(sample_ds):
+    df = sample_ds.metadata.compute()
+    assert len(df) == len(sample_records())
+    assert set(df["source"]) == {p.file.rpartition(".")[0] for p in SAMPLE_PHOTOS}
+    assert {"original", "reencoded", "resized", "exact_copy"} == set(df["variant"])
+    exts = set()
+    for tar in sample_ds.tar_files:
+        exts |= {name.partition(".")[2] for name in tar_members(tar)}
+    assert {"jpg", "png", "webp", "bmp", "tiff", "txt", "json"} <= exts
