@@ -132,7 +132,7 @@ def test_bad_export_arguments(sample_ds, tmp_path):
 def test_reordered_partition_is_an_alignment_error(sample_ds, tmp_path):
     df = sample_ds.metadata
     shuffled = sample_ds.with_metadata(df.map_partitions(lambda p: p.iloc[::-1], meta=df._meta))
-    with pytest.raises(AlignmentError, match="00000.tar"):
+    with pytest.raises(AlignmentError, match=r"0000\d\.tar: .*no longer describes"):
         shuffled.to_webdataset(str(tmp_path / "o"))
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".tar", ".parquet")]
 

@@ -1,0 +1,33 @@
+"""Per-process model cache: a model is loaded once per Dask worker process and shared by its threads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+_lock = threading.Lock()
+_models: dict[Hashable, Any] = {}
+
+
+def cached_model(key: Hashable, load: Callable[[], Any]) -> Any:
+    """Returns the model stored under ``key``, loading it with ``load()`` the first time."""
+    with _lock:
+        if key not in _models:
+            _models[key] = load()
+        return _models[key]
+
+
+def clear() -> None:
+    """Forgets every cached model (tests, or to free memory)."""
+    with _lock:
+        _models.clear()
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

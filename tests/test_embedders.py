@@ -1,0 +1,227 @@
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from conftest import write_tar
+from PIL import Image
+
+from imgcurate import AlignmentError, ImageTextPairDataset
+from imgcurate._models import clear
+from imgcurate.embedders import TimmImageEmbedder
+from imgcurate.embedders.decode import decode_rgb, to_rgb
+from imgcurate.io import iter_samples
+
+
+@pytest.fixture(autouse=True)
+def _fresh_models():
+    clear()
+    yield
+    clear()
+
+
+def _checkpoint(tmp_path, name, fmt="safetensors", with_head=True, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    state = model.state_dict()
+    if not with_head:
+        head = {n for n, _ in model.get_classifier().named_parameters(prefix="head")}
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc."))}
+        assert head
+    path = tmp_path / f"{name}.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return model, str(path)
+
+
+def _images(ds):
+    out = {}
+    for tar in ds.tar_files:
+        for s in iter_samples(tar):
+            out[s.key] = s.image
+    return out
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_equals_timm_reference_path(sample_ds, tmp_path, name):
+    model, ckpt = _checkpoint(tmp_path, name)
+    emb = TimmImageEmbedder(name, checkpoint_path=ckpt, normalize_embeddings=False, use_jpeg_draft=False, batch_size=5)
+    df = emb(sample_ds).metadata.compute()
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    images = _images(sample_ds)
+    for key, got in zip(df["key"], df["image_embedding"], strict=True):
+        x = transform(Image.open(io.BytesIO(images[key])).convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            want = model.forward_head(model.forward_features(x), pre_logits=True)[0].numpy()
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_normalised_and_independent_of_batch_size(sample_ds):
+    a = TimmImageEmbedder("test_vit", batch_size=1)(sample_ds).metadata.compute()
+    b = TimmImageEmbedder("test_vit", batch_size=16, num_threads_per_worker=1)(sample_ds).metadata.compute()
+    norms = np.linalg.norm(np.stack(a["image_embedding"]), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.stack(a["image_embedding"]), np.stack(b["image_embedding"]), atol=1e-5)
+    assert a["key"].tolist() == b["key"].tolist() == sample_ds.metadata["key"].compute().tolist()
+
+
+def test_independent_of_the_number_of_workers(sample_ds, tmp_path):
+    _, ckpt = _checkpoint(tmp_path, "test_resnet")
+    step = TimmImageEmbedder("test_resnet", checkpoint_path=ckpt, batch_size=4)
+    import dask
+
+    with dask.config.set(scheduler="sync"):
+        one = step(sample_ds).metadata.compute()
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            two = step(sample_ds).metadata.compute()
+    assert one["key"].tolist() == two["key"].tolist()
+    np.testing.assert_allclose(np.stack(one["image_embedding"]), np.stack(two["image_embedding"]), atol=1e-5)
+
+
+def test_corrupt_image_gives_a_null_embedding_and_an_error(tmp_path, sample_dir):
+    good = (sample_dir / "00000.tar").read_bytes()  # any real jpeg from the sample
+    jpeg = next(s.image for s in iter_samples(str(sample_dir / "00000.tar")) if s.image_ext == "jpg")
+    assert good
+    write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("a.jpg", jpeg),
+            ("b.jpg", jpeg[: len(jpeg) // 3]),
+            ("c.png", b"\x89PNG not really"),
+            ("d.txt", b"no image"),
+            ("e.jpg", jpeg),
+        ],
+    )
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path))
+    df = TimmImageEmbedder("test_vit", batch_size=2)(ds).metadata.compute().set_index("key")
+    assert df["image_embedding"].notna().tolist() == [True, False, False, False, True]
+    assert "cannot decode image" in df.loc["b", "image_embedding_error"]
+    assert "cannot decode image" in df.loc["c", "image_embedding_error"]
+    assert df.loc["d", "image_embedding_error"] == "sample has no image member"
+    np.testing.assert_allclose(df.loc["a", "image_embedding"], df.loc["e", "image_embedding"], atol=1e-6)
+
+
+def test_row_filtered_metadata_and_broken_alignment(sample_ds):
+    df = sample_ds.metadata
+    small = sample_ds.with_metadata(df[df.width < 450])
+    out = TimmImageEmbedder("test_vit")(small).metadata.compute()
+    assert out["key"].tolist() == df[df.width < 450]["key"].compute().tolist()
+    assert out["image_embedding"].notna().all()
+    flipped = sample_ds.with_metadata(df.map_partitions(lambda p: p.iloc[::-1], meta=df._meta))
+    with pytest.raises(AlignmentError, match=r"0000\d\.tar: .*no longer describes"):
+        TimmImageEmbedder("test_vit")(flipped).metadata.compute()
+
+
+def test_embeddings_survive_export(sample_ds, tmp_path):
+    ds = TimmImageEmbedder("test_vit")(sample_ds)
+    expected = ds.metadata.compute()
+    out = ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=16, old_id_col="old")
+    table = pq.read_table(out.tar_files[0][:-4] + ".parquet")
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float32())
+    got = out.metadata.compute()
+    assert got["old"].tolist() == expected["key"].tolist()
+    np.testing.assert_array_equal(np.stack(got["image_embedding"]), np.stack(expected["image_embedding"]))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+@pytest.mark.parametrize("with_head", [True, False])
+def test_checkpoint_formats_with_and_without_head(sample_ds, tmp_path, fmt, with_head):
+    model, ckpt = _checkpoint(tmp_path, "test_resnet", fmt=fmt, with_head=with_head)
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=ckpt, normalize_embeddings=False)
+    loaded = emb.model("cpu")
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        want = model.forward_head(model.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(loaded(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_missing_body_weights_is_an_error(tmp_path):
+    _, ckpt = _checkpoint(tmp_path, "test_vit")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt)
+    state.pop("patch_embed.proj.weight")
+    save_file(state, ckpt)
+    with pytest.raises(ValueError, match="missing weights.*patch_embed.proj.weight"):
+        TimmImageEmbedder("test_vit", checkpoint_path=ckpt).model("cpu")
+
+
+def test_pretrained_from_the_hf_cache_offline(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    source = timm.create_model("test_vit").eval()
+    repo = source.pretrained_cfg["hf_hub_id"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="not in the Hugging Face cache.*checkpoint_path"):
+        TimmImageEmbedder("test_vit", pretrained=True).model("cpu")
+    # lay the weights out as the hub cache does: refs/main -> snapshots/<commit>/model.safetensors
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    save_file(source.state_dict(), str(folder / "snapshots" / commit / "model.safetensors"))
+    clear()
+    loaded = TimmImageEmbedder("test_vit", pretrained=True, output="head").model("cpu")
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x).numpy(), source(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_clip_towers_give_the_projected_embedding():
+    emb = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu")
+    assert emb.output == "head"
+    with torch.no_grad():
+        out = emb.model("cpu")(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 512)
+    assert TimmImageEmbedder("test_resnet").output == "pre_logits"
+    with pytest.raises(ValueError, match="unknown timm model"):
+        TimmImageEmbedder("no_such_model_xyz")
+
+
+def test_every_mode_becomes_rgb():
+    for mode in ("L", "RGBA", "CMYK", "P", "I;16", "LA", "1"):
+        img = Image.new(mode, (8, 6))
+        assert to_rgb(img).mode == "RGB", mode
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert np.asarray(to_rgb(sixteen)).min() == 255
+
+
+def test_jpeg_draft_decodes_big_photos_smaller_but_embeds_alike(sample_ds):
+    images = _images(sample_ds)
+    meta = sample_ds.metadata.compute()
+    big = meta[(meta.width >= 1000)]["key"].tolist()
+    data = images[big[0]]
+    assert decode_rgb(data, draft_size=200).size[0] < decode_rgb(data).size[0]
+    fast = TimmImageEmbedder("test_vit", use_jpeg_draft=True)(sample_ds).metadata.compute().set_index("key")
+    full = TimmImageEmbedder("test_vit", use_jpeg_draft=False)(sample_ds).metadata.compute().set_index("key")
+    for key in big:
+        cos = float(np.dot(fast.loc[key, "image_embedding"], full.loc[key, "image_embedding"]))
+        assert cos > 0.99, key
+
+
+def test_cpu_embedding_never_imports_dali_or_cuda_libraries(sample_ds):
+    TimmImageEmbedder("test_vit")(sample_ds).metadata.compute()
+    for name in ("nvidia.dali", "cudf", "cupy", "cuml"):
+        assert name not in sys.modules
