@@ -73,6 +73,6 @@ def cached_weights(weights: WeightFile, *, download: bool = True) -> pathlib.Pat
 
 def _where_to_put(weights: WeightFile, path: pathlib.Path, why: str) -> str:
     return (
-        f"weights {weights.name!r} are not cached and could not be fetched ({why}). Download {weights.url} on a machine "
-        f"with network access and put it at {path} (the folder is $IMGCURATE_HOME/weights), or pass model_path=."
+        f"weights {weights.name!r} are not cached and could not be fetched ({why}). Download {weights.url} on a "
+        f"machine with network access and put it at {path} ($IMGCURATE_HOME/weights), or pass model_path=."
     )

@@ -17,8 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate._models import cached_model, resolve_device
-from imgcurate.errors import AlignmentError
-from imgcurate.io.tar import iter_samples
+from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
     import torch
@@ -28,25 +27,6 @@ if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
 
 __all__ = ["ImageEmbedder"]
-
-
-def _aligned_images(tar: str, keys: Sequence[str], storage_options: dict) -> Iterator[tuple[bytes | None, str | None]]:
-    """(image bytes or None, error or None) for each key, in order, streamed from the tar."""
-    if not keys:
-        return
-    pos = 0
-    for sample in iter_samples(tar, storage_options=storage_options, wanted=set(keys)):
-        if sample.key != keys[pos]:
-            continue
-        image = sample.image
-        yield image, (None if image is not None else "sample has no image member")
-        pos += 1
-        if pos == len(keys):
-            return
-    raise AlignmentError(
-        f"{tar}: the metadata has {len(keys)} rows but only {pos} of them were found in the shard, in order "
-        f"(first missing key: {keys[pos]!r}); the metadata partition no longer describes this tar"
-    )
 
 
 class ImageEmbedder(abc.ABC):
@@ -181,7 +161,7 @@ class ImageEmbedder(abc.ABC):
         keys = frame[id_col].tolist()
         embeddings: list[np.ndarray | None] = []
         errors: list[str | None] = []
-        for vector, error in self.embed_images(_aligned_images(tar, keys, so)):
+        for vector, error in self.embed_images(aligned_images(tar, keys, so)):
             embeddings.append(vector)
             errors.append(error)
         out = frame.copy()

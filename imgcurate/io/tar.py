@@ -15,7 +15,7 @@ from typing import IO
 
 import fsspec
 
-from imgcurate.errors import ShardError
+from imgcurate.errors import AlignmentError, ShardError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -145,3 +145,30 @@ def iter_samples(
 def read_keys(path: str, *, storage_options: dict | None = None) -> list[str]:
     """The sample keys of a tar shard, in order, reading headers only."""
     return [s.key for s in iter_samples(path, storage_options=storage_options, read_data=False)]
+
+
+def aligned_images(
+    tar: str, keys: list[str], storage_options: dict | None = None
+) -> Iterator[tuple[bytes | None, str | None]]:
+    """(image bytes or None, error or None) for each metadata key, in order, streamed from the tar.
+
+    ``keys`` must be an in-order subsequence of the tar's keys (a row-filtered metadata partition is fine).
+
+    Raises:
+        AlignmentError: a key is not found at its place in the tar, naming the shard and the key.
+    """
+    if not keys:
+        return
+    pos = 0
+    for sample in iter_samples(tar, storage_options=storage_options, wanted=set(keys)):
+        if sample.key != keys[pos]:
+            continue
+        image = sample.image
+        yield image, (None if image is not None else "sample has no image member")
+        pos += 1
+        if pos == len(keys):
+            return
+    raise AlignmentError(
+        f"{tar}: the metadata has {len(keys)} rows but only {pos} of them were found in the shard, in order "
+        f"(first missing key: {keys[pos]!r}); the metadata partition no longer describes this tar"
+    )

@@ -1,0 +1,352 @@
+"""Semantic deduplication (SemDeDup): KMeans on embeddings, then cosine similarity inside each cluster.
+
+Within each cluster samples are ranked by their cosine distance to the centroid: ``hard`` puts the farthest first,
+``easy`` the nearest first, ``random`` a seeded shuffle. Each sample gets its maximum cosine similarity to any sample
+ranked before it in its cluster, and that sample's id. With ``mode="greedy"`` (the reference rule) a sample is a
+duplicate when that similarity is at least ``1 - eps``, even if the earlier sample is itself a duplicate; so in a
+chain a~b~c where a and c are not similar, both b and c are dropped. With ``mode="connected"`` samples linked by
+similarities >= ``1 - eps`` form groups and exactly one sample per group is kept (the first ranked); the others
+point at it in ``duplicate_of``.
+
+Similarities are computed blockwise (``block_size`` x ``block_size`` tiles), so memory stays bounded whatever the
+cluster size. KMeans, assignments and per-cluster results are written to ``cache_dir`` when given, and a rerun with
+the same inputs and parameters resumes from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import dask
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from imgcurate import progress
+
+if TYPE_CHECKING:
+    from imgcurate.dataset import ImageTextPairDataset
+
+__all__ = ["SemanticDeduplicator", "kmeans", "in_cluster_duplicates"]
+
+_KEEP = ("hard", "easy", "random")
+_MODES = ("greedy", "connected")
+
+
+def kmeans(x: np.ndarray, n_clusters: int, max_iter: int, seed: int, backend: str = "faiss") -> np.ndarray:
+    """Centroids of ``x`` (float32, rows L2-normalised). ``faiss`` (default on CPU), ``sklearn`` or ``cuml``."""
+    if backend == "faiss":
+        import faiss
+
+        km = faiss.Kmeans(x.shape[1], n_clusters, niter=max_iter, seed=seed, verbose=False, max_points_per_centroid=256)
+        km.train(np.ascontiguousarray(x))
+        return km.centroids
+    if backend == "sklearn":
+        from sklearn.cluster import KMeans
+
+        return KMeans(n_clusters, max_iter=max_iter, random_state=seed, n_init=1).fit(x).cluster_centers_.astype("f4")
+    if backend == "cuml":
+        try:
+            from cuml.cluster import KMeans as CuKMeans
+        except ImportError as err:
+            from imgcurate.errors import MissingDependencyError
+
+            raise MissingDependencyError("KMeans on the GPU", "cuml-cu12", extra="gpu") from err
+        return np.asarray(CuKMeans(n_clusters=n_clusters, max_iter=max_iter, random_state=seed).fit(x).cluster_centers_)
+    raise ValueError(f"unknown kmeans backend {backend!r}: choose faiss, sklearn or cuml")
+
+
+def _assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine similarity, and the cosine distance to it."""
+    unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    labels = np.empty(len(x), dtype=np.int64)
+    dist = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), block):
+        sims = x[start : start + block] @ unit.T
+        labels[start : start + block] = sims.argmax(axis=1)
+        dist[start : start + block] = 1.0 - sims[np.arange(len(sims)), labels[start : start + block]]
+    return labels, dist
+
+
+def in_cluster_duplicates(
+    x: np.ndarray, threshold: float | None = None, block_size: int = 2048
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """For rows of ``x`` in rank order: each row's maximum cosine similarity to an earlier row and that row's index.
+
+    Row 0 gets similarity ``-inf`` and index -1. With ``threshold``, also returns the (earlier, later) pairs whose
+    similarity is >= threshold (for grouping). Memory: one ``block_size`` x ``block_size`` tile at a time.
+    """
+    m = len(x)
+    best = np.full(m, -np.inf, dtype=np.float32)
+    arg = np.full(m, -1, dtype=np.int64)
+    pairs: list[tuple[int, int]] = []
+    for a in range(0, m, block_size):
+        rows = x[a : a + block_size]
+        for b in range(0, a + len(rows), block_size):
+            tile = rows @ x[b : b + block_size].T  # rows a.. vs columns b..
+            later = np.arange(a, a + len(rows))[:, None]
+            earlier = np.arange(b, b + tile.shape[1])[None, :]
+            tile = np.where(earlier < later, tile, -np.inf)
+            j = tile.argmax(axis=1)
+            value = tile[np.arange(len(rows)), j]
+            better = value > best[a : a + len(rows)]
+            best[a : a + len(rows)][better] = value[better]
+            arg[a : a + len(rows)][better] = (b + j)[better]
+            if threshold is not None:
+                r, c = np.nonzero(tile >= threshold)
+                pairs.extend(zip((b + c).tolist(), (a + r).tolist(), strict=True))
+    return best, arg, pairs
+
+
+def _group_representatives(m: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """For each row, the first-ranked row of its connected group (itself when alone)."""
+    parent = np.arange(m)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)  # the root is always the group's smallest rank
+    return np.array([find(i) for i in range(m)])
+
+
+class SemanticDeduplicator:
+    """Finds semantic duplicates among embeddings (SemDeDup, as NeMo Curator does it). See the module docs.
+
+    Args:
+        n_clusters: KMeans clusters.
+        max_iter: KMeans iterations.
+        random_state: seed for KMeans and for ``which_to_keep="random"``.
+        eps: similarity margin: a duplicate has similarity >= 1 - eps. A list evaluates several in one run
+            (one ``is_duplicate_eps<eps>`` column each; ``is_duplicate`` uses the first).
+        which_to_keep: ``hard`` (keep the farthest from the centroid first), ``easy`` (nearest first) or ``random``.
+        mode: ``greedy`` (the reference rule) or ``connected`` (exactly one sample kept per connected group).
+        embedding_column: the input embedding column.
+        id_column: the id column (default: the dataset's); ids are reported in ``duplicate_of``.
+        cache_dir: folder for centroids, assignments and per-cluster results, to resume after a crash.
+        kmeans_backend: ``faiss`` (CPU default), ``sklearn`` or ``cuml``; None picks cuml on the cudf backend.
+        block_size: tile size of the blockwise similarity computation.
+
+    Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
+    ``is_duplicate`` (and per-eps columns for a list). Samples with a null embedding are skipped and reported; their
+    outputs are null and ``is_duplicate`` is false.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        max_iter: int = 100,
+        random_state: int = 1234,
+        eps: float | Sequence[float] = 0.01,
+        which_to_keep: str = "hard",
+        mode: str = "greedy",
+        embedding_column: str = "image_embedding",
+        id_column: str | None = None,
+        cache_dir: str | None = None,
+        kmeans_backend: str | None = None,
+        block_size: int = 2048,
+    ):
+        if which_to_keep not in _KEEP:
+            raise ValueError(f"which_to_keep must be one of {', '.join(_KEEP)}, got {which_to_keep!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        self.eps = [float(eps)] if isinstance(eps, int | float) else [float(e) for e in eps]
+        if not self.eps or any(not 0 <= e < 2 for e in self.eps):
+            raise ValueError(f"eps must be in [0, 2), got {eps!r}")
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
+        self.n_clusters = n_clusters
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.which_to_keep = which_to_keep
+        self.mode = mode
+        self.embedding_column = embedding_column
+        self.id_column = id_column
+        self.cache_dir = cache_dir
+        self.kmeans_backend = kmeans_backend
+        self.block_size = block_size
+
+    # ------------------------------------------------------------------ core, on arrays
+    def _cache(self, name: str) -> str | None:
+        return None if self.cache_dir is None else os.path.join(self.cache_dir, name)
+
+    def _rank(self, members: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        if self.which_to_keep == "hard":
+            return members[np.argsort(-dist[members], kind="stable")]
+        if self.which_to_keep == "easy":
+            return members[np.argsort(dist[members], kind="stable")]
+        rng = np.random.default_rng(self.random_state + int(members[0]) if len(members) else self.random_state)
+        return members[rng.permutation(len(members))]
+
+    def find(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs the whole method on a (N, D) array; returns per-row arrays (cluster, distance, max_similarity,
+        duplicate_of as a row index or -1, and is_duplicate per eps)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = len(x)
+        if n < self.n_clusters:
+            raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        fingerprint = self._fingerprint(x)
+        km_path = self._cache("kmeans.npz")
+        if km_path and os.path.exists(km_path) and str(np.load(km_path)["fingerprint"]) == fingerprint:
+            saved = np.load(km_path)
+            labels, dist = saved["labels"], saved["distance"]
+        else:
+            centroids = kmeans(x, self.n_clusters, self.max_iter, self.random_state, self.kmeans_backend or "faiss")
+            labels, dist = _assign(x, centroids)
+            if km_path:
+                os.makedirs(self.cache_dir, exist_ok=True)
+                _save_npz(km_path, centroids=centroids, labels=labels, distance=dist, fingerprint=fingerprint)
+        best = np.full(n, -np.inf, dtype=np.float32)
+        dup_of = np.full(n, -1, dtype=np.int64)
+        thresholds = [1.0 - e for e in self.eps]
+        flags = {e: np.zeros(n, dtype=bool) for e in self.eps}
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(self.n_clusters + 1))
+        chunk = 256
+        for first in progress.bar(range(0, self.n_clusters, chunk), desc="semantic dedup: clusters", unit="chunk"):
+            path = self._cache(f"clusters_{first:07d}.npz")
+            if path and os.path.exists(path) and str(np.load(path)["fingerprint"]) == fingerprint:
+                saved = np.load(path)
+                idx = saved["index"]
+                best[idx], dup_of[idx] = saved["best"], saved["dup_of"]
+                for e in self.eps:
+                    flags[e][idx] = saved[f"flag_{e}"]
+                continue
+            touched = []
+            for c in range(first, min(first + chunk, self.n_clusters)):
+                members = self._rank(order[bounds[c] : bounds[c + 1]], dist)
+                if len(members) == 0:
+                    continue
+                touched.append(members)
+                need_pairs = self.mode == "connected"
+                sims, arg, pairs = in_cluster_duplicates(
+                    x[members], min(thresholds) if need_pairs else None, self.block_size
+                )
+                best[members] = sims
+                dup_of[members] = np.where(arg >= 0, members[np.maximum(arg, 0)], -1)
+                for e, t in zip(self.eps, thresholds, strict=True):
+                    if need_pairs:
+                        rep = _group_representatives(
+                            len(members), [(i, j) for i, j in pairs if _sim(x, members, i, j) >= t]
+                        )
+                        flags[e][members] = rep != np.arange(len(members))
+                        if e == self.eps[0]:
+                            dup_of[members] = np.where(rep != np.arange(len(members)), members[rep], -1)
+                    else:
+                        flags[e][members] = sims >= t
+            if path:
+                idx = np.concatenate(touched) if touched else np.zeros(0, dtype=np.int64)
+                extra = {f"flag_{e}": flags[e][idx] for e in self.eps}
+                _save_npz(path, index=idx, best=best[idx], dup_of=dup_of[idx], fingerprint=fingerprint, **extra)
+        result = {"cluster": labels, "distance": dist, "max_similarity": best, "duplicate_of": dup_of}
+        result.update({f"is_duplicate_{e}": flags[e] for e in self.eps})
+        return result
+
+    def _fingerprint(self, x: np.ndarray) -> str:
+        params = [self.n_clusters, self.max_iter, self.random_state, self.which_to_keep, self.mode, self.eps]
+        digest = hashlib.sha256(json.dumps(params).encode())
+        digest.update(np.ascontiguousarray(x[:: max(1, len(x) // 4096)]).tobytes())
+        digest.update(str(x.shape).encode())
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ on a dataset
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        """Computes the embeddings' duplicates now (with progress) and adds the output columns lazily."""
+        df = dataset.metadata
+        id_col = self.id_column or dataset.id_col
+        for column in (self.embedding_column, id_col):
+            if column not in df.columns:
+                raise ValueError(f"SemanticDeduplicator needs the column {column!r}; run an embedder first")
+
+        def collect(part: Any) -> tuple[list[str], list[Any]]:
+            frame = part if isinstance(part, pd.DataFrame) else part.to_pandas()
+            return frame[id_col].tolist(), frame[self.embedding_column].tolist()
+
+        parts = progress.compute([dask.delayed(collect)(p) for p in df.to_delayed()], desc="reading embeddings")
+        ids = [k for keys, _ in parts for k in keys]
+        vectors = [v for _, vs in parts for v in vs]
+        valid = np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in vectors], dtype=bool)
+        if not valid.all():
+            warnings.warn(
+                f"SemanticDeduplicator: {int((~valid).sum())} of {len(valid)} samples have no embedding "
+                f"({self.embedding_column!r} is null); they are skipped and marked as not duplicate",
+                stacklevel=2,
+            )
+        x = np.stack([np.asarray(v, dtype=np.float32) for v, ok in zip(vectors, valid, strict=True) if ok])
+        found = self.find(x)
+        valid_ids = np.array(ids, dtype=object)[valid]
+        n = len(ids)
+        columns: dict[str, Any] = {
+            "cluster": _spread(found["cluster"], valid, n, pd.Int64Dtype()),
+            "distance_to_centroid": _spread(found["distance"], valid, n, np.float32),
+            "max_similarity": _spread(
+                np.where(np.isinf(found["max_similarity"]), np.nan, found["max_similarity"]), valid, n, np.float32
+            ),
+            "duplicate_of": _spread_ids(found["duplicate_of"], valid_ids, valid, n),
+        }
+        for i, e in enumerate(self.eps):
+            flag = np.zeros(n, dtype=bool)
+            flag[valid] = found[f"is_duplicate_{e}"]
+            if len(self.eps) > 1:
+                columns[f"is_duplicate_eps{e}"] = flag
+            if i == 0:
+                columns["is_duplicate"] = flag
+        sizes = np.cumsum([0] + [len(k) for k, _ in parts])
+
+        def add(part: Any, partition_info=None) -> Any:
+            i = partition_info["number"] if partition_info else 0
+            values = {name: col[sizes[i] : sizes[i + 1]] for name, col in columns.items()}
+            if isinstance(part, pd.DataFrame):
+                return part.assign(
+                    **{
+                        k: (v.reset_index(drop=True).set_axis(part.index) if isinstance(v, pd.Series) else v)
+                        for k, v in values.items()
+                    }
+                )
+            out = part.copy()
+            for name, value in values.items():
+                out[name] = value.to_numpy() if isinstance(value, pd.Series) else value
+            return out
+
+        meta = df._meta.assign(**{name: col[:0] for name, col in columns.items()})
+        out = df.map_partitions(add, meta=meta, enforce_metadata=False)
+        types = {
+            "cluster": pa.int64(),
+            "distance_to_centroid": pa.float32(),
+            "max_similarity": pa.float32(),
+            "duplicate_of": pa.string(),
+        }
+        return dataset.with_metadata(out, arrow_types=types)
+
+
+def _sim(x: np.ndarray, members: np.ndarray, i: int, j: int) -> float:
+    return float(x[members[i]] @ x[members[j]])
+
+
+def _spread(values: np.ndarray, valid: np.ndarray, n: int, dtype: Any) -> pd.Series:
+    out = pd.Series(pd.array([pd.NA] * n, dtype=pd.Float64Dtype() if dtype is np.float32 else dtype))
+    out[valid] = values
+    return out.astype(np.float32) if dtype is np.float32 else out
+
+
+def _spread_ids(dup_rows: np.ndarray, valid_ids: np.ndarray, valid: np.ndarray, n: int) -> pd.Series:
+    ids = np.full(n, None, dtype=object)
+    ids[valid] = [valid_ids[r] if r >= 0 else None for r in dup_rows]
+    return pd.Series(pd.array(ids, dtype=pd.StringDtype("pyarrow", na_value=np.nan)))
+
+
+def _save_npz(path: str, **arrays: Any) -> None:
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

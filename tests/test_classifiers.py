@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import urllib.error
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from imgcurate._models import clear
+from imgcurate.classifiers import AestheticClassifier, NsfwClassifier
+from imgcurate.classifiers import weights as weights_mod
+from imgcurate.classifiers.weights import WeightFile, cached_weights
+from imgcurate.embedders import TimmImageEmbedder
+from imgcurate.filters import SampleFilter, drop_report
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    clear()
+    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
+    yield
+    clear()
+
+
+def _aesthetic_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "layers.0": (1024, 768),
+        "layers.2": (128, 1024),
+        "layers.4": (64, 128),
+        "layers.6": (16, 64),
+        "layers.7": (1, 16),
+    }
+    state = {}
+    for name, (out, inp) in shapes.items():
+        state[f"{name}.weight"] = torch.randn(out, inp, generator=g) / inp**0.5
+        state[f"{name}.bias"] = torch.randn(out, generator=g) * 0.1
+    return state
+
+
+def _aesthetic_numpy(state, x):
+    for name in ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7"):
+        x = x @ state[f"{name}.weight"].numpy().T.astype(np.float64) + state[f"{name}.bias"].numpy()
+    return x[:, 0]
+
+
+def _nsfw_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = {"norm.mean": torch.randn(768, generator=g) * 0.01, "norm.variance": torch.rand(768, generator=g) + 0.5}
+    for i, (out, inp) in enumerate([(64, 768), (512, 64), (256, 512), (1, 256)], start=1):
+        state[f"linear_{i}.weight"] = torch.randn(out, inp, generator=g) / inp**0.5
+        state[f"linear_{i}.bias"] = torch.randn(out, generator=g) * 0.1
+    return state
+
+
+def _nsfw_numpy(state, x):
+    s = {k: v.numpy().astype(np.float64) for k, v in state.items()}
+    x = (x - s["norm.mean"]) / np.sqrt(s["norm.variance"])
+    for i in (1, 2, 3):
+        x = np.maximum(x @ s[f"linear_{i}.weight"].T + s[f"linear_{i}.bias"], 0)
+    return 1 / (1 + np.exp(-(x @ s["linear_4.weight"].T + s["linear_4.bias"])[:, 0]))
+
+
+def _embeddings(n=20, seed=3):
+    x = np.random.default_rng(seed).standard_normal((n, 768)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_aesthetic_loads_published_formats_and_matches_numpy(tmp_path, fmt):
+    state = _aesthetic_state()
+    path = tmp_path / f"aesthetic.{fmt}"
+    torch.save(state, path) if fmt == "pth" else save_file(state, str(path))
+    x = _embeddings()
+    got = AestheticClassifier(model_path=str(path), device="cpu").predict(x)
+    np.testing.assert_allclose(got, _aesthetic_numpy(state, x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "zip"])
+def test_nsfw_loads_published_formats_and_matches_numpy(tmp_path, fmt):
+    state = _nsfw_state()
+    if fmt == "zip":
+        torch.save(state, tmp_path / "clip_autokeras_binary_nsfw.pth")
+        path = tmp_path / "published.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            z.write(tmp_path / "clip_autokeras_binary_nsfw.pth", "clip_autokeras_binary_nsfw.pth")
+    else:
+        path = tmp_path / f"nsfw.{fmt}"
+        torch.save(state, path) if fmt == "pth" else save_file(state, str(path))
+    x = _embeddings()
+    got = NsfwClassifier(model_path=str(path), device="cpu").predict(x)
+    assert ((got >= 0) & (got <= 1)).all()
+    np.testing.assert_allclose(got, _nsfw_numpy(state, x.astype(np.float64)), rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_weights_and_dimension_mismatch(tmp_path):
+    torch.save(_nsfw_state(), tmp_path / "nsfw.pth")
+    with pytest.raises(ValueError, match="not the aesthetic predictor"):
+        AestheticClassifier(model_path=str(tmp_path / "nsfw.pth")).predict(_embeddings())
+    col = pd.Series([np.zeros(512, np.float32)] * 3)
+    with pytest.raises(ValueError, match=r"expects 768-d .*TimmImageEmbedder embeddings .* 512-d"):
+        NsfwClassifier(model_path=str(tmp_path / "nsfw.pth")).predict_column(col, source="TimmImageEmbedder")
+
+
+def test_null_embeddings_give_null_scores(tmp_path):
+    save_file(_aesthetic_state(), str(tmp_path / "a.safetensors"))
+    x = _embeddings(3)
+    col = pd.Series([x[0], None, x[2]])
+    scores = AestheticClassifier(model_path=str(tmp_path / "a.safetensors")).predict_column(col)
+    assert scores.isna().tolist() == [False, True, False]
+    assert scores.dtype == np.float32
+
+
+def test_fused_into_the_embedder_pass_equals_standalone(sample_ds, tmp_path):
+    save_file(_aesthetic_state(), str(tmp_path / "a.safetensors"))
+    torch.save(_nsfw_state(), tmp_path / "n.pth")
+
+    def heads():
+        return [AestheticClassifier(str(tmp_path / "a.safetensors")), NsfwClassifier(str(tmp_path / "n.pth"))]
+
+    kwargs = dict(output="head", model_kwargs={"num_classes": 768})
+    fused = TimmImageEmbedder("test_vit", classifiers=heads(), **kwargs)(sample_ds).metadata.compute()
+    ds = TimmImageEmbedder("test_vit", **kwargs)(sample_ds)
+    for clf in heads():
+        ds = clf(ds)
+    alone = ds.metadata.compute()
+    for col in ("aesthetic_score", "nsfw_score"):
+        assert fused[col].dtype == np.float32
+        np.testing.assert_allclose(fused[col], alone[col], rtol=1e-5)
+    assert fused["nsfw_score"].between(0, 1).all()
+
+
+def test_classifier_needs_its_column(sample_ds, tmp_path):
+    with pytest.raises(ValueError, match="run an embedder first"):
+        AestheticClassifier(model_path="x")(sample_ds)
+
+
+def test_weights_download_once_then_reuse_offline(tmp_path, monkeypatch):
+    published = tmp_path / "published.pth"
+    torch.save(_aesthetic_state(), published)
+    wf = WeightFile("aesthetic-test.pth", published.as_uri())
+    path = cached_weights(wf)
+    assert path.read_bytes() == published.read_bytes()
+    assert (path.parent / "aesthetic-test.pth.sha256").exists()
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights_mod.urllib.request, "urlopen", offline)
+    assert cached_weights(wf) == path  # reused without the network
+    path.write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="does not match"):
+        cached_weights(wf)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"put it at .*aesthetic-test.pth"):
+        cached_weights(wf)
+    pinned = WeightFile("pinned.pth", published.as_uri(), sha256="0" * 64)
+    monkeypatch.undo()
+    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="expected 0000"):
+        cached_weights(pinned)
+
+
+def test_default_weights_without_network_say_where_to_put_them(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights_mod.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE.pth.*IMGCURATE_HOME"):
+        AestheticClassifier(device="cpu").predict(_embeddings(2))
+
+
+def test_score_filters_and_reasons(sample_ds):
+    df = sample_ds.metadata
+
+    def scores(part):
+        n = len(part)
+        aesthetic = np.linspace(3, 8, n).astype(np.float32)
+        if n:
+            aesthetic[0] = np.nan  # a failed decode
+        return part.assign(aesthetic_score=aesthetic, nsfw_score=np.linspace(0, 1, n).astype(np.float32))
+
+    meta = {**df.dtypes.to_dict(), "aesthetic_score": np.float32, "nsfw_score": np.float32}
+    ds = sample_ds.with_metadata(df.map_partitions(scores, meta=meta))
+    out = SampleFilter(min_aesthetic=5.0, max_nsfw=0.5, min_width=300)(ds).metadata.compute()
+    ok = (out.aesthetic_score >= 5.0) & (out.nsfw_score < 0.5) & (out.width >= 300)
+    assert out["keep"].tolist() == ok.tolist()
+    assert out.loc[out.keep, "drop_reason"].isna().all()
+    assert out.loc[~out.keep, "drop_reason"].notna().all()
+    row = out[out.aesthetic_score.isna()].iloc[0]
+    assert "aesthetic_score < 5.0" in row["drop_reason"] and not row["keep"]
+    report = drop_report(SampleFilter(min_aesthetic=5.0, max_nsfw=0.5, min_width=300)(ds))
+    assert report["total"] == len(out) and report["kept"] == ok.sum()
+    assert report["nsfw_score >= 0.5"] == (~(out.nsfw_score < 0.5)).sum()
+
+
+def test_score_histogram_png(sample_ds, tmp_path):
+    from PIL import Image
+
+    from imgcurate.report import score_histograms
+
+    df = sample_ds.metadata
+    meta = {**df.dtypes.to_dict(), "aesthetic_score": np.float32}
+    ds = sample_ds.with_metadata(df.map_partitions(lambda p: p.assign(aesthetic_score=np.float32(5.5)), meta=meta))
+    ds = SampleFilter(min_aesthetic=6.0)(ds)
+    path = score_histograms(ds, str(tmp_path / "scores.png"), thresholds={"aesthetic_score": 6.0})
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 500
