@@ -73,6 +73,13 @@ def _read_partition(part: _Part, schema: pa.Schema, backend: str, storage_option
     return get_backend(backend).from_arrow(_conform(table, schema))
 
 
+def partition_number(partition_info: dict | None) -> int:
+    """The partition's index from dask's ``partition_info``; without it a step cannot know its tar, so it stops."""
+    if not partition_info or "number" not in partition_info:
+        raise AlignmentError("dask did not say which partition this is, so its tar shard is unknown")
+    return partition_info["number"]
+
+
 def _unify(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Schema:
     try:
         schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")

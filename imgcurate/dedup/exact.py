@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
+from imgcurate.dataset import partition_number
 from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class ExactDuplicates:
             columns.append((digests, dup, dup_of))
 
         def add(part: Any, partition_info=None) -> Any:
-            digests, dup, dup_of = columns[partition_info["number"]] if partition_info else columns[0]
+            digests, dup, dup_of = columns[partition_number(partition_info)]
             values = {
                 self.hash_column: pd.array(digests, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
                 self.duplicate_column: np.asarray(dup, dtype=bool),

@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
+from imgcurate.dataset import partition_number
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -305,7 +306,7 @@ class SemanticDeduplicator:
         sizes = np.cumsum([0] + [len(k) for k, _ in parts])
 
         def add(part: Any, partition_info=None) -> Any:
-            i = partition_info["number"] if partition_info else 0
+            i = partition_number(partition_info)
             values = {name: col[sizes[i] : sizes[i + 1]] for name, col in columns.items()}
             if isinstance(part, pd.DataFrame):
                 return part.assign(

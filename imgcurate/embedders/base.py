@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate._models import cached_model, resolve_device
+from imgcurate.dataset import partition_number
 from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class ImageEmbedder(abc.ABC):
 
         is_pandas = isinstance(part, pd.DataFrame)
         frame = part if is_pandas else get_backend("cudf").to_pandas(part)
-        tar = tar_files[partition_info["number"]] if partition_info else tar_files[0]
+        tar = tar_files[partition_number(partition_info)]
         keys = frame[id_col].tolist()
         embeddings: list[np.ndarray | None] = []
         errors: list[str | None] = []
