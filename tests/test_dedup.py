@@ -65,6 +65,34 @@ def test_agrees_with_brute_force(n, d, k, keep, seed):
     assert ties.all() and all(tied)
     assert (found["is_duplicate_0.01"] == (best >= 0.99)).all()
 
+    connected = SemanticDeduplicator(n_clusters=k, which_to_keep=keep, block_size=7, eps=[0.01, 0.2], mode="connected")
+    grouped = connected.find(x)
+    for eps in (0.01, 0.2):
+        kept = _brute_groups(unit, grouped["cluster"], grouped["distance"], keep, 1 - eps)
+        assert (grouped[f"is_duplicate_{eps}"] == ~kept).all()
+
+
+def _brute_groups(x, labels, dist, keep, threshold):
+    """Keeps the first-ranked sample of each group linked by similarity >= threshold, by a plain graph search."""
+    kept = np.zeros(len(x), dtype=bool)
+    for c in np.unique(labels):
+        members = np.nonzero(labels == c)[0]
+        members = list(members[np.argsort(-dist[members] if keep == "hard" else dist[members], kind="stable")])
+        seen = set()
+        for start in members:  # rank order: the first unseen sample starts (and is kept for) a new group
+            if start in seen:
+                continue
+            kept[start] = True
+            stack = [start]
+            seen.add(start)
+            while stack:
+                i = stack.pop()
+                for j in members:
+                    if j not in seen and float(x[i] @ x[j]) >= threshold:
+                        seen.add(j)
+                        stack.append(j)
+    return kept
+
 
 def test_blockwise_matches_one_block():
     x = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
@@ -89,7 +117,7 @@ def test_greedy_vs_connected_on_a_chain():
     assert (sims >= 1 - eps).tolist() == [False, True, True]
     from imgcurate.dedup.semantic import _group_representatives
 
-    assert _group_representatives(3, pairs).tolist() == [0, 0, 0]
+    assert _group_representatives(3, pairs.earlier, pairs.later).tolist() == [0, 0, 0]
     assert labels.sum() == 0
 
 
@@ -150,3 +178,27 @@ def test_assign_nearest_centroid():
     x = np.eye(3, dtype=np.float32)
     labels, dist = _assign(x, np.eye(3, dtype=np.float32) * 2)
     assert labels.tolist() == [0, 1, 2] and np.allclose(dist, 0)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "connected"])
+def test_end_to_end_on_real_photos_finds_the_reencoded_and_resized_copies(sample_ds, mode):
+    import dask
+    import torch
+
+    from imgcurate.embedders import TimmImageEmbedder
+
+    torch.manual_seed(0)  # the random-weight model is built in this thread by the synchronous scheduler
+    with dask.config.set(scheduler="sync"):
+        ds = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
+        # random weights squeeze all similarities towards 1; copies of one photo still sit above 0.9999, others below
+        out = SemanticDeduplicator(n_clusters=4, eps=1e-4, mode=mode)(ds)
+        df = out.metadata.compute().reset_index(drop=True)
+    by_key = df.set_index("key")
+    for source, group in df.groupby("source"):
+        kept = group[~group.is_duplicate]
+        assert len(kept) == 1, f"{source}: expected one survivor, got {kept.variant.tolist()}"
+        dropped = group[group.is_duplicate]
+        assert len(dropped) == len(group) - 1
+        # every copy points at a sample of the same photo
+        assert (by_key.loc[dropped.duplicate_of, "source"] == source).all()
+    assert df.is_duplicate.sum() == len(df) - df.source.nunique()

@@ -15,12 +15,14 @@ the same inputs and parameters resumes from them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dask
 import numpy as np
@@ -39,18 +41,48 @@ _KEEP = ("hard", "easy", "random")
 _MODES = ("greedy", "connected")
 
 
-def kmeans(x: np.ndarray, n_clusters: int, max_iter: int, seed: int, backend: str = "faiss") -> np.ndarray:
-    """Centroids of ``x`` (float32, rows L2-normalised). ``faiss`` (default on CPU), ``sklearn`` or ``cuml``."""
+def kmeans(
+    x: np.ndarray,
+    n_clusters: int,
+    max_iter: int,
+    seed: int,
+    backend: str = "faiss",
+    tol: float = 1e-4,
+    sample_per_cluster: int | None = 256,
+) -> tuple[np.ndarray, int]:
+    """Centroids of ``x`` (float32, rows L2-normalised) and the iterations run.
+
+    ``faiss`` (CPU default): Lloyd iterations on a seeded sample of ``sample_per_cluster`` points per cluster (all
+    points when None), stopped early when the objective improves by less than ``tol`` (relative) from one iteration
+    to the next. ``sklearn`` and ``cuml`` use all points and their own ``tol``.
+    """
     if backend == "faiss":
         import faiss
 
-        km = faiss.Kmeans(x.shape[1], n_clusters, niter=max_iter, seed=seed, verbose=False, max_points_per_centroid=256)
-        km.train(np.ascontiguousarray(x))
-        return km.centroids
+        cap = len(x) if sample_per_cluster is None else sample_per_cluster * n_clusters
+        if len(x) > cap:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), cap, replace=False))]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        centroids, done, step = None, 0, 5
+        with progress.bar(desc="kmeans", total=max_iter, unit="iter") as iters:
+            while done < max_iter:
+                n = min(step, max_iter - done)
+                km = faiss.Kmeans(
+                    x.shape[1], n_clusters, niter=n, seed=seed + done, verbose=False,
+                    max_points_per_centroid=len(x), min_points_per_centroid=1,
+                )  # fmt: skip
+                km.train(x, init_centroids=centroids)
+                centroids, done = km.centroids, done + n
+                iters.update(n)
+                obj = km.obj
+                if len(obj) > 1 and abs(obj[-2] - obj[-1]) <= tol * abs(obj[-1]):
+                    break
+        return centroids, done
     if backend == "sklearn":
         from sklearn.cluster import KMeans
 
-        return KMeans(n_clusters, max_iter=max_iter, random_state=seed, n_init=1).fit(x).cluster_centers_.astype("f4")
+        km = KMeans(n_clusters, max_iter=max_iter, tol=tol, random_state=seed, n_init=1).fit(x)
+        return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
     if backend == "cuml":
         try:
             from cuml.cluster import KMeans as CuKMeans
@@ -58,7 +90,8 @@ def kmeans(x: np.ndarray, n_clusters: int, max_iter: int, seed: int, backend: st
             from imgcurate.errors import MissingDependencyError
 
             raise MissingDependencyError("KMeans on the GPU", "cuml-cu12", extra="gpu") from err
-        return np.asarray(CuKMeans(n_clusters=n_clusters, max_iter=max_iter, random_state=seed).fit(x).cluster_centers_)
+        km = CuKMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed).fit(x)
+        return np.asarray(km.cluster_centers_, dtype=np.float32), int(km.n_iter_)
     raise ValueError(f"unknown kmeans backend {backend!r}: choose faiss, sklearn or cuml")
 
 
@@ -74,51 +107,64 @@ def _assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[n
     return labels, dist
 
 
+class Pairs(NamedTuple):
+    """Pairs of rows (``earlier`` ranked before ``later``) with their cosine ``similarity``."""
+
+    earlier: np.ndarray
+    later: np.ndarray
+    similarity: np.ndarray
+
+
 def in_cluster_duplicates(
     x: np.ndarray, threshold: float | None = None, block_size: int = 2048
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+) -> tuple[np.ndarray, np.ndarray, Pairs | None]:
     """For rows of ``x`` in rank order: each row's maximum cosine similarity to an earlier row and that row's index.
 
-    Row 0 gets similarity ``-inf`` and index -1. With ``threshold``, also returns the (earlier, later) pairs whose
-    similarity is >= threshold (for grouping). Memory: one ``block_size`` x ``block_size`` tile at a time.
+    Row 0 gets similarity ``-inf`` and index -1. With ``threshold``, also returns the pairs whose similarity is
+    >= threshold (for grouping). Memory: one ``block_size`` x ``block_size`` tile at a time; only tiles on or below
+    the diagonal are computed.
     """
     m = len(x)
     best = np.full(m, -np.inf, dtype=np.float32)
     arg = np.full(m, -1, dtype=np.int64)
-    pairs: list[tuple[int, int]] = []
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for a in range(0, m, block_size):
         rows = x[a : a + block_size]
+        here = slice(a, a + len(rows))
         for b in range(0, a + len(rows), block_size):
-            tile = rows @ x[b : b + block_size].T  # rows a.. vs columns b..
-            later = np.arange(a, a + len(rows))[:, None]
-            earlier = np.arange(b, b + tile.shape[1])[None, :]
-            tile = np.where(earlier < later, tile, -np.inf)
+            tile = rows @ x[b : b + block_size].T  # rows a.. against the earlier-or-equal columns b..
+            if b == a:  # the diagonal tile: a row only looks at rows ranked before it
+                np.putmask(tile, _upper_triangle(block_size)[: len(rows), : len(rows)], -np.inf)
             j = tile.argmax(axis=1)
             value = tile[np.arange(len(rows)), j]
-            better = value > best[a : a + len(rows)]
-            best[a : a + len(rows)][better] = value[better]
-            arg[a : a + len(rows)][better] = (b + j)[better]
+            better = value > best[here]
+            best[here] = np.where(better, value, best[here])
+            arg[here] = np.where(better, b + j, arg[here])
             if threshold is not None:
                 r, c = np.nonzero(tile >= threshold)
-                pairs.extend(zip((b + c).tolist(), (a + r).tolist(), strict=True))
-    return best, arg, pairs
+                found.append((b + c, a + r, tile[r, c]))
+    if threshold is None:
+        return best, arg, None
+    if not found:
+        empty = np.zeros(0, dtype=np.int64)
+        return best, arg, Pairs(empty, empty, np.zeros(0, dtype=np.float32))
+    return best, arg, Pairs(*(np.concatenate(parts) for parts in zip(*found, strict=True)))
 
 
-def _group_representatives(m: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """For each row, the first-ranked row of its connected group (itself when alone)."""
-    parent = np.arange(m)
+@functools.lru_cache(maxsize=4)
+def _upper_triangle(n: int) -> np.ndarray:
+    return np.triu(np.ones((n, n), dtype=bool))
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    for i, j in pairs:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)  # the root is always the group's smallest rank
-    return np.array([find(i) for i in range(m)])
+def _group_representatives(m: int, earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
+    """For each of ``m`` ranked rows, the first-ranked row of its connected group (itself when alone)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(earlier), dtype=np.int8), (earlier, later)), shape=(m, m))
+    _, group = connected_components(graph, directed=False)
+    _, first = np.unique(group, return_index=True)  # rows are in rank order, so the first row is the smallest rank
+    return first[group]
 
 
 class SemanticDeduplicator:
@@ -137,6 +183,7 @@ class SemanticDeduplicator:
         cache_dir: folder for centroids, assignments and per-cluster results, to resume after a crash.
         kmeans_backend: ``faiss`` (CPU default), ``sklearn`` or ``cuml``; None picks cuml on the cudf backend.
         block_size: tile size of the blockwise similarity computation.
+        tol: KMeans stops early when its objective improves by less than this (relative) in one iteration.
 
     Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
     ``is_duplicate`` (and per-eps columns for a list). Samples with a null embedding are skipped and reported; their
@@ -156,6 +203,7 @@ class SemanticDeduplicator:
         cache_dir: str | None = None,
         kmeans_backend: str | None = None,
         block_size: int = 2048,
+        tol: float = 1e-4,
     ):
         if which_to_keep not in _KEEP:
             raise ValueError(f"which_to_keep must be one of {', '.join(_KEEP)}, got {which_to_keep!r}")
@@ -176,6 +224,8 @@ class SemanticDeduplicator:
         self.cache_dir = cache_dir
         self.kmeans_backend = kmeans_backend
         self.block_size = block_size
+        self.tol = tol
+        self.stats_: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ core, on arrays
     def _cache(self, name: str) -> str | None:
@@ -189,73 +239,101 @@ class SemanticDeduplicator:
         rng = np.random.default_rng(self.random_state + int(members[0]) if len(members) else self.random_state)
         return members[rng.permutation(len(members))]
 
-    def find(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def find(self, x: np.ndarray, copy: bool = True) -> dict[str, np.ndarray]:
         """Runs the whole method on a (N, D) array; returns per-row arrays (cluster, distance, max_similarity,
-        duplicate_of as a row index or -1, and is_duplicate per eps)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        duplicate_of as a row index or -1, and is_duplicate per eps). With ``copy=False`` a C-ordered float32 ``x``
+        is L2-normalised in place instead of copied (saves N x D x 4 bytes).
+
+        Afterwards ``stats_`` holds the seconds spent in each phase, the KMeans iterations run and the largest
+        cluster's size.
+        """
+        x = np.array(x, dtype=np.float32, order="C", copy=True if copy else None)
         n = len(x)
         if n < self.n_clusters:
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         fingerprint = self._fingerprint(x)
+        stats: dict[str, Any] = {"kmeans_iterations": 0, "kmeans_s": 0.0, "assign_s": 0.0}
         km_path = self._cache("kmeans.npz")
         if km_path and os.path.exists(km_path) and str(np.load(km_path)["fingerprint"]) == fingerprint:
             saved = np.load(km_path)
             labels, dist = saved["labels"], saved["distance"]
         else:
-            centroids = kmeans(x, self.n_clusters, self.max_iter, self.random_state, self.kmeans_backend or "faiss")
+            started = time.perf_counter()
+            centroids, stats["kmeans_iterations"] = kmeans(
+                x, self.n_clusters, self.max_iter, self.random_state, self.kmeans_backend or "faiss", self.tol
+            )
+            stats["kmeans_s"] = time.perf_counter() - started
             labels, dist = _assign(x, centroids)
+            stats["assign_s"] = time.perf_counter() - started - stats["kmeans_s"]
             if km_path:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 _save_npz(km_path, centroids=centroids, labels=labels, distance=dist, fingerprint=fingerprint)
+        started = time.perf_counter()
         best = np.full(n, -np.inf, dtype=np.float32)
         dup_of = np.full(n, -1, dtype=np.int64)
         thresholds = [1.0 - e for e in self.eps]
         flags = {e: np.zeros(n, dtype=bool) for e in self.eps}
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(self.n_clusters + 1))
+        stats["largest_cluster"] = int(np.diff(bounds).max())
         chunk = 256
-        for first in progress.bar(range(0, self.n_clusters, chunk), desc="semantic dedup: clusters", unit="chunk"):
-            path = self._cache(f"clusters_{first:07d}.npz")
-            if path and os.path.exists(path) and str(np.load(path)["fingerprint"]) == fingerprint:
-                saved = np.load(path)
-                idx = saved["index"]
-                best[idx], dup_of[idx] = saved["best"], saved["dup_of"]
-                for e in self.eps:
-                    flags[e][idx] = saved[f"flag_{e}"]
-                continue
-            touched = []
-            for c in range(first, min(first + chunk, self.n_clusters)):
-                members = self._rank(order[bounds[c] : bounds[c + 1]], dist)
-                if len(members) == 0:
+        with progress.bar(desc="semantic dedup: clusters", total=self.n_clusters, unit="cluster") as done:
+            for first in range(0, self.n_clusters, chunk):
+                last = min(first + chunk, self.n_clusters)
+                path = self._cache(f"clusters_{first:07d}.npz")
+                if path and os.path.exists(path) and str(np.load(path)["fingerprint"]) == fingerprint:
+                    saved = np.load(path)
+                    idx = saved["index"]
+                    best[idx], dup_of[idx] = saved["best"], saved["dup_of"]
+                    for e in self.eps:
+                        flags[e][idx] = saved[f"flag_{e}"]
+                    done.update(last - first)
                     continue
-                touched.append(members)
-                need_pairs = self.mode == "connected"
-                sims, arg, pairs = in_cluster_duplicates(
-                    x[members], min(thresholds) if need_pairs else None, self.block_size
-                )
-                best[members] = sims
-                dup_of[members] = np.where(arg >= 0, members[np.maximum(arg, 0)], -1)
-                for e, t in zip(self.eps, thresholds, strict=True):
-                    if need_pairs:
-                        rep = _group_representatives(
-                            len(members), [(i, j) for i, j in pairs if _sim(x, members, i, j) >= t]
-                        )
-                        flags[e][members] = rep != np.arange(len(members))
-                        if e == self.eps[0]:
-                            dup_of[members] = np.where(rep != np.arange(len(members)), members[rep], -1)
-                    else:
-                        flags[e][members] = sims >= t
-            if path:
-                idx = np.concatenate(touched) if touched else np.zeros(0, dtype=np.int64)
-                extra = {f"flag_{e}": flags[e][idx] for e in self.eps}
-                _save_npz(path, index=idx, best=best[idx], dup_of=dup_of[idx], fingerprint=fingerprint, **extra)
+                touched = []
+                for c in range(first, last):
+                    members = self._rank(order[bounds[c] : bounds[c + 1]], dist)
+                    if len(members):
+                        touched.append(members)
+                        self._cluster(x, members, thresholds, best, dup_of, flags)
+                    done.update(1)
+                if path:
+                    idx = np.concatenate(touched) if touched else np.zeros(0, dtype=np.int64)
+                    extra = {f"flag_{e}": flags[e][idx] for e in self.eps}
+                    _save_npz(path, index=idx, best=best[idx], dup_of=dup_of[idx], fingerprint=fingerprint, **extra)
+        stats["clusters_s"] = time.perf_counter() - started
+        self.stats_ = stats
         result = {"cluster": labels, "distance": dist, "max_similarity": best, "duplicate_of": dup_of}
         result.update({f"is_duplicate_{e}": flags[e] for e in self.eps})
         return result
 
+    def _cluster(
+        self,
+        x: np.ndarray,
+        members: np.ndarray,
+        thresholds: list[float],
+        best: np.ndarray,
+        dup_of: np.ndarray,
+        flags: dict[float, np.ndarray],
+    ) -> None:
+        """Fills the outputs for one cluster's ``members`` (row indices in rank order)."""
+        connected = self.mode == "connected"
+        sims, arg, pairs = in_cluster_duplicates(x[members], min(thresholds) if connected else None, self.block_size)
+        best[members] = sims
+        dup_of[members] = np.where(arg >= 0, members[np.maximum(arg, 0)], -1)
+        rank = np.arange(len(members))
+        for e, t in zip(self.eps, thresholds, strict=True):
+            if not connected:
+                flags[e][members] = sims >= t
+                continue
+            keep = pairs.similarity >= t
+            rep = _group_representatives(len(members), pairs.earlier[keep], pairs.later[keep])
+            flags[e][members] = rep != rank
+            if e == self.eps[0]:  # duplicate_of names the sample kept for the group
+                dup_of[members] = np.where(rep != rank, members[rep], -1)
+
     def _fingerprint(self, x: np.ndarray) -> str:
-        params = [self.n_clusters, self.max_iter, self.random_state, self.which_to_keep, self.mode, self.eps]
+        params = [self.n_clusters, self.max_iter, self.tol, self.random_state, self.which_to_keep, self.mode, self.eps]
         digest = hashlib.sha256(json.dumps(params).encode())
         digest.update(np.ascontiguousarray(x[:: max(1, len(x) // 4096)]).tobytes())
         digest.update(str(x.shape).encode())
@@ -285,7 +363,7 @@ class SemanticDeduplicator:
                 stacklevel=2,
             )
         x = np.stack([np.asarray(v, dtype=np.float32) for v, ok in zip(vectors, valid, strict=True) if ok])
-        found = self.find(x)
+        found = self.find(x, copy=False)
         valid_ids = np.array(ids, dtype=object)[valid]
         n = len(ids)
         columns: dict[str, Any] = {
@@ -329,10 +407,6 @@ class SemanticDeduplicator:
             "duplicate_of": pa.string(),
         }
         return dataset.with_metadata(out, arrow_types=types)
-
-
-def _sim(x: np.ndarray, members: np.ndarray, i: int, j: int) -> float:
-    return float(x[members[i]] @ x[members[j]])
 
 
 def _spread(values: np.ndarray, valid: np.ndarray, n: int, dtype: Any) -> pd.Series:
