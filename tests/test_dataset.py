@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import dask.dataframe as dd
@@ -115,11 +116,25 @@ def test_backend_choice():
         resolve_backend_name("polars")
 
 
-def test_cpu_path_never_imports_gpu_libraries(sample_ds, tmp_path):
-    df = sample_ds.metadata
-    sample_ds.with_metadata(df.assign(k=df.width > 300)).to_webdataset(str(tmp_path / "o"), filter_column="k")
-    for name in ("cudf", "dask_cudf", "cuml", "cupy", "nvidia.dali"):
-        assert name not in sys.modules
+def test_cpu_path_never_imports_gpu_libraries(sample_dir, tmp_path):
+    # in a fresh interpreter: other test modules may import DALI for their own tests
+    code = f"""
+import sys, dask
+dask.config.set({{"imgcurate.progress": False}})
+from imgcurate import ImageTextPairDataset
+from imgcurate.dedup import SemanticDeduplicator
+from imgcurate.embedders import TimmImageEmbedder
+ds = ImageTextPairDataset.from_webdataset({str(sample_dir)!r})
+ds = SemanticDeduplicator(n_clusters=2)(TimmImageEmbedder("test_resnet", device="cpu")(ds))
+ds = ds.with_metadata(ds.metadata.assign(keep=~ds.metadata.is_duplicate))
+ds.to_webdataset({str(tmp_path / "out")!r}, filter_column="keep")
+gpu = [m for m in sys.modules if m.split(".")[0] in ("cudf", "dask_cudf", "cuml", "cupy")]
+gpu += [m for m in sys.modules if m.startswith("nvidia.dali")]
+print(gpu)
+sys.exit(1 if gpu else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
 
 
 def test_metadata_is_a_plain_dask_frame(sample_ds):

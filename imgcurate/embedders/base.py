@@ -7,9 +7,7 @@ image into a tensor (:meth:`ImageEmbedder.preprocess`). The base class does the 
 from __future__ import annotations
 
 import abc
-import collections
-import concurrent.futures
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +16,6 @@ import pyarrow as pa
 
 from imgcurate._models import cached_model, resolve_device
 from imgcurate.dataset import partition_number
-from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +23,7 @@ if TYPE_CHECKING:
 
     from imgcurate.classifiers.base import ImageClassifier
     from imgcurate.dataset import ImageTextPairDataset
+    from imgcurate.embedders.loaders import ResizeCrop
 
 __all__ = ["ImageEmbedder"]
 
@@ -43,6 +41,9 @@ class ImageEmbedder(abc.ABC):
         device: ``auto`` (cuda when torch sees a GPU), ``cpu`` or ``cuda[:N]``.
         autocast: run the model under autocast (bf16) on CUDA; ignored on the CPU.
         error_column: where per-sample decode errors go (default ``<image_embedding_column>_error``).
+        decoder: ``auto``, ``pil``, ``torchvision`` or ``dali`` (see :mod:`imgcurate.embedders.loaders`); ``auto``
+            is PIL on the CPU and, on CUDA, DALI when installed, else torchvision's GPU JPEG decoder.
+        use_index_files: with DALI, read each shard through its ``.idx`` index file.
     """
 
     def __init__(
@@ -56,6 +57,8 @@ class ImageEmbedder(abc.ABC):
         device: str = "auto",
         autocast: bool = True,
         error_column: str | None = None,
+        decoder: str = "auto",
+        use_index_files: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -67,6 +70,11 @@ class ImageEmbedder(abc.ABC):
         self.device = device
         self.autocast = autocast
         self.error_column = error_column or f"{image_embedding_column}_error"
+        from imgcurate.embedders.loaders import choose_decoder
+
+        choose_decoder(decoder, "cpu", True)  # checks the name (and that DALI is installed when asked for) now
+        self.decoder = decoder
+        self.use_index_files = use_index_files
         for clf in self.classifiers:
             if clf.embedding_column != image_embedding_column:
                 raise ValueError(
@@ -83,6 +91,10 @@ class ImageEmbedder(abc.ABC):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Turns a decoded RGB image into the model's input tensor (C, H, W)."""
 
+    def tensor_preprocessing(self) -> ResizeCrop | None:
+        """``preprocess`` described as tensor operations, for the GPU decoders; None keeps this embedder on PIL."""
+        return None
+
     def cache_key(self) -> tuple:
         """What identifies the loaded model in the per-worker cache (override when loading depends on more)."""
         return (type(self).__qualname__,)
@@ -95,17 +107,6 @@ class ImageEmbedder(abc.ABC):
     def model(self, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model for ``device``, loaded once per worker process."""
         return cached_model((*self.cache_key(), device), lambda: self.load_model(device))
-
-    def _decode(self, item: tuple[bytes | None, str | None]) -> tuple[Any, str | None]:
-        from imgcurate.embedders.decode import decode_rgb
-
-        data, error = item
-        if data is None:
-            return None, error
-        try:
-            return self.preprocess(decode_rgb(data, self.draft_size())), None
-        except Exception as err:  # any decoder failure is recorded for this sample, the job goes on
-            return None, f"cannot decode image: {type(err).__name__}: {err}"
 
     def _forward(self, model: Callable, batch: torch.Tensor, device: str) -> np.ndarray:
         import torch
@@ -122,36 +123,45 @@ class ImageEmbedder(abc.ABC):
                 out = torch.nn.functional.normalize(out, dim=-1)
             return out.cpu().numpy()
 
-    def embed_images(
-        self, items: Iterator[tuple[bytes | None, str | None]]
-    ) -> Iterator[tuple[np.ndarray | None, str | None]]:
-        """Embeds a stream of (image bytes, error) pairs; yields (embedding or None, error or None) in order.
+    def loader(self, device: str) -> Any:
+        """The image loader for ``device``, as ``decoder`` chooses (see :mod:`imgcurate.embedders.loaders`)."""
+        from imgcurate.embedders.loaders import choose_decoder, make_loader
 
-        Decoding runs in a thread pool that stays ``2 * batch_size`` images ahead of the model.
+        spec = self.tensor_preprocessing()
+        pil = make_loader(
+            "pil",
+            preprocess=self.preprocess,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads_per_worker,
+            draft_size=self.draft_size(),
+        )
+        name = choose_decoder(self.decoder, device, spec is not None)
+        if name == "pil":
+            return pil
+        common = {"spec": spec, "batch_size": self.batch_size, "num_threads": self.num_threads_per_worker}
+        vision = make_loader("torchvision", device=device, **common)
+        if name == "torchvision":
+            return vision
+        return make_loader("dali", device=device, use_index_files=self.use_index_files, fallback=vision, **common)
+
+    def embed_shard(self, tar: str, keys: list[str], storage_options: dict | None = None) -> tuple[list, list]:
+        """Embeddings (or None) and errors (or None) for the samples ``keys`` of one shard, in order.
+
+        Raises:
+            AlignmentError: ``keys`` is not an in-order subsequence of the shard's keys.
+            ShardError: the tar is unreadable.
         """
-        import torch
-
         device = resolve_device(self.device)
         model = self.model(device)
-        window = 2 * self.batch_size
-        with concurrent.futures.ThreadPoolExecutor(self.num_threads_per_worker) as pool:
-            pending: collections.deque = collections.deque()
-            items = iter(items)
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < window:
-                    item = next(items, None)
-                    if item is None:
-                        exhausted = True
-                    else:
-                        pending.append(pool.submit(self._decode, item))
-                if not pending:
-                    return
-                decoded = [pending.popleft().result() for _ in range(min(self.batch_size, len(pending)))]
-                good = [t for t, _ in decoded if t is not None]
-                vectors = iter(self._forward(model, torch.stack(good), device)) if good else iter(())
-                for tensor, error in decoded:
-                    yield (next(vectors), None) if tensor is not None else (None, error)
+        embeddings: list[np.ndarray | None] = [None] * len(keys)
+        errors: list[str | None] = [None] * len(keys)
+        for batch in self.loader(device).batches(tar, keys, storage_options):
+            for row, error in batch.errors.items():
+                errors[row] = error
+            if batch.rows:
+                for row, vector in zip(batch.rows, self._forward(model, batch.images, device), strict=True):
+                    embeddings[row] = vector
+        return embeddings, errors
 
     def _embed_partition(self, part: Any, tar_files: list[str], id_col: str, so: dict, partition_info=None) -> Any:
         from imgcurate.backends import get_backend
@@ -159,12 +169,7 @@ class ImageEmbedder(abc.ABC):
         is_pandas = isinstance(part, pd.DataFrame)
         frame = part if is_pandas else get_backend("cudf").to_pandas(part)
         tar = tar_files[partition_number(partition_info)]
-        keys = frame[id_col].tolist()
-        embeddings: list[np.ndarray | None] = []
-        errors: list[str | None] = []
-        for vector, error in self.embed_images(aligned_images(tar, keys, so)):
-            embeddings.append(vector)
-            errors.append(error)
+        embeddings, errors = self.embed_shard(tar, frame[id_col].tolist(), so)
         out = frame.copy()
         out[self.image_embedding_column] = pd.Series(embeddings, index=frame.index, dtype=object)
         out[self.error_column] = pd.Series(errors, index=frame.index, dtype=pd.StringDtype("pyarrow", na_value=np.nan))

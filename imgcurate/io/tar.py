@@ -168,7 +168,21 @@ def aligned_images(
         pos += 1
         if pos == len(keys):
             return
-    raise AlignmentError(
+    raise _misaligned(tar, keys, pos)
+
+
+def check_aligned(tar: str, keys: list[str], tar_keys: list[str]) -> None:
+    """Raises :class:`AlignmentError` unless ``keys`` is an in-order subsequence of the tar's ``tar_keys``."""
+    pos = 0
+    for key in tar_keys:
+        if pos < len(keys) and key == keys[pos]:
+            pos += 1
+    if pos < len(keys):
+        raise _misaligned(tar, keys, pos)
+
+
+def _misaligned(tar: str, keys: list[str], pos: int) -> AlignmentError:
+    return AlignmentError(
         f"{tar}: the metadata has {len(keys)} rows but only {pos} of them were found in the shard, in order "
         f"(first missing key: {keys[pos]!r}); the metadata partition no longer describes this tar"
     )

@@ -1,0 +1,302 @@
+"""Image loaders: read one shard's images for the metadata rows, decode and preprocess them, in batches.
+
+Three decoders, chosen by name in one table (:data:`DECODERS`):
+
+- ``pil``: PIL (libjpeg-turbo) in a thread pool that runs ahead of the model, with the embedder's own
+  ``preprocess`` (for timm models, timm's eval transform). The CPU path; also the fallback of the others.
+- ``torchvision``: JPEGs decoded in batches by ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA),
+  other formats by PIL; resize, crop and normalisation as tensor operations on that device.
+- ``dali``: NVIDIA DALI reads the tar with its webdataset reader (through index files with ``use_index_files``),
+  decodes on the GPU (``mixed``) and resizes, crops and normalises there. Imported only when chosen.
+
+``auto`` picks ``pil`` on the CPU, and on CUDA ``dali`` when it is installed, else ``torchvision``. The GPU decoders
+need the embedder's preprocessing as a :class:`ResizeCrop`; an embedder that cannot describe it stays on ``pil``.
+
+A loader yields :class:`Batch` objects: the metadata rows it decoded (with their tensors) and the rows that failed
+(with an error message). Every row comes back exactly once, in one or the other.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import importlib.util
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from imgcurate.embedders.decode import decode_rgb
+from imgcurate.io.tar import aligned_images
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = ["Batch", "ResizeCrop", "PilLoader", "TorchvisionLoader", "DECODERS", "choose_decoder", "make_loader"]
+
+
+@dataclasses.dataclass
+class Batch:
+    """Decoded rows of one shard: ``images[i]`` belongs to metadata row ``rows[i]``; ``errors`` maps failed rows
+    to their message."""
+
+    rows: list[int]
+    images: torch.Tensor | None
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeCrop:
+    """Eval preprocessing as tensor operations: resize the shorter side to ``shorter`` (keeping the aspect ratio),
+    centre-crop ``crop`` (height, width), scale to [0, 1] and normalise with ``mean``/``std``.
+
+    This is timm's default eval transform (``crop_mode="center"``) and that of most image models.
+    """
+
+    shorter: int
+    crop: tuple[int, int]
+    interpolation: str  # bicubic | bilinear | nearest
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _decode_error(err: Exception) -> str:
+    return f"cannot decode image: {type(err).__name__}: {err}"
+
+
+class PilLoader:
+    """CPU decoding with PIL in ``num_threads`` threads, ``2 * batch_size`` images ahead of the consumer.
+
+    Args:
+        preprocess: decoded RGB image -> (C, H, W) tensor.
+        batch_size: images per batch.
+        num_threads: decoding threads.
+        draft_size: JPEG draft decoding's smallest kept side (None decodes at full size).
+    """
+
+    def __init__(
+        self, preprocess: Callable[[Image.Image], torch.Tensor], batch_size: int, num_threads: int, draft_size=None
+    ):
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.draft_size = draft_size
+
+    def _decode(self, data: bytes | None, error: str | None) -> tuple[Any, str | None]:
+        if data is None:
+            return None, error
+        try:
+            return self.preprocess(decode_rgb(data, self.draft_size)), None
+        except Exception as err:  # any decoder failure is recorded for this sample, the job goes on
+            return None, _decode_error(err)
+
+    def decode_rows(self, items: Iterator[tuple[int, bytes | None, str | None]]) -> Iterator[Batch]:
+        """Batches of (row, image bytes or None, error) items, decoded in the thread pool."""
+        import torch
+
+        window = 2 * self.batch_size
+        with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
+            pending: collections.deque = collections.deque()
+            items = iter(items)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    item = next(items, None)
+                    if item is None:
+                        exhausted = True
+                    else:
+                        pending.append((item[0], pool.submit(self._decode, *item[1:])))
+                if not pending:
+                    return
+                batch = Batch([], None)
+                tensors = []
+                for _ in range(min(self.batch_size, len(pending))):
+                    row, future = pending.popleft()
+                    tensor, error = future.result()
+                    if tensor is None:
+                        batch.errors[row] = error
+                    else:
+                        batch.rows.append(row)
+                        tensors.append(tensor)
+                batch.images = torch.stack(tensors) if tensors else None
+                yield batch
+
+    def batches(self, tar: str, keys: list[str], storage_options: dict | None, skip=frozenset()) -> Iterator[Batch]:
+        """The batches of one shard's metadata ``keys`` (rows in ``skip`` are read past, not decoded)."""
+        items = (
+            (row, data, error)
+            for row, (data, error) in enumerate(aligned_images(tar, keys, storage_options))
+            if row not in skip
+        )
+        return self.decode_rows(items)
+
+
+class TorchvisionLoader:
+    """JPEGs decoded in batches by torchvision on ``device`` (nvJPEG on CUDA), others by PIL; tensor preprocessing.
+
+    A batch that the batched decoder rejects is decoded image by image, so one bad JPEG fails only its own row;
+    a JPEG the device decoder cannot handle (CMYK, say) is retried with PIL before it counts as an error.
+    """
+
+    def __init__(self, spec: ResizeCrop, batch_size: int, num_threads: int, device: str):
+        self.spec = spec
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.device = device
+
+    def _pil(self, data: bytes) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        image = decode_rgb(data)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+    def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor | Exception]:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[Any] = [None] * len(datas)
+        jpegs = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff"]
+        if jpegs:
+            encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
+            try:
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except Exception:  # a bad image in the batch: decode one by one to find it
+                decoded = []
+                for tensor in encoded:
+                    try:
+                        decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
+                    except Exception as err:
+                        decoded.append(err)
+            for i, image in zip(jpegs, decoded, strict=True):
+                out[i] = image
+        for i, data in enumerate(datas):
+            if out[i] is None or isinstance(out[i], Exception):
+                try:
+                    out[i] = self._pil(data).to(self.device, non_blocking=True)
+                except Exception as err:
+                    out[i] = err
+        return out
+
+    def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        mode = InterpolationMode(self.spec.interpolation)
+        image = F.resize(image, [self.spec.shorter], interpolation=mode, antialias=True)
+        image = F.center_crop(image, list(self.spec.crop))
+        image = F.to_dtype(image, dtype=torch.float32, scale=True)
+        return F.normalize(image, list(self.spec.mean), list(self.spec.std))
+
+    def batches(self, tar: str, keys: list[str], storage_options: dict | None, skip=frozenset()) -> Iterator[Batch]:
+        import torch
+
+        def read() -> Iterator[list[tuple[int, bytes | None, str | None]]]:
+            group = []
+            for row, (data, error) in enumerate(aligned_images(tar, keys, storage_options)):
+                if row in skip:
+                    continue
+                group.append((row, data, error))
+                if len(group) == self.batch_size:
+                    yield group
+                    group = []
+            if group:
+                yield group
+
+        for group in _prefetch(read()):
+            batch = Batch([], None)
+            present = [(row, data) for row, data, _ in group if data is not None]
+            batch.errors.update({row: error for row, data, error in group if data is None})
+            tensors = []
+            for (row, _), image in zip(present, self._decode_batch([d for _, d in present]), strict=True):
+                if isinstance(image, Exception):
+                    batch.errors[row] = _decode_error(image)
+                    continue
+                try:
+                    tensors.append(self._preprocess(image))
+                    batch.rows.append(row)
+                except Exception as err:
+                    batch.errors[row] = _decode_error(err)
+            batch.images = torch.stack(tensors) if tensors else None
+            yield batch
+
+
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Runs ``it`` in a background thread, ``depth`` items ahead (reading the tar overlaps with the model)."""
+    import queue
+
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as err:  # handed to the consumer
+            q.put(err)
+        q.put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except Exception:
+                thread.join(0.01)
+
+
+#: decoder name -> the loader class (imported lazily for DALI).
+DECODERS: dict[str, str] = {
+    "pil": "imgcurate.embedders.loaders:PilLoader",
+    "torchvision": "imgcurate.embedders.loaders:TorchvisionLoader",
+    "dali": "imgcurate.embedders.dali:DaliLoader",
+}
+
+
+def dali_installed() -> bool:
+    """Whether nvidia-dali can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_decoder(decoder: str, device: str, has_spec: bool) -> str:
+    """The decoder that ``auto`` means on ``device``; checks an explicit choice."""
+    if decoder not in ("auto", *DECODERS):
+        raise ValueError(f"decoder must be auto or one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "auto":
+        if not device.startswith("cuda") or not has_spec:
+            return "pil"
+        return "dali" if dali_installed() else "torchvision"
+    if decoder != "pil" and not has_spec:
+        raise ValueError(
+            f"decoder={decoder!r} needs the preprocessing as a ResizeCrop (tensor_preprocessing() returned None "
+            "for this embedder); use decoder='pil'"
+        )
+    if decoder == "dali" and not dali_installed():
+        from imgcurate.errors import MissingDependencyError
+
+        raise MissingDependencyError("decoding with DALI", "nvidia-dali-cuda120", extra="gpu")
+    return decoder
+
+
+def make_loader(name: str, **kwargs: Any) -> Any:
+    """An instance of the loader registered as ``name`` in :data:`DECODERS`."""
+    module, _, attr = DECODERS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)(**kwargs)
