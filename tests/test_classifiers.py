@@ -162,6 +162,9 @@ def test_weights_download_once_then_reuse_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
     with pytest.raises(ValueError, match="expected 0000"):
         cached_weights(pinned)
+    assert not (tmp_path / "home" / "weights" / "pinned.pth").exists()  # a mismatching download is not kept
+    good = WeightFile("good.pth", published.as_uri(), sha256=weights_mod.sha256_of(published))
+    assert cached_weights(good).read_bytes() == published.read_bytes()
 
 
 def test_default_weights_without_network_say_where_to_put_them(monkeypatch):

@@ -12,10 +12,14 @@ if TYPE_CHECKING:
 
 __all__ = ["AestheticClassifier", "AestheticMLP", "AESTHETIC_WEIGHTS"]
 
-#: The published state dict (``sac+logos+ava1-l14-linearMSE.pth``) and its safetensors copy on the Hugging Face hub.
+#: The published state dict (``sac+logos+ava1-l14-linearMSE.pth``, 3,714,759 bytes) at a fixed commit of its
+#: repository, and its safetensors copy on the Hugging Face hub. The .pth digest is the one that several independent
+#: public projects pin for this file; the safetensors copy is checked against the digest of its first download.
 AESTHETIC_WEIGHTS = WeightFile(
     "sac+logos+ava1-l14-linearMSE.pth",
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/"
+    "6934dd81792f086e613a121dbce43082cb8be85e/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+    sha256="21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0",
 )
 AESTHETIC_WEIGHTS_SAFETENSORS = WeightFile(
     "sac-logos-ava1-l14-linearMSE.safetensors",

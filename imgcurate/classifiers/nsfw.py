@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 __all__ = ["NsfwClassifier", "NsfwMLP", "NSFW_WEIGHTS"]
 
-#: The published PyTorch conversion: a zip holding ``clip_autokeras_binary_nsfw.pth``.
+#: The published PyTorch conversion: a zip holding ``clip_autokeras_binary_nsfw.pth``. No digest is published for it;
+#: the digest of the first download is recorded in the cache and checked on every later use.
 NSFW_WEIGHTS = WeightFile(
     "clip_autokeras_binary_nsfw.zip",
     "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/files/10250461/clip_autokeras_binary_nsfw.zip",
