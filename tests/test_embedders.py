@@ -195,6 +195,11 @@ def test_clip_towers_give_the_projected_embedding():
         out = emb.model("cpu")(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 512)
     assert TimmImageEmbedder("test_resnet").output == "pre_logits"
+    # untagged, timm resolves this name to an ImageNet fine-tune whose head is a 1000-class classifier
+    tuned = TimmImageEmbedder("vit_base_patch32_clip_224", device="cpu")
+    assert tuned.output == "pre_logits"
+    with torch.no_grad():
+        assert tuned.model("cpu")(torch.randn(1, 3, 224, 224)).shape == (1, 768)
     with pytest.raises(ValueError, match="unknown timm model"):
         TimmImageEmbedder("no_such_model_xyz")
 

@@ -115,7 +115,7 @@ class TimmImageEmbedder(ImageEmbedder):
         self.model_name = model_name
         self.pretrained = pretrained
         self.checkpoint_path = checkpoint_path
-        self.output = ("head" if "clip" in model_name else "pre_logits") if output == "auto" else output
+        self.output = _auto_output(model_name) if output == "auto" else output
         self.use_jpeg_draft = use_jpeg_draft
         self.model_kwargs = dict(model_kwargs or {})
         self._transform = None
@@ -234,6 +234,21 @@ class TimmImageEmbedder(ImageEmbedder):
 
     def __repr__(self) -> str:
         return f"TimmImageEmbedder({self.model_name!r}, pretrained={self.pretrained}, output={self.output!r})"
+
+
+def _auto_output(model_name: str) -> str:
+    """``head`` for CLIP image towers (their head is the CLIP projection), ``pre_logits`` for everything else.
+
+    A CLIP tower fine-tuned on ImageNet (``..._clip_224.laion2b_ft_in12k_in1k``, which timm also picks for an
+    untagged ``vit_base_patch32_clip_224``) has a classifier head instead, so it gets ``pre_logits``.
+    """
+    import timm.models
+
+    if "clip" not in model_name:
+        return "pre_logits"
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    tag = (cfg.tag if cfg is not None else None) or ""
+    return "pre_logits" if "_ft_" in f"_{tag}_" else "head"
 
 
 def _is_head_key(key: str) -> bool:
