@@ -68,6 +68,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from imgcurate.estimate import estimate_config
+
+    print(estimate_config(args.config, measure=args.measure).to_text())
+    return 0
+
+
 def _cmd_stages(args: argparse.Namespace) -> int:
     from imgcurate.pipeline import STAGES, stage_summary
 
@@ -114,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="override the export folder")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in the export folder")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("estimate", help="estimate a pipeline's samples, bytes, memory and (with --measure) time")
+    p.add_argument("config")
+    p.add_argument("--measure", action="store_true", help="time the model and matrix products on this machine")
+    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("stages", help="list the steps a pipeline can use")
     p.set_defaults(func=_cmd_stages)
