@@ -47,6 +47,7 @@ def test_tensor_decoders_match_the_pil_path(sample_dir, decoder):
     assert not none
     got, errors = _rows(emb.loader("cpu"), tar, keys)
     assert not errors
+    assert _rows(emb.loader("cpu"), tar, []) == ({}, {})  # a shard whose rows were all filtered out
     size = emb.data_config["input_size"]
     for row in range(len(keys)):
         assert got[row].shape == reference[row].shape == size

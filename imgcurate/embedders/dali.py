@@ -155,6 +155,8 @@ class DaliLoader:
         """The batches of one shard's metadata ``keys``; rows in ``skip`` are read past."""
         import numpy as np
 
+        if not keys:  # every row of this shard was filtered out: nothing to read
+            return
         if "://" in tar and not tar.startswith("file://"):  # DALI reads local files only
             yield from self.fallback.batches(tar, keys, storage_options, skip)
             return
