@@ -135,10 +135,11 @@ def _embedder(step: Any, st: _State) -> Estimate:
 
     probe = copy.copy(step)
     probe.pretrained, probe.checkpoint_path = False, None  # only the shapes matter: random weights, no download
-    model = probe.load_model("cpu")
+    device = resolve_device(step.device) if st.measure else "cpu"
+    model = probe.load_model(device)
     size = probe.data_config["input_size"]
     with torch.inference_mode():
-        dim = int(model(torch.zeros(1, *size)).shape[-1])
+        dim = int(model(torch.zeros(1, *size, device=device)).shape[-1])
     st.embedding_dim = dim
     heads = [c.pred_column for c in step.classifiers]
     out = Estimate(
@@ -149,8 +150,6 @@ def _embedder(step: Any, st: _State) -> Estimate:
         memory_bytes=4 * step.batch_size * 3 * size[1] * size[2] * 4,  # a few batches of input tensors in flight
     )
     if st.measure:
-        device = resolve_device(step.device)
-        model = probe.load_model(device)
         x = torch.randn(step.batch_size, *size, device=device)
         step._forward(model, x, device)
         start, reps = time.perf_counter(), 3

@@ -202,3 +202,15 @@ def test_end_to_end_on_real_photos_finds_the_reencoded_and_resized_copies(sample
         # every copy points at a sample of the same photo
         assert (by_key.loc[dropped.duplicate_of, "source"] == source).all()
     assert df.is_duplicate.sum() == len(df) - df.source.nunique()
+
+
+def test_kmeans_stops_early_at_tol_and_reports_its_phases():
+    x, _, _ = _planted(n=2000, d=16, seed=3)
+    early = SemanticDeduplicator(n_clusters=8, max_iter=100, tol=1e-2)
+    early.find(x)
+    assert 5 <= early.stats_["kmeans_iterations"] < 100
+    assert early.stats_["largest_cluster"] >= len(x) // 8
+    assert all(early.stats_[k] >= 0 for k in ("kmeans_s", "assign_s", "clusters_s"))
+    never = SemanticDeduplicator(n_clusters=8, max_iter=12, tol=-1.0)  # a negative tol never stops early
+    never.find(x)
+    assert never.stats_["kmeans_iterations"] == 12

@@ -128,16 +128,15 @@ class ImageEmbedder(abc.ABC):
         from imgcurate.embedders.loaders import choose_decoder, make_loader
 
         spec = self.tensor_preprocessing()
-        pil = make_loader(
-            "pil",
-            preprocess=self.preprocess,
-            batch_size=self.batch_size,
-            num_threads=self.num_threads_per_worker,
-            draft_size=self.draft_size(),
-        )
         name = choose_decoder(self.decoder, device, spec is not None)
         if name == "pil":
-            return pil
+            return make_loader(
+                "pil",
+                preprocess=self.preprocess,
+                batch_size=self.batch_size,
+                num_threads=self.num_threads_per_worker,
+                draft_size=self.draft_size(),
+            )
         common = {"spec": spec, "batch_size": self.batch_size, "num_threads": self.num_threads_per_worker}
         vision = make_loader("torchvision", device=device, **common)
         if name == "torchvision":
