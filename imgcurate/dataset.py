@@ -266,6 +266,20 @@ class ImageTextPairDataset:
             self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options, arrow_types=types
         )
 
+    def persist(self, desc: str = "computing metadata") -> ImageTextPairDataset:
+        """The same dataset with its metadata computed now and held in memory.
+
+        Steps are lazy: until something computes the frame, an embedder added to it has not run. Whatever computes
+        a lazy frame runs every step behind it again, so anything that reads the frame more than once (a report
+        followed by an export, or a step that must see all rows at once) should read a persisted dataset.
+        ``ExactDuplicates`` and ``SemanticDeduplicator`` persist their input themselves, so that the embedder runs
+        once per shard in a pipeline. Under a distributed client the partitions stay on the workers.
+
+        Example:
+            >>> ds = TimmImageEmbedder("resnet50")(ds).persist()  # doctest: +SKIP
+        """
+        return self.with_metadata(progress.persist(self._metadata, desc=desc))
+
     def save_metadata(self, path: str | None = None, columns: Sequence[str] | None = None) -> list[str]:
         """Writes the metadata as one parquet per shard, named after the tars (``00012.tar`` -> ``00012.parquet``).
 

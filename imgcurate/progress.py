@@ -63,10 +63,33 @@ def compute(tasks: Sequence[Any], *, desc: str) -> list[Any]:
     if client is None:
         with _TaskBar(desc):
             return list(dask.compute(*tasks))
+    futures = client.compute(list(tasks))
+    _follow(futures, desc)
+    return client.gather(futures)
+
+
+def persist(collection: T, *, desc: str) -> T:
+    """Computes a Dask collection now and keeps its partitions in memory, with a progress bar.
+
+    On a distributed client the partitions stay on the workers (which may spill them to disk); on the local
+    schedulers they are held in this process. Later work on the returned collection starts from those partitions
+    instead of running the collection's tasks again.
+    """
+    client = _distributed_client()
+    if client is None:
+        with _TaskBar(desc):
+            return collection.persist()
+    from distributed import futures_of
+
+    persisted = client.persist(collection)
+    _follow(futures_of(persisted), desc)
+    return persisted
+
+
+def _follow(futures: Sequence[Any], desc: str) -> None:
+    """Advances a bar as distributed futures finish; raises the first task error as soon as it happens."""
     from distributed import as_completed
 
-    futures = client.compute(list(tasks))
     for future in bar(as_completed(futures), desc=desc, total=len(futures), unit="part"):
         if future.status == "error":
             future.result()  # raises the task's exception here, not after the rest finish
-    return client.gather(futures)

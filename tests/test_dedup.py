@@ -214,3 +214,38 @@ def test_kmeans_stops_early_at_tol_and_reports_its_phases():
     never = SemanticDeduplicator(n_clusters=8, max_iter=12, tol=-1.0)  # a negative tol never stops early
     never.find(x)
     assert never.stats_["kmeans_iterations"] == 12
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_a_pipeline_embeds_each_shard_once(sample_ds, tmp_path, monkeypatch, scheduler):
+    """Dedup steps read the whole frame before the export reads it again: the embedder must not run twice."""
+    import contextlib
+
+    from imgcurate.embedders import TimmImageEmbedder
+    from imgcurate.embedders.base import ImageEmbedder
+
+    embedded: list[str] = []
+    original = ImageEmbedder.embed_shard
+
+    def counting(self, tar, *args, **kwargs):
+        embedded.append(tar)
+        return original(self, tar, *args, **kwargs)
+
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", counting)
+    with contextlib.ExitStack() as stack:
+        if scheduler == "distributed":
+            from distributed import Client, LocalCluster
+
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+            )
+            stack.enter_context(Client(cluster))
+        ds = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
+        ds = ExactDuplicates()(ds)
+        ds = SemanticDeduplicator(n_clusters=4, eps=1e-4)(ds)
+        out = ds.to_webdataset(str(tmp_path / "out"), filter_column="is_duplicate", overwrite=True)
+        assert sorted(embedded) == sorted(sample_ds.tar_files)
+        exported = out.metadata.compute()
+        flagged = ds.metadata.compute()  # persisted on the cluster's workers, so read it while they are up
+    assert len(exported) == int(flagged.is_duplicate.sum()) > 0
+    assert exported.image_embedding.map(len).eq(flagged.image_embedding.map(len).iloc[0]).all()

@@ -75,7 +75,11 @@ class ExactDuplicates:
         return keys, digests
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """Hashes every image now (one read of the shards, with progress) and adds the three columns lazily."""
+        """Hashes every image now (one read of the shards, with progress) and adds the three columns lazily.
+
+        The input is persisted first, so the steps before this one run once, not again at export.
+        """
+        dataset = dataset.persist()
         df, so = dataset.metadata, dataset.storage_options
         tasks = [
             dask.delayed(self._hash_partition)(part, tar, dataset.id_col, so)

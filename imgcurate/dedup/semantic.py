@@ -341,12 +341,16 @@ class SemanticDeduplicator:
 
     # ------------------------------------------------------------------ on a dataset
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """Computes the embeddings' duplicates now (with progress) and adds the output columns lazily."""
-        df = dataset.metadata
+        """Computes the embeddings' duplicates now (with progress) and adds the output columns lazily.
+
+        The input is persisted first, so the embedder (and any step before this one) runs once, not again at export.
+        """
         id_col = self.id_column or dataset.id_col
         for column in (self.embedding_column, id_col):
-            if column not in df.columns:
+            if column not in dataset.metadata.columns:
                 raise ValueError(f"SemanticDeduplicator needs the column {column!r}; run an embedder first")
+        dataset = dataset.persist()
+        df = dataset.metadata
 
         def collect(part: Any) -> tuple[list[str], list[Any]]:
             frame = part if isinstance(part, pd.DataFrame) else part.to_pandas()
