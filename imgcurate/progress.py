@@ -40,7 +40,8 @@ class _TaskBar(Callback):
             self._bar.close()
 
 
-def _distributed_client() -> Any | None:
+def distributed_client() -> Any | None:
+    """The active Dask distributed client, or None when work runs on the local schedulers."""
     try:
         from distributed import get_client
     except ImportError:  # pragma: no cover - distributed is a core dependency
@@ -59,7 +60,7 @@ def compute(tasks: Sequence[Any], *, desc: str) -> list[Any]:
     """
     if not tasks:
         return []
-    client = _distributed_client()
+    client = distributed_client()
     if client is None:
         with _TaskBar(desc):
             return list(dask.compute(*tasks))
@@ -75,7 +76,7 @@ def persist(collection: T, *, desc: str) -> T:
     schedulers they are held in this process. Later work on the returned collection starts from those partitions
     instead of running the collection's tasks again.
     """
-    client = _distributed_client()
+    client = distributed_client()
     if client is None:
         with _TaskBar(desc):
             return collection.persist()

@@ -174,6 +174,148 @@ def test_semantic_on_a_dataset_with_a_null_embedding(sample_ds):
     assert got["is_duplicate"].sum() >= 4
 
 
+def _with_embeddings(ds, dims=(16,), null_rows=(2,)):
+    """Random embeddings (one length per partition, cycling through ``dims``), null at ``null_rows`` of each."""
+    df = ds.metadata
+
+    def emb(part, partition_info=None):
+        i = partition_info["number"]
+        rng = np.random.default_rng(i)
+        vecs = [rng.standard_normal(dims[i % len(dims)]).astype(np.float32) for _ in range(len(part))]
+        for r in null_rows:
+            if r < len(vecs):
+                vecs[r] = None
+        return part.assign(image_embedding=vecs)
+
+    return ds.with_metadata(df.map_partitions(emb, meta={**df.dtypes.to_dict(), "image_embedding": object}))
+
+
+def test_worker_side_kmeans_input_holds_the_same_rows_as_the_host_array(sample_ds):
+    """cuml-dask fits on a Dask array built where the partitions live; its rows must be the host rows, in order."""
+    from imgcurate.dedup.semantic import _host_rows, _stack_rows, _unit_row_array
+
+    ds = _with_embeddings(sample_ds).persist()
+    parts = [p.compute() for p in ds.metadata.to_delayed()]
+    column = "image_embedding"
+    blocks = [_host_rows(p[column], t, column)[1] for p, t in zip(parts, ds.tar_files, strict=True)]
+    host = _stack_rows(blocks, ds.tar_files, "image_embedding")
+    assert len(host) == sum(len(p) for p in parts) - len(parts)  # one null row per shard skipped
+    arr = _unit_row_array(ds.metadata, "image_embedding", [len(b) for b in blocks], host.shape[1])
+    assert arr.chunks[0] == tuple(len(b) for b in blocks)  # known sizes: cuML needs them
+    np.testing.assert_allclose(arr.compute(), host / np.linalg.norm(host, axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_embeddings_of_different_lengths_name_the_shard(sample_ds):
+    from imgcurate.errors import ShardError
+
+    ds = _with_embeddings(sample_ds, dims=(16, 8), null_rows=())
+    with pytest.raises(ShardError, match=r"00001\.tar: column 'image_embedding' holds 8-d embeddings"):
+        SemanticDeduplicator(n_clusters=2)(ds)
+
+
+def test_kmeans_backend_is_chosen_in_one_table_and_checked_when_built(sample_ds):
+    import importlib.util
+
+    from imgcurate.errors import MissingDependencyError
+
+    with pytest.raises(ValueError, match="choose one of faiss, sklearn, cuml, cuml-dask"):
+        SemanticDeduplicator(n_clusters=2, kmeans_backend="kmeans++")
+    if importlib.util.find_spec("cuml") is None:
+        with pytest.raises(MissingDependencyError, match=r"imgcurate\[gpu\]"):
+            SemanticDeduplicator(n_clusters=2, kmeans_backend="cuml-dask")
+    ds = _with_embeddings(sample_ds, null_rows=())
+    for asked, used in ((None, "faiss"), ("sklearn", "sklearn")):
+        dedup = SemanticDeduplicator(n_clusters=3, kmeans_backend=asked)
+        dedup(ds)
+        assert dedup.stats_["kmeans_backend"] == used and dedup.stats_["kmeans_iterations"] >= 1
+
+
+class _DaskKMeansStandIn:
+    """Follows cuML's documented ``cuml.dask.cluster.KMeans``: keyword parameters, ``fit`` on a Dask array with
+    known chunks, ``cluster_centers_`` on the device (CuPy: ``.get()`` copies to the host), ``n_iter_``."""
+
+    fitted: list = []
+
+    def __init__(self, *, n_clusters, max_iter, tol, random_state, client=None):
+        self.params = dict(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=random_state)
+
+    def fit(self, x):
+        import dask.array as da
+        from sklearn.cluster import KMeans
+
+        assert isinstance(x, da.Array) and not any(np.isnan(c) for c in x.chunks[0])
+        p = self.params
+        km = KMeans(p["n_clusters"], max_iter=p["max_iter"], tol=p["tol"], random_state=p["random_state"], n_init=1)
+        km.fit(x.compute())
+        self.fitted.append(x.compute())
+        self.cluster_centers_ = type("OnDevice", (), {"get": lambda _: km.cluster_centers_})()
+        self.n_iter_ = km.n_iter_
+        return self
+
+
+def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
+    """The cuml-dask code path on CPU: the worker-side array, the client check, centroids copied back. cuML itself
+    runs only in the GPU test below."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from distributed import Client, LocalCluster
+
+    for name in ("cuml", "cuml.dask", "cuml.dask.cluster"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["cuml.dask.cluster"].KMeans = _DaskKMeansStandIn
+    _DaskKMeansStandIn.fitted = []
+    ds = _with_embeddings(sample_ds)
+    dedup = SemanticDeduplicator(n_clusters=3, kmeans_backend="cuml-dask")
+    with pytest.raises(RuntimeError, match="distributed client"), pytest.warns(UserWarning, match="no embedding"):
+        dedup(ds)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster), pytest.warns(UserWarning, match="no embedding"):
+            got = dedup(ds).metadata.compute()
+    assert dedup.stats_["kmeans_backend"] == "cuml-dask"
+    fitted = _DaskKMeansStandIn.fitted[-1]
+    assert len(fitted) == got.cluster.notna().sum() and np.allclose(np.linalg.norm(fitted, axis=1), 1, atol=1e-6)
+    reference = SemanticDeduplicator(n_clusters=3, kmeans_backend="sklearn")
+    with pytest.warns(UserWarning, match="no embedding"):
+        expected = reference(ds).metadata.compute()
+    assert got.cluster.equals(expected.cluster)  # same seed, same rows: the same clustering as sklearn on the host
+
+
+def _gpu_stack_or_skip():
+    import importlib.util
+
+    import torch
+
+    missing = [m for m in ("cudf", "dask_cudf", "cuml", "dask_cuda") if importlib.util.find_spec(m) is None]
+    if missing or not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA GPU and {', '.join(missing) or 'the GPU stack'}")
+
+
+@pytest.mark.gpu
+def test_cuml_dask_kmeans_on_a_cudf_dataset_finds_the_copies(sample_dir):
+    """The GPU backend end to end: cuDF frame, embeddings on the GPU, cuML's Dask KMeans on a LocalCUDACluster."""
+    _gpu_stack_or_skip()
+    import torch
+    from dask_cuda import LocalCUDACluster
+    from distributed import Client
+
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.embedders import TimmImageEmbedder
+
+    with LocalCUDACluster(n_workers=1, dashboard_address=None) as cluster, Client(cluster):
+        ds = ImageTextPairDataset.from_webdataset(str(sample_dir), backend="cudf")
+        torch.manual_seed(0)
+        ds = TimmImageEmbedder("test_resnet", batch_size=8, device="cuda", autocast=False)(ds)
+        dedup = SemanticDeduplicator(n_clusters=4, eps=1e-4)
+        out = dedup(ds)
+        df = out.metadata.compute().to_pandas().reset_index(drop=True)
+    assert dedup.stats_["kmeans_backend"] == "cuml-dask"
+    _assert_one_survivor_per_photo(df)
+
+
 def test_assign_nearest_centroid():
     x = np.eye(3, dtype=np.float32)
     labels, dist = _assign(x, np.eye(3, dtype=np.float32) * 2)
@@ -193,6 +335,10 @@ def test_end_to_end_on_real_photos_finds_the_reencoded_and_resized_copies(sample
         # random weights squeeze all similarities towards 1; copies of one photo still sit above 0.9999, others below
         out = SemanticDeduplicator(n_clusters=4, eps=1e-4, mode=mode)(ds)
         df = out.metadata.compute().reset_index(drop=True)
+    _assert_one_survivor_per_photo(df)
+
+
+def _assert_one_survivor_per_photo(df):
     by_key = df.set_index("key")
     for source, group in df.groupby("source"):
         kept = group[~group.is_duplicate]

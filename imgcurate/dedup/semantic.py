@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dask
@@ -31,6 +32,7 @@ import pyarrow as pa
 
 from imgcurate import progress
 from imgcurate.dataset import partition_number
+from imgcurate.errors import ShardError
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -54,45 +56,89 @@ def kmeans(
 
     ``faiss`` (CPU default): Lloyd iterations on a seeded sample of ``sample_per_cluster`` points per cluster (all
     points when None), stopped early when the objective improves by less than ``tol`` (relative) from one iteration
-    to the next. ``sklearn`` and ``cuml`` use all points and their own ``tol``.
+    to the next. ``sklearn`` and ``cuml`` (one GPU) use all points and their own ``tol``. ``x`` may also be a Dask
+    array for ``cuml-dask`` (cuML's multi-GPU KMeans on the workers of the active distributed client, CuPy blocks).
     """
-    if backend == "faiss":
-        import faiss
+    if backend not in _KMEANS:
+        raise ValueError(f"unknown kmeans backend {backend!r}: choose one of {', '.join(_KMEANS)}")
+    return _KMEANS[backend].fit(x, n_clusters, max_iter, seed, tol, sample_per_cluster)
 
-        cap = len(x) if sample_per_cluster is None else sample_per_cluster * n_clusters
-        if len(x) > cap:
-            x = x[np.sort(np.random.default_rng(seed).choice(len(x), cap, replace=False))]
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        centroids, done, step = None, 0, 5
-        with progress.bar(desc="kmeans", total=max_iter, unit="iter") as iters:
-            while done < max_iter:
-                n = min(step, max_iter - done)
-                km = faiss.Kmeans(
-                    x.shape[1], n_clusters, niter=n, seed=seed + done, verbose=False,
-                    max_points_per_centroid=len(x), min_points_per_centroid=1,
-                )  # fmt: skip
-                km.train(x, init_centroids=centroids)
-                centroids, done = km.centroids, done + n
-                iters.update(n)
-                obj = km.obj
-                if len(obj) > 1 and abs(obj[-2] - obj[-1]) <= tol * abs(obj[-1]):
-                    break
-        return centroids, done
-    if backend == "sklearn":
-        from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters, max_iter=max_iter, tol=tol, random_state=seed, n_init=1).fit(x)
-        return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
-    if backend == "cuml":
-        try:
-            from cuml.cluster import KMeans as CuKMeans
-        except ImportError as err:
-            from imgcurate.errors import MissingDependencyError
+def _fit_faiss(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
+    import faiss
 
-            raise MissingDependencyError("KMeans on the GPU", "cuml-cu12", extra="gpu") from err
-        km = CuKMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed).fit(x)
-        return np.asarray(km.cluster_centers_, dtype=np.float32), int(km.n_iter_)
-    raise ValueError(f"unknown kmeans backend {backend!r}: choose faiss, sklearn or cuml")
+    cap = len(x) if sample_per_cluster is None else sample_per_cluster * n_clusters
+    if len(x) > cap:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), cap, replace=False))]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    centroids, done, step = None, 0, 5
+    with progress.bar(desc="kmeans", total=max_iter, unit="iter") as iters:
+        while done < max_iter:
+            n = min(step, max_iter - done)
+            km = faiss.Kmeans(
+                x.shape[1], n_clusters, niter=n, seed=seed + done, verbose=False,
+                max_points_per_centroid=len(x), min_points_per_centroid=1,
+            )  # fmt: skip
+            km.train(x, init_centroids=centroids)
+            centroids, done = km.centroids, done + n
+            iters.update(n)
+            obj = km.obj
+            if len(obj) > 1 and abs(obj[-2] - obj[-1]) <= tol * abs(obj[-1]):
+                break
+    return centroids, done
+
+
+def _fit_sklearn(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters, max_iter=max_iter, tol=tol, random_state=seed, n_init=1).fit(x)
+    return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
+
+
+def _fit_cuml(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
+    from cuml.cluster import KMeans
+
+    km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed, output_type="numpy").fit(x)
+    return np.asarray(km.cluster_centers_, dtype=np.float32), int(km.n_iter_)
+
+
+def _fit_cuml_dask(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
+    from cuml.dask.cluster import KMeans
+
+    if progress.distributed_client() is None:
+        raise RuntimeError(
+            "kmeans backend 'cuml-dask' runs on the GPU workers of a Dask distributed client: start one (e.g. "
+            "dask_cuda.LocalCUDACluster, or 'cluster: {type: cuda}' in a pipeline) or choose kmeans_backend='cuml'"
+        )
+    km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed).fit(x)
+    centroids = km.cluster_centers_
+    centroids = centroids.get() if hasattr(centroids, "get") else np.asarray(centroids)  # CuPy -> host
+    return np.asarray(centroids, dtype=np.float32), int(km.n_iter_)
+
+
+class _KMeansBackend(NamedTuple):
+    fit: Any
+    module: str  # imported by fit; checked when a deduplicator is built
+    package: str
+    extra: str | None
+
+
+_KMEANS: dict[str, _KMeansBackend] = {
+    "faiss": _KMeansBackend(_fit_faiss, "faiss", "faiss-cpu", None),
+    "sklearn": _KMeansBackend(_fit_sklearn, "sklearn", "scikit-learn", None),
+    "cuml": _KMeansBackend(_fit_cuml, "cuml", "cuml-cu12", "gpu"),
+    "cuml-dask": _KMeansBackend(_fit_cuml_dask, "cuml", "cuml-cu12", "gpu"),
+}
+
+
+def _check_kmeans_backend(name: str) -> None:
+    """Raises at once for an unknown backend name or a backend whose library is not installed."""
+    if name not in _KMEANS:
+        raise ValueError(f"unknown kmeans_backend {name!r}: choose one of {', '.join(_KMEANS)}, or None")
+    if importlib.util.find_spec(_KMEANS[name].module) is None:
+        from imgcurate.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"kmeans_backend {name!r}", _KMEANS[name].package, extra=_KMEANS[name].extra)
 
 
 def _assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +227,10 @@ class SemanticDeduplicator:
         embedding_column: the input embedding column.
         id_column: the id column (default: the dataset's); ids are reported in ``duplicate_of``.
         cache_dir: folder for centroids, assignments and per-cluster results, to resume after a crash.
-        kmeans_backend: ``faiss`` (CPU default), ``sklearn`` or ``cuml``; None picks cuml on the cudf backend.
+        kmeans_backend: ``faiss`` (the CPU default), ``sklearn``, ``cuml`` (one GPU) or ``cuml-dask`` (cuML's
+            multi-GPU KMeans on the workers of a distributed client). None picks by the dataset's backend: faiss on
+            pandas; on cuDF, cuml-dask under a distributed client (the embeddings stay on the workers' GPUs for
+            KMeans), else cuml.
         block_size: tile size of the blockwise similarity computation.
         tol: KMeans stops early when its objective improves by less than this (relative) in one iteration.
 
@@ -214,6 +263,8 @@ class SemanticDeduplicator:
             raise ValueError(f"eps must be in [0, 2), got {eps!r}")
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
+        if kmeans_backend is not None:
+            _check_kmeans_backend(kmeans_backend)
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.random_state = random_state
@@ -244,25 +295,33 @@ class SemanticDeduplicator:
         duplicate_of as a row index or -1, and is_duplicate per eps). With ``copy=False`` a C-ordered float32 ``x``
         is L2-normalised in place instead of copied (saves N x D x 4 bytes).
 
-        Afterwards ``stats_`` holds the seconds spent in each phase, the KMeans iterations run and the largest
-        cluster's size.
+        Afterwards ``stats_`` holds the KMeans backend, the seconds spent in each phase, the KMeans iterations run
+        and the largest cluster's size.
         """
+        backend = self.kmeans_backend or "faiss"
+        return self._find(x, copy, backend, lambda unit: self._kmeans(unit, backend))
+
+    def _kmeans(self, data: Any, backend: str) -> tuple[np.ndarray, int]:
+        return kmeans(data, self.n_clusters, self.max_iter, self.random_state, backend, self.tol)
+
+    def _find(
+        self, x: np.ndarray, copy: bool, backend: str, fit: Callable[[np.ndarray], tuple[np.ndarray, int]]
+    ) -> dict[str, np.ndarray]:
+        """:meth:`find`, with ``fit`` giving (centroids, iterations) for the normalised rows unless cached."""
         x = np.array(x, dtype=np.float32, order="C", copy=True if copy else None)
         n = len(x)
         if n < self.n_clusters:
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         fingerprint = self._fingerprint(x)
-        stats: dict[str, Any] = {"kmeans_iterations": 0, "kmeans_s": 0.0, "assign_s": 0.0}
+        stats: dict[str, Any] = {"kmeans_backend": backend, "kmeans_iterations": 0, "kmeans_s": 0.0, "assign_s": 0.0}
         km_path = self._cache("kmeans.npz")
         if km_path and os.path.exists(km_path) and str(np.load(km_path)["fingerprint"]) == fingerprint:
             saved = np.load(km_path)
             labels, dist = saved["labels"], saved["distance"]
         else:
             started = time.perf_counter()
-            centroids, stats["kmeans_iterations"] = kmeans(
-                x, self.n_clusters, self.max_iter, self.random_state, self.kmeans_backend or "faiss", self.tol
-            )
+            centroids, stats["kmeans_iterations"] = fit(x)
             stats["kmeans_s"] = time.perf_counter() - started
             labels, dist = _assign(x, centroids)
             stats["assign_s"] = time.perf_counter() - started - stats["kmeans_s"]
@@ -340,6 +399,17 @@ class SemanticDeduplicator:
         return digest.hexdigest()
 
     # ------------------------------------------------------------------ on a dataset
+    def _backend_for(self, df: Any) -> str:
+        """The KMeans backend for a metadata frame: the one asked for, else by the frame's backend."""
+        if self.kmeans_backend is not None:
+            return self.kmeans_backend
+        if isinstance(df._meta, pd.DataFrame):
+            name = "faiss"
+        else:
+            name = "cuml-dask" if progress.distributed_client() is not None else "cuml"
+        _check_kmeans_backend(name)
+        return name
+
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Computes the embeddings' duplicates now (with progress) and adds the output columns lazily.
 
@@ -352,22 +422,30 @@ class SemanticDeduplicator:
         dataset = dataset.persist()
         df = dataset.metadata
 
-        def collect(part: Any) -> tuple[list[str], list[Any]]:
-            frame = part if isinstance(part, pd.DataFrame) else part.to_pandas()
-            return frame[id_col].tolist(), frame[self.embedding_column].tolist()
+        backend = self._backend_for(df)
+        column = self.embedding_column
 
-        parts = progress.compute([dask.delayed(collect)(p) for p in df.to_delayed()], desc="reading embeddings")
-        ids = [k for keys, _ in parts for k in keys]
-        vectors = [v for _, vs in parts for v in vs]
-        valid = np.array([v is not None and not (isinstance(v, float) and np.isnan(v)) for v in vectors], dtype=bool)
+        def collect(part: Any, tar: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+            frame = part if isinstance(part, pd.DataFrame) else part.to_pandas()
+            valid, rows = _host_rows(frame[column], tar, column)
+            return frame[id_col].tolist(), valid, rows
+
+        tasks = [dask.delayed(collect)(p, t) for p, t in zip(df.to_delayed(), dataset.tar_files, strict=True)]
+        parts = progress.compute(tasks, desc="reading embeddings")
+        ids = [k for keys, _, _ in parts for k in keys]
+        valid = np.concatenate([v for _, v, _ in parts]) if parts else np.zeros(0, dtype=bool)
+        x = _stack_rows([r for _, _, r in parts], dataset.tar_files, column)
         if not valid.all():
             warnings.warn(
                 f"SemanticDeduplicator: {int((~valid).sum())} of {len(valid)} samples have no embedding "
-                f"({self.embedding_column!r} is null); they are skipped and marked as not duplicate",
+                f"({column!r} is null); they are skipped and marked as not duplicate",
                 stacklevel=2,
             )
-        x = np.stack([np.asarray(v, dtype=np.float32) for v, ok in zip(vectors, valid, strict=True) if ok])
-        found = self.find(x, copy=False)
+        if backend == "cuml-dask":  # KMeans runs where the embeddings are: on the workers' GPUs
+            on_workers = _unit_row_array(df, column, [len(r) for _, _, r in parts], x.shape[1])
+            found = self._find(x, False, backend, lambda _: self._kmeans(on_workers, backend))
+        else:
+            found = self._find(x, False, backend, lambda unit: self._kmeans(unit, backend))
         valid_ids = np.array(ids, dtype=object)[valid]
         n = len(ids)
         columns: dict[str, Any] = {
@@ -385,7 +463,7 @@ class SemanticDeduplicator:
                 columns[f"is_duplicate_eps{e}"] = flag
             if i == 0:
                 columns["is_duplicate"] = flag
-        sizes = np.cumsum([0] + [len(k) for k, _ in parts])
+        sizes = np.cumsum([0] + [len(k) for k, _, _ in parts])
 
         def add(part: Any, partition_info=None) -> Any:
             i = partition_number(partition_info)
@@ -429,3 +507,52 @@ def _save_npz(path: str, **arrays: Any) -> None:
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+
+
+def _host_rows(values: pd.Series, tar: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A partition's embedding column as (row has an embedding, float32 array of those embeddings)."""
+    valid = values.notna().to_numpy(dtype=bool)
+    if not valid.any():
+        return valid, np.zeros((0, 0), dtype=np.float32)
+    try:
+        return valid, np.stack([np.asarray(v, dtype=np.float32) for v in values[valid]])
+    except ValueError as err:
+        raise ShardError(tar, f"column {column!r} holds embeddings of different lengths ({err})") from None
+
+
+def _stack_rows(blocks: list[np.ndarray], tars: Sequence[str], column: str) -> np.ndarray:
+    """One (N, D) array from the partitions' blocks; embeddings of another length are an error naming the shard."""
+    filled = [(b, t) for b, t in zip(blocks, tars, strict=True) if len(b)]
+    if not filled:
+        return np.zeros((0, 0), dtype=np.float32)
+    dim, first = filled[0][0].shape[1], filled[0][1]
+    for block, tar in filled:
+        if block.shape[1] != dim:
+            raise ShardError(tar, f"column {column!r} holds {block.shape[1]}-d embeddings, {first} holds {dim}-d")
+    return np.concatenate([b for b, _ in filled])
+
+
+def _unit_rows(part: Any, column: str, dim: int) -> Any:
+    """A partition's non-null embeddings, L2-normalised, as a NumPy array (pandas) or a CuPy array (cuDF)."""
+    values = part[column]
+    values = values[values.notna()]
+    if isinstance(part, pd.DataFrame):
+        rows = np.stack([np.asarray(v, dtype=np.float32) for v in values]) if len(values) else np.zeros((0, dim))
+    else:  # a cuDF list column: its leaves are one flat device array, row after row
+        rows = values.list.leaves.values.reshape(len(values), dim)
+    rows = rows.astype(np.float32)
+    return rows / ((rows * rows).sum(axis=1, keepdims=True) ** 0.5).clip(1e-12, None)
+
+
+def _unit_row_array(df: Any, column: str, counts: Sequence[int], dim: int) -> Any:
+    """A Dask array of the frame's normalised non-null embeddings, one block per non-empty partition, computed
+    where the partitions live (CuPy blocks on a cuDF frame), in the same row order as :func:`_stack_rows`."""
+    import dask.array as da
+
+    meta = _unit_rows(df._meta, column, dim)
+    blocks = [
+        da.from_delayed(dask.delayed(_unit_rows)(part, column, dim), shape=(n, dim), dtype=np.float32, meta=meta)
+        for part, n in zip(df.to_delayed(), counts, strict=True)
+        if n
+    ]
+    return da.concatenate(blocks)
