@@ -70,3 +70,20 @@ def test_bundled_sample_has_formats_and_duplicates(sample_ds):
     for tar in sample_ds.tar_files:
         exts |= {name.partition(".")[2] for name in tar_members(tar)}
     assert {"jpg", "png", "webp", "bmp", "tiff", "txt", "json"} <= exts
+
+
+def test_a_shard_whose_sizes_are_all_unknown_still_opens_with_the_others(tmp_path):
+    """A field that is null in every row of one shard must not give that shard a type the others cannot share."""
+    from PIL import Image
+
+    from imgcurate.io.make import Record, write_shards
+
+    photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
+    broken = b"\xff\xd8 not a jpeg"
+    write_shards([Record({"jpg": photo}), Record({"jpg": broken}), Record({"jpg": broken})], str(tmp_path / "in"),
+                 samples_per_shard=2)  # fmt: skip
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
+    df = ds.metadata.compute()
+    assert df.width.dtype == pd.Int64Dtype() and df.width.tolist()[0] == 40 and df.width.isna().tolist()[1:] == [1, 1]
+    out = ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=1).metadata.compute()  # one shard per sample
+    assert out.width.dtype == pd.Int64Dtype() and out.width.isna().sum() == 2

@@ -136,15 +136,18 @@ def _with_suffix(path: str, suffix: str) -> str:
 
 
 def columns_to_table(columns: dict[str, list[Any]]) -> pa.Table:
-    """Builds a table from python lists, falling back to JSON text for a column whose values mix types."""
+    """Builds a table from python lists, falling back to JSON text for a column whose values mix types.
+
+    A column with no value at all keeps arrow's null type, so that a shard where, say, no image had a readable size
+    unifies with the shards where ``width`` is an integer (the dataset turns columns that are null everywhere into
+    strings when it opens the shards).
+    """
     arrays = {}
     for name, values in columns.items():
         try:
             arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             arrays[name] = pa.array([None if v is None else _as_text(v) for v in values], pa.string())
-        if pa.types.is_null(arrays[name].type):
-            arrays[name] = arrays[name].cast(pa.string())
     return pa.table(arrays)
 
 
