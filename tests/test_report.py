@@ -1,0 +1,102 @@
+"""The HTML duplicate report: groups and thumbnails read back from the shards, on real sample photos."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+
+import dask
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcurate import ImageTextPairDataset
+from imgcurate.dedup import ExactDuplicates, SemanticDeduplicator
+from imgcurate.io.make import Record, write_shards
+from imgcurate.report import duplicate_groups
+from imgcurate.testing import encode_image
+
+
+def _figures(page: str) -> dict[str, tuple[np.ndarray | None, str]]:
+    """key -> (thumbnail pixels or None for a placeholder, caption text) for every figure on the page."""
+    out = {}
+    for body in re.findall(r"<figure>(.*?)</figure>", page, flags=re.S):
+        key = re.search(r"<figcaption><b>(.*?)</b>", body).group(1)
+        data = re.search(r'src="data:image/jpeg;base64,([^"]+)"', body)
+        pixels = None if data is None else np.asarray(Image.open(io.BytesIO(base64.b64decode(data.group(1)))))
+        out[key] = (pixels, re.sub(r"<[^>]+>", " ", body))
+    return out
+
+
+def test_exact_duplicates_report_shows_every_group_with_its_own_images(sample_ds, tmp_path):
+    ds = ExactDuplicates()(sample_ds)
+    df = ds.metadata.compute()
+    flagged = df[df.exact_duplicate]
+    assert len(flagged) > 0
+    (tmp_path / "report").mkdir()
+    path = duplicate_groups(ds, str(tmp_path / "report" / "dups.html"), thumb_size=64)
+    page = open(path, encoding="utf-8").read()
+    assert os.listdir(tmp_path / "report") == ["dups.html"]  # written under a temporary name, then renamed
+    figures = _figures(page)
+    assert f"{len(flagged)} of {len(df)} samples flagged" in page
+    assert page.count("<section>") == flagged.exact_duplicate_of.nunique()
+    for _, row in flagged.iterrows():
+        copy, original = figures[row.key][0], figures[row.exact_duplicate_of][0]
+        assert copy is not None and max(copy.shape[:2]) <= 64
+        assert np.array_equal(copy, original)  # byte-identical images make identical thumbnails
+    # the thumbnails are of the samples' own photos, not of some other image
+    by_source = df.set_index("key").source
+    thumbs = {k: p for k, (p, _) in figures.items()}
+    means = {k: thumbs[k].mean() for k in thumbs}
+    for a in thumbs:
+        for b in thumbs:
+            if by_source[a] != by_source[b]:
+                assert thumbs[a].shape != thumbs[b].shape or abs(means[a] - means[b]) > 0.01 or a == b
+
+
+def test_semantic_report_has_the_histogram_groups_and_the_borderline_pairs(sample_ds, tmp_path):
+    import torch
+
+    from imgcurate.embedders import TimmImageEmbedder
+
+    torch.manual_seed(0)
+    with dask.config.set(scheduler="sync"):
+        ds = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
+        ds = SemanticDeduplicator(n_clusters=4, eps=1e-4)(ds)
+        path = duplicate_groups(ds, str(tmp_path / "sem.html"), borderline=5, max_per_group=1)
+    df = ds.metadata.compute()
+    page = open(path, encoding="utf-8").read()
+    assert 'class="plot" src="data:image/png;base64,' in page
+    figures = _figures(page)
+    groups = df[df.is_duplicate].groupby("duplicate_of").size()
+    assert page.count("<section>") == len(groups)
+    for target, size in groups.items():
+        assert target in figures and f"{size} duplicate(s) of {target}" in page
+        if size > 1:
+            assert f"and {size - 1} more" in page  # max_per_group=1
+    near = df[~df.is_duplicate & df.max_similarity.notna()].nlargest(5, "max_similarity")
+    section = page.split("Most similar pairs that were not flagged (5)")[1]
+    for _, row in near.iterrows():
+        assert f"<b>{row.key}</b> similarity {row.max_similarity:.6g}" in section
+        assert f"<b>{row.duplicate_of}</b>" in section
+
+
+def test_an_undecodable_duplicate_gets_a_placeholder(tmp_path):
+    photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
+    broken = b"\xff\xd8 not really a jpeg"
+    records = [Record({"jpg": photo}, caption="red"), Record({"jpg": broken}), Record({"jpg": broken})]
+    write_shards(records, str(tmp_path / "in"), samples_per_shard=2)
+    ds = ExactDuplicates()(ImageTextPairDataset.from_webdataset(str(tmp_path / "in")))
+    page = open(duplicate_groups(ds, str(tmp_path / "dups.html")), encoding="utf-8").read()
+    figures = _figures(page)
+    keys = ds.metadata.compute().key.tolist()
+    assert figures[keys[1]][0] is None and figures[keys[2]][0] is None and "no image" in page
+
+
+def test_a_dataset_without_dedup_columns_is_a_clear_error(sample_ds, tmp_path):
+    (tmp_path / "report").mkdir()
+    with pytest.raises(ValueError, match="no dedup columns .*is_duplicate \\+ duplicate_of"):
+        duplicate_groups(sample_ds, str(tmp_path / "report" / "x.html"))
+    assert not os.listdir(tmp_path / "report")
