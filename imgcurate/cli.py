@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imgcurate.dataset import ImageTextPairDataset
 
 EXAMPLE_CONFIG = """\
 # imgcurate pipeline: steps run in order over the input shards, then the kept samples are exported.
@@ -14,10 +18,14 @@ id_col: key
 backend: auto            # auto | pandas | cudf
 # cluster: {n_workers: 2, threads_per_worker: 1}   # or {address: tcp://host:8786}, or {type: cuda}
 steps:
+  - ExactDuplicates: {}    # sha256 of each image; marks every copy after the first (exact_duplicate)
   - SampleFilter:
       min_width: 256       # pixels
       max_aspect_ratio: 3.0
       drop_errors: true    # drop samples whose error column is set
+      drop_duplicates: [exact_duplicate]
+reports:                   # written after the steps, before the export
+  duplicates: sample_data/duplicates.html
 export:
   filter_column: keep
   samples_per_shard: 10000
@@ -56,14 +64,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         pipeline.export = {**(pipeline.export or {}), "path": args.output}
     if args.overwrite and pipeline.export:
         pipeline.export["overwrite"] = True
-    export = pipeline.export
-    pipeline.export = None
-    with_steps = pipeline.run()
-    if "drop_reason" in with_steps.metadata.columns:
-        print(drop_report(with_steps).to_string())
-    if export:
-        kwargs = dict(export)
-        out = with_steps.to_webdataset(kwargs.pop("path"), **kwargs)
+
+    def summary(dataset: ImageTextPairDataset) -> None:
+        if "drop_reason" in dataset.metadata.columns:
+            print(drop_report(dataset).to_string())
+
+    out = pipeline.run(summary=summary)
+    for path in pipeline.reports.values():
+        print(f"wrote {path}")
+    if pipeline.export:
         print(f"exported {len(out.metadata)} samples in {out.num_shards} shards to {out.path}")
     return 0
 

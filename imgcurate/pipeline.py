@@ -9,6 +9,7 @@ A config looks like this (``imgcurate init-config`` writes a commented one)::
     cluster: {n_workers: 2}          # or {address: tcp://scheduler:8786}, or {type: cuda}; omit for no cluster
     steps:
       - SampleFilter: {min_width: 256}
+    reports: {duplicates: sample_data/duplicates.html}   # written after the steps, before the export
     export: {filter_column: keep, samples_per_shard: 10000, old_id_col: old_key}
 
 Each step is ``Name: {keyword arguments}``; names resolve through :data:`STAGES`, which imports a step's module only
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ import yaml
 
 from imgcurate.dataset import ImageTextPairDataset
 
-__all__ = ["STAGES", "Pipeline", "load_stage", "run_config"]
+__all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config"]
 
 #: Step name -> "module:attribute". Modules are imported only when a step is used.
 STAGES: dict[str, str] = {
@@ -41,16 +42,27 @@ STAGES: dict[str, str] = {
 }
 
 
+#: Report name -> "module:function(dataset, path)", written by a pipeline's ``reports`` key.
+REPORTS: dict[str, str] = {
+    "duplicates": "imgcurate.report:duplicate_groups",
+    "scores": "imgcurate.report:score_histograms",
+}
+
+
+def _load(table: dict[str, str], kind: str, name: str) -> Any:
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(table))}")
+    module, _, attr = table[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def load_stage(name: str) -> type:
     """The step class registered under ``name``.
 
     Raises:
         ValueError: unknown name, listing the valid ones.
     """
-    if name not in STAGES:
-        raise ValueError(f"unknown step {name!r}: choose one of {', '.join(sorted(STAGES))}")
-    module, _, attr = STAGES[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return _load(STAGES, "step", name)
 
 
 def stage_summary(name: str) -> str:
@@ -104,11 +116,12 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
 
 @dataclass
 class Pipeline:
-    """Steps applied in order to a dataset, then an optional export.
+    """Steps applied in order to a dataset, then reports and an optional export.
 
     Args:
         steps: objects with ``__call__(dataset) -> dataset``.
         export: keyword arguments of :meth:`ImageTextPairDataset.to_webdataset` (``path`` among them), or None.
+        reports: report name (see :data:`REPORTS`) -> the file to write, after the steps and before the export.
     """
 
     steps: list[Any]
@@ -118,13 +131,21 @@ class Pipeline:
     backend: str | None = None
     cluster: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    reports: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in self.reports:
+            _load(REPORTS, "report", name)  # an unknown report is an error before any work
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Pipeline:
-        known = {"input", "output", "id_col", "backend", "cluster", "steps", "export", "storage_options"}
+        known = {"input", "output", "id_col", "backend", "cluster", "steps", "reports", "export", "storage_options"}
         unknown = set(config) - known
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        reports = config.get("reports") or {}
+        if not isinstance(reports, dict):
+            raise ValueError(f"reports is written as 'name: file', got {reports!r}")
         export = dict(config.get("export") or {})
         if config.get("output"):
             export.setdefault("path", config["output"])
@@ -136,6 +157,7 @@ class Pipeline:
             backend=config.get("backend"),
             cluster=config.get("cluster"),
             options={"storage_options": config.get("storage_options")},
+            reports={str(k): str(v) for k, v in reports.items()},
         )
 
     @classmethod
@@ -148,8 +170,21 @@ class Pipeline:
             dataset = step(dataset)
         return dataset
 
-    def run(self, dataset: ImageTextPairDataset | None = None) -> ImageTextPairDataset:
-        """Opens the input (unless given), applies the steps and exports; returns the exported (or final) dataset."""
+    def run(
+        self,
+        dataset: ImageTextPairDataset | None = None,
+        summary: Callable[[ImageTextPairDataset], None] | None = None,
+    ) -> ImageTextPairDataset:
+        """Opens the input (unless given), applies the steps, writes the reports, calls ``summary`` on the result,
+        and exports; all of it on the pipeline's cluster, which is closed when this returns.
+
+        When more than one of those reads the result, it is persisted first, so the steps run once.
+
+        Returns:
+            The exported dataset (read back from the new shards). Without an export, the final dataset; with a
+            ``cluster`` its frame may refer to results held by that closed cluster, so to keep working on it, call
+            :meth:`apply` under a client of your own instead.
+        """
         with _cluster(self.cluster):
             if dataset is None:
                 if not self.input:
@@ -158,6 +193,12 @@ class Pipeline:
                     self.input, self.id_col, backend=self.backend, storage_options=self.options.get("storage_options")
                 )
             dataset = self.apply(dataset)
+            if len(self.reports) + bool(self.export) + (summary is not None) > 1:
+                dataset = dataset.persist(desc="computing the steps")
+            for name, path in self.reports.items():
+                _load(REPORTS, "report", name)(dataset, path)
+            if summary is not None:
+                summary(dataset)
             if self.export:
                 kwargs = dict(self.export)
                 return dataset.to_webdataset(kwargs.pop("path"), **kwargs)

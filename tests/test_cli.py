@@ -10,23 +10,30 @@ def test_sample_then_run_the_example_pipeline(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "shards")]) == 0
     config = yaml.safe_load(EXAMPLE_CONFIG)
     config["input"], config["output"] = str(tmp_path / "shards"), str(tmp_path / "curated")
-    config["steps"][0]["SampleFilter"]["min_width"] = 400
+    config["steps"][1]["SampleFilter"]["min_width"] = 400
+    config["reports"]["duplicates"] = str(tmp_path / "report" / "duplicates.html")
+    (tmp_path / "report").mkdir()
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "p.yaml")]) == 0
     printed = capsys.readouterr().out
     out = ImageTextPairDataset.from_webdataset(str(tmp_path / "curated")).metadata.compute()
-    src = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
-    assert (out["width"] >= 400).all()
-    assert len(out) == (src["width"] >= 400).sum()
-    assert out["old_key"].tolist() == src[src["width"] >= 400]["key"].tolist()
-    assert f"exported {len(out)} samples" in printed and "width < 400" in printed
+    src = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().reset_index(drop=True)
+    # the sample holds byte-identical copies of some originals: whichever comes second in shard order is dropped
+    same_bytes = src["variant"].isin(["original", "exact_copy"])
+    second = src[same_bytes].duplicated("source").reindex(src.index, fill_value=False)
+    wanted = src[(src["width"] >= 400) & ~second]
+    assert second.any() and len(wanted) < (src["width"] >= 400).sum()
+    assert out["old_key"].tolist() == wanted["key"].tolist()
+    assert f"exported {len(out)} samples" in printed and "width < 400" in printed and "exact_duplicate" in printed
+    page = (tmp_path / "report" / "duplicates.html").read_text()
+    assert "samples flagged ('exact_duplicate')" in page
 
 
 def test_stages_and_init_config(tmp_path, capsys):
     assert main(["stages"]) == 0
     assert "SampleFilter" in capsys.readouterr().out
     assert main(["init-config", str(tmp_path / "c.yaml")]) == 0
-    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["steps"][0]["SampleFilter"]["min_width"] == 256
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["steps"][1]["SampleFilter"]["min_width"] == 256
     assert main(["init-config", str(tmp_path / "c.yaml")]) == 1
 
 
@@ -70,3 +77,28 @@ def test_estimate_counts_the_input_and_sizes_each_step(sample_dir, tmp_path, cap
     assert main(["estimate", str(tmp_path / "p.yaml"), "--measure"]) == 0
     printed = capsys.readouterr().out
     assert "4 shards, 36 samples" in printed and "img/s on cpu" in printed and "GFLOP/s" in printed
+
+
+def test_a_pipeline_on_its_own_cluster_reports_and_exports_before_closing_it(sample_dir, tmp_path):
+    """Dedup steps persist on the cluster's workers; the report and the export must run while the cluster is up."""
+    config = {
+        "input": str(sample_dir),
+        "output": str(tmp_path / "out"),
+        "cluster": {"n_workers": 2, "threads_per_worker": 1, "processes": False, "dashboard_address": None},
+        "steps": [{"ExactDuplicates": {}}, {"SampleFilter": {"drop_duplicates": ["exact_duplicate"]}}],
+        "reports": {"duplicates": str(tmp_path / "dups.html")},
+        "export": {"filter_column": "keep"},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    out = ImageTextPairDataset.from_webdataset(str(tmp_path / "out")).metadata.compute()
+    src = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata.compute()
+    copies = int(src["variant"].eq("exact_copy").sum())
+    assert len(out) == len(src) - copies - int(src["error"].notna().sum()) and copies > 0
+    assert "samples flagged ('exact_duplicate')" in (tmp_path / "dups.html").read_text()
+
+
+def test_an_unknown_report_is_an_error_before_any_work(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("input: x\nsteps: []\nreports: {histogram: h.png}\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown report 'histogram': choose one of duplicates, scores" in capsys.readouterr().err
