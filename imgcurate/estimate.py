@@ -184,7 +184,8 @@ def _semantic(step: Any, st: _State) -> Estimate:
     if dim is None:
         out.notes = "embedding size unknown (no embedder earlier in this pipeline)"
         return out
-    out.memory_bytes = 2 * n * dim * 4  # the embeddings gathered, plus a normalised copy (benchmarks/dedup.py)
+    # the persisted frame's embeddings (on the workers under a cluster) plus the array gathered in this process
+    out.memory_bytes = 2 * n * dim * 4
     sample = min(n, _KMEANS_SAMPLE_PER_CLUSTER * k)
     flops = 2 * dim * (step.max_iter * sample * k + n * k + n * max(n // max(k, 1), 1))
     if st.measure:
