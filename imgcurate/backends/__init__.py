@@ -20,7 +20,15 @@ import pyarrow as pa
 from imgcurate import config
 from imgcurate.errors import MissingDependencyError
 
-__all__ = ["Backend", "PandasBackend", "CudfBackend", "get_backend", "resolve_backend_name", "gpu_available"]
+__all__ = [
+    "Backend",
+    "PandasBackend",
+    "CudfBackend",
+    "get_backend",
+    "resolve_backend_name",
+    "gpu_available",
+    "with_columns",
+]
 
 
 def _pandas_type(arrow_type: pa.DataType) -> Any:
@@ -124,3 +132,23 @@ def get_backend(name: str | None = None) -> Backend:
 @functools.cache
 def _backend_instance(name: str) -> Backend:
     return _BACKENDS[name]()
+
+
+def with_columns(part: Any, columns: dict[str, Any], arrow_types: dict[str, pa.DataType] | None = None) -> Any:
+    """``part`` (a pandas or cuDF partition, or its empty ``meta``) with ``columns`` added or replaced.
+
+    Values are pandas Series or arrays with one value per row, in row order (a Series' own index is ignored). For a
+    cuDF partition only the new columns travel: they go through arrow, with ``arrow_types`` for the columns whose
+    type pandas cannot say (lists of floats), and are set on a shallow copy of the partition.
+    """
+    if isinstance(part, pd.DataFrame):
+        return part.assign(**{k: v.set_axis(part.index) if isinstance(v, pd.Series) else v for k, v in columns.items()})
+    from imgcurate.io.export import partition_to_arrow
+
+    new = pd.DataFrame({k: v.reset_index(drop=True) if isinstance(v, pd.Series) else v for k, v in columns.items()})
+    extra = get_backend("cudf").from_arrow(partition_to_arrow(new, arrow_types))
+    out = part.copy(deep=False)
+    extra.index = out.index
+    for name in extra.columns:
+        out[name] = extra[name]
+    return out

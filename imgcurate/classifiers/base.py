@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate._models import cached_model, resolve_device
+from imgcurate.backends import with_columns
 
 if TYPE_CHECKING:
     import torch
@@ -100,15 +101,12 @@ class ImageClassifier(abc.ABC):
         return pd.Series(scores, index=column.index, dtype=self.pred_type)
 
     def _partition(self, part: Any) -> Any:
-        if isinstance(part, pd.DataFrame):
-            return part.assign(**{self.pred_column: self.predict_column(part[self.embedding_column])})
-        from imgcurate.backends import get_backend
+        embeddings = part[self.embedding_column]
+        embeddings = embeddings if isinstance(embeddings, pd.Series) else embeddings.to_pandas()
+        return with_columns(part, {self.pred_column: self.predict_column(embeddings)}, self._arrow_types())
 
-        frame = get_backend("cudf").to_pandas(part)
-        scores = self.predict_column(frame[self.embedding_column])
-        out = part.copy()
-        out[self.pred_column] = scores.to_numpy()
-        return out
+    def _arrow_types(self) -> dict[str, pa.DataType]:
+        return {self.pred_column: pa.from_numpy_dtype(np.dtype(self.pred_type))}
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Adds ``pred_column`` to the dataset's metadata, lazily."""
@@ -118,9 +116,9 @@ class ImageClassifier(abc.ABC):
                 f"{type(self).__name__} needs the embedding column {self.embedding_column!r}; run an embedder first "
                 f"(columns: {', '.join(map(str, df.columns))})"
             )
-        meta = df._meta.assign(**{self.pred_column: np.zeros(0, dtype=self.pred_type)})
+        meta = with_columns(df._meta, {self.pred_column: np.zeros(0, dtype=self.pred_type)}, self._arrow_types())
         out = df.map_partitions(self._partition, meta=meta, enforce_metadata=False)
-        return dataset.with_metadata(out, arrow_types={self.pred_column: pa.from_numpy_dtype(np.dtype(self.pred_type))})
+        return dataset.with_metadata(out, arrow_types=self._arrow_types())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(pred_column={self.pred_column!r}, embedding_size={self.embedding_size})"

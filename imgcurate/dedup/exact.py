@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
+from imgcurate.backends import with_columns
 from imgcurate.dataset import partition_number
 from imgcurate.io.tar import aligned_images
 
@@ -101,31 +102,22 @@ class ExactDuplicates:
                     dup_of.append(None)
             columns.append((digests, dup, dup_of))
 
-        def add(part: Any, partition_info=None) -> Any:
-            digests, dup, dup_of = columns[partition_number(partition_info)]
-            values = {
-                self.hash_column: pd.array(digests, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
-                self.duplicate_column: np.asarray(dup, dtype=bool),
-                self.duplicate_of_column: pd.array(dup_of, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
-            }
-            if isinstance(part, pd.DataFrame):
-                return part.assign(**values)
-            out = part.copy()
-            for name, value in values.items():
-                out[name] = list(value) if name != self.duplicate_column else value
-            return out
-
-        meta = df._meta.assign(
-            **{
-                self.hash_column: pd.Series([], dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
-                self.duplicate_column: pd.Series([], dtype=bool),
-                self.duplicate_of_column: pd.Series([], dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
-            }
-        )
-        out = df.map_partitions(add, meta=meta, enforce_metadata=False)
         types = {
             self.hash_column: pa.string(),
             self.duplicate_column: pa.bool_(),
             self.duplicate_of_column: pa.string(),
         }
+
+        def values(digests: list, dup: list, dup_of: list) -> dict[str, Any]:
+            return {
+                self.hash_column: pd.array(digests, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
+                self.duplicate_column: np.asarray(dup, dtype=bool),
+                self.duplicate_of_column: pd.array(dup_of, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
+            }
+
+        def add(part: Any, partition_info=None) -> Any:
+            return with_columns(part, values(*columns[partition_number(partition_info)]), types)
+
+        meta = with_columns(df._meta, values([], [], []), types)
+        out = df.map_partitions(add, meta=meta, enforce_metadata=False)
         return dataset.with_metadata(out, arrow_types=types)

@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
+from imgcurate.backends import with_columns
 from imgcurate.dataset import partition_number
 from imgcurate.errors import ShardError
 
@@ -465,29 +466,20 @@ class SemanticDeduplicator:
                 columns["is_duplicate"] = flag
         sizes = np.cumsum([0] + [len(k) for k, _, _ in parts])
 
-        def add(part: Any, partition_info=None) -> Any:
-            i = partition_number(partition_info)
-            values = {name: col[sizes[i] : sizes[i + 1]] for name, col in columns.items()}
-            if isinstance(part, pd.DataFrame):
-                return part.assign(
-                    **{
-                        k: (v.reset_index(drop=True).set_axis(part.index) if isinstance(v, pd.Series) else v)
-                        for k, v in values.items()
-                    }
-                )
-            out = part.copy()
-            for name, value in values.items():
-                out[name] = value.to_numpy() if isinstance(value, pd.Series) else value
-            return out
-
-        meta = df._meta.assign(**{name: col[:0] for name, col in columns.items()})
-        out = df.map_partitions(add, meta=meta, enforce_metadata=False)
         types = {
             "cluster": pa.int64(),
             "distance_to_centroid": pa.float32(),
             "max_similarity": pa.float32(),
             "duplicate_of": pa.string(),
+            **{name: pa.bool_() for name in columns if name.startswith("is_duplicate")},
         }
+
+        def add(part: Any, partition_info=None) -> Any:
+            i = partition_number(partition_info)
+            return with_columns(part, {name: col[sizes[i] : sizes[i + 1]] for name, col in columns.items()}, types)
+
+        meta = with_columns(df._meta, {name: col[:0] for name, col in columns.items()}, types)
+        out = df.map_partitions(add, meta=meta, enforce_metadata=False)
         return dataset.with_metadata(out, arrow_types=types)
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate._models import cached_model, resolve_device
+from imgcurate.backends import with_columns
 from imgcurate.dataset import partition_number
 
 if TYPE_CHECKING:
@@ -163,27 +164,25 @@ class ImageEmbedder(abc.ABC):
         return embeddings, errors
 
     def _embed_partition(self, part: Any, tar_files: list[str], id_col: str, so: dict, partition_info=None) -> Any:
-        from imgcurate.backends import get_backend
+        keys = part[id_col]
+        keys = (keys if isinstance(keys, pd.Series) else keys.to_pandas()).tolist()
+        embeddings, errors = self.embed_shard(tar_files[partition_number(partition_info)], keys, so)
+        return with_columns(part, self._columns(embeddings, errors), self.arrow_types())
 
-        is_pandas = isinstance(part, pd.DataFrame)
-        frame = part if is_pandas else get_backend("cudf").to_pandas(part)
-        tar = tar_files[partition_number(partition_info)]
-        embeddings, errors = self.embed_shard(tar, frame[id_col].tolist(), so)
-        out = frame.copy()
-        out[self.image_embedding_column] = pd.Series(embeddings, index=frame.index, dtype=object)
-        out[self.error_column] = pd.Series(errors, index=frame.index, dtype=pd.StringDtype("pyarrow", na_value=np.nan))
+    def _columns(self, embeddings: list[np.ndarray | None], errors: list[str | None]) -> dict[str, pd.Series]:
+        """This step's output columns for one partition: embeddings, errors and the fused classifiers' scores."""
+        vectors = pd.Series(embeddings, dtype=object)
+        out = {
+            self.image_embedding_column: vectors,
+            self.error_column: pd.Series(errors, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
+        }
         for clf in self.classifiers:
-            out[clf.pred_column] = clf.predict_column(out[self.image_embedding_column], source=type(self).__name__)
-        return out if is_pandas else _to_backend_frame(out, part, self.arrow_types())
+            out[clf.pred_column] = clf.predict_column(vectors, source=type(self).__name__)
+        return out
 
     def output_meta(self, meta: Any) -> Any:
         """The metadata frame's ``meta`` after this step."""
-        extra = {self.image_embedding_column: pd.Series([], dtype=object), self.error_column: _empty_str()}
-        for clf in self.classifiers:
-            extra[clf.pred_column] = pd.Series([], dtype=clf.pred_type)
-        if isinstance(meta, pd.DataFrame):
-            return meta.assign(**extra)
-        return _to_backend_frame(_as_pandas(meta).assign(**extra), meta, self.arrow_types())
+        return with_columns(meta, self._columns([], []), self.arrow_types())
 
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Adds the embedding column (and the classifiers' columns) to the dataset's metadata, lazily."""
@@ -206,19 +205,3 @@ class ImageEmbedder(abc.ABC):
         for clf in self.classifiers:
             types[clf.pred_column] = pa.from_numpy_dtype(np.dtype(clf.pred_type))
         return types
-
-
-def _empty_str() -> pd.Series:
-    return pd.Series([], dtype=pd.StringDtype("pyarrow", na_value=np.nan))
-
-
-def _as_pandas(frame: Any) -> pd.DataFrame:
-    return frame if isinstance(frame, pd.DataFrame) else frame.to_pandas()
-
-
-def _to_backend_frame(frame: pd.DataFrame, like: Any, arrow_types: dict[str, pa.DataType]) -> Any:
-    """A pandas frame converted to the (cuDF) backend of ``like``, array columns typed by ``arrow_types``."""
-    from imgcurate.backends import get_backend
-    from imgcurate.io.export import partition_to_arrow
-
-    return get_backend("cudf").from_arrow(partition_to_arrow(frame, arrow_types))
