@@ -51,3 +51,15 @@ def tar_members(path):
     """{name: bytes} of a tar, in order."""
     with tarfile.open(path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def seeded_checkpoint(folder, name: str, seed: int = 0) -> str:
+    """A safetensors file of timm model ``name`` with seeded random weights: the same model in every process."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    path = str(folder / f"{name}-seed{seed}.safetensors")
+    save_file(timm.create_model(name).state_dict(), path)
+    return path

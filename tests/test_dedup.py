@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import seeded_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -295,20 +296,27 @@ def _gpu_stack_or_skip():
 
 
 @pytest.mark.gpu
-def test_cuml_dask_kmeans_on_a_cudf_dataset_finds_the_copies(sample_dir):
-    """The GPU backend end to end: cuDF frame, embeddings on the GPU, cuML's Dask KMeans on a LocalCUDACluster."""
+def test_cuml_dask_kmeans_on_a_cudf_dataset_finds_the_copies(sample_dir, tmp_path):
+    """The GPU backend end to end: cuDF frame, embeddings on the GPU, cuML's Dask KMeans on a LocalCUDACluster.
+    Same weights and eps as the CPU test above."""
     _gpu_stack_or_skip()
-    import torch
     from dask_cuda import LocalCUDACluster
     from distributed import Client
 
     from imgcurate import ImageTextPairDataset
     from imgcurate.embedders import TimmImageEmbedder
 
-    with LocalCUDACluster(n_workers=1, dashboard_address=None) as cluster, Client(cluster):
+    def full_float32():  # TF32 convolutions would blur the 1e-4 margin between copies and other photos
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    weights = seeded_checkpoint(tmp_path, "test_resnet")
+    with LocalCUDACluster(n_workers=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(full_float32)
         ds = ImageTextPairDataset.from_webdataset(str(sample_dir), backend="cudf")
-        torch.manual_seed(0)
-        ds = TimmImageEmbedder("test_resnet", batch_size=8, device="cuda", autocast=False)(ds)
+        ds = TimmImageEmbedder("test_resnet", checkpoint_path=weights, device="cuda", autocast=False)(ds)
         dedup = SemanticDeduplicator(n_clusters=4, eps=1e-4)
         out = dedup(ds)
         df = out.metadata.compute().to_pandas().reset_index(drop=True)
@@ -323,18 +331,14 @@ def test_assign_nearest_centroid():
 
 
 @pytest.mark.parametrize("mode", ["greedy", "connected"])
-def test_end_to_end_on_real_photos_finds_the_reencoded_and_resized_copies(sample_ds, mode):
-    import dask
-    import torch
-
+def test_end_to_end_on_real_photos_finds_the_reencoded_and_resized_copies(sample_ds, tmp_path, mode):
     from imgcurate.embedders import TimmImageEmbedder
 
-    torch.manual_seed(0)  # the random-weight model is built in this thread by the synchronous scheduler
-    with dask.config.set(scheduler="sync"):
-        ds = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
-        # random weights squeeze all similarities towards 1; copies of one photo still sit above 0.9999, others below
-        out = SemanticDeduplicator(n_clusters=4, eps=1e-4, mode=mode)(ds)
-        df = out.metadata.compute().reset_index(drop=True)
+    weights = seeded_checkpoint(tmp_path, "test_resnet")  # the GPU test below uses the same weights
+    ds = TimmImageEmbedder("test_resnet", checkpoint_path=weights, batch_size=8)(sample_ds)
+    # random weights squeeze all similarities towards 1; copies of one photo still sit above 0.9999, others below
+    out = SemanticDeduplicator(n_clusters=4, eps=1e-4, mode=mode)(ds)
+    df = out.metadata.compute().reset_index(drop=True)
     _assert_one_survivor_per_photo(df)
 
 

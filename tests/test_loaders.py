@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import write_tar
+from conftest import seeded_checkpoint, write_tar
 
 from imgcurate import ImageTextPairDataset
 from imgcurate.embedders import TimmImageEmbedder
@@ -128,11 +128,14 @@ def test_decoder_choice():
         choose_decoder("torchvision", "cpu", False)
 
 
-def test_gpu_decoders_on_cuda(sample_ds):
+@pytest.mark.gpu
+def test_gpu_decoders_on_cuda(sample_ds, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    cpu = TimmImageEmbedder("test_vit", device="cpu")(sample_ds).metadata.compute()
+    weights = seeded_checkpoint(tmp_path, "test_vit")  # the same model on both devices
+    cpu = TimmImageEmbedder("test_vit", checkpoint_path=weights, device="cpu")(sample_ds).metadata.compute()
     for decoder in ("torchvision", "dali"):
-        gpu = TimmImageEmbedder("test_vit", device="cuda", decoder=decoder)(sample_ds).metadata.compute()
+        step = TimmImageEmbedder("test_vit", checkpoint_path=weights, device="cuda", decoder=decoder)
+        gpu = step(sample_ds).metadata.compute()
         cos = (np.stack(gpu["image_embedding"]) * np.stack(cpu["image_embedding"])).sum(axis=1)
         assert cos.min() > 0.99, decoder
