@@ -178,7 +178,8 @@ class Pipeline:
         """Opens the input (unless given), applies the steps, writes the reports, calls ``summary`` on the result,
         and exports; all of it on the pipeline's cluster, which is closed when this returns.
 
-        When more than one of those reads the result, it is persisted first, so the steps run once.
+        When more than one thing reads the result (a report reads it twice), it is persisted first, so the steps run
+        once.
 
         Returns:
             The exported dataset (read back from the new shards). Without an export, the final dataset; with a
@@ -193,7 +194,7 @@ class Pipeline:
                     self.input, self.id_col, backend=self.backend, storage_options=self.options.get("storage_options")
                 )
             dataset = self.apply(dataset)
-            if len(self.reports) + bool(self.export) + (summary is not None) > 1:
+            if self.reports or (self.export and summary is not None):
                 dataset = dataset.persist(desc="computing the steps")
             for name, path in self.reports.items():
                 _load(REPORTS, "report", name)(dataset, path)

@@ -114,30 +114,47 @@ def duplicate_groups(
     """
     df = dataset.metadata
     flag_col, of_col, sim_col = columns or _find_dedup_columns(df.columns)
+    missing = [c for c in (flag_col, of_col, sim_col) if c is not None and c not in df.columns]
+    if missing:
+        raise ValueError(f"duplicate_groups: no column {', '.join(map(repr, missing))} in the metadata")
     id_col = dataset.id_col
     wanted = [id_col, flag_col, of_col] + [c for c in (sim_col, caption_column) if c and c in df.columns]
 
     def rows(part: Any, partition_info=None) -> pd.DataFrame:
         frame = part[wanted] if isinstance(part, pd.DataFrame) else part[wanted].to_pandas()
-        return frame.assign(_shard=partition_number(partition_info), _row=np.arange(len(frame)))
+        flag = frame[flag_col].fillna(False).astype(bool).to_numpy() & frame[of_col].notna().to_numpy()
+        return frame.assign(_flag=flag, _shard=partition_number(partition_info), _row=np.arange(len(frame)))
 
     meta = df._meta[wanted]
-    meta = (meta if isinstance(meta, pd.DataFrame) else meta.to_pandas()).assign(_shard=0, _row=0)
-    table = progress.compute([df.map_partitions(rows, meta=meta, enforce_metadata=False)], desc="duplicate report")[0]
-    table = table.reset_index(drop=True)
-    flagged = table[table[flag_col].fillna(False).astype(bool) & table[of_col].notna()]
-    groups = sorted(flagged.groupby(of_col, sort=False), key=lambda g: (-len(g[1]), str(g[0])))[:max_groups]
-    by_id = table.drop_duplicates(id_col).set_index(id_col, drop=False)
-    near = pd.DataFrame()
-    if sim_col and sim_col in table.columns and borderline:
-        kept = table[~table[flag_col].fillna(False).astype(bool) & table[of_col].notna() & table[sim_col].notna()]
-        near = kept.nlargest(borderline, sim_col)
-
-    shown: list[pd.DataFrame] = [near, by_id.loc[near[of_col]] if len(near) else near]
-    for target, members in groups:
-        shown += [by_id.loc[[target]], members.head(max_per_group)]
-    shown_rows = pd.concat([f for f in shown if len(f)]) if any(len(f) for f in shown) else table.iloc[:0]
-    thumbs = _thumbnails(dataset, shown_rows.drop_duplicates(id_col), id_col, thumb_size)
+    meta = (meta if isinstance(meta, pd.DataFrame) else meta.to_pandas()).assign(_flag=False, _shard=0, _row=0)
+    small = df.map_partitions(rows, meta=meta, enforce_metadata=False)  # a few columns; never gathered whole
+    flagged = small[small["_flag"]]
+    # first pass: counts, the largest groups' targets, the closest unflagged pairs, the similarity range
+    first = [small["_flag"].count(), small["_flag"].sum(), flagged[of_col].nunique()]
+    first.append(flagged[of_col].value_counts().nlargest(max_groups))
+    if sim_col is not None and borderline:
+        candidates = small[~small["_flag"] & small[of_col].notnull() & small[sim_col].notnull()]
+        first.append(candidates.nlargest(borderline, sim_col))
+    if sim_col is not None:
+        first += [small[sim_col].min(), small[sim_col].max()]
+    got = progress.compute(first, desc="duplicate report: counts")
+    total, n_flagged, n_targets, top = int(got[0]), int(got[1]), int(got[2]), got[3]
+    near = got[4].sort_values(sim_col, ascending=False) if sim_col is not None and borderline else small._meta
+    targets = sorted(top.index, key=lambda t: (-int(top[t]), str(t)))
+    # second pass: the rows to show, and the histogram (its bins start at the lowest similarity)
+    second = [flagged[flagged[of_col].isin(targets)], small[small[id_col].isin(targets + near[of_col].tolist())]]
+    bins = None
+    if sim_col is not None:
+        lowest, highest = (float(v) if pd.notna(v) else 1.0 for v in got[-2:])
+        bins = np.linspace(min(lowest, 0.999), max(highest, 1.0), 51)  # float32 similarities may pass 1.0
+        meta = pd.Series(np.zeros(0, dtype=np.int64))
+        second.append(small.map_partitions(_histograms, sim_col, bins, meta=meta, enforce_metadata=False))
+    got = progress.compute(second, desc="duplicate report: rows")
+    members = got[0].sort_values(["_shard", "_row"])
+    by_id = got[1].drop_duplicates(id_col).set_index(id_col, drop=False)
+    groups = [(t, members[members[of_col] == t]) for t in targets]
+    shown = [near, got[1]] + [m.head(max_per_group) for _, m in groups]
+    thumbs = _thumbnails(dataset, pd.concat(shown).drop_duplicates(id_col), id_col, thumb_size)
 
     def card(row: pd.Series, note: str) -> str:
         caption = row.get(caption_column) if caption_column in row.index else None
@@ -157,21 +174,25 @@ def duplicate_groups(
         return f"similarity {row[sim_col]:.6g}" if sim_col and sim_col in row.index and pd.notna(row[sim_col]) else ""
 
     parts = [
-        f"<h1>Duplicates: {len(flagged)} of {len(table)} samples flagged ({flag_col!r})</h1>",
-        f"<p>{flagged[of_col].nunique()} samples have duplicates pointing at them; the {len(groups)} largest groups "
-        f"are shown, up to {max_per_group} duplicates each.</p>",
+        f"<h1>Duplicates: {n_flagged} of {total} samples flagged ({flag_col!r})</h1>",
+        f"<p>{n_targets} samples have duplicates pointing at them; the {len(groups)} largest groups are shown, up to "
+        f"{max_per_group} duplicates each.</p>",
     ]
-    if sim_col and sim_col in table.columns:
-        parts.append(f'<img class="plot" src="data:image/png;base64,{_similarity_plot(table, flag_col, sim_col)}">')
+    if bins is not None:
+        counts = got[2].groupby(level=0).sum().to_numpy().reshape(2, -1)  # kept, flagged
+        parts.append(f'<img class="plot" src="data:image/png;base64,{_similarity_plot(bins, *counts, sim_col)}">')
+        parts.append(
+            f"<p>The histogram counts {counts[0].sum()} kept and {counts[1].sum()} flagged samples; the first sample "
+            "of each cluster has no earlier one to compare with.</p>"
+        )
     parts.append("<h2>Largest groups</h2>")
-    for target, members in groups:
+    for target, group in groups:
         head = by_id.loc[target]
-        status = f"also flagged, duplicate of {head[of_col]}" if bool(head[flag_col]) else "kept"
-        cards = [card(head, f"({status})")] + [
-            card(m, similarity(m)) for _, m in members.head(max_per_group).iterrows()
-        ]
-        more = f"<p>and {len(members) - max_per_group} more</p>" if len(members) > max_per_group else ""
-        parts.append(f'<section><h3>{len(members)} duplicate(s) of {html.escape(str(target))}</h3>'
+        status = f"also flagged, duplicate of {head[of_col]}" if bool(head["_flag"]) else "kept"
+        cards = [card(head, f"({status})")] + [card(m, similarity(m)) for _, m in group.head(max_per_group).iterrows()]
+        size = int(top[target])
+        more = f"<p>and {size - max_per_group} more</p>" if size > max_per_group else ""
+        parts.append(f'<section><h3>{size} duplicate(s) of {html.escape(str(target))}</h3>'
                      f'<div class="row">{"".join(cards)}</div>{more}</section>')  # fmt: skip
     if len(near):
         parts.append(f"<h2>Most similar pairs that were not flagged ({len(near)})</h2>")
@@ -226,17 +247,24 @@ def _thumbnails(dataset: ImageTextPairDataset, rows: pd.DataFrame, id_col: str, 
     return found
 
 
-def _similarity_plot(table: pd.DataFrame, flag_col: str, sim_col: str) -> str:
+def _histograms(part: pd.DataFrame, sim_col: str, bins: np.ndarray) -> pd.Series:
+    """One partition's counts per bin of the similarity: kept samples' bins, then flagged samples' bins."""
+    values = part[sim_col].astype("float64")
+    flag = part["_flag"].to_numpy(dtype=bool)
+    counts = [np.histogram(values[f].dropna(), bins)[0] for f in (~flag, flag)]
+    return pd.Series(np.concatenate(counts).astype(np.int64))
+
+
+def _similarity_plot(bins: np.ndarray, kept: np.ndarray, flagged: np.ndarray, sim_col: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    flags = table[flag_col].fillna(False).astype(bool)
-    sims = table[sim_col].astype("float64")
-    kept, dropped = sims[~flags].dropna().to_numpy(), sims[flags].dropna().to_numpy()
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.hist([kept, dropped], bins=50, stacked=True, color=["#4c72b0", "#c44e52"], label=["kept", "flagged"])
+    left = bins[:-1]
+    ax.hist([left, left], bins=bins, weights=[kept, flagged], stacked=True, color=["#4c72b0", "#c44e52"],
+            label=["kept", "flagged"])  # fmt: skip
     ax.set_xlabel(f"{sim_col} (cosine similarity to the most similar earlier sample in its cluster)")
     ax.set_ylabel("samples")
     ax.legend()

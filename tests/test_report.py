@@ -10,6 +10,7 @@ import re
 import dask
 import numpy as np
 import pytest
+from conftest import seeded_checkpoint
 from PIL import Image
 
 from imgcurate import ImageTextPairDataset
@@ -46,6 +47,9 @@ def test_exact_duplicates_report_shows_every_group_with_its_own_images(sample_ds
         copy, original = figures[row.key][0], figures[row.exact_duplicate_of][0]
         assert copy is not None and max(copy.shape[:2]) <= 64
         assert np.array_equal(copy, original)  # byte-identical images make identical thumbnails
+    one = open(duplicate_groups(ds, str(tmp_path / "report" / "one.html"), max_groups=1), encoding="utf-8").read()
+    biggest = flagged.exact_duplicate_of.value_counts()
+    assert one.count("<section>") == 1 and f"{biggest.iloc[0]} duplicate(s) of" in one
     # the thumbnails are of the samples' own photos, not of some other image
     by_source = df.set_index("key").source
     thumbs = {k: p for k, (p, _) in figures.items()}
@@ -57,18 +61,18 @@ def test_exact_duplicates_report_shows_every_group_with_its_own_images(sample_ds
 
 
 def test_semantic_report_has_the_histogram_groups_and_the_borderline_pairs(sample_ds, tmp_path):
-    import torch
-
     from imgcurate.embedders import TimmImageEmbedder
 
-    torch.manual_seed(0)
+    weights = seeded_checkpoint(tmp_path, "test_resnet")
     with dask.config.set(scheduler="sync"):
-        ds = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
+        ds = TimmImageEmbedder("test_resnet", checkpoint_path=weights, batch_size=8)(sample_ds)
         ds = SemanticDeduplicator(n_clusters=4, eps=1e-4)(ds)
         path = duplicate_groups(ds, str(tmp_path / "sem.html"), borderline=5, max_per_group=1)
     df = ds.metadata.compute()
     page = open(path, encoding="utf-8").read()
     assert 'class="plot" src="data:image/png;base64,' in page
+    compared = df[df.max_similarity.notna()]
+    assert f"counts {int((~compared.is_duplicate).sum())} kept and {int(compared.is_duplicate.sum())} flagged" in page
     figures = _figures(page)
     groups = df[df.is_duplicate].groupby("duplicate_of").size()
     assert page.count("<section>") == len(groups)
