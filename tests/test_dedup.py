@@ -285,6 +285,42 @@ def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
     assert got.cluster.equals(expected.cluster)  # same seed, same rows: the same clustering as sklearn on the host
 
 
+def test_similarity_device_is_checked_when_built_and_reported():
+    import importlib.util
+
+    from imgcurate.errors import MissingDependencyError
+
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        SemanticDeduplicator(n_clusters=2, device="gpu0")
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(MissingDependencyError, match="cupy"):
+            SemanticDeduplicator(n_clusters=2, device="cuda")
+    x, _, _ = _planted(n=200, d=8)
+    dedup = SemanticDeduplicator(n_clusters=4, device="cpu")
+    dedup.find(x)
+    assert dedup.stats_["device"] == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["greedy", "connected"])
+def test_in_cluster_tiles_on_the_gpu_match_the_cpu(mode):
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("cupy") is None or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device and CuPy")
+    x, sources, copies = _planted(n=3000, d=64, copies=200)
+    cpu = SemanticDeduplicator(n_clusters=4, mode=mode, block_size=512, device="cpu", kmeans_backend="sklearn")
+    gpu = SemanticDeduplicator(n_clusters=4, mode=mode, block_size=512, device="cuda", kmeans_backend="sklearn")
+    a, b = cpu.find(x), gpu.find(x)
+    assert gpu.stats_["device"] == "cuda"
+    np.testing.assert_array_equal(a["cluster"], b["cluster"])
+    np.testing.assert_allclose(a["max_similarity"], b["max_similarity"], atol=1e-5)
+    np.testing.assert_array_equal(a["is_duplicate_0.01"], b["is_duplicate_0.01"])
+    assert b["is_duplicate_0.01"].sum() == len(copies)
+
+
 def _gpu_stack_or_skip():
     import importlib.util
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -169,38 +171,50 @@ def in_cluster_duplicates(
 
     Row 0 gets similarity ``-inf`` and index -1. With ``threshold``, also returns the pairs whose similarity is
     >= threshold (for grouping). Memory: one ``block_size`` x ``block_size`` tile at a time; only tiles on or below
-    the diagonal are computed.
+    the diagonal are computed. ``x`` may be a NumPy array or a CuPy array on the GPU: the same lines run on either
+    (CuPy mirrors NumPy's API), and the results are arrays of the same kind.
     """
+    xp = _array_module(x)
     m = len(x)
-    best = np.full(m, -np.inf, dtype=np.float32)
-    arg = np.full(m, -1, dtype=np.int64)
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    best = xp.full(m, -np.inf, dtype=np.float32)
+    arg = xp.full(m, -1, dtype=np.int64)
+    found: list[tuple[Any, Any, Any]] = []
     for a in range(0, m, block_size):
         rows = x[a : a + block_size]
         here = slice(a, a + len(rows))
         for b in range(0, a + len(rows), block_size):
             tile = rows @ x[b : b + block_size].T  # rows a.. against the earlier-or-equal columns b..
             if b == a:  # the diagonal tile: a row only looks at rows ranked before it
-                np.putmask(tile, _upper_triangle(block_size)[: len(rows), : len(rows)], -np.inf)
+                xp.putmask(tile, _upper_triangle(block_size, xp.__name__)[: len(rows), : len(rows)], -np.inf)
             j = tile.argmax(axis=1)
-            value = tile[np.arange(len(rows)), j]
+            value = tile[xp.arange(len(rows)), j]
             better = value > best[here]
-            best[here] = np.where(better, value, best[here])
-            arg[here] = np.where(better, b + j, arg[here])
+            best[here] = xp.where(better, value, best[here])
+            arg[here] = xp.where(better, b + j, arg[here])
             if threshold is not None:
-                r, c = np.nonzero(tile >= threshold)
+                r, c = xp.nonzero(tile >= threshold)
                 found.append((b + c, a + r, tile[r, c]))
     if threshold is None:
         return best, arg, None
     if not found:
-        empty = np.zeros(0, dtype=np.int64)
-        return best, arg, Pairs(empty, empty, np.zeros(0, dtype=np.float32))
-    return best, arg, Pairs(*(np.concatenate(parts) for parts in zip(*found, strict=True)))
+        empty = xp.zeros(0, dtype=np.int64)
+        return best, arg, Pairs(empty, empty, xp.zeros(0, dtype=np.float32))
+    return best, arg, Pairs(*(xp.concatenate(parts) for parts in zip(*found, strict=True)))
+
+
+def _array_module(x: Any) -> Any:
+    """NumPy, or CuPy for a CuPy array (never imported here otherwise)."""
+    return sys.modules["cupy"] if type(x).__module__.startswith("cupy") else np
+
+
+def _to_host(a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else a  # CuPy arrays copy to the host with get()
 
 
 @functools.lru_cache(maxsize=4)
-def _upper_triangle(n: int) -> np.ndarray:
-    return np.triu(np.ones((n, n), dtype=bool))
+def _upper_triangle(n: int, module: str) -> Any:
+    xp = importlib.import_module(module)
+    return xp.triu(xp.ones((n, n), dtype=bool))
 
 
 def _group_representatives(m: int, earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
@@ -234,6 +248,9 @@ class SemanticDeduplicator:
             KMeans), else cuml.
         block_size: tile size of the blockwise similarity computation.
         tol: KMeans stops early when its objective improves by less than this (relative) in one iteration.
+        device: where the in-cluster similarity tiles are computed: ``cpu`` (NumPy), ``cuda`` (CuPy, the same
+            code) or ``auto`` (cuda when a GPU and CuPy are present). Each cluster's embeddings are copied to the GPU
+            in turn, so its memory holds one cluster at a time.
 
     Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
     ``is_duplicate`` (and per-eps columns for a list). Samples with a null embedding are skipped and reported; their
@@ -254,6 +271,7 @@ class SemanticDeduplicator:
         kmeans_backend: str | None = None,
         block_size: int = 2048,
         tol: float = 1e-4,
+        device: str = "auto",
     ):
         if which_to_keep not in _KEEP:
             raise ValueError(f"which_to_keep must be one of {', '.join(_KEEP)}, got {which_to_keep!r}")
@@ -266,6 +284,12 @@ class SemanticDeduplicator:
             raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
         if kmeans_backend is not None:
             _check_kmeans_backend(kmeans_backend)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        if device == "cuda" and importlib.util.find_spec("cupy") is None:
+            from imgcurate.errors import MissingDependencyError
+
+            raise MissingDependencyError("SemanticDeduplicator(device='cuda')", "cupy-cuda12x", extra="gpu")
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.random_state = random_state
@@ -277,6 +301,7 @@ class SemanticDeduplicator:
         self.kmeans_backend = kmeans_backend
         self.block_size = block_size
         self.tol = tol
+        self.device = device
         self.stats_: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ core, on arrays
@@ -315,7 +340,9 @@ class SemanticDeduplicator:
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         fingerprint = self._fingerprint(x)
-        stats: dict[str, Any] = {"kmeans_backend": backend, "kmeans_iterations": 0, "kmeans_s": 0.0, "assign_s": 0.0}
+        device = self._resolved_device()
+        stats: dict[str, Any] = {"kmeans_backend": backend, "device": device, "kmeans_iterations": 0, "kmeans_s": 0.0}
+        stats["assign_s"] = 0.0
         km_path = self._cache("kmeans.npz")
         if km_path and os.path.exists(km_path) and str(np.load(km_path)["fingerprint"]) == fingerprint:
             saved = np.load(km_path)
@@ -355,7 +382,7 @@ class SemanticDeduplicator:
                     members = self._rank(order[bounds[c] : bounds[c + 1]], dist)
                     if len(members):
                         touched.append(members)
-                        self._cluster(x, members, thresholds, best, dup_of, flags)
+                        self._cluster(x, members, thresholds, best, dup_of, flags, device)
                     done.update(1)
                 if path:
                     idx = np.concatenate(touched) if touched else np.zeros(0, dtype=np.int64)
@@ -375,10 +402,18 @@ class SemanticDeduplicator:
         best: np.ndarray,
         dup_of: np.ndarray,
         flags: dict[float, np.ndarray],
+        device: str,
     ) -> None:
         """Fills the outputs for one cluster's ``members`` (row indices in rank order)."""
         connected = self.mode == "connected"
-        sims, arg, pairs = in_cluster_duplicates(x[members], min(thresholds) if connected else None, self.block_size)
+        rows = x[members]
+        if device == "cuda":
+            import cupy
+
+            rows = cupy.asarray(rows)
+        sims, arg, pairs = in_cluster_duplicates(rows, min(thresholds) if connected else None, self.block_size)
+        sims, arg = _to_host(sims), _to_host(arg)
+        pairs = None if pairs is None else Pairs(*(_to_host(p) for p in pairs))
         best[members] = sims
         dup_of[members] = np.where(arg >= 0, members[np.maximum(arg, 0)], -1)
         rank = np.arange(len(members))
@@ -391,6 +426,13 @@ class SemanticDeduplicator:
             flags[e][members] = rep != rank
             if e == self.eps[0]:  # duplicate_of names the sample kept for the group
                 dup_of[members] = np.where(rep != rank, members[rep], -1)
+
+    def _resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        from imgcurate.backends import gpu_available
+
+        return "cuda" if gpu_available() and importlib.util.find_spec("cupy") is not None else "cpu"
 
     def _fingerprint(self, x: np.ndarray) -> str:
         params = [self.n_clusters, self.max_iter, self.tol, self.random_state, self.which_to_keep, self.mode, self.eps]
