@@ -1,6 +1,7 @@
 """Semantic dedup at scale on this CPU: time, peak memory and recall of planted duplicates, for growing N.
 
     python benchmarks/dedup.py [--sizes 100000,300000,1000000] [--dim 512] [--per-cluster 1000]
+    python benchmarks/dedup.py --kmeans cuml --device cuda      # on a GPU machine (cuML, CuPy)
 
 Synthetic embeddings: N / 1000 topics (random unit directions), each sample its topic's direction plus Gaussian
 noise of norm ``--noise`` (default 1: cosine similarity between two samples of one topic about 0.5; larger
@@ -40,13 +41,16 @@ def make_embeddings(n: int, dim: int, noise: float = 1.0, seed: int = 0) -> tupl
     return x, sources, copies
 
 
-def run_one(n: int, dim: int, per_cluster: int, tol: float, noise: float) -> dict:
+def run_one(n: int, dim: int, per_cluster: int, tol: float, noise: float, kmeans: str, device: str) -> dict:
     from imgcurate.dedup import SemanticDeduplicator
 
     started = time.perf_counter()
     x, sources, copies = make_embeddings(n, dim, noise)
     made = time.perf_counter() - started
-    dedup = SemanticDeduplicator(n_clusters=max(n // per_cluster, 1), eps=0.01, which_to_keep="hard", tol=tol)
+    dedup = SemanticDeduplicator(
+        n_clusters=max(n // per_cluster, 1), eps=0.01, which_to_keep="hard", tol=tol, kmeans_backend=kmeans,
+        device=device,
+    )  # fmt: skip
     started = time.perf_counter()
     found = dedup.find(x, copy=False)  # as the dataset path does: normalised in place
     seconds = time.perf_counter() - started
@@ -76,10 +80,12 @@ def main() -> None:
     parser.add_argument("--per-cluster", type=int, default=1000, help="n_clusters = N / this")
     parser.add_argument("--tol", type=float, default=1e-4, help="KMeans tolerance; 0 runs all 100 iterations")
     parser.add_argument("--noise", type=float, default=1.0, help="noise norm around each topic (topic norm 1)")
+    parser.add_argument("--kmeans", default="faiss", help="faiss, sklearn or cuml (one GPU)")
+    parser.add_argument("--device", default="cpu", help="in-cluster tiles: cpu (NumPy) or cuda (CuPy)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.dim, args.per_cluster, args.tol, args.noise)))
+        print(json.dumps(run_one(args.one, args.dim, args.per_cluster, args.tol, args.noise, args.kmeans, args.device)))
         return
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -93,12 +99,13 @@ def main() -> None:
             "--per-cluster",
             str(args.per_cluster),
         ]
-        cmd += ["--tol", str(args.tol), "--noise", str(args.noise)]
+        cmd += ["--tol", str(args.tol), "--noise", str(args.noise), "--kmeans", args.kmeans, "--device", args.device]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
         print(
-            f"N={r['n']:>9,}  clusters={r['n_clusters']:>5}  total {r['seconds']:6.1f} s "
+            f"N={r['n']:>9,}  clusters={r['n_clusters']:>5}  {r['kmeans_backend']}/{r['device']}  "
+            f"total {r['seconds']:6.1f} s "
             f"(kmeans {r['kmeans_s']:5.1f} s / {r['kmeans_iterations']} it, assign {r['assign_s']:4.1f} s, "
             f"in-cluster {r['clusters_s']:5.1f} s, largest {r['largest_cluster']})  "
             f"peak RSS {r['peak_rss_mb']:,.0f} MB (input {r['input_mb']:,.0f} MB)  "
