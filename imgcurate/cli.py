@@ -50,8 +50,26 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         path_col=args.path_col,
         caption_col=args.caption_col,
+        index_files=args.index_files,
     )
     print(f"wrote {len(paths)} shards to {args.out}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import posixpath
+
+    import fsspec
+
+    from imgcurate.io.index import write_indexes
+
+    fs, root = fsspec.core.url_to_fs(args.folder)
+    tars = sorted(fs.glob(posixpath.join(root, "*.tar")))
+    if not tars:
+        raise FileNotFoundError(f"{args.folder}: no .tar shards")
+    tars = [t if "://" not in args.folder else fs.unstrip_protocol(t) for t in tars]
+    written = write_indexes(tars, overwrite=args.overwrite)
+    print(f"wrote {len(written)} DALI index files ({len(tars) - len(written)} shards skipped: indexed or empty)")
     return 0
 
 
@@ -123,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--path-col", default=None)
     p.add_argument("--caption-col", default=None)
+    p.add_argument("--index-files", action="store_true", help="also write each shard's DALI index (.idx)")
     p.set_defaults(func=_cmd_shard)
+
+    p = sub.add_parser("index", help="write the DALI index (.idx) of each shard in a folder that lacks one")
+    p.add_argument("folder")
+    p.add_argument("--overwrite", action="store_true", help="rewrite indexes that exist")
+    p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("run", help="run a YAML pipeline")
     p.add_argument("config")

@@ -319,6 +319,7 @@ class ImageTextPairDataset:
         old_id_col: str | None = None,
         *,
         overwrite: bool = False,
+        index_files: bool = False,
     ) -> ImageTextPairDataset:
         """Re-shards the kept samples into new tar shards with their parquet, copying member bytes unchanged.
 
@@ -337,6 +338,7 @@ class ImageTextPairDataset:
             max_shards=max_shards,
             old_id_col=old_id_col,
             overwrite=overwrite,
+            index_files=index_files,
         )
 
     def __repr__(self) -> str:

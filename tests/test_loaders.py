@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import warnings
 
+import dask
 import numpy as np
 import pytest
 import torch
@@ -107,12 +108,19 @@ def test_row_filtered_metadata_and_broken_alignment(sample_ds, decoder):
         emb(flipped).metadata.compute()
 
 
-def test_dali_reads_through_index_files(sample_ds, sample_dir):
+@pytest.mark.parametrize("indexer", ["imgcurate", "wds2idx"])
+def test_dali_reads_through_index_files(sample_ds, sample_dir, indexer):
+    from imgcurate.cli import main
+
     emb = TimmImageEmbedder("test_vit", decoder="dali", device="cpu", use_index_files=True)
-    with pytest.raises(ShardError, match=r"0000\d\.idx: DALI index file not found .*wds2idx"):
+    with pytest.raises(ShardError, match=r"0000\d\.idx: DALI index file not found .*imgcurate index .*wds2idx"):
         emb(sample_ds).metadata.compute()
+    if indexer == "imgcurate":
+        assert main(["index", str(sample_dir)]) == 0
     for tar in sorted(sample_dir.glob("*.tar")):
-        subprocess.run(["wds2idx", str(tar), str(tar.with_suffix(".idx"))], check=True, capture_output=True)
+        if indexer == "wds2idx":
+            subprocess.run(["wds2idx", str(tar), str(tar.with_suffix(".idx"))], check=True, capture_output=True)
+        assert tar.with_suffix(".idx").exists()
     indexed = emb(sample_ds).metadata.compute()
     scanned = TimmImageEmbedder("test_vit", decoder="dali", device="cpu")(sample_ds).metadata.compute()
     np.testing.assert_allclose(np.stack(indexed["image_embedding"]), np.stack(scanned["image_embedding"]), atol=1e-6)
@@ -139,3 +147,29 @@ def test_gpu_decoders_on_cuda(sample_ds, tmp_path):
         gpu = step(sample_ds).metadata.compute()
         cos = (np.stack(gpu["image_embedding"]) * np.stack(cpu["image_embedding"])).sum(axis=1)
         assert cos.min() > 0.99, decoder
+
+
+def test_dali_reads_long_member_names_through_our_index(tmp_path):
+    """Keys past tar's 100-character names: the index must point past the long-name headers, or DALI fails."""
+    import pyarrow as pa
+
+    from imgcurate.io.shards import ShardWriter
+    from imgcurate.testing import sample_records
+
+    photos = [r for r in sample_records() if r.fields["variant"] == "original" and "jpg" in r.members][:6]
+    keys = [f"{'x' * 120}/{i:03d}" for i in range(len(photos))]
+    dst = tmp_path / "long"
+    dst.mkdir()
+    with ShardWriter(str(dst / "00000.tar"), index=True) as writer:
+        for key, photo in zip(keys, photos, strict=True):
+            writer.write(key, photo.members)
+        writer.set_metadata(pa.table({"key": keys}))
+    ds = ImageTextPairDataset.from_webdataset(str(dst))
+    pil = TimmImageEmbedder("test_vit", decoder="pil", device="cpu")(ds).metadata.compute()
+    via_index = TimmImageEmbedder("test_vit", decoder="dali", device="cpu", use_index_files=True)(ds)
+    with dask.config.set(scheduler="sync"), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*DALI failed")  # no fallback: DALI itself read every sample
+        got = via_index.metadata.compute()
+    assert got["image_embedding_error"].isna().all()
+    cos = (np.stack(got["image_embedding"]) * np.stack(pil["image_embedding"])).sum(axis=1)
+    assert cos.min() > 0.99

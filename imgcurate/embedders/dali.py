@@ -20,14 +20,10 @@ from typing import Any
 
 from imgcurate.embedders.loaders import Batch, ResizeCrop
 from imgcurate.errors import ShardError
+from imgcurate.io.index import index_path_for
 from imgcurate.io.tar import IMAGE_EXTENSIONS, check_aligned, read_keys, split_member_name
 
 __all__ = ["DaliLoader", "index_path_for"]
-
-
-def index_path_for(tar: str) -> str:
-    """Where the DALI index of ``tar`` is expected: beside it, ``.idx`` instead of ``.tar``."""
-    return (tar[:-4] if tar.endswith(".tar") else tar) + ".idx"
 
 
 def _crop_pos(size: Any, crop: int) -> Any:
@@ -86,7 +82,11 @@ class DaliLoader:
         if self.use_index_files:
             index = index_path_for(tar)
             if not os.path.exists(index):
-                raise ShardError(index, f"DALI index file not found for {tar}; create it with `wds2idx {tar} {index}`")
+                raise ShardError(
+                    index,
+                    f"DALI index file not found for {tar}; write the folder's indexes with `imgcurate index "
+                    f"{os.path.dirname(tar) or '.'}` (or DALI's `wds2idx {tar} {index}`)",
+                )
         interp = {
             "bicubic": types.INTERP_CUBIC,
             "bilinear": types.INTERP_LINEAR,

@@ -101,11 +101,12 @@ def _write_shard(
     old_id_col: str | None,
     schema: pa.Schema,
     so: dict,
+    index: bool,
 ) -> int:
     from imgcurate.dataset import _conform
 
     tables = []
-    with ShardWriter(posixpath.join(out_dir, f"{shard:05d}.tar"), storage_options=so) as writer:
+    with ShardWriter(posixpath.join(out_dir, f"{shard:05d}.tar"), storage_options=so, index=index) as writer:
         for part, first, end in slices:
             with fsspec.open(posixpath.join(tmp_dir, f"{part:05d}.parquet"), "rb", **so) as f:
                 table = pq.read_table(f).slice(first, end - first)
@@ -144,6 +145,7 @@ def export_webdataset(
     max_shards: int | None = None,
     old_id_col: str | None = None,
     overwrite: bool = False,
+    index_files: bool = False,
 ) -> ImageTextPairDataset:
     """Writes the samples of ``dataset`` whose ``filter_column`` is true into new shards under ``path``.
 
@@ -156,6 +158,7 @@ def export_webdataset(
         max_shards: write at most this many shards (the first ones, in order); None writes all.
         old_id_col: if given, the old key of each sample is kept in this column.
         overwrite: replace the shards already in ``path``; otherwise a folder with shards in it is an error.
+        index_files: also write each shard's DALI index (``NNNNN.idx``), for ``use_index_files=True`` readers.
 
     Returns:
         The new dataset, opened from ``path``.
@@ -183,7 +186,7 @@ def export_webdataset(
     src_root = fsspec.core.url_to_fs(dataset.path, **so)[1]
     if posixpath.normpath(out_root) == posixpath.normpath(src_root):
         raise ValueError(f"{path}: the output folder must differ from the input folder")
-    existing = fs.glob(posixpath.join(out_root, "*.tar")) + fs.glob(posixpath.join(out_root, "*.parquet"))
+    existing = [f for ext in ("tar", "parquet", "idx") for f in fs.glob(posixpath.join(out_root, f"*.{ext}"))]
     if existing and not overwrite:
         raise FileExistsError(f"{path}: already holds shards; pass overwrite=True to replace them")
     fs.makedirs(out_root, exist_ok=True)
@@ -206,14 +209,27 @@ def export_webdataset(
         write = dask.delayed(_write_shard, pure=False)
         progress.compute(
             [
-                write(s, slices, dataset.tar_files, tmp_dir, out_dir, samples_per_shard, id_col, old_id_col, schema, so)
+                write(
+                    s,
+                    slices,
+                    dataset.tar_files,
+                    tmp_dir,
+                    out_dir,
+                    samples_per_shard,
+                    id_col,
+                    old_id_col,
+                    schema,
+                    so,
+                    index_files,
+                )  # fmt: skip
                 for s, slices in enumerate(plan)
             ],
             desc="export: writing shards",
         )
     finally:
         fs.rm(fsspec.core.url_to_fs(tmp_dir, **so)[1], recursive=True)
-    written = {f"{s:05d}.{ext}" for s in range(len(plan)) for ext in ("tar", "parquet")}
+    exts = ("tar", "parquet", "idx") if index_files else ("tar", "parquet")
+    written = {f"{s:05d}.{ext}" for s in range(len(plan)) for ext in exts}  # an old index of a new tar goes too
     for stale in existing:
         if posixpath.basename(stale) not in written:
             fs.rm(stale)

@@ -55,11 +55,12 @@ def write_shards(
     id_col: str = KEY_COLUMN,
     total: int | None = None,
     storage_options: dict | None = None,
+    index_files: bool = False,
 ) -> list[str]:
     """Writes records into ``out/00000.tar`` (+ ``.parquet``), ... with keys from :func:`new_key`.
 
     Each record's json member holds its fields (plus width/height read from the image header); the parquet has the
-    key, the caption, the error and the same fields.
+    key, the caption, the error and the same fields. ``index_files`` also writes each shard's DALI index.
 
     Returns:
         The tar paths written.
@@ -85,7 +86,8 @@ def write_shards(
             if position == 0:
                 if writer is not None:
                     finish()
-                writer = ShardWriter(posixpath.join(out.rstrip("/"), f"{shard:05d}.tar"), storage_options=so)
+                tar = posixpath.join(out.rstrip("/"), f"{shard:05d}.tar")
+                writer = ShardWriter(tar, storage_options=so, index=index_files)
                 rows = []
             key = new_key(shard, position, samples_per_shard)
             fields = dict(record.fields)
@@ -177,8 +179,9 @@ def make_shards(
     samples_per_shard: int = 10000,
     path_col: str | None = None,
     caption_col: str | None = None,
+    index_files: bool = False,
 ) -> list[str]:
-    """Turns images into WebDataset shards with their parquet.
+    """Turns images into WebDataset shards with their parquet (and their DALI indexes with ``index_files``).
 
     Args:
         source: a folder of images (searched recursively; ``photo.jpg`` takes its caption from ``photo.txt`` and
@@ -206,4 +209,4 @@ def make_shards(
         total = len(table)
     else:
         raise ValueError(f"{source}: expected a folder of images or a .csv/.parquet list of image paths")
-    return write_shards(records, out, samples_per_shard=samples_per_shard, total=total)
+    return write_shards(records, out, samples_per_shard=samples_per_shard, total=total, index_files=index_files)

@@ -68,7 +68,8 @@ class ShardWriter:
     """Writes one tar shard and its parquet, byte-for-byte reproducibly, under temporary names until closed.
 
     Members get mtime 0, uid/gid 0 and mode 0644, in the order given, so the same input always makes the same bytes.
-    A writer that is not closed (an exception, a crash) leaves no file that looks finished.
+    A writer that is not closed (an exception, a crash) leaves no file that looks finished. With ``index=True`` the
+    DALI index (``NNNNN.idx``, see :mod:`imgcurate.io.index`) is written too, from the offsets known while writing.
 
     Example:
         >>> with ShardWriter("out/00000.tar") as w:  # doctest: +SKIP
@@ -76,7 +77,13 @@ class ShardWriter:
         ...     w.set_metadata(table)
     """
 
-    def __init__(self, tar_path: str, parquet_path: str | None = None, storage_options: dict | None = None):
+    def __init__(
+        self,
+        tar_path: str,
+        parquet_path: str | None = None,
+        storage_options: dict | None = None,
+        index: bool = False,
+    ):
         self.tar_path = tar_path
         self.parquet_path = parquet_path if parquet_path is not None else _with_suffix(tar_path, ".parquet")
         self.storage_options = storage_options or {}
@@ -85,13 +92,18 @@ class ShardWriter:
         self._file = self._fs.open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         self._table: pa.Table | None = None
+        self._index: list[tuple[str, int, int, str]] | None = [] if index else None
         self.count = 0
 
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
         """Adds one sample: each member is written as ``<key>.<ext>`` (``<key>`` for an empty extension)."""
         for ext, data in members.items():
             name = f"{key}.{ext}" if ext else key
-            self._tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+            info = _tar_info(name, len(data))
+            if self._index is not None:  # the data follows the header, whose size the name decides (long names)
+                header = len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
+                self._index.append((ext, self._tar.offset + header, len(data), name))
+            self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
     def set_metadata(self, table: pa.Table) -> None:
@@ -99,16 +111,26 @@ class ShardWriter:
         self._table = table
 
     def close(self) -> None:
-        """Finishes the tar, writes the parquet, then renames both into place (parquet first)."""
+        """Finishes the tar, writes the parquet and the DALI index, then renames the tar into place (last)."""
         self._tar.close()
         self._file.close()
-        if self._table is not None:
-            if self._table.num_rows != self.count:
-                self.abort()
+        try:
+            if self._table is not None and self._table.num_rows != self.count:
                 raise ValueError(
                     f"{self.tar_path}: metadata has {self._table.num_rows} rows for {self.count} samples written"
                 )
-            write_parquet(self._table, self.parquet_path, self.storage_options)
+            if self._index:
+                from imgcurate.io.index import format_index, index_path_for
+
+                index_text = format_index(self.tar_path, self._index)  # raises before anything is written
+            if self._table is not None:
+                write_parquet(self._table, self.parquet_path, self.storage_options)
+            if self._index:
+                with atomic_open(index_path_for(self.tar_path), "wb", self.storage_options) as f:
+                    f.write(index_text.encode("utf-8"))
+        except BaseException:
+            self.abort()
+            raise
         self._fs.mv(self._tmp, self._fs_tar)
 
     def abort(self) -> None:

@@ -1,0 +1,99 @@
+"""DALI index files written by imgcurate: byte for byte what DALI's own wds2idx writes, for the same tars."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from imgcurate import ImageTextPairDataset
+from imgcurate.errors import ShardError
+from imgcurate.io.index import write_index
+from imgcurate.io.shards import ShardWriter
+
+wds2idx = shutil.which("wds2idx")
+needs_wds2idx = pytest.mark.skipif(wds2idx is None, reason="DALI's wds2idx is not installed")
+
+
+def _reference(tar, tmp_path) -> str:
+    out = tmp_path / "reference.idx"
+    subprocess.run([wds2idx, str(tar), str(out)], check=True, capture_output=True)
+    return out.read_text()
+
+
+@needs_wds2idx
+def test_index_of_existing_shards_matches_wds2idx(sample_dir, tmp_path):
+    for tar in sorted(sample_dir.glob("*.tar")):
+        written = write_index(str(tar))
+        assert written == str(tar.with_suffix(".idx"))
+        assert tar.with_suffix(".idx").read_text() == _reference(tar, tmp_path)
+
+
+@needs_wds2idx
+def test_index_written_with_the_tar_matches_wds2idx(tmp_path):
+    tar = tmp_path / "00000.tar"
+    with ShardWriter(str(tar), index=True) as writer:
+        writer.write("a", {"jpg": b"x" * 700, "txt": b"caption", "json": b"{}"})
+        writer.write("b", {"png": b"y" * 513})
+        writer.write("c", {"jpg": b""})
+    assert tar.with_suffix(".idx").read_text() == _reference(tar, tmp_path)
+    assert tar.with_suffix(".idx").read_text().splitlines()[0] == "v1.2 3"
+
+
+def test_offsets_point_at_the_data_past_long_name_headers(tmp_path):
+    """A name past 100 characters takes a GNU long-name header and its own block before the real header; the
+    offsets must count them. (DALI's wds2idx reads the offset off `tar --block-num`, which names the first of those
+    headers, so its offset for such a member points 1 KiB early.)"""
+    import tarfile
+
+    tar = tmp_path / "00000.tar"
+    members = {"short": {"jpg": b"x" * 700}, "k" * 150: {"png": b"y" * 513, "txt": b"a caption"}}
+    members["z" * 300] = {"jpg": b"z" * 2000}
+    with ShardWriter(str(tar), index=True) as writer:
+        for key, parts in members.items():
+            writer.write(key, parts)
+    entries = [line.split() for line in tar.with_suffix(".idx").read_text().splitlines()[1:]]
+    by_name = {e[i + 3]: (int(e[i + 1]), int(e[i + 2])) for e in entries for i in range(0, len(e), 4)}
+    with tarfile.open(tar) as archive, open(tar, "rb") as f:
+        for info in archive:
+            assert by_name[info.name] == (info.offset_data, info.size)
+            f.seek(by_name[info.name][0])
+            key, _, ext = info.name.partition(".")
+            assert f.read(info.size) == members[key][ext]
+    written_with_the_tar = tar.with_suffix(".idx").read_text()
+    write_index(str(tar))  # from the headers of the finished tar: the same index
+    assert tar.with_suffix(".idx").read_text() == written_with_the_tar
+
+
+@needs_wds2idx
+def test_export_writes_indexes_and_drops_stale_ones(sample_ds, tmp_path):
+    out = tmp_path / "out"
+    ds = sample_ds.to_webdataset(str(out), samples_per_shard=8, index_files=True)
+    assert ds.num_shards > 1
+    for tar in ds.tar_files:
+        idx = tar[:-4] + ".idx"
+        assert open(idx).read() == _reference(tar, tmp_path)
+    ImageTextPairDataset.from_webdataset(str(out)).to_webdataset(str(tmp_path / "again"), samples_per_shard=8)
+    sample_ds.to_webdataset(str(out), samples_per_shard=100, overwrite=True)  # one shard now, no index asked for
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar"]
+
+
+def test_a_name_with_white_space_cannot_be_indexed_and_leaves_nothing(tmp_path):
+    tar = tmp_path / "00000.tar"
+    with pytest.raises(ShardError, match="white space"):
+        with ShardWriter(str(tar), index=True) as writer:
+            writer.write("a b", {"jpg": b"x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_index_skips_indexed_shards_unless_asked(sample_dir, capsys):
+    from imgcurate.cli import main
+
+    assert main(["index", str(sample_dir)]) == 0
+    assert "wrote 4 DALI index files" in capsys.readouterr().out
+    assert main(["index", str(sample_dir)]) == 0
+    assert "wrote 0 DALI index files (4 shards skipped" in capsys.readouterr().out
+    assert main(["index", str(sample_dir), "--overwrite"]) == 0
+    assert "wrote 4 DALI index files" in capsys.readouterr().out
+    assert main(["index", str(sample_dir / "nowhere")]) == 2
