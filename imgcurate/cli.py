@@ -30,6 +30,7 @@ export:
   filter_column: keep
   samples_per_shard: 10000
   old_id_col: old_key
+  index_files: false       # true also writes each shard's DALI index (.idx) for GPU reading
 """
 
 
