@@ -223,3 +223,21 @@ def test_jpeg_draft_decodes_big_photos_smaller_but_embeds_alike(sample_ds):
     for key in big:
         cos = float(np.dot(fast.loc[key, "image_embedding"], full.loc[key, "image_embedding"]))
         assert cos > 0.99, key
+
+
+def test_random_weights_are_the_same_in_every_process_and_leave_the_callers_seed_alone():
+    """Without pretrained weights each Dask worker builds its own model: seeded, they are all the same model."""
+    torch.manual_seed(123)
+    first = TimmImageEmbedder("test_vit").model("cpu")
+    after_first = torch.rand(3)
+    clear()  # as a new worker process would: nothing cached
+    torch.manual_seed(123)
+    torch.rand(7)  # whatever the process drew before
+    second = TimmImageEmbedder("test_vit").model("cpu")
+    assert first is not second
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+    torch.manual_seed(123)
+    TimmImageEmbedder("test_resnet").model("cpu")
+    assert torch.equal(torch.rand(3), after_first)  # building a model drew nothing from the caller's generator

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TimmImageEmbedder", "load_state_dict_file"]
 
+#: Seed of the random weights of a model built without pretrained weights or a checkpoint.
+RANDOM_WEIGHTS_SEED = 0
+
 _OUTPUTS = ("auto", "head", "pre_logits")
 
 
@@ -56,6 +59,8 @@ class TimmImageEmbedder(ImageEmbedder):
     Args:
         model_name: a timm model name.
         pretrained: load timm's published weights through the Hugging Face cache (works offline once cached).
+            Without them (and without ``checkpoint_path``) the weights are random but seeded, so every Dask worker
+            process builds the same model and embeddings stay comparable across shards.
         checkpoint_path: a local safetensors or torch state dict instead; it may hold the classifier head or not.
         output: ``auto``, ``head`` (the model's output) or ``pre_logits`` (pooled features before the head).
         model_kwargs: extra keyword arguments of ``timm.create_model`` (``img_size``, ``num_classes``, ...).
@@ -128,10 +133,13 @@ class TimmImageEmbedder(ImageEmbedder):
     # ------------------------------------------------------------------ model
     def _create(self) -> torch.nn.Module:
         import timm
+        import torch
 
         try:
             pretrained = self.pretrained and self.checkpoint_path is None
-            model = timm.create_model(self.model_name, pretrained=pretrained, **self.model_kwargs)
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same model in every worker process
+                model = timm.create_model(self.model_name, pretrained=pretrained, **self.model_kwargs)
         except Exception as err:
             if not self.pretrained:
                 raise
