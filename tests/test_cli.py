@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import yaml
 
 from imgcurate import ImageTextPairDataset
@@ -102,3 +104,29 @@ def test_an_unknown_report_is_an_error_before_any_work(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("input: x\nsteps: []\nreports: {histogram: h.png}\n")
     assert main(["run", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown report 'histogram': choose one of duplicates, scores" in capsys.readouterr().err
+
+
+def test_the_whole_pipeline_on_worker_processes_keeps_one_sample_per_photo(sample_dir, tmp_path):
+    """Embed, dedup, report and export on two worker processes: steps are pickled to the workers, each worker
+    builds its own (seeded, hence identical) model, dedup persists on the workers, and the export indexes for DALI."""
+    config = {
+        "input": str(sample_dir),
+        "output": str(tmp_path / "out"),
+        "cluster": {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+        "steps": [
+            {"ExactDuplicates": {}},
+            {"TimmImageEmbedder": {"model_name": "test_resnet", "batch_size": 8}},
+            {"SemanticDeduplicator": {"n_clusters": 4, "eps": 1e-4}},
+            {"SampleFilter": {"drop_duplicates": ["exact_duplicate", "is_duplicate"], "drop_errors": False}},
+        ],
+        "reports": {"duplicates": str(tmp_path / "dups.html")},
+        "export": {"filter_column": "keep", "index_files": True},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    out = ImageTextPairDataset.from_webdataset(str(tmp_path / "out"))
+    df = out.metadata.compute()
+    src = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata.compute()
+    assert sorted(df["source"]) == sorted(src["source"].unique())  # one sample of each photo, whatever its copies
+    assert all(os.path.exists(t[:-4] + ".idx") for t in out.tar_files)
+    assert "samples flagged ('is_duplicate')" in (tmp_path / "dups.html").read_text()
