@@ -11,6 +11,9 @@ point at it in ``duplicate_of``.
 Similarities are computed blockwise (``block_size`` x ``block_size`` tiles), so memory stays bounded whatever the
 cluster size. KMeans, assignments and per-cluster results are written to ``cache_dir`` when given, and a rerun with
 the same inputs and parameters resumes from them.
+
+Where it runs: KMeans on faiss or scikit-learn (CPU), cuML on one GPU, or cuML's Dask KMeans on the GPU workers of a
+distributed client (the ``_KMEANS`` table); the tiles on NumPy, or on CuPy running the same code (``device``).
 """
 
 from __future__ import annotations
@@ -253,8 +256,15 @@ class SemanticDeduplicator:
             in turn, so its memory holds one cluster at a time.
 
     Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
-    ``is_duplicate`` (and per-eps columns for a list). Samples with a null embedding are skipped and reported; their
-    outputs are null and ``is_duplicate`` is false.
+    ``is_duplicate`` (and per-eps columns for a list). In greedy mode ``duplicate_of`` is the id of the most similar
+    earlier-ranked sample, set for every sample but the first of its cluster (duplicate or not: it is the partner of
+    ``max_similarity``); in connected mode it is the id of the sample kept for the group, set on duplicates only.
+    Samples with a null embedding are skipped and reported; their outputs are null and ``is_duplicate`` is false.
+
+    Example:
+        >>> ds = TimmImageEmbedder("vit_base_patch32_clip_224.openai", pretrained=True)(ds)  # doctest: +SKIP
+        >>> ds = SemanticDeduplicator(n_clusters=1000, eps=[0.01, 0.05])(ds)  # doctest: +SKIP
+        >>> ds.metadata.is_duplicate.sum().compute()  # doctest: +SKIP
     """
 
     def __init__(
