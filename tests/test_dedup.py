@@ -71,6 +71,9 @@ def test_agrees_with_brute_force(n, d, k, keep, seed):
     for eps in (0.01, 0.2):
         kept = _brute_groups(unit, grouped["cluster"], grouped["distance"], keep, 1 - eps)
         assert (grouped[f"is_duplicate_{eps}"] == ~kept).all()
+    # a sample kept by the first eps still names its most similar earlier sample, as in greedy mode
+    kept = ~grouped["is_duplicate_0.01"]
+    assert (grouped["duplicate_of"][kept] == found["duplicate_of"][kept]).all()
 
 
 def _brute_groups(x, labels, dist, keep, threshold):

@@ -60,13 +60,14 @@ def test_exact_duplicates_report_shows_every_group_with_its_own_images(sample_ds
                 assert thumbs[a].shape != thumbs[b].shape or abs(means[a] - means[b]) > 0.01 or a == b
 
 
-def test_semantic_report_has_the_histogram_groups_and_the_borderline_pairs(sample_ds, tmp_path):
+@pytest.mark.parametrize("mode", ["greedy", "connected"])
+def test_semantic_report_has_the_histogram_groups_and_the_borderline_pairs(sample_ds, tmp_path, mode):
     from imgcurate.embedders import TimmImageEmbedder
 
     weights = seeded_checkpoint(tmp_path, "test_resnet")
     with dask.config.set(scheduler="sync"):
         ds = TimmImageEmbedder("test_resnet", checkpoint_path=weights, batch_size=8)(sample_ds)
-        ds = SemanticDeduplicator(n_clusters=4, eps=1e-4)(ds)
+        ds = SemanticDeduplicator(n_clusters=4, eps=1e-4, mode=mode)(ds)
         path = duplicate_groups(ds, str(tmp_path / "sem.html"), borderline=5, max_per_group=1)
     df = ds.metadata.compute()
     page = open(path, encoding="utf-8").read()

@@ -258,7 +258,7 @@ class SemanticDeduplicator:
     Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
     ``is_duplicate`` (and per-eps columns for a list). In greedy mode ``duplicate_of`` is the id of the most similar
     earlier-ranked sample, set for every sample but the first of its cluster (duplicate or not: it is the partner of
-    ``max_similarity``); in connected mode it is the id of the sample kept for the group, set on duplicates only.
+    ``max_similarity``); in connected mode a duplicate's ``duplicate_of`` is the sample kept for its group instead.
     Samples with a null embedding are skipped and reported; their outputs are null and ``is_duplicate`` is false.
 
     Example:
@@ -434,8 +434,8 @@ class SemanticDeduplicator:
             keep = pairs.similarity >= t
             rep = _group_representatives(len(members), pairs.earlier[keep], pairs.later[keep])
             flags[e][members] = rep != rank
-            if e == self.eps[0]:  # duplicate_of names the sample kept for the group
-                dup_of[members] = np.where(rep != rank, members[rep], -1)
+            if e == self.eps[0]:  # a duplicate points at the sample kept for its group; a kept one keeps its partner
+                dup_of[members] = np.where(rep != rank, members[rep], dup_of[members])
 
     def _resolved_device(self) -> str:
         if self.device != "auto":
