@@ -170,11 +170,17 @@ def duplicate_groups(
             f"<br>{html.escape(caption[:80])}</figcaption></figure>"
         )
 
+    def lookup(key: Any) -> pd.Series:
+        """The shown row of ``key``; a sample filtered out of the metadata since the dedup step has none."""
+        if key in by_id.index:
+            return by_id.loc[key]
+        return pd.Series({id_col: key, "_flag": False, of_col: None})
+
     def similarity(row: pd.Series) -> str:
         return f"similarity {row[sim_col]:.6g}" if sim_col and sim_col in row.index and pd.notna(row[sim_col]) else ""
 
     parts = [
-        f"<h1>Duplicates: {n_flagged} of {total} samples flagged ({flag_col!r})</h1>",
+        f"<h1>Duplicates: {n_flagged} of {total} samples flagged ({html.escape(repr(flag_col), quote=False)})</h1>",
         f"<p>{n_targets} samples have duplicates pointing at them; the {len(groups)} largest groups are shown, up to "
         f"{max_per_group} duplicates each.</p>",
     ]
@@ -187,8 +193,11 @@ def duplicate_groups(
         )
     parts.append("<h2>Largest groups</h2>")
     for target, group in groups:
-        head = by_id.loc[target]
-        status = f"also flagged, duplicate of {head[of_col]}" if bool(head["_flag"]) else "kept"
+        head = lookup(target)
+        if target not in by_id.index:
+            status = "not in the metadata"
+        else:
+            status = f"also flagged, duplicate of {head[of_col]}" if bool(head["_flag"]) else "kept"
         cards = [card(head, f"({status})")] + [card(m, similarity(m)) for _, m in group.head(max_per_group).iterrows()]
         size = int(top[target])
         more = f"<p>and {size - max_per_group} more</p>" if size > max_per_group else ""
@@ -197,7 +206,7 @@ def duplicate_groups(
     if len(near):
         parts.append(f"<h2>Most similar pairs that were not flagged ({len(near)})</h2>")
         for _, row in near.iterrows():
-            other = by_id.loc[row[of_col]]
+            other = lookup(row[of_col])
             parts.append(f'<div class="row">{card(other, "")}{card(row, similarity(row))}</div>')
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>imgcurate duplicates</title><style>"

@@ -105,3 +105,14 @@ def test_a_dataset_without_dedup_columns_is_a_clear_error(sample_ds, tmp_path):
     with pytest.raises(ValueError, match="no dedup columns .*is_duplicate \\+ duplicate_of"):
         duplicate_groups(sample_ds, str(tmp_path / "report" / "x.html"))
     assert not os.listdir(tmp_path / "report")
+
+
+def test_a_group_whose_kept_sample_was_filtered_out_still_shows(sample_ds, tmp_path):
+    ds = ExactDuplicates()(sample_ds).persist()
+    targets = set(ds.metadata.compute().exact_duplicate_of.dropna())
+    df = ds.metadata
+    ds = ds.with_metadata(df[~df.key.isin(targets)])  # row filters keep the partitioning
+    page = open(duplicate_groups(ds, str(tmp_path / "dups.html")), encoding="utf-8").read()
+    assert page.count("not in the metadata") == len(targets) > 0
+    figures = _figures(page)
+    assert all(figures[t][0] is None for t in targets)  # no row, so no place in a shard to read it from
