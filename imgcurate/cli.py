@@ -89,8 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(drop_report(dataset).to_string())
 
     out = pipeline.run(summary=summary)
-    for path in pipeline.reports.values():
-        print(f"wrote {path}")
+    for kwargs in pipeline.reports.values():
+        print(f"wrote {kwargs['path']}")
     if pipeline.export:
         print(f"exported {len(out.metadata)} samples in {out.num_shards} shards to {out.path}")
     return 0

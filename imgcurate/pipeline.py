@@ -9,7 +9,9 @@ A config looks like this (``imgcurate init-config`` writes a commented one)::
     cluster: {n_workers: 2}          # or {address: tcp://scheduler:8786}, or {type: cuda}; omit for no cluster
     steps:
       - SampleFilter: {min_width: 256}
-    reports: {duplicates: sample_data/duplicates.html}   # written after the steps, before the export
+    reports:                         # written after the steps, before the export
+      duplicates: sample_data/duplicates.html
+      scores: {path: sample_data/scores.png, thresholds: {aesthetic_score: 5.0}}
     export: {filter_column: keep, samples_per_shard: 10000, old_id_col: old_key}
 
 Each step is ``Name: {keyword arguments}``; names resolve through :data:`STAGES`, which imports a step's module only
@@ -121,7 +123,8 @@ class Pipeline:
     Args:
         steps: objects with ``__call__(dataset) -> dataset``.
         export: keyword arguments of :meth:`ImageTextPairDataset.to_webdataset` (``path`` among them), or None.
-        reports: report name (see :data:`REPORTS`) -> the file to write, after the steps and before the export.
+        reports: report name (see :data:`REPORTS`) -> its keyword arguments, ``path`` (the file to write) among
+            them; written after the steps and before the export. In YAML a bare path stands for ``{path: ...}``.
     """
 
     steps: list[Any]
@@ -131,11 +134,16 @@ class Pipeline:
     backend: str | None = None
     cluster: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    reports: dict[str, str] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in self.reports:
-            _load(REPORTS, "report", name)  # an unknown report is an error before any work
+        for name, kwargs in self.reports.items():  # an unknown report or argument is an error before any work
+            if "path" not in kwargs:
+                raise ValueError(f"report {name}: give the file to write as 'path'")
+            try:
+                inspect.signature(_load(REPORTS, "report", name)).bind(None, **kwargs)
+            except TypeError as err:
+                raise ValueError(f"report {name}: {err}") from None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Pipeline:
@@ -145,7 +153,7 @@ class Pipeline:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
         reports = config.get("reports") or {}
         if not isinstance(reports, dict):
-            raise ValueError(f"reports is written as 'name: file', got {reports!r}")
+            raise ValueError(f"reports is written as 'name: file' or 'name: {{path: file, ...}}', got {reports!r}")
         export = dict(config.get("export") or {})
         if config.get("output"):
             export.setdefault("path", config["output"])
@@ -157,7 +165,7 @@ class Pipeline:
             backend=config.get("backend"),
             cluster=config.get("cluster"),
             options={"storage_options": config.get("storage_options")},
-            reports={str(k): str(v) for k, v in reports.items()},
+            reports={str(k): dict(v) if isinstance(v, dict) else {"path": str(v)} for k, v in reports.items()},
         )
 
     @classmethod
@@ -196,8 +204,8 @@ class Pipeline:
             dataset = self.apply(dataset)
             if self.reports or (self.export and summary is not None):
                 dataset = dataset.persist(desc="computing the steps")
-            for name, path in self.reports.items():
-                _load(REPORTS, "report", name)(dataset, path)
+            for name, kwargs in self.reports.items():
+                _load(REPORTS, "report", name)(dataset, **kwargs)
             if summary is not None:
                 summary(dataset)
             if self.export:

@@ -130,3 +130,24 @@ def test_the_whole_pipeline_on_worker_processes_keeps_one_sample_per_photo(sampl
     assert sorted(df["source"]) == sorted(src["source"].unique())  # one sample of each photo, whatever its copies
     assert all(os.path.exists(t[:-4] + ".idx") for t in out.tar_files)
     assert "samples flagged ('is_duplicate')" in (tmp_path / "dups.html").read_text()
+
+
+def test_report_arguments_go_to_the_report_and_are_checked_before_any_work(sample_dir, tmp_path, capsys):
+    from PIL import Image
+
+    config = {
+        "input": str(sample_dir),
+        "steps": [{"SampleFilter": {"min_width": 300}}],
+        "reports": {"scores": {"path": str(tmp_path / "s.png"), "thresholds": {"aesthetic_score": 5.0}}},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 100  # the drop-reason panel: no score column in this pipeline
+    config["reports"]["scores"]["colour"] = "red"
+    config["input"] = str(tmp_path / "nowhere")  # never opened: the config fails first
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    assert "report scores: got an unexpected keyword argument 'colour'" in capsys.readouterr().err
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**config, "reports": {"duplicates": {"max_groups": 3}}}))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    assert "report duplicates: give the file to write as 'path'" in capsys.readouterr().err
