@@ -578,13 +578,12 @@ def _stack_rows(blocks: list[np.ndarray], tars: Sequence[str], column: str) -> n
 
 def _unit_rows(part: Any, column: str, dim: int) -> Any:
     """A partition's non-null embeddings, L2-normalised, as a NumPy array (pandas) or a CuPy array (cuDF)."""
-    values = part[column]
-    values = values[values.notna()]
     if isinstance(part, pd.DataFrame):
-        rows = np.stack([np.asarray(v, dtype=np.float32) for v in values]) if len(values) else np.zeros((0, dim))
+        rows = _host_rows(part[column], "", column)[1].reshape(-1, dim)
     else:  # a cuDF list column: its leaves are one flat device array, row after row
-        rows = values.list.leaves.values.reshape(len(values), dim)
-    rows = rows.astype(np.float32)
+        values = part[column]
+        values = values[values.notna()]
+        rows = values.list.leaves.values.reshape(len(values), dim).astype(np.float32)
     return rows / ((rows * rows).sum(axis=1, keepdims=True) ** 0.5).clip(1e-12, None)
 
 

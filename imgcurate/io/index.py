@@ -18,7 +18,15 @@ from imgcurate import progress
 from imgcurate.errors import ShardError
 from imgcurate.io.tar import split_member_name
 
-__all__ = ["INDEX_VERSION", "IndexEntry", "index_path_for", "format_index", "write_index", "write_indexes"]
+__all__ = [
+    "INDEX_VERSION",
+    "IndexEntry",
+    "index_path_for",
+    "format_index",
+    "save_index",
+    "write_index",
+    "write_indexes",
+]
 
 INDEX_VERSION = "v1.2"
 
@@ -95,10 +103,14 @@ def write_indexes(tars: Sequence[str], storage_options: dict | None = None, over
 
 
 def _write(tar: str, entries: list[IndexEntry], storage_options: dict | None) -> str:
+    return save_index(tar, format_index(tar, entries), storage_options)
+
+
+def save_index(tar: str, text: str, storage_options: dict | None = None) -> str:
+    """Writes index ``text`` (from :func:`format_index`) beside ``tar``, atomically; returns its path."""
     from imgcurate.io.shards import atomic_open
 
     path = index_path_for(tar)
-    text = format_index(tar, entries)
     with atomic_open(path, "wb", storage_options) as f:
         f.write(text.encode("utf-8"))
     return path

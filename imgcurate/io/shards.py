@@ -120,14 +120,13 @@ class ShardWriter:
                     f"{self.tar_path}: metadata has {self._table.num_rows} rows for {self.count} samples written"
                 )
             if self._index:
-                from imgcurate.io.index import format_index, index_path_for
+                from imgcurate.io.index import format_index, save_index
 
                 index_text = format_index(self.tar_path, self._index)  # raises before anything is written
             if self._table is not None:
                 write_parquet(self._table, self.parquet_path, self.storage_options)
             if self._index:
-                with atomic_open(index_path_for(self.tar_path), "wb", self.storage_options) as f:
-                    f.write(index_text.encode("utf-8"))
+                save_index(self.tar_path, index_text, self.storage_options)
         except BaseException:
             self.abort()
             raise
