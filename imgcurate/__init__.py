@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from imgcurate import config
 from imgcurate.dataset import ImageTextPairDataset
-from imgcurate.errors import AlignmentError, ImgcurateError, MissingDependencyError, ShardError
+from imgcurate.errors import AlignmentError, ConfigError, ImgcurateError, MissingDependencyError, ShardError
 from imgcurate.io.make import make_shards
 from imgcurate.io.shards import new_key
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentError",
+    "ConfigError",
     "ImageTextPairDataset",
     "ImgcurateError",
     "MissingDependencyError",

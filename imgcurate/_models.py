@@ -25,9 +25,7 @@ def clear() -> None:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
-    if device != "auto":
-        return device
-    import torch
+    """``auto`` -> ``cuda`` when a GPU is usable (the rule of :mod:`imgcurate.device`), else ``cpu``."""
+    from imgcurate.device import resolve_device as resolve
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve(device)

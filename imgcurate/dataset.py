@@ -9,23 +9,29 @@ whenever a step reads the shard, so a broken alignment is always an error, never
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import posixpath
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dask
 import dask.dataframe as dd
 import fsspec
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from imgcurate import progress
-from imgcurate.backends import get_backend, resolve_backend_name
+from imgcurate._dask import map_with_shard, row_ids, shard_divisions, shard_frame, zip_columns
+from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
-from imgcurate.io.shards import KEY_COLUMN, scan_shard, write_parquet
+from imgcurate.io._fs import write_parquet
+from imgcurate.io.export import check_export_complete
+from imgcurate.io.schema import conform, parquet_path_for, unify
+from imgcurate.io.shards import KEY_COLUMN, scan_shard
 from imgcurate.io.tar import read_keys
 
 __all__ = ["ImageTextPairDataset"]
@@ -33,11 +39,6 @@ __all__ = ["ImageTextPairDataset"]
 
 def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
-def parquet_path_for(tar_path: str) -> str:
-    """The parquet that sits beside a tar shard: ``00012.tar`` -> ``00012.parquet``."""
-    return tar_path[: -len(".tar")] + ".parquet"
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,8 @@ class _Part:
     table: pa.Table | None
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Gives a shard's table the dataset's unified schema: missing columns become nulls, types are cast."""
-    arrays = []
-    for field in schema:
-        if field.name in table.column_names:
-            column = table.column(field.name)
-            arrays.append(column if column.type == field.type else column.cast(field.type))
-        else:
-            arrays.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _read_partition(part: _Part, schema: pa.Schema, backend: str, storage_options: dict) -> Any:
+def _read_partition(item: tuple[int, _Part], schema: pa.Schema, backend: str, storage_options: dict) -> Any:
+    shard, part = item
     if part.table is not None:
         table = part.table
     else:
@@ -70,23 +60,9 @@ def _read_partition(part: _Part, schema: pa.Schema, backend: str, storage_option
                 table = pq.read_table(f, columns=[n for n in schema.names if n in pq.read_schema(f).names])
         except (OSError, pa.ArrowException) as err:
             raise ShardError(part.parquet, f"cannot read parquet ({err})") from None
-    return get_backend(backend).from_arrow(_conform(table, schema))
-
-
-def partition_number(partition_info: dict | None) -> int:
-    """The partition's index from dask's ``partition_info``; without it a step cannot know its tar, so it stops."""
-    if not partition_info or "number" not in partition_info:
-        raise AlignmentError("dask did not say which partition this is, so its tar shard is unknown")
-    return partition_info["number"]
-
-
-def _unify(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Schema:
-    try:
-        schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ShardError(paths[0], f"parquet schemas of the shards cannot be unified ({err})") from None
-    fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
-    return pa.schema(fields)
+    frame = get_backend(backend).from_arrow(conform(table, schema))
+    frame.index = row_ids(shard, len(frame))  # global row ids: see imgcurate._dask
+    return frame
 
 
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
@@ -107,8 +83,6 @@ class ImageTextPairDataset:
         tar_files: the shard paths, in order.
         id_col: the column that holds sample keys.
         storage_options: passed to fsspec for every file access.
-        arrow_types: arrow types of columns whose type cannot be read off a pandas dtype (embeddings), used when
-            metadata is written to parquet.
 
     Example:
         >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
@@ -125,13 +99,14 @@ class ImageTextPairDataset:
         id_col: str = KEY_COLUMN,
         *,
         storage_options: dict | None = None,
-        arrow_types: dict[str, pa.DataType] | None = None,
+        shards: dd.DataFrame | None = None,
     ):
         self.path = path
         self.tar_files = list(tar_files)
         self.id_col = id_col
         self.storage_options = dict(storage_options or {})
-        self.arrow_types = dict(arrow_types or {})
+        if shards is not None:
+            self.__dict__["shards"] = shards
         self._metadata = self._checked(metadata)
 
     # ------------------------------------------------------------------ opening
@@ -169,6 +144,7 @@ class ImageTextPairDataset:
         storage_options = dict(storage_options or {})
         backend = resolve_backend_name(backend)
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        check_export_complete(fs, root, path)
         tars = sorted(p for p in fs.glob(posixpath.join(root, "*.tar")) if fs.isfile(p))
         if not tars:
             raise FileNotFoundError(f"{path}: no .tar shards in this folder")
@@ -205,22 +181,24 @@ class ImageTextPairDataset:
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             prepared = list(progress.bar(pool.map(prepare, tars), desc="opening shards", total=len(tars), unit="shard"))
         parts = [p for p, _ in prepared]
-        schema = _unify([s for _, s in prepared], [p.tar for p in parts])
+        schema = unify([s for _, s in prepared], [p.tar for p in parts])
         metadata = cls._metadata_frame(parts, schema, backend, storage_options)
         return cls(path, metadata, [p.tar for p in parts], id_col, storage_options=storage_options)
 
     @staticmethod
     def _metadata_frame(parts: list[_Part], schema: pa.Schema, backend: str, storage_options: dict) -> dd.DataFrame:
         meta = get_backend(backend).from_arrow(schema.empty_table())
+        meta.index = row_ids(0, 0)
         # Our reader already gives strings their arrow-backed dtype; dask's own string conversion would also turn
         # object columns that hold arrays (embeddings) into text.
         config = {"dataframe.backend": get_backend(backend).dask_backend, "dataframe.convert-string": False}
         with dask.config.set(config):
             return dd.from_map(
                 _read_partition,
-                parts,
+                list(enumerate(parts)),
                 args=[schema, backend, storage_options],
                 meta=meta,
+                divisions=shard_divisions(len(parts)),
                 label="imgcurate-metadata",
                 enforce_metadata=False,
             )
@@ -246,25 +224,55 @@ class ImageTextPairDataset:
             )
         if self.id_col not in metadata.columns:
             raise AlignmentError(f"metadata has no {self.id_col!r} column, which ties its rows to the tar samples")
+        if tuple(metadata.divisions) != shard_divisions(len(self.tar_files)):
+            # a frame built elsewhere: give its rows their global ids, so Dask keeps it aligned with the shards
+            metadata = map_with_shard(_as_is, metadata, self.shards, meta=metadata._meta)
         return metadata
 
-    def with_metadata(
-        self, metadata: dd.DataFrame, arrow_types: dict[str, pa.DataType] | None = None
-    ) -> ImageTextPairDataset:
+    @functools.cached_property
+    def shards(self) -> dd.DataFrame:
+        """A Dask frame with one row per shard (``shard``: its index, ``tar``: its path), one partition per shard.
+
+        Zipped partition by partition with :attr:`metadata`, it hands each task its own tar path and nothing else
+        (see :meth:`map_shards`).
+        """
+        return shard_frame(self.tar_files)
+
+    def with_metadata(self, metadata: dd.DataFrame) -> ImageTextPairDataset:
         """A dataset over the same shards with a new metadata frame.
 
         Args:
             metadata: a frame derived from :attr:`metadata` (new columns, row filters), one partition per shard.
-            arrow_types: arrow types for new columns that hold arrays (e.g. ``pa.list_(pa.float32())``).
 
         Raises:
             AlignmentError: the frame's partition count differs from the shard count or it lacks the id column.
                 Keys are also checked against each tar whenever a step reads it.
         """
-        types = {**self.arrow_types, **(arrow_types or {})}
         return type(self)(
-            self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options, arrow_types=types
-        )
+            self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options,
+            shards=self.__dict__.get("shards"),
+        )  # fmt: skip
+
+    def with_columns(self, columns: dd.DataFrame) -> ImageTextPairDataset:
+        """A dataset whose metadata has the columns of ``columns`` added (or replaced).
+
+        Args:
+            columns: a frame with one partition per shard holding, for each metadata row in order, the new values
+                (what a step computes; see :mod:`imgcurate.steps.base`).
+        """
+        return self.with_metadata(zip_columns(self._metadata, columns))
+
+    def map_shards(self, func: Callable, *args: Any, meta: Any, frame: dd.DataFrame | None = None) -> dd.DataFrame:
+        """``func(partition, shard, *args)`` on each metadata partition, ``shard`` being its
+        :class:`~imgcurate._dask.Shard` (index and tar path). Each task carries its own shard only.
+
+        Args:
+            func: the per-shard function; it returns a partition like ``meta``.
+            *args: further arguments, the same for every shard (keep them small: they travel with every task).
+            meta: the empty frame of what ``func`` returns.
+            frame: the frame to map (default: :attr:`metadata`); it must have one partition per shard.
+        """
+        return map_with_shard(func, self._metadata if frame is None else frame, self.shards, *args, meta=meta)
 
     def persist(self, desc: str = "computing metadata") -> ImageTextPairDataset:
         """The same dataset with its metadata computed now and held in memory.
@@ -290,24 +298,15 @@ class ImageTextPairDataset:
         Returns:
             The paths written.
         """
-        from imgcurate.io.export import partition_to_arrow
-
         df = self._metadata
         if columns is not None:
             df = df[[self.id_col, *[c for c in columns if c != self.id_col]]]
-        targets = [
-            parquet_path_for(t if path is None else posixpath.join(path, posixpath.basename(t))) for t in self.tar_files
-        ]
         if path is not None:
             fs, root = fsspec.core.url_to_fs(path, **self.storage_options)
             fs.makedirs(root, exist_ok=True)
-
-        def write(part: Any, target: str) -> str:
-            write_parquet(partition_to_arrow(part, self.arrow_types), target, self.storage_options)
-            return target
-
-        tasks = [dask.delayed(write)(p, t) for p, t in zip(df.to_delayed(), targets, strict=True)]
-        return progress.compute(tasks, desc="saving metadata")
+        written = self.map_shards(_save_partition, path, self.storage_options, meta=pd.Series([], dtype=object),
+                                  frame=df)  # fmt: skip
+        return progress.compute([written], desc="saving metadata")[0].tolist()
 
     # ------------------------------------------------------------------ export
     def to_webdataset(
@@ -330,9 +329,13 @@ class ImageTextPairDataset:
         """
         from imgcurate.io.export import export_webdataset
 
-        return export_webdataset(
-            self,
+        export_webdataset(
+            self._metadata,
+            self.shards,
             path,
+            source=self.path,
+            id_col=self.id_col,
+            storage_options=self.storage_options,
             filter_column=filter_column,
             samples_per_shard=samples_per_shard,
             max_shards=max_shards,
@@ -340,7 +343,19 @@ class ImageTextPairDataset:
             overwrite=overwrite,
             index_files=index_files,
         )
+        return ImageTextPairDataset.from_webdataset(path, self.id_col, storage_options=self.storage_options,
+                                                    validate=False)  # fmt: skip
 
     def __repr__(self) -> str:
         cols = ", ".join(map(str, self._metadata.columns))
         return f"ImageTextPairDataset(path={self.path!r}, shards={len(self.tar_files)}, columns=[{cols}])"
+
+
+def _save_partition(part: Any, shard: Any, folder: str | None, storage_options: dict) -> pd.Series:
+    target = parquet_path_for(shard.tar if folder is None else posixpath.join(folder, posixpath.basename(shard.tar)))
+    write_parquet(to_arrow(part), target, storage_options)
+    return pd.Series([target], dtype=object)
+
+
+def _as_is(part: Any, shard: Any) -> Any:
+    return part.copy(deep=False)

@@ -34,3 +34,10 @@ class MissingDependencyError(ImgcurateError, ImportError):
     def __init__(self, what: str, package: str, extra: str | None = None):
         hint = f"pip install 'imgcurate[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{what} needs {package!r}, which is not installed: {hint}")
+
+
+class ConfigError(ImgcurateError, ValueError):
+    """A pipeline configuration is wrong: an unknown key, a missing one, or a value of the wrong type.
+
+    The message is one line that names the key and the value.
+    """

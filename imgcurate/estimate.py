@@ -228,7 +228,7 @@ def estimate_config(path: str, measure: bool = False) -> Report:
     pipeline = Pipeline.from_yaml(path)
     if not pipeline.input:
         raise ValueError(f"{path}: the config has no 'input' folder")
-    shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.options.get("storage_options"))
+    shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.storage_options)
     st = _State(samples, tar_bytes, measure)
     steps = []
     for step in pipeline.steps:

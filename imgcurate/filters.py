@@ -15,12 +15,18 @@ A sample whose value is null for a rule (a failed decode gives null scores) fail
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.dataframe as dd
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from imgcurate.dataset import ImageTextPairDataset
+from imgcurate._dask import Shard
+from imgcurate.backends import to_pandas
+from imgcurate.steps.base import ShardIO, ShardStep
+
+if TYPE_CHECKING:
+    from imgcurate.dataset import ImageTextPairDataset
 
 __all__ = ["Rule", "SampleFilter", "drop_report"]
 
@@ -56,7 +62,7 @@ class Rule:
             return self.reason
         return f"{self.column} {self.op}" + ("" if self.op in ("isnull", "notnull") else f" {self.value}")
 
-    def passes(self, df: dd.DataFrame) -> dd.Series:
+    def passes(self, df: pd.DataFrame) -> pd.Series:
         column = df[self.column]
         if self.op == "isnull":
             return column.isnull()
@@ -65,8 +71,12 @@ class Rule:
         return _OPS[self.op](column, self.value).fillna(False).astype(bool)
 
 
-@dataclass
-class SampleFilter:
+def _is_error_column(column: str) -> bool:
+    return column == "error" or column.endswith("_error")
+
+
+@dataclass(repr=False)
+class SampleFilter(ShardStep):
     """Adds ``keep`` (bool) and ``drop_reason`` (the failed rules, ``;``-separated; null when kept) columns.
 
     Args:
@@ -128,42 +138,49 @@ class SampleFilter:
             reason = f"{self.nsfw_column} >= {self.max_nsfw}"
             rules.append((reason, Rule(self.nsfw_column, "<", self.max_nsfw).passes))
         if self.drop_errors:
-            for column in [c for c in columns if c == "error" or str(c).endswith("_error")]:
+            for column in [c for c in columns if _is_error_column(str(c))]:
                 rules.append((f"{column} set", Rule(column, "isnull").passes))
         for column in self.drop_duplicates:
             rules.append((f"{column}", Rule(column, "!=", True).passes))
         rules.extend((r.name if r.reason else f"not {r.name}", r.passes) for r in self.rules)
         return rules
 
-    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        df = dataset.metadata
-        columns = list(df.columns)
-        needed = {"width", "height"} if self.min_width or self.min_height or self.max_aspect_ratio else set()
-        needed |= {self.aesthetic_column} if self.min_aesthetic is not None else set()
-        needed |= {self.nsfw_column} if self.max_nsfw is not None else set()
-        needed |= set(self.drop_duplicates) | {r.column for r in self.rules}
-        missing = sorted(needed - set(columns))
-        if missing:
-            raise ValueError(f"SampleFilter needs metadata columns that are missing: {', '.join(missing)}")
-        keep = None
-        reason = df[dataset.id_col].astype(str).str.slice(0, 0)  # empty strings, same partitions and backend
-        for name, passes in self._rules(columns):
-            ok = passes(df)
-            keep = ok if keep is None else keep & ok
-            reason = reason.where(ok, reason + f"{name};")
-        if keep is None:
-            keep = df[dataset.id_col].notnull() | True
-        reason = reason.str.rstrip(";")
-        reason = reason.mask(reason == "", None)
-        return dataset.with_metadata(df.assign(**{self.keep_column: keep, self.reason_column: reason}))
+    def input_columns(self, id_col: str) -> list[str]:
+        needed = ["width", "height"] if self.min_width or self.min_height or self.max_aspect_ratio else []
+        needed += [self.aesthetic_column] if self.min_aesthetic is not None else []
+        needed += [self.nsfw_column] if self.max_nsfw is not None else []
+        needed += list(self.drop_duplicates) + [r.column for r in self.rules]
+        return list(dict.fromkeys(needed))
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {self.keep_column: pa.bool_(), self.reason_column: pa.string()}
+
+    def read_columns(self, meta: Any, id_col: str) -> list[str]:
+        """The rule columns, plus every error column present when ``drop_errors`` is set."""
+        errors = [c for c in map(str, meta.columns) if _is_error_column(c)] if self.drop_errors else []
+        return list(dict.fromkeys([*self.input_columns(id_col), *errors]))
+
+    def process(self, part: Any, shard: Shard, io: ShardIO) -> dict[str, Any]:
+        frame = to_pandas(part)
+        keep = np.ones(len(frame), dtype=bool)
+        reasons = [[] for _ in range(len(frame))]
+        for name, passes in self._rules([c for c in map(str, frame.columns) if c != io.id_col]):
+            ok = passes(frame).to_numpy(dtype=bool, na_value=False)
+            keep &= ok
+            for row in np.flatnonzero(~ok):
+                reasons[row].append(name)
+        text = [";".join(r) if r else None for r in reasons]
+        return {self.keep_column: keep, self.reason_column: pa.array(text, pa.string())}
 
 
 def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason") -> pd.Series:
     """How many samples each reason dropped (a sample dropped for two reasons counts under both), plus totals."""
+    import dask
+
     df = dataset.metadata
-    reasons = df[reason_column].dropna().str.split(";").explode().value_counts().compute()
-    reasons = reasons.to_pandas() if hasattr(reasons, "to_pandas") else reasons
-    total = len(df)
-    dropped = int(df[reason_column].notnull().sum().compute())
+    column = df[reason_column]
+    reasons, total, dropped = dask.compute(column.dropna().str.split(";").explode().value_counts(), column.size,
+                                           column.notnull().sum())  # fmt: skip
+    reasons, total, dropped = to_pandas(reasons), int(total), int(dropped)
     summary = pd.Series({"total": total, "kept": total - dropped, "dropped": dropped})
     return pd.concat([summary, reasons.astype("int64")])

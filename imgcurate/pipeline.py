@@ -29,7 +29,10 @@ from typing import Any
 
 import yaml
 
+from imgcurate.config_check import bind, check_value, unknown_key
 from imgcurate.dataset import ImageTextPairDataset
+from imgcurate.errors import ConfigError, MissingDependencyError
+from imgcurate.steps.base import Step
 
 __all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config"]
 
@@ -53,18 +56,27 @@ REPORTS: dict[str, str] = {
 
 def _load(table: dict[str, str], kind: str, name: str) -> Any:
     if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(table))}")
+        raise ConfigError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(table))}")
     module, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def load_stage(name: str) -> type:
-    """The step class registered under ``name``.
+    """The step class registered under ``name``, or named by a dotted path ``package.module:Class``.
 
     Raises:
-        ValueError: unknown name, listing the valid ones.
+        ConfigError: unknown name (listing the valid ones), or a dotted path that does not name a step class.
     """
-    return _load(STAGES, "step", name)
+    if ":" not in name:
+        return _load(STAGES, "step", name)
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"step {name!r}: cannot import it ({type(err).__name__}: {err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise ConfigError(f"step {name!r} is not a subclass of imgcurate.steps.Step")
+    return cls
 
 
 def stage_summary(name: str) -> str:
@@ -76,15 +88,86 @@ def stage_summary(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def _build_step(spec: Any) -> Any:
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ValueError(f"a step is written as 'Name: {{arguments}}', got {spec!r}")
+def _is_step_spec(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value)), str) and (
+        next(iter(value)) in STAGES or ":" in next(iter(value))
+    )  # fmt: skip
+
+
+def build_step(spec: Any, where: str = "steps") -> Step:
+    """A step from its config entry ``{Name: {arguments}}``; lists of such entries inside the arguments (an
+    embedder's ``classifiers``) are built too. Every argument is checked against the constructor first.
+
+    Raises:
+        ConfigError: the entry is malformed, names no step, or an argument is unknown, missing or of the wrong type.
+        MissingDependencyError: the step needs a package that is not installed.
+    """
+    if not _is_step_spec(spec) and not (isinstance(spec, dict) and len(spec) == 1):
+        raise ConfigError(f"{where}: a step is written as 'Name: {{arguments}}', got {spec!r}")
     ((name, kwargs),) = spec.items()
-    cls = load_stage(name)
+    cls = load_stage(str(name))
+    where = f"{where}.{name}"
+    kwargs = dict(kwargs or {}) if isinstance(kwargs, dict) or kwargs is None else kwargs
+    if isinstance(kwargs, dict):
+        for key, value in kwargs.items():
+            if isinstance(value, list) and value and all(_is_step_spec(v) for v in value):
+                kwargs[key] = [build_step(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+    bind(cls, kwargs, where)
     try:
-        return cls(**(kwargs or {}))
-    except TypeError as err:
-        raise ValueError(f"step {name}: {err}") from None
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {err}") from None
+
+
+#: LocalCluster options besides its own parameters: those it passes to each worker.
+_WORKER_OPTIONS = ("memory_limit", "local_directory", "resources", "env", "preload", "nthreads")
+
+
+def _cluster_options(kind: str) -> list[str]:
+    if kind == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as err:
+            raise MissingDependencyError("cluster type 'cuda'", "dask-cuda", extra="gpu") from err
+        named = inspect.signature(LocalCUDACluster.__init__).parameters
+    else:
+        from distributed import LocalCluster
+
+        named = inspect.signature(LocalCluster.__init__).parameters
+    return [n for n, p in named.items() if n != "self" and p.kind is not p.VAR_KEYWORD] + list(_WORKER_OPTIONS)
+
+
+def check_cluster(spec: Any) -> dict[str, Any] | None:
+    """Checks a ``cluster`` section: ``{address: ...}``, or ``{type: local|cuda, <LocalCluster options>}``.
+
+    Raises:
+        ConfigError: naming the key and value at fault.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"cluster: expected 'key: value' options, got {spec!r}")
+    spec = dict(spec)
+    if "address" in spec:
+        extra = sorted(set(spec) - {"address"})
+        if extra:
+            raise ConfigError(f"cluster: 'address' connects to a running scheduler and takes no other key ({extra})")
+        if not isinstance(spec["address"], str):
+            raise ConfigError(f"cluster.address: expected a string, got {spec['address']!r}")
+        return spec
+    kind = spec.get("type", "local")
+    if kind not in ("local", "cuda"):
+        raise ConfigError(f"cluster.type: expected 'local' or 'cuda', got {kind!r}")
+    known = _cluster_options(kind)
+    for key in spec:
+        if key != "type" and key not in known:
+            raise unknown_key("cluster", key, known + ["type", "address"])
+    for key, expected in (("n_workers", int), ("threads_per_worker", int), ("processes", bool)):
+        if key in spec and (not isinstance(spec[key], expected) or isinstance(spec[key], bool) != (expected is bool)):
+            raise ConfigError(f"cluster.{key}: {check_value(spec[key], expected)}, got {spec[key]!r}")
+    return spec
 
 
 @contextlib.contextmanager
@@ -101,19 +184,26 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
         return
     kind = spec.pop("type", "local")
     if kind == "cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as err:
-            from imgcurate.errors import MissingDependencyError
+        from dask_cuda import LocalCUDACluster
 
-            raise MissingDependencyError("cluster type 'cuda'", "dask-cuda", extra="gpu") from err
         cluster = LocalCUDACluster(**spec)
-    elif kind == "local":
-        cluster = LocalCluster(**spec)
     else:
-        raise ValueError(f"unknown cluster type {kind!r}: choose local or cuda, or give an address")
+        cluster = LocalCluster(**spec)
     with cluster, Client(cluster) as client:
         yield client
+
+
+_KNOWN_KEYS = {
+    "input": str,
+    "output": str,
+    "id_col": str,
+    "backend": str,
+    "cluster": dict,
+    "steps": list,
+    "reports": dict,
+    "export": dict,
+    "storage_options": dict,
+}
 
 
 @dataclass
@@ -121,8 +211,13 @@ class Pipeline:
     """Steps applied in order to a dataset, then reports and an optional export.
 
     Args:
-        steps: objects with ``__call__(dataset) -> dataset``.
+        steps: :class:`~imgcurate.steps.Step` objects (or any ``dataset -> dataset`` callables).
         export: keyword arguments of :meth:`ImageTextPairDataset.to_webdataset` (``path`` among them), or None.
+        input: the input folder, opened by :meth:`run` when no dataset is given.
+        id_col: the key column of the input.
+        backend: ``auto``, ``pandas`` or ``cudf``.
+        cluster: ``{address: ...}`` or LocalCluster options (``type: cuda`` for dask-cuda's LocalCUDACluster).
+        storage_options: passed to fsspec for the input.
         reports: report name (see :data:`REPORTS`) -> its keyword arguments, ``path`` (the file to write) among
             them; written after the steps and before the export. In YAML a bare path stands for ``{path: ...}``.
     """
@@ -133,47 +228,100 @@ class Pipeline:
     id_col: str = "key"
     backend: str | None = None
     cluster: dict[str, Any] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
+        self.cluster = check_cluster(self.cluster)
         for name, kwargs in self.reports.items():  # an unknown report or argument is an error before any work
             if "path" not in kwargs:
-                raise ValueError(f"report {name}: give the file to write as 'path'")
-            try:
-                inspect.signature(_load(REPORTS, "report", name)).bind(None, **kwargs)
-            except TypeError as err:
-                raise ValueError(f"report {name}: {err}") from None
+                raise ConfigError(f"reports.{name}: give the file to write as 'path'")
+            bind(_load(REPORTS, "report", name), kwargs, f"reports.{name}", skip=1)
+        if self.export is not None:
+            from imgcurate.dataset import ImageTextPairDataset
+
+            bind(ImageTextPairDataset.to_webdataset, self.export, "export", skip=1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Kept for callers of earlier versions: ``{"storage_options": ...}``."""
+        return {"storage_options": self.storage_options}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Pipeline:
-        known = {"input", "output", "id_col", "backend", "cluster", "steps", "reports", "export", "storage_options"}
-        unknown = set(config) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    def from_config(cls, config: Any) -> Pipeline:
+        """A pipeline from a parsed YAML mapping, every section checked before anything runs.
+
+        Raises:
+            ConfigError: one line naming the key and the value at fault.
+            MissingDependencyError: a step needs a package that is not installed.
+        """
+        if not isinstance(config, dict):
+            raise ConfigError(f"a pipeline config is a mapping of sections, got {type(config).__name__}")
+        for key, value in config.items():
+            if key not in _KNOWN_KEYS:
+                raise unknown_key("config", str(key), list(_KNOWN_KEYS))
+            expected = _KNOWN_KEYS[key]
+            if value is not None and not isinstance(value, expected):
+                raise ConfigError(f"{key}: {check_value(value, expected)}, got {value!r}")
+        if config.get("backend") not in (None, "auto", "pandas", "cudf"):
+            raise ConfigError(f"backend: expected auto, pandas or cudf, got {config['backend']!r}")
         reports = config.get("reports") or {}
-        if not isinstance(reports, dict):
-            raise ValueError(f"reports is written as 'name: file' or 'name: {{path: file, ...}}', got {reports!r}")
         export = dict(config.get("export") or {})
         if config.get("output"):
             export.setdefault("path", config["output"])
         return cls(
-            steps=[_build_step(s) for s in config.get("steps") or []],
+            steps=[build_step(s, f"steps[{i}]") for i, s in enumerate(config.get("steps") or [])],
             export=export if export.get("path") else None,
             input=config.get("input"),
             id_col=config.get("id_col", "key"),
             backend=config.get("backend"),
             cluster=config.get("cluster"),
-            options={"storage_options": config.get("storage_options")},
+            storage_options=config.get("storage_options"),
             reports={str(k): dict(v) if isinstance(v, dict) else {"path": str(v)} for k, v in reports.items()},
         )
 
     @classmethod
     def from_yaml(cls, path: str) -> Pipeline:
         with open(path) as f:
-            return cls.from_config(yaml.safe_load(f) or {})
+            try:
+                config = yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        return cls.from_config(config or {})
+
+    def open_input(self) -> ImageTextPairDataset:
+        """Opens the ``input`` folder (reads the parquet footers and tar headers, no image)."""
+        if not self.input:
+            raise ConfigError("input: the config has no 'input' folder")
+        return ImageTextPairDataset.from_webdataset(
+            self.input, self.id_col, backend=self.backend, storage_options=self.storage_options
+        )
+
+    def check(self, dataset: ImageTextPairDataset) -> None:
+        """Checks the column flow on the dataset's ``meta``: every step finds the columns it reads, and the export's
+        filter column exists and is boolean at the end. Nothing is computed.
+
+        Raises:
+            ConfigError: naming the step (or export key) and the column.
+        """
+        meta, id_col = dataset.metadata._meta, dataset.id_col
+        for i, step in enumerate(self.steps):
+            if not isinstance(step, Step):
+                continue
+            try:
+                step.check(meta, id_col)
+            except ValueError as err:
+                raise ConfigError(f"steps[{i}].{step.name}: {err}") from None
+            meta = zip_columns_meta(meta, step.output_meta(meta))
+        column = (self.export or {}).get("filter_column")
+        if column is not None:
+            columns = list(map(str, meta.columns))
+            if column not in columns:
+                raise ConfigError(f"export.filter_column: no column {column!r} at the end of the steps "
+                                  f"(columns: {', '.join(columns)})")  # fmt: skip
 
     def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        """The steps applied to ``dataset``, lazily (nothing is computed)."""
         for step in self.steps:
             dataset = step(dataset)
         return dataset
@@ -183,35 +331,35 @@ class Pipeline:
         dataset: ImageTextPairDataset | None = None,
         summary: Callable[[ImageTextPairDataset], None] | None = None,
     ) -> ImageTextPairDataset:
-        """Opens the input (unless given), applies the steps, writes the reports, calls ``summary`` on the result,
-        and exports; all of it on the pipeline's cluster, which is closed when this returns.
-
-        When more than one thing reads the result (a report reads it twice), it is persisted first, so the steps run
-        once.
+        """Opens the input (unless given), checks the column flow, then, on the pipeline's cluster: computes the
+        steps once (persisted), writes the reports, calls ``summary`` on the result, and exports.
 
         Returns:
             The exported dataset (read back from the new shards). Without an export, the final dataset; with a
-            ``cluster`` its frame may refer to results held by that closed cluster, so to keep working on it, call
+            ``cluster`` its frame refers to results held by that closed cluster, so to keep working on it, call
             :meth:`apply` under a client of your own instead.
         """
+        if dataset is None:
+            dataset = self.open_input()
+        self.check(dataset)
         with _cluster(self.cluster):
-            if dataset is None:
-                if not self.input:
-                    raise ValueError("the config has no 'input' folder")
-                dataset = ImageTextPairDataset.from_webdataset(
-                    self.input, self.id_col, backend=self.backend, storage_options=self.options.get("storage_options")
-                )
-            dataset = self.apply(dataset)
-            if self.reports or (self.export and summary is not None):
-                dataset = dataset.persist(desc="computing the steps")
+            result = self.apply(dataset).persist(desc="computing the steps")
             for name, kwargs in self.reports.items():
-                _load(REPORTS, "report", name)(dataset, **kwargs)
+                _load(REPORTS, "report", name)(result, **kwargs)
             if summary is not None:
-                summary(dataset)
+                summary(result)
             if self.export:
                 kwargs = dict(self.export)
-                return dataset.to_webdataset(kwargs.pop("path"), **kwargs)
-            return dataset
+                return result.to_webdataset(kwargs.pop("path"), **kwargs)
+            return result
+
+
+def zip_columns_meta(meta: Any, added: Any) -> Any:
+    """``meta`` with the columns of ``added`` beside it (what :func:`imgcurate._dask.zip_columns` gives, on meta)."""
+    out = meta.copy(deep=False)
+    for name in added.columns:
+        out[name] = added[name]
+    return out
 
 
 def run_config(path: str) -> ImageTextPairDataset:

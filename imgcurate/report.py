@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from imgcurate import progress
-from imgcurate.dataset import ImageTextPairDataset, partition_number
-from imgcurate.io.shards import atomic_open
+from imgcurate.backends import to_pandas
+from imgcurate.dataset import ImageTextPairDataset
+from imgcurate.io._fs import atomic_open
 from imgcurate.io.tar import aligned_images
 
 __all__ = ["score_histograms", "duplicate_groups"]
@@ -39,10 +40,7 @@ def score_histograms(
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     df = dataset.metadata
     present = [c for c in columns if c in df.columns]
@@ -50,10 +48,10 @@ def score_histograms(
     if not present and not has_reasons:
         raise ValueError(f"none of the columns {', '.join(columns)} (nor {reason_column!r}) is in the metadata")
     wanted = present + ([reason_column] if has_reasons else [])
-    frame = df[wanted].compute()
-    frame = frame.to_pandas() if hasattr(frame, "to_pandas") else frame
+    frame = to_pandas(df[wanted].compute())
     panels = len(present) + int(has_reasons)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * panels, 3.6))
+    axes = fig.subplots(1, panels, squeeze=False)
     for ax, column in zip(axes[0], present, strict=False):
         values = frame[column].dropna().to_numpy(dtype=np.float64)
         ax.hist(values, bins=40, color="#4c72b0")
@@ -69,7 +67,6 @@ def score_histograms(
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -120,14 +117,8 @@ def duplicate_groups(
     id_col = dataset.id_col
     wanted = [id_col, flag_col, of_col] + [c for c in (sim_col, caption_column) if c and c in df.columns]
 
-    def rows(part: Any, partition_info=None) -> pd.DataFrame:
-        frame = part[wanted] if isinstance(part, pd.DataFrame) else part[wanted].to_pandas()
-        flag = frame[flag_col].fillna(False).astype(bool).to_numpy() & frame[of_col].notna().to_numpy()
-        return frame.assign(_flag=flag, _shard=partition_number(partition_info), _row=np.arange(len(frame)))
-
-    meta = df._meta[wanted]
-    meta = (meta if isinstance(meta, pd.DataFrame) else meta.to_pandas()).assign(_flag=False, _shard=0, _row=0)
-    small = df.map_partitions(rows, meta=meta, enforce_metadata=False)  # a few columns; never gathered whole
+    meta = to_pandas(df._meta[wanted]).assign(_flag=False, _shard=0, _row=0)
+    small = dataset.map_shards(_report_rows, wanted, flag_col, of_col, meta=meta, frame=df[wanted])  # never gathered
     flagged = small[small["_flag"]]
     # first pass: counts, the largest groups' targets, the closest unflagged pairs, the similarity range
     first = [small["_flag"].count(), small["_flag"].sum(), flagged[of_col].nunique()]
@@ -221,6 +212,12 @@ def duplicate_groups(
     return path
 
 
+def _report_rows(part: Any, shard: Any, wanted: list[str], flag_col: str, of_col: str) -> pd.DataFrame:
+    frame = to_pandas(part[wanted])
+    flag = frame[flag_col].fillna(False).astype(bool).to_numpy() & frame[of_col].notna().to_numpy()
+    return frame.assign(_flag=flag, _shard=shard.index, _row=np.arange(len(frame)))
+
+
 def _find_dedup_columns(present: Sequence[str]) -> tuple[str, str, str | None]:
     for flag, of, sim in _DEDUP_COLUMNS:
         if flag in present and of in present:
@@ -265,12 +262,10 @@ def _histograms(part: pd.DataFrame, sim_col: str, bins: np.ndarray) -> pd.Series
 
 
 def _similarity_plot(bins: np.ndarray, kept: np.ndarray, flagged: np.ndarray, sim_col: str) -> str:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     left = bins[:-1]
     ax.hist([left, left], bins=bins, weights=[kept, flagged], stacked=True, color=["#4c72b0", "#c44e52"],
             label=["kept", "flagged"])  # fmt: skip
@@ -280,5 +275,4 @@ def _similarity_plot(bins: np.ndarray, kept: np.ndarray, flagged: np.ndarray, si
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

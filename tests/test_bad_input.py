@@ -58,7 +58,7 @@ def test_unsafe_member_names_are_error_rows_and_never_written_outside(tmp_path, 
     out = tmp_path / "deep" / "out"
     exported = ds.to_webdataset(str(out), old_id_col="old")
     assert sorted(os.listdir(tmp_path)) == ["deep", "src"]
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00000.tar"]
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00000.tar", "_imgcurate_export.json"]
     names = list(tar_members(exported.tar_files[0]))
     assert all(not n.startswith(("/", "..")) for n in names)
     assert exported.metadata["old"].compute().tolist() == ["ok", "../evil", "/etc/passwdx"]

@@ -134,7 +134,7 @@ def test_fused_into_the_embedder_pass_equals_standalone(sample_ds, tmp_path):
 
 
 def test_classifier_needs_its_column(sample_ds, tmp_path):
-    with pytest.raises(ValueError, match="run an embedder first"):
+    with pytest.raises(ValueError, match="reads column.*image_embedding.*add the step that makes them"):
         AestheticClassifier(model_path="x")(sample_ds)
 
 

@@ -147,7 +147,7 @@ def test_report_arguments_go_to_the_report_and_are_checked_before_any_work(sampl
     config["input"] = str(tmp_path / "nowhere")  # never opened: the config fails first
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "p.yaml")]) == 2
-    assert "report scores: got an unexpected keyword argument 'colour'" in capsys.readouterr().err
+    assert "reports.scores: unknown key 'colour'" in capsys.readouterr().err
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({**config, "reports": {"duplicates": {"max_groups": 3}}}))
     assert main(["run", str(tmp_path / "p.yaml")]) == 2
-    assert "report duplicates: give the file to write as 'path'" in capsys.readouterr().err
+    assert "reports.duplicates: give the file to write as 'path'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tar_members
 
-from imgcurate import AlignmentError, ImageTextPairDataset, new_key
+from imgcurate import AlignmentError, ImageTextPairDataset, ShardError, new_key
 from imgcurate.io import ShardWriter
 
 
@@ -71,10 +71,7 @@ def test_list_columns_survive_export(sample_ds, tmp_path):
         return part.assign(emb=[rng.standard_normal(8).astype(np.float32) for _ in range(len(part))])
 
     df = sample_ds.metadata
-    ds = sample_ds.with_metadata(
-        df.map_partitions(embed, meta={**df.dtypes.to_dict(), "emb": object}),
-        arrow_types={"emb": pa.list_(pa.float32())},
-    )
+    ds = sample_ds.with_metadata(df.map_partitions(embed, meta={**df.dtypes.to_dict(), "emb": object}))
     expected = ds.metadata.compute()
     out = ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=10)
     table = pq.read_table(out.tar_files[0][:-4] + ".parquet")
@@ -112,7 +109,9 @@ def test_max_shards_and_existing_output(sample_ds, tmp_path):
     with pytest.raises(FileExistsError):
         sample_ds.to_webdataset(str(tmp_path / "o"))
     again = sample_ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=30, overwrite=True)
-    assert sorted(os.listdir(tmp_path / "o")) == ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar"]
+    assert sorted(os.listdir(tmp_path / "o")) == [
+        "00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "_imgcurate_export.json"
+    ]  # fmt: skip
     assert len(again.metadata) == 36
 
 
@@ -137,7 +136,8 @@ def test_reordered_partition_is_an_alignment_error(sample_ds, tmp_path):
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".tar", ".parquet")]
 
 
-def test_crash_mid_shard_leaves_no_finished_looking_file(sample_ds, tmp_path, monkeypatch):
+def test_a_crash_mid_export_publishes_nothing_and_a_rerun_finishes_from_the_staged_shards(sample_ds, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
     calls = {"n": 0}
     original = ShardWriter.write
 
@@ -148,11 +148,59 @@ def test_crash_mid_shard_leaves_no_finished_looking_file(sample_ds, tmp_path, mo
         return original(self, key, members)
 
     monkeypatch.setattr(ShardWriter, "write", flaky)
+    out = tmp_path / "o"
     with dask.config.set(scheduler="sync"), pytest.raises(OSError, match="disk full"):
-        sample_ds.to_webdataset(str(tmp_path / "o"), samples_per_shard=10)
-    left = sorted(os.listdir(tmp_path / "o"))
-    # one shard was finished before the failure; the broken one left nothing behind, not even a temporary file
-    assert len(left) == 2 and left[0].endswith(".parquet") and left[1] == left[0].replace(".parquet", ".tar")
-    reopened = ImageTextPairDataset.from_webdataset(str(tmp_path / "o"))
-    n = len(reopened.metadata)  # the shard that finished: 10 samples, or 6 if it was the last one
-    assert n in (10, 6) and len(tar_members(reopened.tar_files[0])) == 3 * n
+        sample_ds.to_webdataset(str(out), samples_per_shard=10)
+    # nothing is published: the folder holds no shard, only the staging folder with the one finished shard
+    assert sorted(os.listdir(out)) == [".imgcurate-staging"]
+    staged = sorted(p.name for p in (out / ".imgcurate-staging").iterdir() if p.is_file())
+    finished = [n for n in staged if n.endswith((".tar", ".parquet"))]
+    assert len(finished) == 2 and finished[1] == finished[0].replace(".parquet", ".tar")
+    assert not [n for n in staged if ".tmp-" in n]  # the broken shard left nothing behind
+    with pytest.raises(Exception, match="no .tar shards"):
+        ImageTextPairDataset.from_webdataset(str(out))
+    # the same export again writes only the shards that are missing, and ends as an uninterrupted run does
+    monkeypatch.setattr(ShardWriter, "write", original)
+    written = []
+    monkeypatch.setattr(ShardWriter, "close", _counting_close(ShardWriter.close, written))
+    again = sample_ds.to_webdataset(str(out), samples_per_shard=10)
+    assert len(written) == again.num_shards - 1
+    clean = sample_ds.to_webdataset(str(tmp_path / "clean"), samples_per_shard=10)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "clean"))
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert len(clean.metadata) == 36
+
+
+def _counting_close(close, written):
+    def counting(self):
+        written.append(self.tar_path)
+        return close(self)
+
+    return counting
+
+
+def test_a_crash_while_publishing_is_an_error_at_open_and_a_rerun_finishes(sample_ds, tmp_path, monkeypatch):
+    import fsspec.implementations.local as local
+
+    out = tmp_path / "o"
+    sample_ds.to_webdataset(str(out), samples_per_shard=20)  # an older export, 2 shards
+    moves = {"n": 0}
+    original = local.LocalFileSystem.mv
+
+    def dies(self, source, target, *args, **kwargs):
+        if ".imgcurate-staging" in str(source) and ".imgcurate-staging" not in str(target):  # publishing
+            moves["n"] += 1
+            if moves["n"] == 3:  # after some of the new files replaced old ones
+                raise KeyboardInterrupt("killed")
+        return original(self, source, target, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "mv", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sample_ds.to_webdataset(str(out), samples_per_shard=7, overwrite=True)
+    monkeypatch.setattr(local.LocalFileSystem, "mv", original)
+    with pytest.raises(ShardError, match="did not finish"):
+        ImageTextPairDataset.from_webdataset(str(out))  # a mix of old and new shards is never opened
+    again = sample_ds.to_webdataset(str(out), samples_per_shard=7, overwrite=True)
+    assert again.num_shards == 6 and len(again.metadata) == 36
+    assert not (out / ".imgcurate-staging").exists()

@@ -76,7 +76,7 @@ def test_export_writes_indexes_and_drops_stale_ones(sample_ds, tmp_path):
         assert open(idx).read() == _reference(tar, tmp_path)
     ImageTextPairDataset.from_webdataset(str(out)).to_webdataset(str(tmp_path / "again"), samples_per_shard=8)
     sample_ds.to_webdataset(str(out), samples_per_shard=100, overwrite=True)  # one shard now, no index asked for
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "_imgcurate_export.json"]
 
 
 def test_a_name_with_white_space_cannot_be_indexed_and_leaves_nothing(tmp_path):

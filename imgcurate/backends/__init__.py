@@ -1,19 +1,30 @@
 """Dataframe backends: the one place that knows pandas from cuDF.
 
 A backend is picked by name from the ``imgcurate.backend`` config key (``auto``, ``pandas`` or ``cudf``). Partition
-functions receive the backend's *name* (a plain string that pickles cheaply to Dask workers) and look the backend
-up with :func:`get_backend` where they run. cuDF is imported only inside :class:`CudfBackend`, so a CPU machine never
-imports it.
+functions receive the backend's *name* (a plain string that pickles cheaply to Dask workers) or look the backend up
+from the partition itself with :func:`backend_of`. cuDF is imported only inside :class:`CudfBackend`, so a CPU
+machine never imports it.
+
+Every conversion between frames, arrow tables, host arrays and embedding matrices lives here, so that steps never
+branch on the frame type:
+
+- :func:`to_arrow` / :func:`from_arrow`: a partition to an arrow table with declared column types, and back.
+- :func:`with_columns`: a partition with new columns (numpy arrays, pandas Series or arrow arrays), only the new
+  columns travelling to the GPU on cuDF.
+- :func:`embedding_array` / :func:`embedding_matrix`: embeddings are ONE arrow type on both backends, a fixed-size list
+  of float32 (``pa.list_(pa.float32(), dim)``, :func:`embedding_type`); a partition's embeddings become a
+  ``(rows, dim)`` float32 matrix in one vectorised call. On pandas the column's dtype is ``pd.ArrowDtype`` of that
+  type. cuDF holds it as a list column (its arrow import maps fixed-size lists to lists); :func:`to_arrow` gives it
+  back its fixed size from the declared type.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import pathlib
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -25,19 +36,130 @@ __all__ = [
     "PandasBackend",
     "CudfBackend",
     "get_backend",
+    "backend_of",
+    "host_index",
+    "on_gpu",
     "resolve_backend_name",
     "gpu_available",
+    "to_arrow",
+    "from_arrow",
+    "to_pandas",
+    "empty_frame",
     "with_columns",
+    "embedding_type",
+    "embedding_array",
+    "embedding_matrix",
+    "is_embedding_type",
 ]
 
 
+# ---------------------------------------------------------------------------------------------------- embeddings
+def embedding_type(dim: int) -> pa.DataType:
+    """The arrow type of an embedding column: a fixed-size list of ``dim`` float32."""
+    return pa.list_(pa.float32(), int(dim))
+
+
+def is_embedding_type(arrow_type: pa.DataType) -> bool:
+    """True for list types of floats (fixed size or not), the types an embedding column may have."""
+    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return pa.types.is_floating(arrow_type.value_type)
+    return False
+
+
+def embedding_array(matrix: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """An arrow column of embeddings from a ``(n, dim)`` matrix; rows where ``valid`` is false are null.
+
+    NaN values inside an embedding stay NaN (floats), never null elements.
+    """
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"embeddings must be a (rows, dim) matrix, got shape {matrix.shape}")
+    values = pa.array(matrix.reshape(-1), type=pa.float32())  # from numpy: NaN stays a value, not a null
+    mask = None if valid is None or valid.all() else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.FixedSizeListArray.from_arrays(values, matrix.shape[1], mask=mask)
+
+
+def embedding_matrix(values: Any, name: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+    """A column of embeddings as ``(valid, matrix)``: a bool array with one entry per row, and the float32
+    ``(valid rows, dim)`` matrix of the non-null rows, in one vectorised conversion.
+
+    Accepts the arrow-backed columns of either backend, and also pandas object columns of numpy arrays or lists
+    (frames that users build themselves).
+
+    Raises:
+        ValueError: embeddings of different lengths.
+        TypeError: the column holds text or numbers instead of embeddings (with what to do about it).
+    """
+    if not isinstance(values, pd.Series):
+        return backend_of(values).embedding_matrix(values, name)
+    dtype = values.dtype
+    if isinstance(dtype, pd.ArrowDtype) and is_embedding_type(dtype.pyarrow_dtype):
+        return _arrow_matrix(pa.chunked_array(values.array._pa_array).combine_chunks(), name)
+    if pd.api.types.is_object_dtype(dtype):
+        valid = values.notna().to_numpy(dtype=bool)
+        rows = values[valid].tolist()
+        if rows and isinstance(rows[0], str):
+            raise _text_error(name)
+        if not rows:
+            return valid, np.zeros((0, 0), dtype=np.float32)
+        lengths = {len(r) for r in rows}
+        if len(lengths) > 1:
+            raise ValueError(f"column {name!r} holds embeddings of different lengths ({_lengths(lengths)})")
+        return valid, np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+    if pd.api.types.is_string_dtype(dtype):
+        raise _text_error(name)
+    raise TypeError(f"column {name!r} has dtype {dtype}, not embeddings (a list of float32 per row)")
+
+
+def _arrow_matrix(array: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    n_valid = int(valid.sum())
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+    else:
+        lengths = pa.compute.list_value_length(array).drop_null().unique().to_pylist()
+        if len(lengths) > 1:
+            raise ValueError(f"column {name!r} holds embeddings of different lengths ({_lengths(lengths)})")
+        dim = lengths[0] if lengths else 0
+    flat = array.flatten()  # the values of the non-null rows only, in order
+    matrix = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n_valid, dim)
+    return valid, np.ascontiguousarray(matrix)
+
+
+def _lengths(lengths: Any) -> str:
+    return ", ".join(str(n) for n in sorted(lengths)) + " values"
+
+
+def _text_error(name: str) -> TypeError:
+    return TypeError(
+        f"column {name!r} holds text, not embeddings: dask turns a pandas column of numpy arrays into strings "
+        "when a frame is built with dd.from_pandas (its 'dataframe.convert-string' setting). Store embeddings with "
+        "an arrow list type instead: pd.Series(imgcurate.backends.embedding_array(matrix), dtype=pd.ArrowDtype("
+        "imgcurate.backends.embedding_type(dim))), or build the frame under dask.config.set({'dataframe.convert-"
+        "string': False})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- backends
 def _pandas_type(arrow_type: pa.DataType) -> Any:
     """Pandas dtype for an arrow type, chosen so that every partition gets the same dtype whatever its nulls."""
     if pa.types.is_integer(arrow_type):
         return pd.Int64Dtype()
     if pa.types.is_boolean(arrow_type):
         return pd.BooleanDtype()
+    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return pd.ArrowDtype(arrow_type)
+    if pa.types.is_struct(arrow_type) or pa.types.is_map(arrow_type):
+        return pd.ArrowDtype(arrow_type)
     return None  # pyarrow's default conversion
+
+
+def _cast_declared(table: pa.Table, types: Mapping[str, pa.DataType] | None) -> pa.Table:
+    for name, arrow_type in (types or {}).items():
+        if name in table.column_names and table.column(name).type != arrow_type:
+            index = table.column_names.index(name)
+            table = table.set_column(index, pa.field(name, arrow_type), table.column(name).cast(arrow_type))
+    return table
 
 
 class Backend:
@@ -45,6 +167,9 @@ class Backend:
 
     name: str = ""
     dask_backend: str = ""
+
+    def owns(self, frame: Any) -> bool:
+        raise NotImplementedError
 
     def from_arrow(self, table: pa.Table) -> Any:
         raise NotImplementedError
@@ -55,12 +180,18 @@ class Backend:
     def to_pandas(self, frame: Any) -> pd.DataFrame:
         raise NotImplementedError
 
+    def embedding_matrix(self, values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
 
 class PandasBackend(Backend):
     """pandas frames, with nullable integer and boolean dtypes so that partitions agree with their ``meta``."""
 
     name = "pandas"
     dask_backend = "pandas"
+
+    def owns(self, frame: Any) -> bool:
+        return isinstance(frame, pd.DataFrame | pd.Series)
 
     def from_arrow(self, table: pa.Table) -> pd.DataFrame:
         return table.to_pandas(types_mapper=_pandas_type)
@@ -70,6 +201,9 @@ class PandasBackend(Backend):
 
     def to_pandas(self, frame: pd.DataFrame) -> pd.DataFrame:
         return frame
+
+    def embedding_matrix(self, values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return embedding_matrix(values, name)
 
 
 class CudfBackend(Backend):
@@ -83,31 +217,47 @@ class CudfBackend(Backend):
         try:
             import cudf
         except ImportError as err:  # pragma: no cover - depends on the machine
-            raise MissingDependencyError("the cudf backend", "cudf-cu12", extra="gpu") from err
+            raise MissingDependencyError("the cudf backend", "cudf-cu13", extra="gpu") from err
         return cudf
 
+    def owns(self, frame: Any) -> bool:
+        return type(frame).__module__.startswith("cudf")
+
     def from_arrow(self, table: pa.Table) -> Any:
-        return self._cudf.DataFrame.from_arrow(table)
+        # cuDF stores lists of any size; a fixed-size list goes in as a plain list and gets its size back in to_arrow
+        fields = [
+            pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_fixed_size_list(f.type) else f
+            for f in table.schema
+        ]
+        return self._cudf.DataFrame.from_arrow(table.cast(pa.schema(fields)))
 
     def to_arrow(self, frame: Any) -> pa.Table:
-        if isinstance(frame, pd.DataFrame):
-            return pa.Table.from_pandas(frame, preserve_index=False)
         return frame.to_arrow(preserve_index=False)
 
     def to_pandas(self, frame: Any) -> pd.DataFrame:
-        if isinstance(frame, pd.DataFrame):
-            return frame
         return frame.to_pandas()
+
+    def embedding_matrix(self, values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+        # a cuDF list column: its leaves are one flat device array, the non-null rows one after the other
+        valid = values.notna().to_numpy()
+        n_valid = int(valid.sum())
+        leaves = values[values.notna()].list.leaves
+        if leaves.null_count:
+            leaves = leaves.fillna(np.nan)
+        flat = leaves.astype(np.float32).to_numpy()
+        if n_valid and len(flat) % n_valid:
+            raise ValueError(f"column {name!r} holds embeddings of different lengths")
+        return valid, flat.reshape(n_valid, -1 if n_valid else 0)
 
 
 _BACKENDS: dict[str, type[Backend]] = {"pandas": PandasBackend, "cudf": CudfBackend}
 
 
 def gpu_available() -> bool:
-    """True when an NVIDIA GPU is visible, checked without importing CUDA libraries."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return pathlib.Path("/proc/driver/nvidia/version").exists() or pathlib.Path("/dev/nvidia0").exists()
+    """True when a GPU can be used here (see :mod:`imgcurate.device`, the one place that decides)."""
+    from imgcurate.device import gpu_available as available
+
+    return available()
 
 
 def resolve_backend_name(name: str | None = None) -> str:
@@ -118,7 +268,9 @@ def resolve_backend_name(name: str | None = None) -> str:
     """
     name = name or config.get("backend", "auto")
     if name == "auto":
-        return "cudf" if gpu_available() and importlib.util.find_spec("cudf") is not None else "pandas"
+        from imgcurate.device import cudf_usable
+
+        return "cudf" if cudf_usable() else "pandas"
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of auto, {', '.join(_BACKENDS)}")
     return name
@@ -134,21 +286,76 @@ def _backend_instance(name: str) -> Backend:
     return _BACKENDS[name]()
 
 
-def with_columns(part: Any, columns: dict[str, Any], arrow_types: dict[str, pa.DataType] | None = None) -> Any:
+def host_index(index: Any) -> pd.Index:
+    """A partition's index on the host (a pandas index)."""
+    return index if isinstance(index, pd.Index) else index.to_pandas()
+
+
+def on_gpu(frame: Any) -> bool:
+    """True for a cuDF partition (or ``meta``), False for pandas."""
+    return backend_of(frame).name == "cudf"
+
+
+def backend_of(frame: Any) -> Backend:
+    """The backend of a partition (or series) by its type: pandas, else cuDF."""
+    pandas = _backend_instance("pandas")
+    return pandas if pandas.owns(frame) else _backend_instance("cudf")
+
+
+# ---------------------------------------------------------------------------------------------------- frames
+def to_arrow(frame: Any, types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
+    """A partition (pandas or cuDF) as an arrow table; columns named in ``types`` are cast to their declared type."""
+    return _cast_declared(backend_of(frame).to_arrow(frame), types)
+
+
+def from_arrow(table: pa.Table, backend: str | None = None) -> Any:
+    """An arrow table as a frame of ``backend`` (a name; None reads the config)."""
+    return get_backend(backend).from_arrow(table)
+
+
+def to_pandas(frame: Any) -> pd.DataFrame:
+    """A partition (or its ``meta``) as a pandas frame, copied to the host from the GPU when needed."""
+    return backend_of(frame).to_pandas(frame)
+
+
+def empty_frame(types: Mapping[str, pa.DataType], backend: str | None = None) -> Any:
+    """An empty frame of ``backend`` whose columns have the given arrow types (a step's ``meta``)."""
+    schema = pa.schema([pa.field(name, t) for name, t in types.items()])
+    return get_backend(backend).from_arrow(schema.empty_table())
+
+
+def with_columns(part: Any, columns: Mapping[str, Any], types: Mapping[str, pa.DataType] | None = None) -> Any:
     """``part`` (a pandas or cuDF partition, or its empty ``meta``) with ``columns`` added or replaced.
 
-    Values are pandas Series or arrays with one value per row, in row order (a Series' own index is ignored). For a
-    cuDF partition only the new columns travel: they go through arrow, with ``arrow_types`` for the columns whose
-    type pandas cannot say (lists of floats), and are set on a shallow copy of the partition.
+    Values are numpy arrays, pandas Series (their own index is ignored) or arrow arrays, one value per row in row
+    order. ``types`` gives the arrow type of columns; a column whose type is given gets exactly that type. For a cuDF
+    partition only the new columns travel to the GPU, through arrow.
     """
+    types = dict(types or {})
+    arrays = {name: _as_arrow(values, types.get(name)) for name, values in columns.items()}
     if isinstance(part, pd.DataFrame):
-        return part.assign(**{k: v.set_axis(part.index) if isinstance(v, pd.Series) else v for k, v in columns.items()})
-    from imgcurate.io.export import partition_to_arrow
-
-    new = pd.DataFrame({k: v.reset_index(drop=True) if isinstance(v, pd.Series) else v for k, v in columns.items()})
-    extra = get_backend("cudf").from_arrow(partition_to_arrow(new, arrow_types))
+        new = pa.table(arrays).to_pandas(types_mapper=_pandas_type) if arrays else pd.DataFrame()
+        new.index = part.index
+        return part.assign(**{name: new[name] for name in new.columns})
+    extra = backend_of(part).from_arrow(pa.table(arrays))
     out = part.copy(deep=False)
     extra.index = out.index
     for name in extra.columns:
         out[name] = extra[name]
     return out
+
+
+def _as_arrow(values: Any, arrow_type: pa.DataType | None) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        array = values
+    elif isinstance(values, pd.Series):
+        array = pa.Array.from_pandas(values)
+    else:
+        array = pa.array(values, from_pandas=True) if arrow_type is None else None
+        if array is None:
+            array = pa.array(values, type=arrow_type, from_pandas=not pa.types.is_floating(arrow_type))
+    if arrow_type is not None and array.type != arrow_type:
+        array = array.cast(arrow_type)
+    return array

@@ -9,18 +9,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from imgcurate._dask import Shard
 from imgcurate._models import cached_model, resolve_device
-from imgcurate.backends import with_columns
+from imgcurate.backends import embedding_matrix, is_embedding_type
+from imgcurate.steps.base import ColumnError, ShardIO, ShardStep
 
 if TYPE_CHECKING:
     import torch
 
-    from imgcurate.dataset import ImageTextPairDataset
-
 __all__ = ["ImageClassifier"]
 
 
-class ImageClassifier(abc.ABC):
+class ImageClassifier(ShardStep):
     """Base class of the classifiers on embeddings.
 
     It reads ``embedding_column``, checks each embedding's length, runs the model in batches on the CPU or GPU and
@@ -62,8 +62,11 @@ class ImageClassifier(abc.ABC):
         """Turns the model output into one score per row (default: squeeze the last axis)."""
         return output.reshape(output.shape[0], -1)[:, 0]
 
+    gpu = "optional"
+
     def cache_key(self) -> tuple:
-        return (type(self).__qualname__,)
+        """What identifies the loaded model in the per-worker cache: by default the whole configuration."""
+        return (type(self).__qualname__, self.fingerprint())
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         """Scores a (N, D) float32 array of embeddings; returns N scores of ``pred_type``."""
@@ -78,47 +81,56 @@ class ImageClassifier(abc.ABC):
                 out.append(self.postprocess(model(batch.to(device).float())).float().cpu().numpy())
         return np.concatenate(out).astype(self.pred_type) if out else np.zeros(0, self.pred_type)
 
-    def predict_column(self, column: pd.Series, source: str | None = None) -> pd.Series:
-        """Scores a column of embeddings (arrays or None); null embeddings give null scores.
+    def predict_rows(self, matrix: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Scores the rows of a ``(rows, dim)`` matrix; rows where ``valid`` is false get NaN."""
+        self.check_dimension(matrix.shape[1] if matrix.ndim == 2 and len(matrix) else self.embedding_size)
+        scores = np.full(len(matrix), np.nan, dtype=self.pred_type)
+        rows = np.arange(len(matrix)) if valid is None else np.flatnonzero(valid)
+        if len(rows):
+            scores[rows] = self.predict(matrix[rows])
+        return scores
+
+    def check_dimension(self, dim: int, source: str | None = None) -> None:
+        """Raises ValueError unless ``dim`` is the embedding length this model expects, naming the pair."""
+        if dim != self.embedding_size:
+            origin = f"{source} " if source else ""
+            raise ValueError(
+                f"{type(self).__name__} expects {self.embedding_size}-d embeddings but the {origin}embeddings in "
+                f"{self.embedding_column!r} are {dim}-d: pair it with a matching embedder (e.g. a 768-d "
+                "CLIP ViT-L/14 head cannot score 512-d ViT-B/32 embeddings)"
+            )
+
+    def predict_column(self, column: Any, source: str | None = None) -> pd.Series:
+        """Scores a column of embeddings; null embeddings give null (NaN) scores.
 
         Raises:
             ValueError: an embedding's length is not ``embedding_size``, naming the embedder/classifier pair.
         """
-        present = column.notna().to_numpy()
-        scores = np.full(len(column), np.nan, dtype=self.pred_type)
-        if present.any():
-            rows = [np.asarray(v, dtype=np.float32) for v in column[present]]
-            lengths = {len(r) for r in rows}
-            if lengths != {self.embedding_size}:
-                found = ", ".join(str(n) for n in sorted(lengths))
-                origin = f"{source} " if source else ""
-                raise ValueError(
-                    f"{type(self).__name__} expects {self.embedding_size}-d embeddings but the {origin}embeddings in "
-                    f"{self.embedding_column!r} are {found}-d: pair it with a matching embedder (e.g. a 768-d "
-                    "CLIP ViT-L/14 head cannot score 512-d ViT-B/32 embeddings)"
-                )
-            scores[present] = self.predict(np.stack(rows))
-        return pd.Series(scores, index=column.index, dtype=self.pred_type)
+        valid, matrix = embedding_matrix(column, self.embedding_column)
+        scores = np.full(len(valid), np.nan, dtype=self.pred_type)
+        if valid.any():
+            self.check_dimension(matrix.shape[1], source)
+            scores[valid] = self.predict(matrix)
+        return pd.Series(scores, dtype=self.pred_type)
 
-    def _partition(self, part: Any) -> Any:
-        embeddings = part[self.embedding_column]
-        embeddings = embeddings if isinstance(embeddings, pd.Series) else embeddings.to_pandas()
-        return with_columns(part, {self.pred_column: self.predict_column(embeddings)}, self._arrow_types())
+    # ------------------------------------------------------------------ the step contract
+    def input_columns(self, id_col: str) -> list[str]:
+        return [self.embedding_column]
 
-    def _arrow_types(self) -> dict[str, pa.DataType]:
+    def output_columns(self) -> dict[str, pa.DataType]:
         return {self.pred_column: pa.from_numpy_dtype(np.dtype(self.pred_type))}
 
-    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """Adds ``pred_column`` to the dataset's metadata, lazily."""
-        df = dataset.metadata
-        if self.embedding_column not in df.columns:
-            raise ValueError(
-                f"{type(self).__name__} needs the embedding column {self.embedding_column!r}; run an embedder first "
-                f"(columns: {', '.join(map(str, df.columns))})"
-            )
-        meta = with_columns(df._meta, {self.pred_column: np.zeros(0, dtype=self.pred_type)}, self._arrow_types())
-        out = df.map_partitions(self._partition, meta=meta, enforce_metadata=False)
-        return dataset.with_metadata(out, arrow_types=self._arrow_types())
+    def check(self, meta: Any, id_col: str) -> None:
+        super().check(meta, id_col)
+        dtype = meta[self.embedding_column].dtype
+        arrow_type = getattr(dtype, "pyarrow_dtype", None)
+        if arrow_type is not None and not is_embedding_type(arrow_type):
+            raise ColumnError(f"{self.name} reads {self.embedding_column!r}, which holds {arrow_type}, not embeddings")
+        if arrow_type is not None and pa.types.is_fixed_size_list(arrow_type):
+            self.check_dimension(arrow_type.list_size)
+
+    def process(self, part: Any, shard: Shard, io: ShardIO) -> dict[str, Any]:
+        return {self.pred_column: self.predict_column(part[self.embedding_column]).to_numpy()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(pred_column={self.pred_column!r}, embedding_size={self.embedding_size})"

@@ -8,9 +8,25 @@ chain a~b~c where a and c are not similar, both b and c are dropped. With ``mode
 similarities >= ``1 - eps`` form groups and exactly one sample per group is kept (the first ranked); the others
 point at it in ``duplicate_of``.
 
+``which_to_keep`` may also name metadata columns: the sample with the highest values (compared column by column)
+is ranked first in its cluster and kept, e.g. ``["aesthetic_score"]`` keeps the best-looking copy.
+
 Similarities are computed blockwise (``block_size`` x ``block_size`` tiles), so memory stays bounded whatever the
-cluster size. KMeans, assignments and per-cluster results are written to ``cache_dir`` when given, and a rerun with
-the same inputs and parameters resumes from them.
+cluster size.
+
+On a dataset everything runs on the workers, as Dask work, and the client holds the centroids and nothing of size N:
+
+1. each shard counts its non-null embeddings; a running sum gives every shard the global index of its first one
+   (the order :meth:`SemanticDeduplicator.find` uses), and a seeded per-shard draw picks a bounded sample
+   (``fit_sample``) for KMeans;
+2. KMeans is fitted on that sample in one task (faiss, scikit-learn or single-GPU cuML); on the cuDF backend with
+   workers that hold distinct GPUs (dask-cuda), cuML's Dask KMeans fits it across them instead;
+3. each shard assigns its rows to the nearest centroid;
+4. the rows are shuffled by cluster, so each cluster is compared inside one task (CuPy tiles where a GPU is usable);
+5. the answers are shuffled back to their shards by position.
+
+Given the same centroids the result is exactly that of :meth:`SemanticDeduplicator.find` on the gathered array.
+:meth:`find` keeps ``cache_dir`` to resume an array run; a pipeline resumes dataset runs from its run directory.
 
 Where it runs: KMeans on faiss or scikit-learn (CPU), cuML on one GPU, or cuML's Dask KMeans on the GPU workers of a
 distributed client (the ``_KMEANS`` table); the tiles on NumPy, or on CuPy running the same code (``device``).
@@ -26,19 +42,28 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dask
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
-from imgcurate.backends import with_columns
-from imgcurate.dataset import partition_number
+from imgcurate._dask import Shard
+from imgcurate.backends import (
+    embedding_matrix,
+    host_index,
+    is_embedding_type,
+    on_gpu,
+    to_pandas,
+    with_columns,
+)
 from imgcurate.errors import ShardError
+from imgcurate.steps.base import ColumnError, ShardIO, Step
+from imgcurate.steps.grouped import ROW, SHARD, back_to_shards, by_group, host, place, positions
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -132,8 +157,8 @@ class _KMeansBackend(NamedTuple):
 _KMEANS: dict[str, _KMeansBackend] = {
     "faiss": _KMeansBackend(_fit_faiss, "faiss", "faiss-cpu", None),
     "sklearn": _KMeansBackend(_fit_sklearn, "sklearn", "scikit-learn", None),
-    "cuml": _KMeansBackend(_fit_cuml, "cuml", "cuml-cu12", "gpu"),
-    "cuml-dask": _KMeansBackend(_fit_cuml_dask, "cuml", "cuml-cu12", "gpu"),
+    "cuml": _KMeansBackend(_fit_cuml, "cuml", "cuml-cu13", "gpu"),
+    "cuml-dask": _KMeansBackend(_fit_cuml_dask, "raft_dask", "cuml-cu13[dask]", "gpu"),
 }
 
 
@@ -231,35 +256,49 @@ def _group_representatives(m: int, earlier: np.ndarray, later: np.ndarray) -> np
     return first[group]
 
 
-class SemanticDeduplicator:
+class _ClusterResult(NamedTuple):
+    """One cluster's answers, by rank: the best earlier similarity and its rank (-1 for none), the flags per eps, and
+    (connected mode) the rank of the sample kept for each sample's group under the first eps."""
+
+    best: np.ndarray
+    partner: np.ndarray
+    flags: dict[float, np.ndarray]
+    representative: np.ndarray | None
+
+
+class SemanticDeduplicator(Step):
     """Finds semantic duplicates among embeddings (SemDeDup, as NeMo Curator does it). See the module docs.
 
     Args:
         n_clusters: KMeans clusters.
         max_iter: KMeans iterations.
-        random_state: seed for KMeans and for ``which_to_keep="random"``.
+        random_state: seed for KMeans, the fit sample and ``which_to_keep="random"``.
         eps: similarity margin: a duplicate has similarity >= 1 - eps. A list evaluates several in one run
             (one ``is_duplicate_eps<eps>`` column each; ``is_duplicate`` uses the first).
-        which_to_keep: ``hard`` (keep the farthest from the centroid first), ``easy`` (nearest first) or ``random``.
+        which_to_keep: ``hard`` (keep the farthest from the centroid first), ``easy`` (nearest first), ``random``,
+            or a list of metadata columns to rank by, highest first (e.g. ``["aesthetic_score"]``; nulls rank last,
+            ties go to the earlier sample).
         mode: ``greedy`` (the reference rule) or ``connected`` (exactly one sample kept per connected group).
         embedding_column: the input embedding column.
         id_column: the id column (default: the dataset's); ids are reported in ``duplicate_of``.
-        cache_dir: folder for centroids, assignments and per-cluster results, to resume after a crash.
+        cache_dir: for :meth:`find` on arrays: a folder for centroids, assignments and per-cluster results, to resume.
         kmeans_backend: ``faiss`` (the CPU default), ``sklearn``, ``cuml`` (one GPU) or ``cuml-dask`` (cuML's
             multi-GPU KMeans on the workers of a distributed client). None picks by the dataset's backend: faiss on
-            pandas; on cuDF, cuml-dask under a distributed client (the embeddings stay on the workers' GPUs for
-            KMeans), else cuml.
+            pandas; on cuDF, cuml-dask when the client's workers hold distinct GPUs (dask-cuda), else cuml.
         block_size: tile size of the blockwise similarity computation.
         tol: KMeans stops early when its objective improves by less than this (relative) in one iteration.
         device: where the in-cluster similarity tiles are computed: ``cpu`` (NumPy), ``cuda`` (CuPy, the same
-            code) or ``auto`` (cuda when a GPU and CuPy are present). Each cluster's embeddings are copied to the GPU
-            in turn, so its memory holds one cluster at a time.
+            code) or ``auto`` (cuda when a GPU is usable and CuPy installed). Each cluster's embeddings are copied
+            to the GPU in turn, so its memory holds one cluster at a time.
+        fit_sample: how many samples KMeans is fitted on: an int (at most that many), a float in (0, 1] (that
+            fraction), or None for ``256 * n_clusters`` (what faiss itself would draw). The sample is drawn on the
+            workers, shard by shard, with a seeded draw.
 
     Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
     ``is_duplicate`` (and per-eps columns for a list). In greedy mode ``duplicate_of`` is the id of the most similar
     earlier-ranked sample, set for every sample but the first of its cluster (duplicate or not: it is the partner of
     ``max_similarity``); in connected mode a duplicate's ``duplicate_of`` is the sample kept for its group instead.
-    Samples with a null embedding are skipped and reported; their outputs are null and ``is_duplicate`` is false.
+    Samples with a null embedding are skipped; their outputs are null and ``is_duplicate`` is false.
 
     Example:
         >>> ds = TimmImageEmbedder("vit_base_patch32_clip_224.openai", pretrained=True)(ds)  # doctest: +SKIP
@@ -267,13 +306,15 @@ class SemanticDeduplicator:
         >>> ds.metadata.is_duplicate.sum().compute()  # doctest: +SKIP
     """
 
+    gpu = "optional"
+
     def __init__(
         self,
         n_clusters: int,
         max_iter: int = 100,
         random_state: int = 1234,
         eps: float | Sequence[float] = 0.01,
-        which_to_keep: str = "hard",
+        which_to_keep: str | Sequence[str] = "hard",
         mode: str = "greedy",
         embedding_column: str = "image_embedding",
         id_column: str | None = None,
@@ -282,9 +323,19 @@ class SemanticDeduplicator:
         block_size: int = 2048,
         tol: float = 1e-4,
         device: str = "auto",
+        fit_sample: int | float | None = None,
     ):
-        if which_to_keep not in _KEEP:
-            raise ValueError(f"which_to_keep must be one of {', '.join(_KEEP)}, got {which_to_keep!r}")
+        if isinstance(which_to_keep, str):
+            if which_to_keep not in _KEEP:
+                raise ValueError(
+                    f"which_to_keep must be one of {', '.join(_KEEP)}, or a list of metadata columns to rank by, got "
+                    f"{which_to_keep!r}"
+                )
+            self.keep_by: list[str] = []
+        else:
+            self.keep_by = [str(c) for c in which_to_keep]
+            if not self.keep_by:
+                raise ValueError("which_to_keep: give hard, easy, random or a non-empty list of column names")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
         self.eps = [float(eps)] if isinstance(eps, int | float) else [float(e) for e in eps]
@@ -299,11 +350,18 @@ class SemanticDeduplicator:
         if device == "cuda" and importlib.util.find_spec("cupy") is None:
             from imgcurate.errors import MissingDependencyError
 
-            raise MissingDependencyError("SemanticDeduplicator(device='cuda')", "cupy-cuda12x", extra="gpu")
+            raise MissingDependencyError("SemanticDeduplicator(device='cuda')", "cupy-cuda13x", extra="gpu")
+        if fit_sample is not None and not (
+            (isinstance(fit_sample, int) and not isinstance(fit_sample, bool) and fit_sample >= n_clusters)
+            or (isinstance(fit_sample, float) and 0 < fit_sample <= 1)
+        ):
+            raise ValueError(
+                f"fit_sample must be an int >= n_clusters, a fraction in (0, 1] or None, got {fit_sample!r}"
+            )
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.random_state = random_state
-        self.which_to_keep = which_to_keep
+        self.which_to_keep = which_to_keep if isinstance(which_to_keep, str) else "metadata"
         self.mode = mode
         self.embedding_column = embedding_column
         self.id_column = id_column
@@ -312,44 +370,78 @@ class SemanticDeduplicator:
         self.block_size = block_size
         self.tol = tol
         self.device = device
+        self.fit_sample = fit_sample
         self.stats_: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ core, on arrays
     def _cache(self, name: str) -> str | None:
         return None if self.cache_dir is None else os.path.join(self.cache_dir, name)
 
-    def _rank(self, members: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    def _rank(
+        self, members: np.ndarray, dist: np.ndarray, values: np.ndarray | None = None, first: int | None = None
+    ) -> np.ndarray:
+        """``members`` (indices into ``dist`` and ``values``, in global order) in rank order: the first is kept.
+
+        ``first`` is the global index of ``members[0]`` (the seed of ``random``); None when ``members`` are global.
+        """
+        if self.keep_by:
+            keys = values[members]  # (m, columns): highest first, column by column, NaN last, then index order
+            order = np.lexsort((np.arange(len(members)), *[-keys[:, j] for j in reversed(range(keys.shape[1]))]))
+            return members[order]
         if self.which_to_keep == "hard":
             return members[np.argsort(-dist[members], kind="stable")]
         if self.which_to_keep == "easy":
             return members[np.argsort(dist[members], kind="stable")]
-        rng = np.random.default_rng(self.random_state + int(members[0]) if len(members) else self.random_state)
+        start = (int(members[0]) if first is None else first) if len(members) else 0
+        rng = np.random.default_rng(self.random_state + start)
         return members[rng.permutation(len(members))]
 
-    def find(self, x: np.ndarray, copy: bool = True) -> dict[str, np.ndarray]:
+    def find(
+        self,
+        x: np.ndarray,
+        copy: bool = True,
+        centroids: np.ndarray | None = None,
+        rank_values: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """Runs the whole method on a (N, D) array; returns per-row arrays (cluster, distance, max_similarity,
-        duplicate_of as a row index or -1, and is_duplicate per eps). With ``copy=False`` a C-ordered float32 ``x``
-        is L2-normalised in place instead of copied (saves N x D x 4 bytes).
+        duplicate_of as a row index or -1, and is_duplicate per eps).
+
+        Args:
+            x: the embeddings, one row per sample.
+            copy: False L2-normalises a C-ordered float32 ``x`` in place instead of copying it (saves N x D x 4 bytes).
+            centroids: use these instead of fitting KMeans.
+            rank_values: ``(N, columns)`` values to rank by when ``which_to_keep`` names metadata columns.
 
         Afterwards ``stats_`` holds the KMeans backend, the seconds spent in each phase, the KMeans iterations run
         and the largest cluster's size.
         """
         backend = self.kmeans_backend or "faiss"
-        return self._find(x, copy, backend, lambda unit: self._kmeans(unit, backend))
+        if self.keep_by and (rank_values is None or len(rank_values) != len(x)):
+            raise ValueError(f"which_to_keep={self.keep_by!r} ranks by metadata: give rank_values, one row per sample")
+        if centroids is not None:
+            fixed = np.asarray(centroids, dtype=np.float32)
+            return self._find(x, copy, backend, lambda unit: (fixed, 0), rank_values)
+        return self._find(x, copy, backend, lambda unit: self._kmeans(unit, backend), rank_values)
 
     def _kmeans(self, data: Any, backend: str) -> tuple[np.ndarray, int]:
         return kmeans(data, self.n_clusters, self.max_iter, self.random_state, backend, self.tol)
 
     def _find(
-        self, x: np.ndarray, copy: bool, backend: str, fit: Callable[[np.ndarray], tuple[np.ndarray, int]]
+        self,
+        x: np.ndarray,
+        copy: bool,
+        backend: str,
+        fit: Callable[[np.ndarray], tuple[np.ndarray, int]],
+        rank_values: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """:meth:`find`, with ``fit`` giving (centroids, iterations) for the normalised rows unless cached."""
         x = np.array(x, dtype=np.float32, order="C", copy=True if copy else None)
         n = len(x)
         if n < self.n_clusters:
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        fingerprint = self._fingerprint(x)
+        _normalize(x)
+        values = None if rank_values is None else np.asarray(rank_values, dtype=np.float64).reshape(n, -1)
+        fingerprint = self._fingerprint(x, values)
         device = self._resolved_device()
         stats: dict[str, Any] = {"kmeans_backend": backend, "device": device, "kmeans_iterations": 0, "kmeans_s": 0.0}
         stats["assign_s"] = 0.0
@@ -369,7 +461,6 @@ class SemanticDeduplicator:
         started = time.perf_counter()
         best = np.full(n, -np.inf, dtype=np.float32)
         dup_of = np.full(n, -1, dtype=np.int64)
-        thresholds = [1.0 - e for e in self.eps]
         flags = {e: np.zeros(n, dtype=bool) for e in self.eps}
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(self.n_clusters + 1))
@@ -389,10 +480,14 @@ class SemanticDeduplicator:
                     continue
                 touched = []
                 for c in range(first, last):
-                    members = self._rank(order[bounds[c] : bounds[c + 1]], dist)
+                    members = self._rank(order[bounds[c] : bounds[c + 1]], dist, values)
                     if len(members):
                         touched.append(members)
-                        self._cluster(x, members, thresholds, best, dup_of, flags, device)
+                        found = self._cluster_result(x[members], device)
+                        best[members] = found.best
+                        dup_of[members] = self._partners(found, members, -1)
+                        for e in self.eps:
+                            flags[e][members] = found.flags[e]
                     done.update(1)
                 if path:
                     idx = np.concatenate(touched) if touched else np.zeros(0, dtype=np.int64)
@@ -404,19 +499,10 @@ class SemanticDeduplicator:
         result.update({f"is_duplicate_{e}": flags[e] for e in self.eps})
         return result
 
-    def _cluster(
-        self,
-        x: np.ndarray,
-        members: np.ndarray,
-        thresholds: list[float],
-        best: np.ndarray,
-        dup_of: np.ndarray,
-        flags: dict[float, np.ndarray],
-        device: str,
-    ) -> None:
-        """Fills the outputs for one cluster's ``members`` (row indices in rank order)."""
+    def _cluster_result(self, rows: Any, device: str) -> _ClusterResult:
+        """The answers for one cluster whose normalised embeddings ``rows`` are in rank order."""
         connected = self.mode == "connected"
-        rows = x[members]
+        thresholds = [1.0 - e for e in self.eps]
         if device == "cuda":
             import cupy
 
@@ -424,178 +510,351 @@ class SemanticDeduplicator:
         sims, arg, pairs = in_cluster_duplicates(rows, min(thresholds) if connected else None, self.block_size)
         sims, arg = _to_host(sims), _to_host(arg)
         pairs = None if pairs is None else Pairs(*(_to_host(p) for p in pairs))
-        best[members] = sims
-        dup_of[members] = np.where(arg >= 0, members[np.maximum(arg, 0)], -1)
-        rank = np.arange(len(members))
+        rank = np.arange(len(sims))
+        flags: dict[float, np.ndarray] = {}
+        representative = None
         for e, t in zip(self.eps, thresholds, strict=True):
             if not connected:
-                flags[e][members] = sims >= t
+                flags[e] = sims >= t
                 continue
             keep = pairs.similarity >= t
-            rep = _group_representatives(len(members), pairs.earlier[keep], pairs.later[keep])
-            flags[e][members] = rep != rank
-            if e == self.eps[0]:  # a duplicate points at the sample kept for its group; a kept one keeps its partner
-                dup_of[members] = np.where(rep != rank, members[rep], dup_of[members])
+            rep = _group_representatives(len(sims), pairs.earlier[keep], pairs.later[keep])
+            flags[e] = rep != rank
+            if e == self.eps[0]:
+                representative = rep
+        return _ClusterResult(sims, arg, flags, representative)
+
+    @staticmethod
+    def _partners(found: _ClusterResult, members: np.ndarray, none: Any) -> np.ndarray:
+        """Each member's ``duplicate_of`` (an entry of ``members``, or ``none``): its most similar earlier sample; in
+        connected mode a duplicate points at the sample kept for its group instead."""
+        out = np.where(found.partner >= 0, members[np.maximum(found.partner, 0)], none)
+        if found.representative is not None:
+            rank = np.arange(len(members))
+            out = np.where(found.representative != rank, members[found.representative], out)
+        return out
 
     def _resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
-        from imgcurate.backends import gpu_available
+        from imgcurate.device import gpu_available
 
         return "cuda" if gpu_available() and importlib.util.find_spec("cupy") is not None else "cpu"
 
-    def _fingerprint(self, x: np.ndarray) -> str:
-        params = [self.n_clusters, self.max_iter, self.tol, self.random_state, self.which_to_keep, self.mode, self.eps]
+    def _fingerprint(self, x: np.ndarray, values: np.ndarray | None = None) -> str:
+        params = [self.n_clusters, self.max_iter, self.tol, self.random_state, self.which_to_keep, self.mode, self.eps,
+                  self.keep_by]  # fmt: skip
         digest = hashlib.sha256(json.dumps(params).encode())
-        digest.update(np.ascontiguousarray(x[:: max(1, len(x) // 4096)]).tobytes())
-        digest.update(str(x.shape).encode())
+        digest.update(np.ascontiguousarray(x).tobytes())  # the whole input: a sample could miss a changed row
+        if values is not None:
+            digest.update(np.ascontiguousarray(values).tobytes())
         return digest.hexdigest()
 
-    # ------------------------------------------------------------------ on a dataset
-    def _backend_for(self, df: Any) -> str:
-        """The KMeans backend for a metadata frame: the one asked for, else by the frame's backend."""
-        if self.kmeans_backend is not None:
-            return self.kmeans_backend
-        if isinstance(df._meta, pd.DataFrame):
-            name = "faiss"
-        else:
-            name = "cuml-dask" if progress.distributed_client() is not None else "cuml"
-        _check_kmeans_backend(name)
-        return name
+    # ------------------------------------------------------------------ the step contract
+    def _id(self, id_col: str) -> str:
+        return self.id_column or id_col
 
-    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """Computes the embeddings' duplicates now (with progress) and adds the output columns lazily.
+    def input_columns(self, id_col: str) -> list[str]:
+        return list(dict.fromkeys([self.embedding_column, self._id(id_col), *self.keep_by]))
 
-        The input is persisted first, so the embedder (and any step before this one) runs once, not again at export.
-        """
-        id_col = self.id_column or dataset.id_col
-        for column in (self.embedding_column, id_col):
-            if column not in dataset.metadata.columns:
-                raise ValueError(f"SemanticDeduplicator needs the column {column!r}; run an embedder first")
-        dataset = dataset.persist()
-        df = dataset.metadata
-
-        backend = self._backend_for(df)
-        column = self.embedding_column
-
-        def collect(part: Any, tar: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-            frame = part if isinstance(part, pd.DataFrame) else part.to_pandas()
-            valid, rows = _host_rows(frame[column], tar, column)
-            return frame[id_col].tolist(), valid, rows
-
-        tasks = [dask.delayed(collect)(p, t) for p, t in zip(df.to_delayed(), dataset.tar_files, strict=True)]
-        parts = progress.compute(tasks, desc="reading embeddings")
-        ids = [k for keys, _, _ in parts for k in keys]
-        valid = np.concatenate([v for _, v, _ in parts]) if parts else np.zeros(0, dtype=bool)
-        x = _stack_rows([r for _, _, r in parts], dataset.tar_files, column)
-        if not valid.all():
-            warnings.warn(
-                f"SemanticDeduplicator: {int((~valid).sum())} of {len(valid)} samples have no embedding "
-                f"({column!r} is null); they are skipped and marked as not duplicate",
-                stacklevel=2,
-            )
-        if backend == "cuml-dask":  # KMeans runs where the embeddings are: on the workers' GPUs
-            on_workers = _unit_row_array(df, column, [len(r) for _, _, r in parts], x.shape[1])
-            found = self._find(x, False, backend, lambda _: self._kmeans(on_workers, backend))
-        else:
-            found = self._find(x, False, backend, lambda unit: self._kmeans(unit, backend))
-        valid_ids = np.array(ids, dtype=object)[valid]
-        n = len(ids)
-        columns: dict[str, Any] = {
-            "cluster": _spread(found["cluster"], valid, n, pd.Int64Dtype()),
-            "distance_to_centroid": _spread(found["distance"], valid, n, np.float32),
-            "max_similarity": _spread(
-                np.where(np.isinf(found["max_similarity"]), np.nan, found["max_similarity"]), valid, n, np.float32
-            ),
-            "duplicate_of": _spread_ids(found["duplicate_of"], valid_ids, valid, n),
-        }
-        for i, e in enumerate(self.eps):
-            flag = np.zeros(n, dtype=bool)
-            flag[valid] = found[f"is_duplicate_{e}"]
-            if len(self.eps) > 1:
-                columns[f"is_duplicate_eps{e}"] = flag
-            if i == 0:
-                columns["is_duplicate"] = flag
-        sizes = np.cumsum([0] + [len(k) for k, _, _ in parts])
-
+    def output_columns(self) -> dict[str, pa.DataType]:
         types = {
             "cluster": pa.int64(),
             "distance_to_centroid": pa.float32(),
             "max_similarity": pa.float32(),
             "duplicate_of": pa.string(),
-            **{name: pa.bool_() for name in columns if name.startswith("is_duplicate")},
+            "is_duplicate": pa.bool_(),
         }
+        if len(self.eps) > 1:
+            types.update({f"is_duplicate_eps{e}": pa.bool_() for e in self.eps})
+        return types
 
-        def add(part: Any, partition_info=None) -> Any:
-            i = partition_number(partition_info)
-            return with_columns(part, {name: col[sizes[i] : sizes[i + 1]] for name, col in columns.items()}, types)
+    def check(self, meta: Any, id_col: str) -> None:
+        super().check(meta, id_col)
+        arrow_type = getattr(meta[self.embedding_column].dtype, "pyarrow_dtype", None)
+        if arrow_type is not None and not is_embedding_type(arrow_type):
+            raise ColumnError(f"{self.name} reads {self.embedding_column!r}, which holds {arrow_type}, not embeddings")
 
-        meta = with_columns(df._meta, {name: col[:0] for name, col in columns.items()}, types)
-        out = df.map_partitions(add, meta=meta, enforce_metadata=False)
-        return dataset.with_metadata(out, arrow_types=types)
+    def kmeans_backend_for(self, meta: Any) -> str:
+        """The KMeans backend for a metadata frame: the one asked for, else chosen by the frame's backend and by
+        whether the distributed client's workers hold distinct GPUs (checked when the step runs)."""
+        if self.kmeans_backend is not None:
+            return self.kmeans_backend
+        if not on_gpu(meta):
+            name = "faiss"
+        else:
+            from imgcurate.device import workers_have_distinct_gpus
+
+            name = "cuml-dask" if workers_have_distinct_gpus(progress.distributed_client()) else "cuml"
+        _check_kmeans_backend(name)
+        return name
+
+    def added(self, dataset: ImageTextPairDataset, centroids: np.ndarray | None = None) -> dd.DataFrame:
+        """The output columns, computed lazily on the workers (see the module docs); ``centroids`` skips the fit."""
+        df = dataset.metadata
+        id_col = self._id(dataset.id_col)
+        backend = self.kmeans_backend_for(df._meta)
+        frame = df[self.input_columns(dataset.id_col)]
+        io = ShardIO(id_col, dataset.storage_options)
+        counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
+        offsets = counts["n"].cumsum() - counts["n"]
+        total = counts["n"].sum()
+        if centroids is not None:
+            fitted: Any = np.asarray(centroids, dtype=np.float32)
+        elif backend == "cuml-dask":
+            fitted = self._fit_on_workers(dataset, frame, total)
+        else:
+            sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
+            fitted = dask.delayed(_fit_sample, pure=True)(self, sample, backend, total)
+        rows = dd.map_partitions(
+            _assign_shard, frame, dataset.shards, offsets.to_frame("offset"), fitted, self, io,
+            meta=_rows_meta(self.keep_by), align_dataframes=False, enforce_metadata=False,
+        )  # fmt: skip
+        found = by_group(rows, "cluster", _dedup_clusters, self, meta=_found_meta(self.eps))
+        back = back_to_shards(found, dataset.num_shards)
+        defaults = {"cluster": -1, "distance": np.nan, "similarity": np.nan, "of": None,
+                    **{f"flag{i}": False for i in range(len(self.eps))}}  # fmt: skip
+        types = {"cluster": pa.int64(), "distance": pa.float32(), "similarity": pa.float32(), "of": pa.string(),
+                 **{f"flag{i}": pa.bool_() for i in range(len(self.eps))}}  # fmt: skip
+        placed = place(df[[dataset.id_col]], back, defaults, types, meta=_placed_meta(self.eps))
+        return dd.map_partitions(_output_columns, df[[dataset.id_col]], placed, self, meta=self.output_meta(df._meta),
+                                 align_dataframes=False, enforce_metadata=False)  # fmt: skip
+
+    def _fit_on_workers(self, dataset: ImageTextPairDataset, frame: Any, total: Any) -> np.ndarray:
+        """cuML's Dask KMeans across the workers' GPUs, fitted on a sample that stays on the workers (one block per
+        shard: CuPy on the cuDF backend). Eager, since cuML's Dask estimators need the client; only the centroids
+        come back."""
+        import dask.array as da
+
+        if progress.distributed_client() is None:
+            raise RuntimeError(
+                "kmeans backend 'cuml-dask' runs on the GPU workers of a Dask distributed client: start one (e.g. "
+                "dask_cuda.LocalCUDACluster, or 'cluster: {type: cuda}' in a pipeline) or choose kmeans_backend='cuml'"
+            )
+        gpu = on_gpu(frame._meta)
+        sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
+        sample = progress.persist(sample, desc="semantic dedup: KMeans sample")
+        shapes = sample.map_partitions(_block_shape, meta=_SHAPE_META).compute()
+        _check_dims(shapes, self.embedding_column)
+        dim = int(shapes["dim"].max())
+        empty = _device_block(pd.DataFrame({"embedding": [np.zeros((0, dim), np.float32)]}), gpu)
+        blocks = [
+            da.from_delayed(
+                dask.delayed(_device_block)(part, gpu), shape=(int(n), dim), dtype=np.float32, meta=empty
+            )  # fmt: skip
+            for part, n in zip(sample.to_delayed(), shapes["n"], strict=True)
+            if n
+        ]
+        centroids, iterations = self._kmeans(da.concatenate(blocks), "cuml-dask")
+        self.stats_["kmeans_iterations"] = iterations
+        return centroids
 
 
-def _spread(values: np.ndarray, valid: np.ndarray, n: int, dtype: Any) -> pd.Series:
-    out = pd.Series(pd.array([pd.NA] * n, dtype=pd.Float64Dtype() if dtype is np.float32 else dtype))
-    out[valid] = values
-    return out.astype(np.float32) if dtype is np.float32 else out
+# ---------------------------------------------------------------------------------------------------- on the workers
+_COUNT_META = pd.DataFrame({"n": pd.Series([], dtype="int64")})
+_SAMPLE_META = pd.DataFrame({"embedding": pd.Series([], dtype=object), "tar": pd.Series([], dtype=object)})
 
 
-def _spread_ids(dup_rows: np.ndarray, valid_ids: np.ndarray, valid: np.ndarray, n: int) -> pd.Series:
-    ids = np.full(n, None, dtype=object)
-    ids[valid] = [valid_ids[r] if r >= 0 else None for r in dup_rows]
-    return pd.Series(pd.array(ids, dtype=pd.StringDtype("pyarrow", na_value=np.nan)))
+def _normalize(x: np.ndarray) -> np.ndarray:
+    """L2-normalises the rows of a float32 matrix in place (and returns it)."""
+    if len(x):
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return embedding_matrix(part[column], column)
+    except ValueError as err:
+        raise ShardError(shard.tar if shard else column, str(err)) from None
+
+
+def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
+    return pd.DataFrame({"n": [int(to_pandas(part[[column]])[column].notna().sum())]}, dtype="int64")
+
+
+def _sample_size(step: SemanticDeduplicator, total: int) -> int:
+    if isinstance(step.fit_sample, float):
+        return max(step.n_clusters, int(round(step.fit_sample * total)))
+    return step.fit_sample if step.fit_sample is not None else 256 * step.n_clusters
+
+
+def _sample_shard(part: Any, shard: Shard, step: SemanticDeduplicator, total: int) -> pd.DataFrame:
+    """A seeded draw of this shard's normalised embeddings, each row kept with probability sample / total."""
+    _, x = _valid_matrix(part, step.embedding_column, shard)
+    p = min(1.0, _sample_size(step, int(total)) / max(int(total), 1))
+    if p < 1.0:
+        x = x[np.random.default_rng([step.random_state, shard.index]).random(len(x)) < p]
+    return pd.DataFrame({"embedding": [_normalize(np.array(x, dtype=np.float32))], "tar": [shard.tar]})
+
+
+_SHAPE_META = pd.DataFrame({"n": pd.Series([], dtype="int64"), "dim": pd.Series([], dtype="int64"),
+                            "tar": pd.Series([], dtype=object)})  # fmt: skip
+
+
+def _block_shape(part: pd.DataFrame) -> pd.DataFrame:
+    block = part["embedding"].iloc[0] if len(part) else np.zeros((0, 0))
+    tar = part["tar"].iloc[0] if len(part) else ""
+    return pd.DataFrame({"n": [len(block)], "dim": [block.shape[1] if len(block) else 0], "tar": [tar]})
+
+
+def _check_dims(shapes: pd.DataFrame, column: str) -> None:
+    """Every shard's embeddings have one length; else a ShardError naming the first shard that differs."""
+    filled = shapes[shapes["n"] > 0]
+    if filled["dim"].nunique() > 1:
+        first = filled.iloc[0]
+        odd = filled[filled["dim"] != first["dim"]].iloc[0]
+        raise ShardError(odd["tar"], f"column {column!r} holds {odd['dim']}-d embeddings, {first['tar']} holds "
+                                     f"{first['dim']}-d")  # fmt: skip
+
+
+def _device_block(part: pd.DataFrame, on_gpu: bool) -> Any:
+    block = np.asarray(part["embedding"].iloc[0], dtype=np.float32)
+    if on_gpu:
+        import cupy
+
+        return cupy.asarray(block)
+    return block
+
+
+def _fit_sample(step: SemanticDeduplicator, sample: pd.DataFrame, backend: str, total: int) -> np.ndarray:
+    """KMeans on the gathered sample (one task, on a worker); returns the centroids."""
+    if int(total) < step.n_clusters:
+        raise ValueError(f"{int(total)} samples with embeddings is fewer than n_clusters={step.n_clusters}")
+    if len(sample):
+        _check_dims(pd.concat([_block_shape(sample.iloc[[i]]) for i in range(len(sample))]), step.embedding_column)
+    blocks = [b for b in sample["embedding"] if len(b)]
+    x = np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
+    if len(x) < step.n_clusters:  # a small dataset: the draw kept too few rows for KMeans
+        raise ValueError(f"the KMeans sample holds {len(x)} rows, fewer than n_clusters={step.n_clusters}: raise "
+                         "fit_sample")  # fmt: skip
+    centroids, _ = step._kmeans(x, backend)
+    return np.asarray(centroids, dtype=np.float32)
+
+
+def _embedding_column(x: np.ndarray) -> np.ndarray:
+    """Rows of a float32 matrix as raw bytes, one object per row: the form in which embeddings travel through the
+    cluster shuffle (every shuffle method, p2p included, carries bytes; it cannot rebuild arrow list dtypes)."""
+    column = np.empty(len(x), dtype=object)
+    column[:] = [row.tobytes() for row in np.ascontiguousarray(x, dtype=np.float32)]
+    return column
+
+
+def _embedding_rows(column: pd.Series) -> np.ndarray:
+    """The matrix back from :func:`_embedding_column`."""
+    if not len(column):
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.frombuffer(b"".join(column), dtype=np.float32).reshape(len(column), -1)
+
+
+def _rows_meta(keep_by: list[str]) -> pd.DataFrame:
+    columns = {
+        SHARD: pd.Series([], dtype="int64"),
+        ROW: pd.Series([], dtype="int64"),
+        "_gidx": pd.Series([], dtype="int64"),
+        "key": pd.Series([], dtype=object),
+        "cluster": pd.Series([], dtype="int64"),
+        "distance": pd.Series([], dtype="float32"),
+        "embedding": pd.Series([], dtype=object),
+    }
+    columns.update({f"_rank{i}": pd.Series([], dtype="float64") for i in range(len(keep_by))})
+    return pd.DataFrame(columns)
+
+
+def _assign_shard(
+    part: Any, shard_part: pd.DataFrame, offset: pd.DataFrame, centroids: np.ndarray, step: SemanticDeduplicator,
+    io: ShardIO,
+) -> pd.DataFrame:  # fmt: skip
+    """This shard's non-null rows with their position, global index, nearest centroid, distance and embedding."""
+    shard = Shard(int(shard_part["shard"].iloc[0]), str(shard_part["tar"].iloc[0]))
+    valid, x = _valid_matrix(part, step.embedding_column, shard)
+    x = _normalize(np.array(x, dtype=np.float32))
+    if len(x) and x.shape[1] != centroids.shape[1]:
+        raise ShardError(shard.tar, f"column {step.embedding_column!r} holds {x.shape[1]}-d embeddings, the KMeans "
+                                    f"centroids are {centroids.shape[1]}-d")  # fmt: skip
+    labels, dist = _assign(x, centroids) if len(x) else (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    rows = np.flatnonzero(valid)
+    meta = host(part, [io.id_col, *step.keep_by])
+    out = positions(rows, shard.index)
+    out[ROW] = rows
+    out.index = np.asarray(host_index(part.index))[rows]
+    out["_gidx"] = int(offset["offset"].iloc[0]) + np.arange(len(rows), dtype=np.int64)
+    out["key"] = np.asarray(meta[io.id_col].to_numpy(dtype=object)[rows], dtype=object)
+    out["cluster"] = labels.astype(np.int64)
+    out["distance"] = dist.astype(np.float32)
+    out["embedding"] = _embedding_column(x)
+    for i, column in enumerate(step.keep_by):
+        ranks = pd.to_numeric(meta[column], errors="coerce")
+        out[f"_rank{i}"] = ranks.to_numpy(dtype=np.float64, na_value=np.nan)[rows]
+    return out
+
+
+def _found_meta(eps: list[float]) -> pd.DataFrame:
+    columns = {
+        SHARD: pd.Series([], dtype="int64"),
+        ROW: pd.Series([], dtype="int64"),
+        "cluster": pd.Series([], dtype="int64"),
+        "distance": pd.Series([], dtype="float32"),
+        "similarity": pd.Series([], dtype="float32"),
+        "of": pd.Series([], dtype=object),
+    }
+    columns.update({f"flag{i}": pd.Series([], dtype=bool) for i in range(len(eps))})
+    return pd.DataFrame(columns)
+
+
+def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFrame:
+    """The answers for every cluster in this partition (each cluster is whole here, after the shuffle)."""
+    if not len(part):
+        return _found_meta(step.eps)
+    part = part.sort_values("_gidx", kind="stable").reset_index(drop=True)
+    x = _embedding_rows(part["embedding"])
+    labels = part["cluster"].to_numpy()
+    dist = part["distance"].to_numpy(dtype=np.float32)
+    gidx = part["_gidx"].to_numpy()
+    keys = part["key"].to_numpy(dtype=object)
+    values = part[[f"_rank{i}" for i in range(len(step.keep_by))]].to_numpy(dtype=np.float64) if step.keep_by else None
+    device = step._resolved_device()
+    similarity = np.full(len(part), np.nan, dtype=np.float32)
+    of = np.full(len(part), None, dtype=object)
+    flags = [np.zeros(len(part), dtype=bool) for _ in step.eps]
+    order = np.argsort(labels, kind="stable")  # within a cluster: global order
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+    for begin, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+        members = step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]]))
+        found = step._cluster_result(x[members], device)
+        similarity[members] = np.where(np.isinf(found.best), np.nan, found.best)
+        of[members] = step._partners(found, keys[members], None)
+        for i, e in enumerate(step.eps):
+            flags[i][members] = found.flags[e]
+    out = part[[SHARD, ROW, "cluster", "distance"]].copy()
+    out["similarity"] = similarity
+    out["of"] = of
+    for i, flag in enumerate(flags):
+        out[f"flag{i}"] = flag
+    return out
+
+
+def _placed_meta(eps: list[float]) -> pd.DataFrame:
+    return _found_meta(eps).drop(columns=[SHARD, ROW]).rename(columns={})
+
+
+def _output_columns(part: Any, placed: pd.DataFrame, step: SemanticDeduplicator) -> Any:
+    """The step's columns for one partition, in the partition's own backend."""
+    cluster = placed["cluster"].to_numpy(dtype=np.int64)
+    values: dict[str, Any] = {
+        "cluster": pa.array(cluster, pa.int64(), mask=cluster < 0),
+        "distance_to_centroid": placed["distance"].to_numpy(dtype=np.float32),
+        "max_similarity": placed["similarity"].to_numpy(dtype=np.float32),
+        "duplicate_of": pa.array(placed["of"].tolist(), pa.string(), from_pandas=True),
+        "is_duplicate": placed["flag0"].to_numpy(dtype=bool),
+    }
+    if len(step.eps) > 1:
+        values.update({f"is_duplicate_eps{e}": placed[f"flag{i}"].to_numpy(dtype=bool) for i, e in enumerate(step.eps)})
+    types = step.output_columns()
+    return with_columns(part[[]], values, types)[list(types)]
 
 
 def _save_npz(path: str, **arrays: Any) -> None:
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-
-
-def _host_rows(values: pd.Series, tar: str, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """A partition's embedding column as (row has an embedding, float32 array of those embeddings)."""
-    valid = values.notna().to_numpy(dtype=bool)
-    if not valid.any():
-        return valid, np.zeros((0, 0), dtype=np.float32)
-    try:
-        return valid, np.stack([np.asarray(v, dtype=np.float32) for v in values[valid]])
-    except ValueError as err:
-        raise ShardError(tar, f"column {column!r} holds embeddings of different lengths ({err})") from None
-
-
-def _stack_rows(blocks: list[np.ndarray], tars: Sequence[str], column: str) -> np.ndarray:
-    """One (N, D) array from the partitions' blocks; embeddings of another length are an error naming the shard."""
-    filled = [(b, t) for b, t in zip(blocks, tars, strict=True) if len(b)]
-    if not filled:
-        return np.zeros((0, 0), dtype=np.float32)
-    dim, first = filled[0][0].shape[1], filled[0][1]
-    for block, tar in filled:
-        if block.shape[1] != dim:
-            raise ShardError(tar, f"column {column!r} holds {block.shape[1]}-d embeddings, {first} holds {dim}-d")
-    return np.concatenate([b for b, _ in filled])
-
-
-def _unit_rows(part: Any, column: str, dim: int) -> Any:
-    """A partition's non-null embeddings, L2-normalised, as a NumPy array (pandas) or a CuPy array (cuDF)."""
-    if isinstance(part, pd.DataFrame):
-        rows = _host_rows(part[column], "", column)[1].reshape(-1, dim)
-    else:  # a cuDF list column: its leaves are one flat device array, row after row
-        values = part[column]
-        values = values[values.notna()]
-        rows = values.list.leaves.values.reshape(len(values), dim).astype(np.float32)
-    return rows / ((rows * rows).sum(axis=1, keepdims=True) ** 0.5).clip(1e-12, None)
-
-
-def _unit_row_array(df: Any, column: str, counts: Sequence[int], dim: int) -> Any:
-    """A Dask array of the frame's normalised non-null embeddings, one block per non-empty partition, computed
-    where the partitions live (CuPy blocks on a cuDF frame), in the same row order as :func:`_stack_rows`."""
-    import dask.array as da
-
-    meta = _unit_rows(df._meta, column, dim)
-    blocks = [
-        da.from_delayed(dask.delayed(_unit_rows)(part, column, dim), shape=(n, dim), dtype=np.float32, meta=meta)
-        for part, n in zip(df.to_delayed(), counts, strict=True)
-        if n
-    ]
-    return da.concatenate(blocks)

@@ -11,26 +11,28 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from imgcurate._dask import Shard
 from imgcurate._models import cached_model, resolve_device
-from imgcurate.backends import with_columns
-from imgcurate.dataset import partition_number
+from imgcurate.backends import embedding_array, embedding_type, to_pandas
+from imgcurate.steps.base import ShardIO, ShardStep
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from imgcurate.classifiers.base import ImageClassifier
-    from imgcurate.dataset import ImageTextPairDataset
     from imgcurate.embedders.loaders import ResizeCrop
 
 __all__ = ["ImageEmbedder"]
 
 
-class ImageEmbedder(abc.ABC):
+class ImageEmbedder(ShardStep):
     """Base class of the embedders: adds a fixed-length float32 embedding column, one row per metadata row.
+
+    A step that reads images: each task reads its own shard's tar, decodes and batches the images (per-sample decode
+    errors go to ``error_column``, the embedding is null), runs the model and the fused classifiers.
 
     Args:
         image_embedding_column: the output column (a list of float32 per row; null when the image failed).
@@ -96,9 +98,26 @@ class ImageEmbedder(abc.ABC):
         """``preprocess`` described as tensor operations, for the GPU decoders; None keeps this embedder on PIL."""
         return None
 
+    gpu = "optional"
+
     def cache_key(self) -> tuple:
-        """What identifies the loaded model in the per-worker cache (override when loading depends on more)."""
-        return (type(self).__qualname__,)
+        """What identifies the loaded model in the per-worker cache: by default the whole configuration, so two
+        differently configured instances never share a model (override to share across irrelevant options)."""
+        return (type(self).__qualname__, self.fingerprint())
+
+    def embedding_dim(self) -> int:
+        """The embedding's length, known before any image is read (the default loads the model on the CPU once)."""
+        cached = self.__dict__.get("_embedding_dim")
+        if cached is None:
+            import torch
+            from PIL import Image
+
+            model = self.model("cpu")
+            x = self.preprocess(Image.new("RGB", (256, 256)))[None]
+            with torch.inference_mode():
+                cached = int(model(x).shape[-1])
+            self.__dict__["_embedding_dim"] = cached
+        return cached
 
     def draft_size(self) -> int | None:
         """Smallest side the decoder must keep for JPEG draft decoding; None decodes at full size."""
@@ -144,8 +163,12 @@ class ImageEmbedder(abc.ABC):
             return vision
         return make_loader("dali", device=device, use_index_files=self.use_index_files, fallback=vision, **common)
 
-    def embed_shard(self, tar: str, keys: list[str], storage_options: dict | None = None) -> tuple[list, list]:
-        """Embeddings (or None) and errors (or None) for the samples ``keys`` of one shard, in order.
+    def embed_shard(self, tar: str, keys: list[str], storage_options: dict | None = None) -> tuple[Any, list]:
+        """Embeddings and errors for the samples ``keys`` of one shard, in order.
+
+        Returns:
+            ``(valid, matrix, errors)``: a bool array (the row has an embedding), the ``(rows, dim)`` float32 matrix
+            (zeros where not valid) and the per-row error texts (None where fine).
 
         Raises:
             AlignmentError: ``keys`` is not an in-order subsequence of the shard's keys.
@@ -153,55 +176,38 @@ class ImageEmbedder(abc.ABC):
         """
         device = resolve_device(self.device)
         model = self.model(device)
-        embeddings: list[np.ndarray | None] = [None] * len(keys)
+        matrix = np.zeros((len(keys), self.embedding_dim()), dtype=np.float32)
+        valid = np.zeros(len(keys), dtype=bool)
         errors: list[str | None] = [None] * len(keys)
         for batch in self.loader(device).batches(tar, keys, storage_options):
             for row, error in batch.errors.items():
                 errors[row] = error
             if batch.rows:
-                for row, vector in zip(batch.rows, self._forward(model, batch.images, device), strict=True):
-                    embeddings[row] = vector
-        return embeddings, errors
+                rows = np.asarray(batch.rows, dtype=np.int64)
+                matrix[rows] = self._forward(model, batch.images, device)
+                valid[rows] = True
+        return valid, matrix, errors
 
-    def _embed_partition(self, part: Any, tar_files: list[str], id_col: str, so: dict, partition_info=None) -> Any:
-        keys = part[id_col]
-        keys = (keys if isinstance(keys, pd.Series) else keys.to_pandas()).tolist()
-        embeddings, errors = self.embed_shard(tar_files[partition_number(partition_info)], keys, so)
-        return with_columns(part, self._columns(embeddings, errors), self.arrow_types())
+    # ------------------------------------------------------------------ the step contract
+    def output_columns(self) -> dict[str, pa.DataType]:
+        """The embedding (fixed-size list of float32), its error text, and each fused classifier's score."""
+        types = {self.image_embedding_column: embedding_type(self.embedding_dim()), self.error_column: pa.string()}
+        for clf in self.classifiers:
+            types.update(clf.output_columns())
+        return types
 
-    def _columns(self, embeddings: list[np.ndarray | None], errors: list[str | None]) -> dict[str, pd.Series]:
-        """This step's output columns for one partition: embeddings, errors and the fused classifiers' scores."""
-        vectors = pd.Series(embeddings, dtype=object)
-        out = {
-            self.image_embedding_column: vectors,
-            self.error_column: pd.Series(errors, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
+    def check(self, meta: Any, id_col: str) -> None:
+        super().check(meta, id_col)
+        for clf in self.classifiers:
+            clf.check_dimension(self.embedding_dim(), source=type(self).__name__)
+
+    def process(self, part: Any, shard: Shard, io: ShardIO) -> dict[str, Any]:
+        keys = to_pandas(part[[io.id_col]])[io.id_col].tolist()
+        valid, matrix, errors = self.embed_shard(shard.tar, keys, io.storage_options)
+        out: dict[str, Any] = {
+            self.image_embedding_column: embedding_array(matrix, valid),
+            self.error_column: pa.array(errors, pa.string()),
         }
         for clf in self.classifiers:
-            out[clf.pred_column] = clf.predict_column(vectors, source=type(self).__name__)
+            out[clf.pred_column] = clf.predict_rows(matrix, valid)
         return out
-
-    def output_meta(self, meta: Any) -> Any:
-        """The metadata frame's ``meta`` after this step."""
-        return with_columns(meta, self._columns([], []), self.arrow_types())
-
-    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
-        """Adds the embedding column (and the classifiers' columns) to the dataset's metadata, lazily."""
-        df = dataset.metadata
-        meta = self.output_meta(df._meta)
-        out = df.map_partitions(
-            self._embed_partition,
-            dataset.tar_files,
-            dataset.id_col,
-            dataset.storage_options,
-            meta=meta,
-            enforce_metadata=False,
-            align_dataframes=False,
-        )
-        return dataset.with_metadata(out, arrow_types=self.arrow_types())
-
-    def arrow_types(self) -> dict[str, pa.DataType]:
-        """Arrow types of the columns this step adds."""
-        types = {self.image_embedding_column: pa.list_(pa.float32()), self.error_column: pa.string()}
-        for clf in self.classifiers:
-            types[clf.pred_column] = pa.from_numpy_dtype(np.dtype(clf.pred_type))
-        return types

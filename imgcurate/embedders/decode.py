@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageFile
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+from PIL import Image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -193,11 +193,27 @@ class TimmImageEmbedder(ImageEmbedder):
     def data_config(self) -> dict[str, Any]:
         """timm's resolved data config for the model (input_size, interpolation, mean, std, crop_pct, crop_mode)."""
         if self._data_config is None:
-            import timm
-
-            model = timm.create_model(self.model_name, pretrained=False, **self.model_kwargs)
-            self._data_config = timm.data.resolve_model_data_config(model)
+            self._shape_probe()
         return self._data_config
+
+    def embedding_dim(self) -> int:
+        """The embedding's length, from the model's architecture alone (no weights are loaded or allocated)."""
+        if self.__dict__.get("_embedding_dim") is None:
+            self._shape_probe()
+        return self.__dict__["_embedding_dim"]
+
+    def _shape_probe(self) -> None:
+        """Builds the model on torch's ``meta`` device (shapes only, no memory, no weights) to read its data config
+        and its output size."""
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            model = timm.create_model(self.model_name, pretrained=False, **self.model_kwargs).eval()
+            self._data_config = timm.data.resolve_model_data_config(model)
+            x = torch.empty(1, *self._data_config["input_size"])
+            out = model(x) if self.output == "head" else model.forward_head(model.forward_features(x), pre_logits=True)
+        self.__dict__["_embedding_dim"] = int(out.shape[-1])
 
     def transform(self):
         """timm's eval transform for the model (PIL image -> normalised tensor)."""

@@ -1,17 +1,23 @@
-"""Re-sharding the kept samples of a dataset into new WebDataset shards, streaming and in parallel on Dask.
+"""Re-sharding the kept samples of a metadata frame into new WebDataset shards, streaming and in parallel on Dask.
 
-Two passes, both over Dask:
+Two passes, both over Dask, then a publish step:
 
-1. *Stage*: each metadata partition is computed once; its kept rows (``filter_column`` true; null counts as false)
-   go to a temporary parquet and their count comes back.
+1. *Select*: each metadata partition is computed once; its kept rows (``filter_column`` true; null counts as false)
+   go to a staging parquet and their count comes back (one small row per shard).
 2. *Write*: the counts fix, before any shard is written, which output shard every kept sample lands in and its new
    key. Each output shard is then written by exactly one task, which streams the samples it needs from the input
-   tars, one sample in memory at a time, and copies every member's bytes unchanged.
+   tars it names (never the list of all tars), one sample in memory at a time, copying every member's bytes
+   unchanged, into the staging folder.
+3. *Publish*: a marker file says that the folder is being replaced; the old shards are removed, the new ones moved in,
+   a manifest (``_imgcurate_export.json``) written, and the marker removed last. A folder whose marker is still there
+   (the export was killed while publishing) does not open: :func:`check_export_complete` raises, naming the folder,
+   and a rerun of the same export finishes it. So the folder is the old export, the new one, or an error, never a
+   mix of the two.
 
-So the result does not depend on the number of workers, no two tasks write the same file, and memory stays flat:
-a worker holds at most one metadata partition (pass 1) or one output shard's metadata (pass 2), never image bytes
-beyond the current sample. Tars and parquet files are written under temporary names and renamed when complete, and
-their bytes are the same on every run (fixed mtime, owner, mode and order).
+The staging folder (``.imgcurate-staging`` inside the output folder) keeps the shards already written, with a
+fingerprint of the plan; a rerun of the same export after a crash reuses them and writes only the rest. Reruns
+remove temporaries (``*.tmp-*``) left by killed writers. The bytes of every file are the same on every run (fixed
+mtime, owner, mode and order), whatever the scheduler or the number of workers.
 
 New keys: sample ``j`` (from 0) of output shard ``s`` gets ``f"{s:05d}{j:0Nd}"`` where ``N`` is the number of digits
 of ``samples_per_shard - 1`` (see :func:`imgcurate.io.shards.new_key`); export order is input order.
@@ -19,37 +25,47 @@ of ``samples_per_shard - 1`` (see :func:`imgcurate.io.shards.new_key`); export o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import posixpath
-import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dask
+import dask.dataframe as dd
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgcurate import progress
-from imgcurate.errors import AlignmentError
+from imgcurate._dask import Shard, map_with_shard
+from imgcurate.backends import to_arrow, to_pandas
+from imgcurate.errors import AlignmentError, ShardError
+from imgcurate.io._fs import atomic_open, temp_name
+from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import iter_samples
 
-if TYPE_CHECKING:
-    from imgcurate.dataset import ImageTextPairDataset
+__all__ = ["export_webdataset", "check_export_complete", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]
+
+#: Written last by a finished export: the shards and their sample counts.
+MANIFEST = "_imgcurate_export.json"
+#: Present while an export replaces a folder's shards; a folder that has it does not open.
+INCOMPLETE_MARKER = "_imgcurate_export_incomplete.json"
+#: The staging folder inside the output folder.
+STAGING = ".imgcurate-staging"
+_SHARD_EXTS = ("tar", "parquet", "idx")
 
 
-def partition_to_arrow(part: Any, arrow_types: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """A metadata partition (pandas or cuDF) as an arrow table, with the declared types of array columns."""
-    if isinstance(part, pd.DataFrame):
-        table = pa.Table.from_pandas(part, preserve_index=False)
-    else:
-        table = part.to_arrow(preserve_index=False)
-    for name, arrow_type in (arrow_types or {}).items():
-        if name in table.column_names and table.column(name).type != arrow_type:
-            index = table.column_names.index(name)
-            table = table.set_column(index, pa.field(name, arrow_type), table.column(name).cast(arrow_type))
-    return table
+def check_export_complete(fs: fsspec.AbstractFileSystem, root: str, path: str) -> None:
+    """Raises :class:`ShardError` when an export into ``root`` was stopped while it replaced the shards."""
+    if fs.exists(posixpath.join(root, INCOMPLETE_MARKER)):
+        raise ShardError(
+            path,
+            "an export into this folder did not finish (it was stopped while replacing the shards): run the same "
+            "export again to finish it, or delete the folder",
+        )
 
 
 def _keep_mask(part: pd.DataFrame, filter_column: str | None) -> Any:
@@ -58,14 +74,34 @@ def _keep_mask(part: pd.DataFrame, filter_column: str | None) -> Any:
     return part[filter_column].fillna(False).astype(bool)
 
 
-def _stage(part: Any, index: int, tmp_dir: str, filter_column: str | None, arrow_types: dict, so: dict):
+def _select(part: Any, shard: Shard, stage_dir: str, filter_column: str | None, so: dict) -> pd.DataFrame:
+    """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest."""
     mask = _keep_mask(part, filter_column)
     kept = part if mask is None else part[mask]
-    table = partition_to_arrow(kept, arrow_types)
+    table = to_arrow(kept)
+    digest = ""
     if table.num_rows:
-        with fsspec.open(posixpath.join(tmp_dir, f"{index:05d}.parquet"), "wb", **so) as f:
-            pq.write_table(table, f)
-    return table.num_rows, table.schema
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        digest = hashlib.sha256(data).hexdigest()
+        with atomic_open(posixpath.join(stage_dir, "select", f"{shard.index:05d}.parquet"), "wb", so) as f:
+            f.write(data)
+    schema = table.schema.remove_metadata().serialize().to_pybytes()
+    return pd.DataFrame(
+        {"shard": [shard.index], "tar": [shard.tar], "count": [table.num_rows], "schema": [schema], "digest": [digest]}
+    )
+
+
+_SELECT_META = pd.DataFrame(
+    {
+        "shard": pd.Series([], dtype="int64"),
+        "tar": pd.Series([], dtype=object),
+        "count": pd.Series([], dtype="int64"),
+        "schema": pd.Series([], dtype=object),
+        "digest": pd.Series([], dtype=object),
+    }
+)
 
 
 def _plan(counts: list[int], samples_per_shard: int, max_shards: int | None) -> list[list[tuple[int, int, int]]]:
@@ -92,10 +128,8 @@ def _plan(counts: list[int], samples_per_shard: int, max_shards: int | None) -> 
 
 def _write_shard(
     shard: int,
-    slices: list[tuple[int, int, int]],
-    tar_files: list[str],
-    tmp_dir: str,
-    out_dir: str,
+    slices: list[tuple[int, str, int, int]],
+    stage_dir: str,
     samples_per_shard: int,
     id_col: str,
     old_id_col: str | None,
@@ -103,16 +137,15 @@ def _write_shard(
     so: dict,
     index: bool,
 ) -> int:
-    from imgcurate.dataset import _conform
-
+    """Writes output shard ``shard`` into the staging folder from its ``(partition, tar, first, end)`` slices."""
     tables = []
-    with ShardWriter(posixpath.join(out_dir, f"{shard:05d}.tar"), storage_options=so, index=index) as writer:
-        for part, first, end in slices:
-            with fsspec.open(posixpath.join(tmp_dir, f"{part:05d}.parquet"), "rb", **so) as f:
+    with ShardWriter(posixpath.join(stage_dir, f"{shard:05d}.tar"), storage_options=so, index=index) as writer:
+        for part, tar, first, end in slices:
+            with fsspec.open(posixpath.join(stage_dir, "select", f"{part:05d}.parquet"), "rb", **so) as f:
                 table = pq.read_table(f).slice(first, end - first)
             keys = table.column(id_col).to_pylist()
             pos = 0
-            for sample in iter_samples(tar_files[part], storage_options=so, wanted=set(keys)):
+            for sample in iter_samples(tar, storage_options=so, wanted=set(keys)):
                 if sample.key == keys[pos]:
                     writer.write(new_key(shard, writer.count, samples_per_shard), sample.members)
                     pos += 1
@@ -120,10 +153,10 @@ def _write_shard(
                         break
             if pos < len(keys):
                 raise AlignmentError(
-                    f"{tar_files[part]}: metadata row with key {keys[pos]!r} has no matching sample at its place in "
-                    f"the shard: partition {part} of the metadata no longer describes this tar in order"
+                    f"{tar}: metadata row with key {keys[pos]!r} has no matching sample at its place in the shard: "
+                    "its metadata partition no longer describes this tar in order"
                 )
-            tables.append(_conform(table, schema))
+            tables.append(conform(table, schema))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         new_keys = pa.array([new_key(shard, j, samples_per_shard) for j in range(table.num_rows)], pa.string())
         old_keys = table.column(id_col)
@@ -136,22 +169,57 @@ def _write_shard(
     return writer.count
 
 
+def _check_arguments(
+    metadata: dd.DataFrame,
+    filter_column: str | None,
+    samples_per_shard: int,
+    max_shards: int | None,
+    old_id_col: str | None,
+) -> None:
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be an integer of at least 1, got {samples_per_shard!r}")
+    if max_shards is not None and (not isinstance(max_shards, int) or max_shards < 0):
+        raise ValueError(f"max_shards must be None or an integer >= 0, got {max_shards!r}")
+    if filter_column is not None:
+        if filter_column not in metadata.columns:
+            columns = ", ".join(map(str, metadata.columns))
+            raise ValueError(f"filter_column {filter_column!r} is not a metadata column ({columns})")
+        if not pd.api.types.is_bool_dtype(to_pandas(metadata._meta)[filter_column].dtype):
+            raise ValueError(f"filter_column {filter_column!r} must be boolean, not {metadata[filter_column].dtype}")
+    if old_id_col is not None and old_id_col in metadata.columns:
+        raise ValueError(f"old_id_col {old_id_col!r} is already a metadata column")
+
+
+def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Removes what killed writers left in the output folder: ``*.tmp-*`` files."""
+    for stale in fs.glob(posixpath.join(root, "*.tmp-*")):
+        fs.rm(stale)
+
+
 def export_webdataset(
-    dataset: ImageTextPairDataset,
+    metadata: dd.DataFrame,
+    shards: dd.DataFrame,
     path: str,
     *,
+    source: str,
+    id_col: str,
+    storage_options: dict | None = None,
     filter_column: str | None = None,
     samples_per_shard: int = 10000,
     max_shards: int | None = None,
     old_id_col: str | None = None,
     overwrite: bool = False,
     index_files: bool = False,
-) -> ImageTextPairDataset:
-    """Writes the samples of ``dataset`` whose ``filter_column`` is true into new shards under ``path``.
+) -> int:
+    """Writes the rows of ``metadata`` whose ``filter_column`` is true, with their samples, as new shards in ``path``.
 
     Args:
-        dataset: the source dataset.
+        metadata: the metadata frame, partition ``i`` describing shard ``i``.
+        shards: the matching shard frame (:func:`imgcurate._dask.shard_frame`).
         path: the output folder (local or fsspec URL), created if needed.
+        source: the input folder (the output must differ from it).
+        id_col: the key column.
+        storage_options: passed to fsspec.
         filter_column: a boolean metadata column; rows where it is true are kept (null counts as false). None keeps
             every row of the metadata frame.
         samples_per_shard: samples per output shard (the last one may hold fewer).
@@ -161,76 +229,114 @@ def export_webdataset(
         index_files: also write each shard's DALI index (``NNNNN.idx``), for ``use_index_files=True`` readers.
 
     Returns:
-        The new dataset, opened from ``path``.
+        The number of samples written.
 
     Raises:
-        ValueError: bad arguments (unknown or non-boolean filter column, output equal to input, ...).
+        ValueError: bad arguments (unknown or non-boolean filter column, output equal to input, nothing selected).
         FileExistsError: ``path`` already holds shards and ``overwrite`` is false.
         AlignmentError: a metadata partition no longer matches its tar.
     """
-    from imgcurate.dataset import ImageTextPairDataset, _unify
-
-    df, id_col, so = dataset.metadata, dataset.id_col, dataset.storage_options
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    if max_shards is not None and max_shards < 0:
-        raise ValueError(f"max_shards must be None or >= 0, got {max_shards}")
-    if filter_column is not None:
-        if filter_column not in df.columns:
-            raise ValueError(f"filter_column {filter_column!r} is not a metadata column ({', '.join(df.columns)})")
-        if not pd.api.types.is_bool_dtype(df[filter_column].dtype):
-            raise ValueError(f"filter_column {filter_column!r} must be boolean, not {df[filter_column].dtype}")
-    if old_id_col is not None and old_id_col in df.columns:
-        raise ValueError(f"old_id_col {old_id_col!r} is already a metadata column")
+    so = dict(storage_options or {})
+    _check_arguments(metadata, filter_column, samples_per_shard, max_shards, old_id_col)
     fs, out_root = fsspec.core.url_to_fs(path, **so)
-    src_root = fsspec.core.url_to_fs(dataset.path, **so)[1]
+    src_root = fsspec.core.url_to_fs(source, **so)[1]
     if posixpath.normpath(out_root) == posixpath.normpath(src_root):
         raise ValueError(f"{path}: the output folder must differ from the input folder")
-    existing = [f for ext in ("tar", "parquet", "idx") for f in fs.glob(posixpath.join(out_root, f"*.{ext}"))]
-    if existing and not overwrite:
+    unfinished = fs.exists(posixpath.join(out_root, INCOMPLETE_MARKER))
+    existing = [f for ext in _SHARD_EXTS for f in fs.glob(posixpath.join(out_root, f"*.{ext}"))]
+    if existing and not overwrite and not unfinished:
         raise FileExistsError(f"{path}: already holds shards; pass overwrite=True to replace them")
     fs.makedirs(out_root, exist_ok=True)
+    _remove_temporaries(fs, out_root)
     out_dir = path.rstrip("/")
-    tmp_dir = posixpath.join(out_dir, f".imgcurate-tmp-{uuid.uuid4().hex[:12]}")
-    fs.makedirs(fsspec.core.url_to_fs(tmp_dir, **so)[1], exist_ok=True)
-    try:
-        staged = progress.compute(
-            [
-                dask.delayed(_stage)(part, i, tmp_dir, filter_column, dataset.arrow_types, so)
-                for i, part in enumerate(df.to_delayed())
-            ],
-            desc="export: selecting",
-        )
-        counts = [n for n, _ in staged]
-        schema = _unify([s for _, s in staged], dataset.tar_files)
-        plan = _plan(counts, samples_per_shard, max_shards)
-        if not plan:
-            raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
-        write = dask.delayed(_write_shard, pure=False)
-        progress.compute(
-            [
-                write(
-                    s,
-                    slices,
-                    dataset.tar_files,
-                    tmp_dir,
-                    out_dir,
-                    samples_per_shard,
-                    id_col,
-                    old_id_col,
-                    schema,
-                    so,
-                    index_files,
-                )  # fmt: skip
-                for s, slices in enumerate(plan)
-            ],
-            desc="export: writing shards",
-        )
-    finally:
-        fs.rm(fsspec.core.url_to_fs(tmp_dir, **so)[1], recursive=True)
-    exts = ("tar", "parquet", "idx") if index_files else ("tar", "parquet")
-    written = {f"{s:05d}.{ext}" for s in range(len(plan)) for ext in exts}  # an old index of a new tar goes too
-    for stale in existing:
-        if posixpath.basename(stale) not in written:
+    stage_dir = posixpath.join(out_dir, STAGING)
+    fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
+
+    selected = map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, meta=_SELECT_META)
+    (table,) = progress.compute([selected], desc="export: selecting")
+    table = table.sort_values("shard")
+    counts = table["count"].astype(int).tolist()
+    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in dict.fromkeys(table["schema"])], [path])
+    plan = _plan(counts, samples_per_shard, max_shards)
+    if not plan:
+        raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
+    tars = table["tar"].tolist()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [table["digest"].tolist(), tars, samples_per_shard, max_shards, id_col, old_id_col, index_files,
+             schema.serialize().to_pybytes().hex()]
+        ).encode()
+    ).hexdigest()  # fmt: skip
+    staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files)
+    write = dask.delayed(_write_shard, pure=False)
+    tasks = [
+        write(
+            s,
+            [(i, tars[i], a, b) for i, a, b in slices],
+            stage_dir,
+            samples_per_shard,
+            id_col,
+            old_id_col,
+            schema,
+            so,
+            index_files,
+        )  # fmt: skip
+        for s, slices in enumerate(plan)
+        if s not in staged
+    ]
+    progress.compute(tasks, desc="export: writing shards")
+    _publish(fs, out_root, len(plan), index_files)
+    return sum(b - a for slices in plan for _, a, b in slices)
+
+
+def _staged_shards(
+    fs: fsspec.AbstractFileSystem, stage_root: str, fingerprint: str, n_out: int, index_files: bool
+) -> set[int]:
+    """The output shards already complete in the staging folder from a run of the same plan (none otherwise)."""
+    marker = posixpath.join(stage_root, "plan.json")
+    same = False
+    if fs.exists(marker):
+        with fs.open(marker, "rb") as f:
+            same = json.loads(f.read()).get("fingerprint") == fingerprint
+    if not same:
+        for stale in [f for ext in _SHARD_EXTS for f in fs.glob(posixpath.join(stage_root, f"*.{ext}"))]:
             fs.rm(stale)
-    return ImageTextPairDataset.from_webdataset(path, id_col, storage_options=so, validate=False)
+        with fs.open(marker, "wb") as f:
+            f.write(json.dumps({"fingerprint": fingerprint}).encode())
+        return set()
+    for stale in fs.glob(posixpath.join(stage_root, "*.tmp-*")):
+        fs.rm(stale)
+    exts = _SHARD_EXTS if index_files else _SHARD_EXTS[:2]
+    present = set(fs.glob(posixpath.join(stage_root, "*.*")))
+    return {s for s in range(n_out) if all(posixpath.join(stage_root, f"{s:05d}.{e}") in present for e in exts)}
+
+
+def _publish(fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool) -> None:
+    """Replaces the shards in ``root`` by the staged ones, behind the incomplete-export marker (see module docs)."""
+    stage_root = posixpath.join(root, STAGING)
+    marker = posixpath.join(root, INCOMPLETE_MARKER)
+    with fs.open(marker, "wb") as f:
+        f.write(json.dumps({"staging": STAGING, "shards": n_out}).encode())
+    exts = _SHARD_EXTS if index_files else _SHARD_EXTS[:2]
+    new = {f"{s:05d}.{ext}" for s in range(n_out) for ext in exts}
+    manifest = posixpath.join(root, MANIFEST)
+    if fs.exists(manifest):
+        fs.rm(manifest)
+    for old in [f for ext in _SHARD_EXTS for f in fs.glob(posixpath.join(root, f"*.{ext}"))]:
+        if posixpath.basename(old) not in new:
+            fs.rm(old)
+    shards = []
+    for s in range(n_out):
+        for ext in exts:
+            name = f"{s:05d}.{ext}"
+            staged = posixpath.join(stage_root, name)
+            if fs.exists(staged):  # a rerun after a crash in this loop finds some files already moved
+                fs.mv(staged, posixpath.join(root, name))
+        with fs.open(posixpath.join(root, f"{s:05d}.parquet"), "rb") as f:
+            shards.append({"tar": f"{s:05d}.tar", "samples": pq.ParquetFile(f).metadata.num_rows})
+    tmp = temp_name(manifest)
+    with fs.open(tmp, "wb") as f:
+        f.write(json.dumps({"shards": shards, "samples": sum(s["samples"] for s in shards)}, indent=1).encode())
+    fs.mv(tmp, manifest)
+    fs.rm(stage_root, recursive=True)
+    fs.rm(marker)

@@ -16,6 +16,7 @@ import fsspec
 
 from imgcurate import progress
 from imgcurate.errors import ShardError
+from imgcurate.io._fs import atomic_open
 from imgcurate.io.tar import split_member_name
 
 __all__ = [
@@ -108,8 +109,6 @@ def _write(tar: str, entries: list[IndexEntry], storage_options: dict | None) ->
 
 def save_index(tar: str, text: str, storage_options: dict | None = None) -> str:
     """Writes index ``text`` (from :func:`format_index`) beside ``tar``, atomically; returns its path."""
-    from imgcurate.io.shards import atomic_open
-
     path = index_path_for(tar)
     with atomic_open(path, "wb", storage_options) as f:
         f.write(text.encode("utf-8"))

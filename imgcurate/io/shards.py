@@ -5,16 +5,17 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import IO, Any
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from imgcurate.io._fs import atomic_open, temp_name, write_parquet
+from imgcurate.io.index import format_index, save_index
 from imgcurate.io.tar import iter_samples
+
+__all__ = ["ShardWriter", "new_key", "scan_shard", "columns_to_table", "atomic_open", "write_parquet"]
 
 #: Columns that every scanned shard has, besides the fields of its json members.
 KEY_COLUMN = "key"
@@ -31,27 +32,6 @@ def new_key(shard_index: int, index_in_shard: int, samples_per_shard: int) -> st
     """
     width = len(str(max(samples_per_shard - 1, 1)))
     return f"{shard_index:05d}{index_in_shard:0{width}d}"
-
-
-@contextmanager
-def atomic_open(path: str, mode: str = "wb", storage_options: dict | None = None) -> Iterator[IO]:
-    """Opens a temporary file beside ``path`` and renames it to ``path`` only when the block succeeds."""
-    fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    tmp = f"{fs_path}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        with fs.open(tmp, mode) as f:
-            yield f
-        fs.mv(tmp, fs_path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-
-
-def write_parquet(table: pa.Table, path: str, storage_options: dict | None = None) -> None:
-    """Writes a table to parquet atomically (temporary name, then rename)."""
-    with atomic_open(path, "wb", storage_options) as f:
-        pq.write_table(table, f)
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
@@ -88,7 +68,7 @@ class ShardWriter:
         self.parquet_path = parquet_path if parquet_path is not None else _with_suffix(tar_path, ".parquet")
         self.storage_options = storage_options or {}
         self._fs, self._fs_tar = fsspec.core.url_to_fs(tar_path, **self.storage_options)
-        self._tmp = f"{self._fs_tar}.tmp-{uuid.uuid4().hex[:12]}"
+        self._tmp = temp_name(self._fs_tar)
         self._file = self._fs.open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         self._table: pa.Table | None = None
@@ -120,8 +100,6 @@ class ShardWriter:
                     f"{self.tar_path}: metadata has {self._table.num_rows} rows for {self.count} samples written"
                 )
             if self._index:
-                from imgcurate.io.index import format_index, save_index
-
                 index_text = format_index(self.tar_path, self._index)  # raises before anything is written
             if self._table is not None:
                 write_parquet(self._table, self.parquet_path, self.storage_options)

@@ -1,0 +1,162 @@
+"""Dask plumbing shared by the dataset, the steps and the export (beside the backends, below io).
+
+Every per-shard task must carry only its own shard: a mapped function never closes over the list of all tar paths
+or over results whose size grows with the dataset. The pieces here keep it so:
+
+- :func:`shard_frame` is a tiny Dask frame with one row per shard (its index and tar path), built with
+  ``dd.from_map`` so that each of its tasks holds one ``(index, tar)`` pair.
+- :func:`map_with_shard` maps a function over a metadata frame zipped partition by partition with that frame: the
+  function receives its partition and a :class:`Shard`, nothing else that grows with the shard count.
+- :func:`to_partitions` shuffles rows to the partition that a column names (results going back to their shards).
+- :func:`zip_columns` puts the columns of one frame beside another's, partition by partition.
+
+Row ids: the metadata frame's index is ``shard << 40 | row`` (a row's global id), so every frame over the shards has
+*known divisions* ``(0, 1 << 40, 2 << 40, ...)``. Dask combines two frames partition by partition only when it can
+tell that they are aligned; for frames with several origins (a step's results beside the metadata) it decides by
+their divisions, and with unknown divisions it would shuffle rows by index value. Known, equal divisions keep every
+frame of a dataset aligned with its shards, whatever steps made it. Per-shard functions mapped with
+:func:`map_with_shard` get that index on their results automatically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+from imgcurate.backends import host_index
+
+__all__ = [
+    "Shard",
+    "shard_frame",
+    "shard_divisions",
+    "row_ids",
+    "map_with_shard",
+    "to_partitions",
+    "zip_columns",
+    "PARTITION_COLUMN",
+    "SHARD_BITS",
+]
+
+#: The column that names a row's target partition in :func:`to_partitions` (dask's own name for it).
+PARTITION_COLUMN = "_partitions"
+#: A row's global id is ``shard << SHARD_BITS | row``: up to 2**40 rows per shard and 2**23 shards.
+SHARD_BITS = 40
+
+
+def shard_divisions(nshards: int) -> tuple[int, ...]:
+    """The divisions of a frame with one partition per shard and row ids as its index."""
+    if nshards == 0:
+        return (None, None)
+    return tuple(i << SHARD_BITS for i in range(nshards)) + ((nshards << SHARD_BITS) - 1,)
+
+
+def row_ids(shard: int, nrows: int) -> np.ndarray:
+    """The global ids of a shard's ``nrows`` rows (the metadata index)."""
+    return (np.int64(shard) << SHARD_BITS) + np.arange(nrows, dtype=np.int64)
+
+
+class Shard(NamedTuple):
+    """What a per-shard task knows of its shard: its position in the dataset and its tar path."""
+
+    index: int
+    tar: str
+
+
+def _shard_row(item: tuple[int, str]) -> pd.DataFrame:
+    index = pd.Index(row_ids(item[0], 1))
+    return pd.DataFrame({"shard": pd.Series([item[0]], dtype="int64", index=index),
+                         "tar": pd.Series([item[1]], dtype=object, index=index)})  # fmt: skip
+
+
+_SHARD_META = pd.DataFrame(
+    {"shard": pd.Series([], dtype="int64"), "tar": pd.Series([], dtype=object)}, index=pd.Index([], dtype="int64")
+)
+
+
+def shard_frame(tar_files: Sequence[str]) -> dd.DataFrame:
+    """One row per shard (``shard``, ``tar``), one partition per shard; each task holds its own pair only."""
+    return dd.from_map(
+        _shard_row, list(enumerate(tar_files)), meta=_SHARD_META, divisions=shard_divisions(len(tar_files)),
+        label="imgcurate-shards", enforce_metadata=False,
+    )  # fmt: skip
+
+
+def _call_with_shard(part: Any, shard: pd.DataFrame, func: Callable, *args: Any, **kwargs: Any) -> Any:
+    if len(shard) != 1:  # pragma: no cover - a frame built by shard_frame always has one row per partition
+        raise RuntimeError("a shard frame partition must hold exactly one shard")
+    index = int(shard["shard"].iloc[0])
+    out = func(part, Shard(index, str(shard["tar"].iloc[0])), *args, **kwargs)
+    if not hasattr(out, "index"):
+        return out
+    ids = host_index(part.index)
+    lo = index << SHARD_BITS
+    if len(out) == len(part) and (not len(ids) or (ids.min() >= lo and ids.max() < lo + (1 << SHARD_BITS))):
+        # one result per row: the rows' own ids
+        out.index = part.index if type(out).__module__ == type(part).__module__ else ids
+    else:  # a summary of the shard, or rows without ids yet: fresh ids within the shard's range
+        out.index = row_ids(index, len(out))
+    return out
+
+
+def map_with_shard(
+    func: Callable, frame: dd.DataFrame, shards: dd.DataFrame, *args: Any, meta: Any, **kwargs: Any
+) -> dd.DataFrame:
+    """``func(partition, shard, *args, **kwargs)`` on every partition of ``frame``, ``shard`` being its :class:`Shard`.
+
+    ``frame`` and ``shards`` must have the same number of partitions (partition ``i`` describes shard ``i``). The
+    result gets the divisions of the shards: a function that returns one row per input row gets the input's row ids
+    as its index, one that returns a summary gets ids in its shard's range.
+    """
+    if frame.npartitions != shards.npartitions:
+        raise ValueError(f"{frame.npartitions} metadata partitions for {shards.npartitions} shards")
+    out = dd.map_partitions(
+        _call_with_shard, frame, shards, func, *args, meta=meta, align_dataframes=False, enforce_metadata=False,
+        **kwargs,
+    )  # fmt: skip
+    return out if out.known_divisions else out.clear_divisions().pipe(_with_divisions, shards.divisions)
+
+
+def _with_divisions(frame: dd.DataFrame, divisions: tuple) -> dd.DataFrame:
+    """``frame`` declared to have ``divisions`` (its partitions' index values must lie within them)."""
+    from dask.dataframe.dask_expr._collection import new_collection
+    from dask.dataframe.dask_expr._expr import SetDivisions
+
+    return new_collection(SetDivisions(frame.expr, divisions))
+
+
+def to_partitions(frame: dd.DataFrame, column: str, npartitions: int) -> dd.DataFrame:
+    """Moves every row to the partition that its integer ``column`` names (0 <= value < ``npartitions``).
+
+    A shuffle, done by Dask's own shuffle machinery (tasks, disk or p2p, as configured): dask routes rows by a
+    ``_partitions`` column without hashing it, which is what :meth:`DataFrame.set_index` does with its divisions.
+    No task carries a list that grows with ``npartitions``. Row order within a partition is not kept: sort after.
+    """
+    from dask.dataframe.dask_expr._collection import new_collection
+    from dask.dataframe.dask_expr._shuffle import Shuffle
+
+    routed = frame.assign(**{PARTITION_COLUMN: frame[column].astype("int64")})
+    shuffled = new_collection(Shuffle(routed.expr, PARTITION_COLUMN, npartitions, True, None, None))
+    return shuffled.drop(columns=[PARTITION_COLUMN])
+
+
+def _zip(left: Any, right: Any) -> Any:
+    if len(left) != len(right):
+        raise ValueError(f"cannot put {len(right)} rows of new columns beside a partition of {len(left)} rows")
+    out = left.copy(deep=False)
+    right = right.copy(deep=False)
+    right.index = out.index
+    for name in right.columns:
+        out[name] = right[name]
+    return out
+
+
+def zip_columns(frame: dd.DataFrame, columns: dd.DataFrame) -> dd.DataFrame:
+    """``frame`` with the columns of ``columns`` (same partitions, same rows in the same order) beside it."""
+    if frame.npartitions != columns.npartitions:
+        raise ValueError(f"{columns.npartitions} partitions of new columns for {frame.npartitions} partitions")
+    meta = _zip(frame._meta, columns._meta)
+    return dd.map_partitions(_zip, frame, columns, meta=meta, align_dataframes=False, enforce_metadata=False)

@@ -1,0 +1,240 @@
+"""The step contract: every step (embedders, classifiers, filters, dedup, and users' own) is built the same way.
+
+A step is an object configured by its constructor and applied with ``step(dataset) -> dataset``. It declares:
+
+- ``requires``: the optional packages it needs, checked when it is constructed (a :class:`MissingDependencyError`
+  with the ``pip install`` line), so a pipeline fails before any work;
+- :meth:`Step.input_columns`: the metadata columns it reads;
+- :meth:`Step.output_columns`: the columns it adds, with their arrow types.
+
+From these the base class checks the column flow on ``meta`` (:meth:`Step.check`), builds the step's ``meta`` once
+(:meth:`Step.output_meta`), and adds the step's columns to the dataset. A step computes a frame of its new columns
+only (:meth:`Step.added`): one partition per shard, the same rows in the same order. That frame is what a pipeline
+writes per shard into its run directory, and what :meth:`Step.__call__` puts beside the metadata.
+
+Most steps work shard by shard: subclass :class:`ShardStep` and fill in :meth:`ShardStep.process`, which receives one
+partition (only the columns the step reads) and its :class:`~imgcurate._dask.Shard` (index and tar path): the task
+carries that shard and nothing that grows with the dataset. Steps that need every row at once (dedup) implement
+:meth:`Step.added` with Dask shuffles and reductions.
+
+Example, a step of one's own (usable from YAML as ``mypkg.steps:CaptionLength``)::
+
+    class CaptionLength(ShardStep):
+        def __init__(self, column: str = "caption_chars"):
+            self.column = column
+
+        def input_columns(self, id_col):
+            return ["caption"]
+
+        def output_columns(self):
+            return {self.column: pa.int64()}
+
+        def process(self, part, shard, io):
+            return {self.column: part["caption"].str.len().fillna(0).astype("int64").to_numpy()}
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import pyarrow as pa
+
+from imgcurate._dask import Shard
+from imgcurate.backends import backend_of, empty_frame, to_pandas, with_columns
+from imgcurate.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+
+    from imgcurate.dataset import ImageTextPairDataset
+
+__all__ = ["Requirement", "Step", "ShardStep", "ShardIO", "ColumnError"]
+
+
+class ColumnError(ValueError):
+    """A step reads a column that the metadata does not have (or has with the wrong type) at that point."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """An optional package a step needs: the module it imports, the pip package, and the imgcurate extra."""
+
+    module: str
+    package: str
+    extra: str | None = None
+
+    def installed(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):  # a parent package that is missing or broken
+            return False
+
+    def check(self, owner: str) -> None:
+        """Raises :class:`MissingDependencyError` naming ``owner`` when the module is not installed."""
+        if not self.installed():
+            raise MissingDependencyError(owner, self.package, extra=self.extra)
+
+
+class ShardIO(NamedTuple):
+    """What a per-shard function needs to read its shard, besides the shard itself."""
+
+    id_col: str
+    storage_options: dict
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Step):
+        return value.describe()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {type(value).__name__: _jsonable(dataclasses.asdict(value))}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+class Step(abc.ABC):
+    """Base class of all steps. See the module docs for the contract.
+
+    Class attributes:
+        requires: the optional packages the step needs (:class:`Requirement`), checked at construction.
+        gpu: ``"no"``, ``"optional"`` (runs on a GPU when one is usable) or ``"required"``; shown by
+            ``imgcurate stages``.
+    """
+
+    requires: ClassVar[tuple[Requirement, ...]] = ()
+    gpu: ClassVar[str] = "no"
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        for requirement in cls.requires:
+            requirement.check(cls.__name__)
+        self = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        except TypeError:  # the constructor itself will say what is wrong (or this is pickle re-creating us)
+            self._config = {}
+            return self
+        bound.apply_defaults()
+        config = dict(bound.arguments)
+        config.pop(next(iter(config)))  # self
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and name in config:
+                config.update(config.pop(name))
+        self._config = config
+        return self
+
+    # ------------------------------------------------------------------ what the step is
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, defaults included: what defines this step's result."""
+        return dict(getattr(self, "_config", {}))
+
+    def describe(self) -> dict[str, Any]:
+        """The step's class and configuration, as plain JSON values."""
+        cls = type(self)
+        return {"step": f"{cls.__module__}:{cls.__qualname__}", "config": _jsonable(self.config)}
+
+    def fingerprint(self) -> str:
+        """A digest of :meth:`describe`: two steps with the same fingerprint compute the same columns."""
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    # ------------------------------------------------------------------ the column flow
+    def input_columns(self, id_col: str) -> list[str]:
+        """The metadata columns this step reads (the id column is always there)."""
+        return []
+
+    @abc.abstractmethod
+    def output_columns(self) -> dict[str, pa.DataType]:
+        """The columns this step adds, with their arrow types."""
+
+    def check(self, meta: Any, id_col: str) -> None:
+        """Checks, on the metadata's ``meta`` (no data), that every column this step reads is there.
+
+        Raises:
+            ColumnError: a column is missing, naming the step, the column and what is there.
+        """
+        present = list(map(str, meta.columns))
+        missing = [c for c in self.input_columns(id_col) if c not in present]
+        if missing:
+            raise ColumnError(
+                f"{self.name} reads column(s) {', '.join(map(repr, missing))} that the metadata does not have at this "
+                f"point (columns: {', '.join(present)}); add the step that makes them before this one"
+            )
+
+    def output_meta(self, meta: Any) -> Any:
+        """The empty frame of this step's new columns, of the same backend as ``meta``."""
+        return empty_frame(self.output_columns(), backend_of(meta).name)
+
+    # ------------------------------------------------------------------ running
+    @abc.abstractmethod
+    def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
+        """This step's new columns for ``dataset``: a lazy frame, one partition per shard, rows as the metadata's."""
+
+    def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
+        """Adds this step's columns to the dataset's metadata (lazily: nothing is computed here)."""
+        self.check(dataset.metadata._meta, dataset.id_col)
+        return dataset.with_columns(self.added(dataset))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{self.name}({args})"
+
+
+class ShardStep(Step):
+    """A step that computes its columns shard by shard (see the module docs)."""
+
+    @abc.abstractmethod
+    def process(self, part: Any, shard: Shard, io: ShardIO) -> Mapping[str, Any]:
+        """The new columns for one partition.
+
+        Args:
+            part: the partition, with the id column and :meth:`input_columns` (pandas or cuDF).
+            shard: its index and tar path.
+            io: the id column and the storage options, to read the tar.
+
+        Returns:
+            Column name -> values (numpy array, pandas Series or arrow array), one per row of ``part``, in order.
+        """
+
+    def read_columns(self, meta: Any, id_col: str) -> list[str]:
+        """The columns each task receives besides the id column (default: :meth:`input_columns`)."""
+        return self.input_columns(id_col)
+
+    def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
+        df = dataset.metadata
+        wanted = list(dict.fromkeys([dataset.id_col, *self.read_columns(df._meta, dataset.id_col)]))
+        frame = df[wanted]
+        io = ShardIO(dataset.id_col, dataset.storage_options)
+        return dataset.map_shards(_run_shard, self, io, meta=self.output_meta(df._meta), frame=frame)
+
+    def process_partition(self, part: Any, shard: Shard, io: ShardIO) -> Any:
+        """:meth:`process`, as a frame of the new columns (what each task of :meth:`added` returns)."""
+        columns = self.process(part, shard, io)
+        types = self.output_columns()
+        if set(columns) != set(types):
+            got, declared = ", ".join(sorted(columns)), ", ".join(sorted(types))
+            raise ValueError(f"{self.name}.process returned the columns [{got}], but it declares [{declared}]")
+        return with_columns(part[[]], columns, types)[list(types)]
+
+
+def _run_shard(part: Any, shard: Shard, step: ShardStep, io: ShardIO) -> Any:
+    return step.process_partition(part, shard, io)
+
+
+def host_frame(part: Any) -> Any:
+    """A partition on the host as pandas (a no-op on pandas): for steps whose work runs in Python per row."""
+    return to_pandas(part)
