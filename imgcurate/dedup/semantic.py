@@ -52,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
-from imgcurate._dask import Shard
+from imgcurate._dask import Shard, gather
 from imgcurate.backends import (
     embedding_matrix,
     host_index,
@@ -598,14 +598,14 @@ class SemanticDeduplicator(Step):
         io = ShardIO(id_col, dataset.storage_options)
         counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
         offsets = counts["n"].cumsum() - counts["n"]
-        total = counts["n"].sum()
+        total = counts["n"].sum(split_every=16)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
             fitted = self._fit_on_workers(dataset, frame, total)
         else:
             sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
-            fitted = dask.delayed(_fit_sample, pure=True)(self, sample, backend, total)
+            fitted = dask.delayed(_fit_sample, pure=True)(self, gather(sample), backend, total)
         rows = dd.map_partitions(
             _assign_shard, frame, dataset.shards, offsets.to_frame("offset"), fitted, self, io,
             meta=_rows_meta(self.keep_by), align_dataframes=False, enforce_metadata=False,

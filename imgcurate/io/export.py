@@ -169,6 +169,43 @@ def _write_shard(
     return writer.count
 
 
+def selection(
+    metadata: dd.DataFrame, shards: dd.DataFrame, stage_dir: str, filter_column: str | None, so: dict
+) -> dd.DataFrame:
+    """The select pass: one row per shard (shard, tar, count, schema, digest); each task reads its own partition."""
+    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, meta=_SELECT_META)
+
+
+def write_tasks(
+    plan: list[list[tuple[int, int, int]]],
+    todo: list[int],
+    tars: list[str],
+    stage_dir: str,
+    samples_per_shard: int,
+    id_col: str,
+    old_id_col: str | None,
+    schema: pa.Schema,
+    so: dict,
+    index_files: bool,
+) -> list[Any]:
+    """The write pass: one delayed task per output shard in ``todo``, holding only the tars of its own slices."""
+    write = dask.delayed(_write_shard, pure=False)
+    return [
+        write(
+            s,
+            [(i, tars[i], a, b) for i, a, b in plan[s]],
+            stage_dir,
+            samples_per_shard,
+            id_col,
+            old_id_col,
+            schema,
+            so,
+            index_files,
+        )  # fmt: skip
+        for s in todo
+    ]
+
+
 def _check_arguments(
     metadata: dd.DataFrame,
     filter_column: str | None,
@@ -252,11 +289,14 @@ def export_webdataset(
     stage_dir = posixpath.join(out_dir, STAGING)
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
 
-    selected = map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, meta=_SELECT_META)
-    (table,) = progress.compute([selected], desc="export: selecting")
+    selected = selection(metadata, shards, stage_dir, filter_column, so)
+    # one row per shard comes back (its count and digest); the schemas come back once each, not once per shard
+    table, schemas = progress.compute(
+        [selected[["shard", "tar", "count", "digest"]], selected["schema"].drop_duplicates()], desc="export: selecting"
+    )
     table = table.sort_values("shard")
     counts = table["count"].astype(int).tolist()
-    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in dict.fromkeys(table["schema"])], [path])
+    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in sorted(schemas)], [path])
     plan = _plan(counts, samples_per_shard, max_shards)
     if not plan:
         raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
@@ -268,22 +308,8 @@ def export_webdataset(
         ).encode()
     ).hexdigest()  # fmt: skip
     staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files)
-    write = dask.delayed(_write_shard, pure=False)
-    tasks = [
-        write(
-            s,
-            [(i, tars[i], a, b) for i, a, b in slices],
-            stage_dir,
-            samples_per_shard,
-            id_col,
-            old_id_col,
-            schema,
-            so,
-            index_files,
-        )  # fmt: skip
-        for s, slices in enumerate(plan)
-        if s not in staged
-    ]
+    todo = [s for s in range(len(plan)) if s not in staged]
+    tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
     progress.compute(tasks, desc="export: writing shards")
     _publish(fs, out_root, len(plan), index_files)
     return sum(b - a for slices in plan for _, a, b in slices)
