@@ -31,9 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgcurate import progress
-from imgcurate.errors import AlignmentError
 from imgcurate.io.shards import ShardWriter, new_key
-from imgcurate.io.tar import iter_samples
+from imgcurate.io.tar import aligned_samples
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -110,19 +109,9 @@ def _write_shard(
         for part, first, end in slices:
             with fsspec.open(posixpath.join(tmp_dir, f"{part:05d}.parquet"), "rb", **so) as f:
                 table = pq.read_table(f).slice(first, end - first)
-            keys = table.column(id_col).to_pylist()
-            pos = 0
-            for sample in iter_samples(tar_files[part], storage_options=so, wanted=set(keys)):
-                if sample.key == keys[pos]:
-                    writer.write(new_key(shard, writer.count, samples_per_shard), sample.members)
-                    pos += 1
-                    if pos == len(keys):
-                        break
-            if pos < len(keys):
-                raise AlignmentError(
-                    f"{tar_files[part]}: metadata row with key {keys[pos]!r} has no matching sample at its place in "
-                    f"the shard: partition {part} of the metadata no longer describes this tar in order"
-                )
+            for sample in aligned_samples(tar_files[part], table.column(id_col).to_pylist(), so):
+                # a row without a sample (img2dataset's failed downloads) stays a row without a sample
+                writer.write(new_key(shard, writer.count, samples_per_shard), {} if sample is None else sample.members)
             tables.append(_conform(table, schema))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         new_keys = pa.array([new_key(shard, j, samples_per_shard) for j in range(table.num_rows)], pa.string())
