@@ -2,10 +2,11 @@
 
 Draft mode lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients, which is much faster for
 large photos but is not an antialiased resize: decoded just above the target size, the model input differs visibly
-from a full decode (cosine similarity down to 0.989 on the sample photos). So draft decoding keeps at least
-:data:`DRAFT_FACTOR` times the target size and the antialiased resize of the transform does the rest: on the sample
-photos the model input then stays within cosine similarity 0.9995 (mean absolute difference under 0.01 in
-normalised units) of the exact path; ``benchmarks/draft.py`` measures the speed.
+from a full decode (cosine similarity down to 0.990 on the sample photos, 0.968 on 1600-px photos). So draft
+decoding keeps at least :data:`DRAFT_FACTOR` times the target size and the antialiased resize of the transform does
+the rest: the model input then stays within cosine similarity 0.9995 (mean absolute difference under 0.01 in
+normalised units) of the exact path on the sample photos, 0.999 (0.02) on 1600-px photos, where it decodes 2.6x
+faster (``benchmarks/draft.py``, ``benchmarks/RESULTS.md``).
 
 EXIF orientation: timm's loader (``Image.open(...).convert("RGB")``) ignores it, so by default so do we, on every
 decoder; ``exif_transpose=True`` applies it (PIL's ``ImageOps.exif_transpose``, torchvision's
