@@ -349,3 +349,27 @@ def test_decode_errors_carry_no_per_run_values(tmp_path, jpeg):
     (message,) = messages
     assert message.startswith("cannot decode image: UnidentifiedImageError: cannot identify image file")
     assert "0x" not in message and "BytesIO" not in message
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision", "dali"])
+def test_every_decoder_gives_rows_without_a_sample_an_error_row(tmp_path, jpeg, decoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcurate.embedders import TimmImageEmbedder
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("c.jpg", jpeg), ("e.jpg", jpeg)])
+    status = ["success", "failed_to_download", "success", "failed_to_resize", "success"]
+    table = pa.table({"key": list("abcde"), "status": status, "error_message": [None, "404", None, "bad", None]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    ds = _open(tmp_path)
+    emb = TimmImageEmbedder("test_resnet", batch_size=2, decoder=decoder, device="cpu")
+    df = emb(ds).metadata.compute()
+    assert df["image_embedding_error"].tolist()[1::2] == [NO_SAMPLE, NO_SAMPLE]
+    assert df["image_embedding"].notna().tolist() == [True, False, True, False, True]
+    df = ds.metadata
+    reordered = ds.with_metadata(df.map_partitions(lambda p: p.iloc[::-1], meta=df._meta))
+    with pytest.raises(AlignmentError, match=r"00000\.tar: .*no longer describes this tar in order"):
+        emb(reordered).metadata.compute()
