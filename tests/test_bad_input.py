@@ -102,6 +102,7 @@ def test_empty_shard_is_an_empty_partition(sample_dir):
     ds = _open(sample_dir)
     assert ds.metadata.npartitions == 5
     assert len(ds.metadata.partitions[4].compute()) == 0
+    assert len(_open(sample_dir).metadata.partitions[4].compute()) == 0  # again, from the parquet written beside it
     out = ds.to_webdataset(str(sample_dir.parent / "out"), samples_per_shard=100)
     assert len(out.metadata) == 36
 

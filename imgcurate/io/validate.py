@@ -51,22 +51,21 @@ def stats_path_for(tar_path: str) -> str:
     return tar_path[: -len(".tar")] + "_stats.json"
 
 
-def _read_columns(pf: pq.ParquetFile, parquet: str, id_col: str, decode_all: bool) -> pa.Table:
-    """The columns needed to compare keys (key, status, error); with ``decode_all`` every other column chunk is
-    decoded too (and dropped), one at a time."""
-    wanted = [c for c in (id_col, STATUS_COLUMN, ERROR_COLUMN) if c in pf.schema_arrow.names]
-    others = [c for c in pf.schema_arrow.names if c not in wanted] if decode_all else []
-    pieces = []
+def _read_columns(pf: pq.ParquetFile, parquet: str, id_col: str) -> pa.Table:
+    """Decodes every column chunk of every row group, one at a time, and keeps the columns needed to compare keys
+    (key, status, error)."""
+    schema = pf.schema_arrow
+    wanted = [c for c in (id_col, STATUS_COLUMN, ERROR_COLUMN) if c in schema.names]
+    kept: dict[str, list[pa.Array]] = {name: [] for name in wanted}
     for group in range(pf.num_row_groups):
-        for name in [*wanted, *others]:
+        for name in schema.names:
             try:
-                chunk = pf.read_row_group(group, columns=[name])
+                chunk = pf.read_row_group(group, columns=[name]).column(0)
             except (OSError, pa.ArrowException) as err:
                 raise ShardError(parquet, f"column {name!r} of row group {group} cannot be read ({err})") from None
-            if name in wanted:
-                pieces.append((group, name, chunk.column(0)))
-    columns = {name: pa.chunked_array([c for _, n, c in pieces if n == name]) for name in wanted}
-    return pa.table(columns) if columns else pa.table({id_col: pa.array([], pa.string())})
+            if name in kept:
+                kept[name].extend(chunk.chunks)
+    return pa.table({name: pa.chunked_array(chunks, schema.field(name).type) for name, chunks in kept.items()})
 
 
 def _failed_rows(table: pa.Table) -> list[bool]:
@@ -140,7 +139,7 @@ def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, vali
             if id_col not in schema.names:
                 raise ShardError(parquet, f"has no {id_col!r} column (columns: {', '.join(schema.names)})")
             rows = pf.metadata.num_rows
-            table = _read_columns(pf, parquet, id_col, decode_all=True) if validate else None
+            table = _read_columns(pf, parquet, id_col) if validate else None
     except (OSError, pa.ArrowException) as err:
         raise ShardError(parquet, f"not a readable parquet file ({err})") from None
     samples = None
