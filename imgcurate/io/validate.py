@@ -70,7 +70,7 @@ def _read_columns(pf: pq.ParquetFile, parquet: str, id_col: str) -> pa.Table:
 
 def _failed_rows(table: pa.Table) -> list[bool]:
     """Rows that record a failure: img2dataset's status other than success, or an error."""
-    failed = pa.array([False] * table.num_rows)
+    failed = pa.array([False] * table.num_rows, pa.bool_())
     if STATUS_COLUMN in table.column_names:
         status = table.column(STATUS_COLUMN).cast(pa.string())
         failed = pc.or_(failed, pc.fill_null(pc.not_equal(status, SUCCESS), False))
