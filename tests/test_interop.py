@@ -4,6 +4,8 @@ webdataset reader, and NeMo Curator's shard layout opened as is."""
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import tarfile
 
 import numpy as np
@@ -15,6 +17,7 @@ from imgcurate import ImageTextPairDataset
 from imgcurate.dedup import ExactDuplicates
 from imgcurate.embedders import TimmImageEmbedder
 from imgcurate.io.tar import IMAGE_EXTENSIONS, iter_samples
+from imgcurate.testing import sample_records
 
 
 def _source_samples(ds):
@@ -104,3 +107,26 @@ def test_nemo_curator_layout_opens_with_image_id(sample_dir, tmp_path):
     assert ImageTextPairDataset.from_webdataset(out.path, id_col="image_id").metadata["nemo_id"].compute().tolist() == (
         df.loc[~df["exact_duplicate"], "image_id"].tolist()
     )
+
+
+@pytest.mark.skipif(shutil.which("wds2idx") is None, reason="DALI's wds2idx is not installed")
+def test_index_of_a_macos_tar_with_upper_case_extensions_matches_wds2idx(tmp_path):
+    from imgcurate.io.index import write_index
+
+    jpeg = next(r.members["jpg"] for r in sample_records() if "jpg" in r.members)
+    members = [
+        ("._a.jpg", b"\0\5\26\7"),
+        ("a.JPG", jpeg),
+        ("a.txt", b"x"),
+        ("dir/._b.jpg", b"\0\5\26\7"),
+        ("dir/b.Jpeg", jpeg),
+    ]
+    with tarfile.open(tmp_path / "00000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ours = write_index(str(tmp_path / "00000.tar"))
+    subprocess.run([shutil.which("wds2idx"), str(tmp_path / "00000.tar"), str(tmp_path / "ref.idx")], check=True)
+    assert open(ours).read() == (tmp_path / "ref.idx").read_text()
+    assert ImageTextPairDataset.from_webdataset(str(tmp_path)).metadata["key"].compute().tolist() == ["a", "dir/b"]

@@ -48,14 +48,15 @@ _SKIP_META = re.compile(r"__[^/]*__($|/)")
 NO_SAMPLE = "no sample in the shard for this row"
 
 
-def split_member_name(name: str) -> tuple[str | None, str]:
+def split_member_name(name: str, lower: bool = True) -> tuple[str | None, str]:
     """Splits a member path into ``(key, extension)`` as webdataset's ``base_plus_ext`` does, the extension in lower
-    case; ``(None, "")`` for a name that belongs to no sample (no dot in the file name, or nothing before it, also
-    in a folder: ``dir/._x.jpg``, where webdataset would make the key ``dir/``)."""
+    case unless ``lower`` is false; ``(None, "")`` for a name that belongs to no sample (no dot in the file name, or
+    nothing before it, also in a folder: ``dir/._x.jpg``, where webdataset would make the key ``dir/`` and DALI's
+    ``wds2idx`` skips it as we do)."""
     match = _BASE_PLUS_EXT.match(name)
     if not match or match.group(1).endswith("/"):
         return None, ""
-    return match.group(1), match.group(2).lower()
+    return match.group(1), match.group(2).lower() if lower else match.group(2)
 
 
 def skipped_member(info: tarfile.TarInfo) -> bool:
