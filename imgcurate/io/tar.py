@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import IO
 
 import fsspec
@@ -132,8 +132,8 @@ def iter_samples(
     path: str,
     *,
     storage_options: dict | None = None,
-    wanted: set[str] | None = None,
-    exts: set[str] | None = None,
+    wanted: Collection[str] | None = None,
+    exts: Collection[str] | None = None,
     read_data: bool = True,
 ) -> Iterator[Sample]:
     """Yields the samples of one tar shard in order, one at a time (memory holds one sample).
