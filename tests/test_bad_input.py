@@ -9,9 +9,11 @@ import tarfile
 
 import pytest
 from conftest import tar_members, write_tar
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from imgcurate import AlignmentError, ImageTextPairDataset, ShardError
-from imgcurate.io.tar import NO_SAMPLE, aligned_images, iter_samples
+from imgcurate.io.tar import NO_SAMPLE, aligned_images, aligned_samples, iter_samples
 from imgcurate.testing import encode_image
 
 
@@ -374,3 +376,28 @@ def test_every_decoder_gives_rows_without_a_sample_an_error_row(tmp_path, jpeg, 
     reordered = ds.with_metadata(df.map_partitions(lambda p: p.iloc[::-1], meta=df._meta))
     with pytest.raises(AlignmentError, match=r"00000\.tar: .*no longer describes this tar in order"):
         emb(reordered).metadata.compute()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    present=st.lists(st.booleans(), min_size=1, max_size=12),
+    absent_at=st.lists(st.integers(0, 12), max_size=4),
+    swap=st.booleans(),
+)
+def test_aligned_samples_tells_missing_rows_from_reordered_ones(tmp_path, present, absent_at, swap):
+    tar_keys = [f"k{i:02d}" for i in range(len(present))]
+    write_tar(tmp_path / "00000.tar", [(f"{k}.txt", k.encode()) for k in tar_keys])
+    rows = [k for k, keep in zip(tar_keys, present, strict=True) if keep]  # a row-filtered partition
+    for n, at in enumerate(absent_at):  # img2dataset's failures: rows whose key the tar does not have
+        rows.insert(min(at, len(rows)), f"failed{n}")
+    tar = str(tmp_path / "00000.tar")
+    in_tar = [i for i, k in enumerate(rows) if k in tar_keys]
+    if swap and len(in_tar) >= 2:
+        i, j = in_tar[0], in_tar[-1]
+        rows[i], rows[j] = rows[j], rows[i]
+        with pytest.raises(AlignmentError, match="no longer describes this tar in order"):
+            list(aligned_samples(tar, rows))
+        return
+    got = list(aligned_samples(tar, rows))
+    assert [None if s is None else s.key for s in got] == [k if k in tar_keys else None for k in rows]
+    assert [s.members["txt"] for s in got if s is not None] == [k.encode() for k in rows if k in tar_keys]
