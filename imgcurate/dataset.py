@@ -30,9 +30,9 @@ from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
 from imgcurate.io._fs import write_parquet
 from imgcurate.io.export import check_export_complete
-from imgcurate.io.schema import conform, parquet_path_for, unify
+from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
-from imgcurate.io.tar import read_keys
+from imgcurate.io.validate import check_shard, check_unique_keys, unify_schemas, with_status_errors
 
 __all__ = ["ImageTextPairDataset"]
 
@@ -60,18 +60,9 @@ def _read_partition(item: tuple[int, _Part], schema: pa.Schema, backend: str, st
                 table = pq.read_table(f, columns=[n for n in schema.names if n in pq.read_schema(f).names])
         except (OSError, pa.ArrowException) as err:
             raise ShardError(part.parquet, f"cannot read parquet ({err})") from None
-    frame = get_backend(backend).from_arrow(conform(table, schema))
+    frame = get_backend(backend).from_arrow(conform(with_status_errors(table), schema))
     frame.index = row_ids(shard, len(frame))  # global row ids: see imgcurate._dask
     return frame
-
-
-def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return f"row {i}: parquet has key {x!r}, tar has {y!r}"
-    if len(a) > len(b):
-        return f"parquet has {len(a)} rows, tar has {len(b)} samples; first extra key in parquet: {a[len(b)]!r}"
-    return f"parquet has {len(a)} rows, tar has {len(b)} samples; first key missing from parquet: {b[len(a)]!r}"
 
 
 class ImageTextPairDataset:
@@ -130,8 +121,10 @@ class ImageTextPairDataset:
             id_col: the column of sample keys.
             storage_options: passed to fsspec.
             backend: ``auto``, ``pandas`` or ``cudf``; None reads the ``imgcurate.backend`` config key.
-            validate: read each tar's headers and check that its keys match its parquet, in order (cheap on local
-                disks; turn it off for remote stores where every header is a request).
+            validate: check each shard completely (see :mod:`imgcurate.io.validate`): decode every parquet column,
+                read each tar's headers to its end and check its keys against the parquet's, and check that no key is
+                in two shards (cheap on local disks; on remote stores every header is a request and every parquet is
+                read once, so turn it off there once a dataset is known to be sound).
 
         Returns:
             The dataset, its metadata frame lazily reading one parquet per partition.
@@ -163,25 +156,15 @@ class ImageTextPairDataset:
                     warnings.warn(message, stacklevel=2)
                     return _Part(full_tar, None, table), table.schema
                 return _Part(full_tar, full_pq, None), table.schema
-            with fs.open(pq_path, "rb") as f:
-                try:
-                    schema = pq.read_schema(f)
-                except (OSError, pa.ArrowException) as err:
-                    raise ShardError(full_pq, f"not a readable parquet file ({err})") from None
-            if id_col not in schema.names:
-                raise ShardError(full_pq, f"has no {id_col!r} column (columns: {', '.join(schema.names)})")
-            if validate:
-                with fs.open(pq_path, "rb") as f:
-                    pq_keys = pq.read_table(f, columns=[id_col]).column(id_col).to_pylist()
-                tar_keys = read_keys(full_tar, storage_options=storage_options)
-                if pq_keys != tar_keys:
-                    raise ShardError(full_tar, "keys differ from its parquet: " + _first_difference(pq_keys, tar_keys))
-            return _Part(full_tar, full_pq, None), schema
+            return _Part(full_tar, full_pq, None), check_shard(full_tar, full_pq, id_col, storage_options, validate)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             prepared = list(progress.bar(pool.map(prepare, tars), desc="opening shards", total=len(tars), unit="shard"))
         parts = [p for p, _ in prepared]
-        schema = unify([s for _, s in prepared], [p.tar for p in parts])
+        schema = unify_schemas([s for _, s in prepared], [p.tar for p in parts])
+        if validate:
+            sources = [p.parquet if p.table is None else p.table for p in parts]
+            check_unique_keys(sources, [p.tar for p in parts], id_col, storage_options)
         metadata = cls._metadata_frame(parts, schema, backend, storage_options)
         return cls(path, metadata, [p.tar for p in parts], id_col, storage_options=storage_options)
 

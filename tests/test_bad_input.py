@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
 
 import pytest
 from conftest import tar_members, write_tar
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from imgcurate import ImageTextPairDataset, ShardError
+from imgcurate import AlignmentError, ImageTextPairDataset, ShardError
+from imgcurate.io.tar import NO_SAMPLE, aligned_images, aligned_samples, iter_samples
 from imgcurate.testing import encode_image
 
 
@@ -98,6 +104,7 @@ def test_empty_shard_is_an_empty_partition(sample_dir):
     ds = _open(sample_dir)
     assert ds.metadata.npartitions == 5
     assert len(ds.metadata.partitions[4].compute()) == 0
+    assert len(_open(sample_dir).metadata.partitions[4].compute()) == 0  # again, from the parquet written beside it
     out = ds.to_webdataset(str(sample_dir.parent / "out"), samples_per_shard=100)
     assert len(out.metadata) == 36
 
@@ -124,3 +131,273 @@ def test_parquet_without_key_column_is_named(sample_dir):
     pq.write_table(table, sample_dir / "00001.parquet")
     with pytest.raises(ShardError, match=r"00001\.parquet.*no 'key' column"):
         _open(sample_dir)
+
+
+# ---------------------------------------------------------------------------------------------- damaged archives
+def _four_sample_tar(path, jpeg):
+    write_tar(path, [(f"s{i}.{ext}", jpeg if ext == "jpg" else b"cap") for i in range(4) for ext in ("jpg", "txt")])
+    return path.read_bytes()
+
+
+def _header_offsets(path):
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+def test_tar_cut_inside_a_header_is_named_not_read_short(tmp_path, jpeg):
+    data = _four_sample_tar(tmp_path / "00000.tar", jpeg)
+    cut = _header_offsets(tmp_path / "00000.tar")[4] + 200  # inside the header of s2.jpg
+    (tmp_path / "00000.tar").write_bytes(data[:cut])
+    with tarfile.open(tmp_path / "00000.tar") as tar:  # what python's tarfile makes of it: 2 samples, no error
+        assert [m.name for m in tar.getmembers()] == ["s0.jpg", "s0.txt", "s1.jpg", "s1.txt"]
+    with pytest.raises(
+        ShardError, match=r"00000\.tar: truncated or corrupt tar: unreadable header at byte \d+ after 2"
+    ):
+        _open(tmp_path)
+
+
+def test_corrupt_header_checksum_in_the_middle_is_named(tmp_path, jpeg):
+    data = bytearray(_four_sample_tar(tmp_path / "00000.tar", jpeg))
+    at = _header_offsets(tmp_path / "00000.tar")[4]
+    data[at + 1] ^= 0x20  # the name "s2.jpg" -> "S2.jpg", so the stored checksum no longer matches
+    (tmp_path / "00000.tar").write_bytes(bytes(data))
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        assert len(tar.getmembers()) == 4  # tarfile stops there as if the archive ended
+    with pytest.raises(ShardError, match=r"00000\.tar: .*corrupt.*after 2 samples"):
+        _open(tmp_path)
+
+
+def test_tar_cut_between_members_or_in_data_is_named(tmp_path, jpeg):
+    data = _four_sample_tar(tmp_path / "00000.tar", jpeg)
+    offsets = _header_offsets(tmp_path / "00000.tar")
+    for cut in (offsets[6], offsets[6] + 512 + 10):  # right before s3.jpg's header; inside s3.jpg's data
+        (tmp_path / "00000.tar").write_bytes(data[:cut])
+        with pytest.raises(ShardError, match=r"00000\.tar: truncated"):
+            _open(tmp_path)
+        for leftover in tmp_path.glob("*.parquet"):
+            leftover.unlink()
+
+
+def test_tar_ending_in_zero_padding_or_garbage_after_the_end_blocks_opens(tmp_path, jpeg):
+    data = _four_sample_tar(tmp_path / "00000.tar", jpeg)
+    end = len(data.rstrip(b"\0"))
+    end += -end % 512
+    for tail in (b"\0" * 512, b"\0" * 1024 + b"trailing bytes after the archive"):
+        (tmp_path / "00000.tar").write_bytes(data[:end] + tail)
+        for leftover in tmp_path.glob("*.parquet"):
+            leftover.unlink()
+        assert len(_open(tmp_path).metadata) == 4
+
+
+def test_member_name_not_utf8_is_a_shard_error(tmp_path, jpeg):
+    with tarfile.open(tmp_path / "00000.tar", "w", encoding="utf-8", errors="surrogateescape") as tar:
+        for name in ("ok.jpg", b"caf\xe9.jpg".decode("utf-8", "surrogateescape")):
+            info = tarfile.TarInfo(name)
+            info.size = len(jpeg)
+            tar.addfile(info, io.BytesIO(jpeg))
+    with pytest.raises(ShardError, match=r"00000\.tar: member name 'caf\\udce9\.jpg' is not UTF-8"):
+        _open(tmp_path)
+
+
+def _corrupt_column_chunk(path, column):
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset
+    data[start : start + 64] = b"\xff" * 64  # the page header of that column chunk
+    path.write_bytes(bytes(data))
+
+
+def test_parquet_with_a_corrupt_non_key_column_fails_at_open(sample_dir):
+    import pyarrow.parquet as pq
+
+    _corrupt_column_chunk(sample_dir / "00002.parquet", "caption")
+    assert len(pq.read_table(sample_dir / "00002.parquet", columns=["key"])) == 10  # the key column is intact
+    with pytest.raises(ShardError, match=r"00002\.parquet: column 'caption' of row group 0 cannot be read"):
+        _open(sample_dir)
+
+
+# ---------------------------------------------------------------------------------------------- webdataset naming
+def test_samples_are_what_the_webdataset_package_reads(tmp_path, jpeg):
+    import webdataset as wds
+
+    members = [
+        ("._a.jpg", b"\0\5\26\7 AppleDouble"),  # macOS resource forks: no key, skipped
+        ("a.jpg", jpeg),
+        ("a.TXT", b"upper-case extension"),
+        ("dir/", b""),
+        ("dir/._b.jpg", b"\0\5\26\7"),
+        ("dir/b.seg.PNG", b"mask"),
+        ("dir/b.jpg", jpeg),
+        ("dir/._c.jpg", b"\0\5\26\7"),  # macOS puts each one before its file: webdataset's key would be "dir/"
+        ("dir/c.jpg", jpeg),
+        ("README", b"no dot: no key"),
+        (".hidden", b"nothing before the dot"),
+        ("__meta__", b"webdataset metadata"),
+        ("d.e.f/c.json", b'{"x": 1}'),
+        ("d.e.f/c.jpeg", jpeg),
+    ]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    ours = {s.key: s.members for s in iter_samples(str(tmp_path / "00000.tar"))}
+    theirs = [
+        (s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+        for s in wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False)
+    ]
+    # the one documented difference: webdataset makes samples keyed "dir/" of the folder's AppleDouble files
+    assert [(k, list(m)) for k, m in theirs if k.endswith("/")] == [("dir/", ["_b.jpg"]), ("dir/", ["_c.jpg"])]
+    assert ours == {k: m for k, m in theirs if not k.endswith("/")}
+    assert list(ours) == ["a", "dir/b", "dir/c", "d.e.f/c"]
+    assert list(ours["dir/b"]) == ["seg.png", "jpg"]
+    df = _open(tmp_path).metadata.compute()
+    assert df["key"].tolist() == ["a", "dir/b", "dir/c", "d.e.f/c"]
+    assert df["caption"].isna().tolist() == [False, True, True, True]
+    assert df["caption"][0] == "upper-case extension"
+    assert df["error"].isna().all()
+
+
+# ---------------------------------------------------------------------------------------------- across shards
+def test_same_key_in_two_shards_names_both(sample_dir):
+    import pyarrow.parquet as pq
+
+    keys = pq.read_table(sample_dir / "00001.parquet").column("key").to_pylist()
+    with tarfile.open(sample_dir / "00003.tar") as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    old = members[0][0].partition(".")[0]
+    write_tar(
+        sample_dir / "00003.tar", [(keys[4] + n[len(old) :] if n.startswith(old + ".") else n, d) for n, d in members]
+    )
+    (sample_dir / "00003.parquet").unlink()
+    with pytest.raises(ShardError, match=rf"00001\.tar: sample key '{keys[4]}' is also in .*00003\.tar"):
+        _open(sample_dir)
+    assert len(ImageTextPairDataset.from_webdataset(str(sample_dir), validate=False).metadata) == 36
+
+
+def test_json_field_int_in_some_shards_and_text_in_one_becomes_text(tmp_path, jpeg):
+    for shard, value in enumerate([1, 2, "three", 4]):
+        write_tar(
+            tmp_path / f"{shard:05d}.tar",
+            [(f"k{shard}.jpg", jpeg), (f"k{shard}.json", json.dumps({"n": value}).encode())],
+        )
+    with pytest.warns(UserWarning, match=r"column 'n' is int64 in .*00000\.tar but string in .*00002\.tar"):
+        ds = _open(tmp_path)
+    assert ds.metadata.compute()["n"].tolist() == ["1", "2", "three", "4"]
+
+
+def test_column_types_that_cannot_be_unified_name_the_odd_shard(tmp_path, jpeg):
+    for shard, value in enumerate([1, 2, 3.5, [1, 2]]):
+        write_tar(tmp_path / f"{shard:05d}.tar", [(f"k{shard}.jpg", jpeg), (f"k{shard}.json", b"{}")])
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pa.array([value]) if not isinstance(value, list) else pa.array([value], pa.list_(pa.int64()))
+        pq.write_table(pa.table({"key": [f"k{shard}"], "n": column}), tmp_path / f"{shard:05d}.parquet")
+    with pytest.raises(ShardError, match=r"00003\.tar: column 'n' is list<.*int64> here but int64 in .*00000"):
+        _open(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- rows without samples
+def test_parquet_rows_without_a_sample_need_a_recorded_failure(tmp_path, jpeg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("c.jpg", jpeg)])
+    table = pa.table({"key": ["a", "b", "c"], "status": ["success", "failed_to_download", "success"]})
+    pq.write_table(
+        table.append_column("error_message", pa.array([None, "HTTP Error 404: Not Found", None])),
+        tmp_path / "00000.parquet",
+    )
+    df = _open(tmp_path).metadata.compute()
+    assert df["key"].tolist() == ["a", "b", "c"]
+    assert df["error"].tolist()[1] == "failed_to_download: HTTP Error 404: Not Found"
+    assert df["error"].isna().tolist() == [True, False, True]
+    assert [e for _, e in aligned_images(str(tmp_path / "00000.tar"), ["a", "b", "c"])] == [None, NO_SAMPLE, None]
+    with pytest.raises(AlignmentError, match=r"00000\.tar: .*key 'a'.*no longer describes this tar in order"):
+        list(aligned_images(str(tmp_path / "00000.tar"), ["c", "b", "a"]))
+    pq.write_table(table.set_column(1, "status", pa.array(["success"] * 3)), tmp_path / "00000.parquet")
+    with pytest.raises(ShardError, match=r"00000\.tar: keys differ from its parquet: row 1: parquet has key 'b'"):
+        _open(tmp_path)
+
+
+def test_img2dataset_stats_must_agree_with_the_shard(tmp_path, jpeg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg)])
+    pq.write_table(pa.table({"key": ["a", "b"], "status": ["success", "failed_to_resize"]}), tmp_path / "00000.parquet")
+    stats = {"count": 2, "successes": 1, "failed_to_download": 0, "failed_to_resize": 1}
+    (tmp_path / "00000_stats.json").write_text(json.dumps(stats))
+    assert len(_open(tmp_path).metadata) == 2
+    (tmp_path / "00000_stats.json").write_text(json.dumps({**stats, "successes": 2}))
+    with pytest.raises(ShardError, match=r"00000_stats\.json: says 2 samples were written, the tar has 1"):
+        _open(tmp_path)
+
+
+def test_decode_errors_carry_no_per_run_values(tmp_path, jpeg):
+    from imgcurate.embedders import TimmImageEmbedder
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("b.jpg", b"not an image at all")])
+    messages = {
+        TimmImageEmbedder("test_resnet", batch_size=2)(_open(tmp_path)).metadata.compute()["image_embedding_error"][1]
+        for _ in range(2)
+    }
+    (message,) = messages
+    assert message.startswith("cannot decode image: UnidentifiedImageError: cannot identify image file")
+    assert "0x" not in message and "BytesIO" not in message
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision", "dali"])
+def test_every_decoder_gives_rows_without_a_sample_an_error_row(tmp_path, jpeg, decoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcurate.embedders import TimmImageEmbedder
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("c.jpg", jpeg), ("e.jpg", jpeg)])
+    status = ["success", "failed_to_download", "success", "failed_to_resize", "success"]
+    table = pa.table({"key": list("abcde"), "status": status, "error_message": [None, "404", None, "bad", None]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    ds = _open(tmp_path)
+    emb = TimmImageEmbedder("test_resnet", batch_size=2, decoder=decoder, device="cpu")
+    df = emb(ds).metadata.compute()
+    assert df["image_embedding_error"].tolist()[1::2] == [NO_SAMPLE, NO_SAMPLE]
+    assert df["image_embedding"].notna().tolist() == [True, False, True, False, True]
+    df = ds.metadata
+    reordered = ds.with_metadata(df.map_partitions(lambda p: p.iloc[::-1], meta=df._meta))
+    with pytest.raises(AlignmentError, match=r"00000\.tar: .*no longer describes this tar in order"):
+        emb(reordered).metadata.compute()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    present=st.lists(st.booleans(), min_size=1, max_size=12),
+    absent_at=st.lists(st.integers(0, 12), max_size=4),
+    swap=st.booleans(),
+)
+def test_aligned_samples_tells_missing_rows_from_reordered_ones(tmp_path, present, absent_at, swap):
+    tar_keys = [f"k{i:02d}" for i in range(len(present))]
+    write_tar(tmp_path / "00000.tar", [(f"{k}.txt", k.encode()) for k in tar_keys])
+    rows = [k for k, keep in zip(tar_keys, present, strict=True) if keep]  # a row-filtered partition
+    for n, at in enumerate(absent_at):  # img2dataset's failures: rows whose key the tar does not have
+        rows.insert(min(at, len(rows)), f"failed{n}")
+    tar = str(tmp_path / "00000.tar")
+    in_tar = [i for i, k in enumerate(rows) if k in tar_keys]
+    if swap and len(in_tar) >= 2:
+        i, j = in_tar[0], in_tar[-1]
+        rows[i], rows[j] = rows[j], rows[i]
+        with pytest.raises(AlignmentError, match="no longer describes this tar in order"):
+            list(aligned_samples(tar, rows))
+        return
+    got = list(aligned_samples(tar, rows))
+    assert [None if s is None else s.key for s in got] == [k if k in tar_keys else None for k in rows]
+    assert [s.members["txt"] for s in got if s is not None] == [k.encode() for k in rows if k in tar_keys]

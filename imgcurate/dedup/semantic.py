@@ -52,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
-from imgcurate._dask import Shard, gather
+from imgcurate._dask import Shard
 from imgcurate.backends import (
     embedding_matrix,
     host_index,
@@ -605,7 +605,11 @@ class SemanticDeduplicator(Step):
             fitted = self._fit_on_workers(dataset, frame, total)
         else:
             sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
-            fitted = dask.delayed(_fit_sample, pure=True)(self, gather(sample), backend, total)
+            # a tree reduction inside the same graph: the embedder's output is shared, not computed again
+            fitted = sample.reduction(
+                chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
+                aggregate_kwargs={"step": self, "backend": backend},
+            )  # fmt: skip
         rows = dd.map_partitions(
             _assign_shard, frame, dataset.shards, offsets.to_frame("offset"), fitted, self, io,
             meta=_rows_meta(self.keep_by), align_dataframes=False, enforce_metadata=False,
@@ -634,10 +638,10 @@ class SemanticDeduplicator(Step):
         gpu = on_gpu(frame._meta)
         sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
         sample = progress.persist(sample, desc="semantic dedup: KMeans sample")
-        shapes = sample.map_partitions(_block_shape, meta=_SHAPE_META).compute()
+        shapes = sample[["n", "dim", "tar"]].compute()
         _check_dims(shapes, self.embedding_column)
         dim = int(shapes["dim"].max())
-        empty = _device_block(pd.DataFrame({"embedding": [np.zeros((0, dim), np.float32)]}), gpu)
+        empty = _device_block(pd.DataFrame({"embedding": [b""], "n": [0], "dim": [dim]}), gpu)
         blocks = [
             da.from_delayed(
                 dask.delayed(_device_block)(part, gpu), shape=(int(n), dim), dtype=np.float32, meta=empty
@@ -652,7 +656,18 @@ class SemanticDeduplicator(Step):
 
 # ---------------------------------------------------------------------------------------------------- on the workers
 _COUNT_META = pd.DataFrame({"n": pd.Series([], dtype="int64")})
-_SAMPLE_META = pd.DataFrame({"embedding": pd.Series([], dtype=object), "tar": pd.Series([], dtype=object)})
+_SAMPLE_META = pd.DataFrame(
+    {
+        "embedding": pd.Series([], dtype=object),  # the shard's drawn rows, normalised, as float32 bytes
+        "n": pd.Series([], dtype="int64"),
+        "dim": pd.Series([], dtype="int64"),
+        "tar": pd.Series([], dtype=object),
+    }
+)
+
+
+def _identity(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -685,17 +700,13 @@ def _sample_shard(part: Any, shard: Shard, step: SemanticDeduplicator, total: in
     p = min(1.0, _sample_size(step, int(total)) / max(int(total), 1))
     if p < 1.0:
         x = x[np.random.default_rng([step.random_state, shard.index]).random(len(x)) < p]
-    return pd.DataFrame({"embedding": [_normalize(np.array(x, dtype=np.float32))], "tar": [shard.tar]})
+    x = _normalize(np.array(x, dtype=np.float32))
+    dim = x.shape[1] if x.ndim == 2 and len(x) else 0
+    return pd.DataFrame({"embedding": [x.tobytes()], "n": [len(x)], "dim": [dim], "tar": [shard.tar]})
 
 
-_SHAPE_META = pd.DataFrame({"n": pd.Series([], dtype="int64"), "dim": pd.Series([], dtype="int64"),
-                            "tar": pd.Series([], dtype=object)})  # fmt: skip
-
-
-def _block_shape(part: pd.DataFrame) -> pd.DataFrame:
-    block = part["embedding"].iloc[0] if len(part) else np.zeros((0, 0))
-    tar = part["tar"].iloc[0] if len(part) else ""
-    return pd.DataFrame({"n": [len(block)], "dim": [block.shape[1] if len(block) else 0], "tar": [tar]})
+def _block(row: pd.Series) -> np.ndarray:
+    return np.frombuffer(row["embedding"], dtype=np.float32).reshape(int(row["n"]), int(row["dim"]))
 
 
 def _check_dims(shapes: pd.DataFrame, column: str) -> None:
@@ -709,7 +720,7 @@ def _check_dims(shapes: pd.DataFrame, column: str) -> None:
 
 
 def _device_block(part: pd.DataFrame, on_gpu: bool) -> Any:
-    block = np.asarray(part["embedding"].iloc[0], dtype=np.float32)
+    block = _block(part.iloc[0])
     if on_gpu:
         import cupy
 
@@ -717,15 +728,14 @@ def _device_block(part: pd.DataFrame, on_gpu: bool) -> Any:
     return block
 
 
-def _fit_sample(step: SemanticDeduplicator, sample: pd.DataFrame, backend: str, total: int) -> np.ndarray:
-    """KMeans on the gathered sample (one task, on a worker); returns the centroids."""
-    if int(total) < step.n_clusters:
-        raise ValueError(f"{int(total)} samples with embeddings is fewer than n_clusters={step.n_clusters}")
-    if len(sample):
-        _check_dims(pd.concat([_block_shape(sample.iloc[[i]]) for i in range(len(sample))]), step.embedding_column)
-    blocks = [b for b in sample["embedding"] if len(b)]
+def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) -> np.ndarray:
+    """KMeans on the gathered sample (the root of a tree reduction, on a worker); returns the centroids."""
+    _check_dims(sample, step.embedding_column)
+    blocks = [_block(row) for _, row in sample.iterrows() if row["n"]]
     x = np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
-    if len(x) < step.n_clusters:  # a small dataset: the draw kept too few rows for KMeans
+    if len(x) < step.n_clusters:
+        if int(sample["n"].sum()) == len(x) and len(x) < _sample_size(step, len(x)):  # everything was drawn
+            raise ValueError(f"{len(x)} samples with embeddings is fewer than n_clusters={step.n_clusters}")
         raise ValueError(f"the KMeans sample holds {len(x)} rows, fewer than n_clusters={step.n_clusters}: raise "
                          "fit_sample")  # fmt: skip
     centroids, _ = step._kmeans(x, backend)

@@ -47,6 +47,8 @@ class ImageEmbedder(ShardStep):
         decoder: ``auto``, ``pil``, ``torchvision`` or ``dali`` (see :mod:`imgcurate.embedders.loaders`); ``auto``
             is PIL on the CPU and, on CUDA, DALI when installed, else torchvision's GPU JPEG decoder.
         use_index_files: with DALI, read each shard through its ``.idx`` index file.
+        exif_transpose: rotate images as their EXIF orientation says, on every decoder (timm's loader does not,
+            so the default keeps the pixels timm's eval path sees).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class ImageEmbedder(ShardStep):
         error_column: str | None = None,
         decoder: str = "auto",
         use_index_files: bool = False,
+        exif_transpose: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -78,6 +81,7 @@ class ImageEmbedder(ShardStep):
         choose_decoder(decoder, "cpu", True)  # checks the name (and that DALI is installed when asked for) now
         self.decoder = decoder
         self.use_index_files = use_index_files
+        self.exif_transpose = exif_transpose
         for clf in self.classifiers:
             if clf.embedding_column != image_embedding_column:
                 raise ValueError(
@@ -156,8 +160,10 @@ class ImageEmbedder(ShardStep):
                 batch_size=self.batch_size,
                 num_threads=self.num_threads_per_worker,
                 draft_size=self.draft_size(),
+                exif_transpose=self.exif_transpose,
             )
         common = {"spec": spec, "batch_size": self.batch_size, "num_threads": self.num_threads_per_worker}
+        common["exif_transpose"] = self.exif_transpose
         vision = make_loader("torchvision", device=device, **common)
         if name == "torchvision":
             return vision

@@ -21,7 +21,7 @@ from typing import Any
 from imgcurate.embedders.loaders import Batch, ResizeCrop
 from imgcurate.errors import ShardError
 from imgcurate.io.index import index_path_for
-from imgcurate.io.tar import IMAGE_EXTENSIONS, check_aligned, read_keys, split_member_name
+from imgcurate.io.tar import IMAGE_EXTENSIONS, NO_SAMPLE, missing_rows, read_keys, split_member_name
 
 __all__ = ["DaliLoader", "index_path_for"]
 
@@ -52,6 +52,9 @@ class DaliLoader:
         device: ``cuda[:N]`` (GPU decoding) or ``cpu`` (CPU pipeline, for tests and GPU-less machines).
         use_index_files: read through ``<shard>.idx`` (made by DALI's ``wds2idx``) instead of scanning the tar.
         fallback: the loader that takes over the rest of a shard when DALI fails on it.
+        exif_transpose: apply the EXIF orientation. DALI's ``peek_image_shape`` applies it by default while its
+            decoder is told here what to do, so both get the same ``adjust_orientation`` (otherwise the resize and
+            crop would be computed on a rotated shape).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class DaliLoader:
         device: str,
         use_index_files: bool = False,
         fallback: Any = None,
+        exif_transpose: bool = False,
     ):
         import nvidia.dali  # noqa: F401  (fail here, when the step is built, if DALI is missing)
 
@@ -71,6 +75,7 @@ class DaliLoader:
         self.device = device
         self.use_index_files = use_index_files
         self.fallback = fallback
+        self.exif_transpose = exif_transpose
 
     def _pipeline(self, tar: str) -> Any:
         import torch
@@ -93,6 +98,7 @@ class DaliLoader:
             "nearest": types.INTERP_NN,
         }[self.spec.interpolation]
         spec = self.spec
+        exif = self.exif_transpose
 
         @pipeline_def(
             batch_size=self.batch_size,
@@ -112,15 +118,15 @@ class DaliLoader:
             info = fn.get_property(data, key="source_info")
             # the resized size as torchvision computes it (shorter side exact, longer side truncated), not DALI's
             # rounding: a pixel of difference on the longer side would shift the whole crop by a fraction of a pixel
-            shape = fn.peek_image_shape(data)
+            shape = fn.peek_image_shape(data, adjust_orientation=exif)
             height, width = shape[0], shape[1]
             shorter = dmath.min(height, width)
             new_h, new_w = height * spec.shorter // shorter, width * spec.shorter // shorter
             size_y, size_x = fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT)
             pos_y, pos_x = _crop_pos(new_h, spec.crop[0]), _crop_pos(new_w, spec.crop[1])
             images = fn.decoders.image(
-                data, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
-            )  # EXIF orientation is left alone, as PIL and timm do
+                data, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=exif
+            )
             images = fn.resize(images, resize_x=size_x, resize_y=size_y, interp_type=interp, antialias=True)
             images = fn.crop_mirror_normalize(
                 images,
@@ -160,9 +166,11 @@ class DaliLoader:
         if "://" in tar and not tar.startswith("file://"):  # DALI reads local files only
             yield from self.fallback.batches(tar, keys, storage_options, skip)
             return
-        check_aligned(tar, keys, read_keys(tar, storage_options=storage_options))
+        absent = missing_rows(tar, keys, read_keys(tar, storage_options=storage_options))
         row_of = {key: row for row, key in enumerate(keys)}
-        done: set[int] = set(skip)
+        done: set[int] = set(skip) | absent
+        if absent - set(skip):  # img2dataset's failed downloads: rows without a sample in the tar
+            yield Batch([], None, {row: NO_SAMPLE for row in sorted(absent - set(skip))})
         try:
             pipeline = self._pipeline(tar)
             runs = math.ceil(pipeline.epoch_size("reader") / self.batch_size)

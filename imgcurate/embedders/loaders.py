@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from imgcurate.embedders.decode import decode_rgb
+from imgcurate.embedders.decode import decode_rgb, error_text
 from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class ResizeCrop:
 
 
 def _decode_error(err: Exception) -> str:
-    return f"cannot decode image: {type(err).__name__}: {err}"
+    return f"cannot decode image: {error_text(err)}"
 
 
 class PilLoader:
@@ -72,22 +72,30 @@ class PilLoader:
         preprocess: decoded RGB image -> (C, H, W) tensor.
         batch_size: images per batch.
         num_threads: decoding threads.
-        draft_size: JPEG draft decoding's smallest kept side (None decodes at full size).
+        draft_size: the size images are resized to, for JPEG draft decoding (see :func:`decode_rgb`); None decodes
+            at full size.
+        exif_transpose: apply the EXIF orientation (timm's loader does not).
     """
 
     def __init__(
-        self, preprocess: Callable[[Image.Image], torch.Tensor], batch_size: int, num_threads: int, draft_size=None
+        self,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+        num_threads: int,
+        draft_size: int | None = None,
+        exif_transpose: bool = False,
     ):
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.draft_size = draft_size
+        self.exif_transpose = exif_transpose
 
     def _decode(self, data: bytes | None, error: str | None) -> tuple[Any, str | None]:
         if data is None:
             return None, error
         try:
-            return self.preprocess(decode_rgb(data, self.draft_size)), None
+            return self.preprocess(decode_rgb(data, self.draft_size, self.exif_transpose)), None
         except Exception as err:  # any decoder failure is recorded for this sample, the job goes on
             return None, _decode_error(err)
 
@@ -137,19 +145,21 @@ class TorchvisionLoader:
 
     A batch that the batched decoder rejects is decoded image by image, so one bad JPEG fails only its own row;
     a JPEG the device decoder cannot handle (CMYK, say) is retried with PIL before it counts as an error.
+    ``exif_transpose`` applies the EXIF orientation (``apply_exif_orientation``; PIL's for the others).
     """
 
-    def __init__(self, spec: ResizeCrop, batch_size: int, num_threads: int, device: str):
+    def __init__(self, spec: ResizeCrop, batch_size: int, num_threads: int, device: str, exif_transpose: bool = False):
         self.spec = spec
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.device = device
+        self.exif_transpose = exif_transpose
 
     def _pil(self, data: bytes) -> torch.Tensor:
         import numpy as np
         import torch
 
-        image = decode_rgb(data)
+        image = decode_rgb(data, exif_transpose=self.exif_transpose)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor | Exception]:
@@ -161,12 +171,21 @@ class TorchvisionLoader:
         if jpegs:
             encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
             try:
-                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+                decoded = decode_jpeg(
+                    encoded, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=self.exif_transpose
+                )
             except Exception:  # a bad image in the batch: decode one by one to find it
                 decoded = []
                 for tensor in encoded:
                     try:
-                        decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
+                        decoded.append(
+                            decode_jpeg(
+                                tensor,
+                                mode=ImageReadMode.RGB,
+                                device=self.device,
+                                apply_exif_orientation=self.exif_transpose,
+                            )
+                        )
                     except Exception as err:
                         decoded.append(err)
             for i, image in zip(jpegs, decoded, strict=True):

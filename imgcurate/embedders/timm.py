@@ -64,8 +64,9 @@ class TimmImageEmbedder(ImageEmbedder):
         checkpoint_path: a local safetensors or torch state dict instead; it may hold the classifier head or not.
         output: ``auto``, ``head`` (the model's output) or ``pre_logits`` (pooled features before the head).
         model_kwargs: extra keyword arguments of ``timm.create_model`` (``img_size``, ``num_classes``, ...).
-        use_jpeg_draft: decode large JPEGs at reduced scale (1/2 to 1/8) when the model needs fewer pixels; much
-            faster, with embeddings within ~1 % cosine distance of a full decode.
+        use_jpeg_draft: decode large JPEGs at reduced scale (1/2 to 1/8), keeping at least twice the resize target;
+            2.6x faster on 1600-px photos, with the model input within cosine similarity 0.999 of a full decode.
+        exif_transpose: apply EXIF orientation on every decoder (default off, as timm's own loader).
         use_index_files: with the DALI decoder, read each shard through its ``.idx`` index file (DALI's
             ``wds2idx`` makes them); without, DALI scans the tar first.
         decoder: ``auto`` (PIL on the CPU; on CUDA DALI when installed, else torchvision's GPU JPEG decoder),
@@ -97,6 +98,7 @@ class TimmImageEmbedder(ImageEmbedder):
         use_jpeg_draft: bool = True,
         model_kwargs: dict[str, Any] | None = None,
         decoder: str = "auto",
+        exif_transpose: bool = False,
     ):
         import timm
 
@@ -117,6 +119,7 @@ class TimmImageEmbedder(ImageEmbedder):
             autocast=autocast,
             decoder=decoder,
             use_index_files=use_index_files,
+            exif_transpose=exif_transpose,
         )
         self.model_name = model_name
         self.pretrained = pretrained

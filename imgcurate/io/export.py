@@ -41,11 +41,11 @@ import pyarrow.parquet as pq
 from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import to_arrow, to_pandas
-from imgcurate.errors import AlignmentError, ShardError
+from imgcurate.errors import ShardError
 from imgcurate.io._fs import atomic_open, temp_name
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
-from imgcurate.io.tar import iter_samples
+from imgcurate.io.tar import aligned_samples
 
 __all__ = ["export_webdataset", "check_export_complete", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]
 
@@ -74,8 +74,14 @@ def _keep_mask(part: pd.DataFrame, filter_column: str | None) -> Any:
     return part[filter_column].fillna(False).astype(bool)
 
 
-def _select(part: Any, shard: Shard, stage_dir: str, filter_column: str | None, so: dict) -> pd.DataFrame:
-    """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest."""
+def _select(
+    part: Any, shard: Shard, stage_dir: str, filter_column: str | None, so: dict, expected: bytes
+) -> pd.DataFrame:
+    """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest.
+
+    ``schema`` is empty when the partition's arrow schema is the ``expected`` one (the metadata's declared schema),
+    so that the client receives a schema only from the shards that differ, not one per shard.
+    """
     mask = _keep_mask(part, filter_column)
     kept = part if mask is None else part[mask]
     table = to_arrow(kept)
@@ -88,6 +94,7 @@ def _select(part: Any, shard: Shard, stage_dir: str, filter_column: str | None, 
         with atomic_open(posixpath.join(stage_dir, "select", f"{shard.index:05d}.parquet"), "wb", so) as f:
             f.write(data)
     schema = table.schema.remove_metadata().serialize().to_pybytes()
+    schema = b"" if schema == expected else schema
     return pd.DataFrame(
         {"shard": [shard.index], "tar": [shard.tar], "count": [table.num_rows], "schema": [schema], "digest": [digest]}
     )
@@ -143,19 +150,9 @@ def _write_shard(
         for part, tar, first, end in slices:
             with fsspec.open(posixpath.join(stage_dir, "select", f"{part:05d}.parquet"), "rb", **so) as f:
                 table = pq.read_table(f).slice(first, end - first)
-            keys = table.column(id_col).to_pylist()
-            pos = 0
-            for sample in iter_samples(tar, storage_options=so, wanted=set(keys)):
-                if sample.key == keys[pos]:
-                    writer.write(new_key(shard, writer.count, samples_per_shard), sample.members)
-                    pos += 1
-                    if pos == len(keys):
-                        break
-            if pos < len(keys):
-                raise AlignmentError(
-                    f"{tar}: metadata row with key {keys[pos]!r} has no matching sample at its place in the shard: "
-                    "its metadata partition no longer describes this tar in order"
-                )
+            for sample in aligned_samples(tar, table.column(id_col).to_pylist(), so):
+                # a row without a sample (img2dataset's failed downloads) stays a row without a sample
+                writer.write(new_key(shard, writer.count, samples_per_shard), {} if sample is None else sample.members)
             tables.append(conform(table, schema))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         new_keys = pa.array([new_key(shard, j, samples_per_shard) for j in range(table.num_rows)], pa.string())
@@ -173,7 +170,12 @@ def selection(
     metadata: dd.DataFrame, shards: dd.DataFrame, stage_dir: str, filter_column: str | None, so: dict
 ) -> dd.DataFrame:
     """The select pass: one row per shard (shard, tar, count, schema, digest); each task reads its own partition."""
-    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, meta=_SELECT_META)
+    expected = _declared_schema(metadata)
+    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, expected, meta=_SELECT_META)
+
+
+def _declared_schema(metadata: dd.DataFrame) -> bytes:
+    return to_arrow(metadata._meta).schema.remove_metadata().serialize().to_pybytes()
 
 
 def write_tasks(
@@ -290,17 +292,18 @@ def export_webdataset(
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
 
     selected = selection(metadata, shards, stage_dir, filter_column, so)
-    # one row per shard comes back (its count and digest); the schemas come back once each, not once per shard
-    table, schemas = progress.compute(
-        [selected[["shard", "tar", "count", "digest"]], selected["schema"].drop_duplicates()], desc="export: selecting"
-    )
+    # one small row per shard comes back: its count, its digest, and its schema only where it differs from the meta's
+    (table,) = progress.compute([selected], desc="export: selecting")
     table = table.sort_values("shard")
     counts = table["count"].astype(int).tolist()
-    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in sorted(schemas)], [path])
+    schemas = sorted({s or _declared_schema(metadata) for s, n in zip(table["schema"], counts, strict=True) if n})
+    schemas = schemas or [_declared_schema(metadata)]
+    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in schemas], [path])
     plan = _plan(counts, samples_per_shard, max_shards)
     if not plan:
         raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
     tars = table["tar"].tolist()
+    table = table.drop(columns=["schema"])
     fingerprint = hashlib.sha256(
         json.dumps(
             [table["digest"].tolist(), tars, samples_per_shard, max_shards, id_col, old_id_col, index_files,

@@ -53,6 +53,8 @@ def format_index(tar: str, entries: Iterable[IndexEntry]) -> str:
         if any(c.isspace() for c in name):
             raise ShardError(tar, f"member {name!r} has white space in its name, which a DALI index cannot hold")
         key = split_member_name(name)[0]
+        if key is None:  # hidden files (``._x.jpg``) and names without a key: wds2idx skips them too
+            continue
         if key != last:
             samples.append([])
             last = key
@@ -71,7 +73,9 @@ def _entries(tar: str, storage_options: dict | None) -> list[IndexEntry]:
             with tarfile.open(fileobj=f, mode="r:") as archive:
                 for info in archive:
                     if info.isfile():
-                        entries.append((split_member_name(info.name)[1], info.offset_data, info.size, info.name))
+                        entries.append(
+                            (split_member_name(info.name, lower=False)[1], info.offset_data, info.size, info.name)
+                        )
         except tarfile.TarError as err:
             raise ShardError(tar, f"not a readable tar file ({err})") from None
     return entries

@@ -1,16 +1,33 @@
 """Reading WebDataset tar shards: members grouped into samples by key, streamed one sample at a time.
 
-A member ``dir/abc.seg.png`` belongs to the sample with key ``dir/abc`` and has extension ``seg.png``: the key is the
-member path up to the first dot of its file name, as WebDataset defines it. Members of one sample are contiguous in
-the tar; a key that comes back after another key, or a member name seen twice, is a duplicate sample and an error.
+Samples are what the ``webdataset`` package (1.0.2, ``tariterators``) makes of a tar, and this module follows its
+rules exactly:
+
+- a member ``dir/abc.seg.PNG`` belongs to the sample with key ``dir/abc`` and has extension ``seg.png``: the key is
+  the member path up to the first dot of its file name (``base_plus_ext``), extensions are compared in lower case;
+- members whose name has no key (``._photo.jpg``, macOS AppleDouble files; ``.hidden``; ``README`` without a dot),
+  members that are not regular files (directories, links) and webdataset's metadata names (``__x__``,
+  ``__x__/...``) are skipped.
+
+One deliberate difference: webdataset's pattern gives ``dir/._photo.jpg`` the key ``dir/`` (extension ``_photo.jpg``),
+so a macOS tar of a folder becomes junk samples named ``dir/`` between the real ones (and, here, duplicate keys). A
+key that ends in ``/`` (an empty file name before the dot) is treated as no key and skipped, as at the top level.
+
+Members of one sample are contiguous in the tar; a key that comes back after another key, or an extension seen twice,
+is a duplicate sample and an error (webdataset would yield two samples with the same key).
+
+Python's ``tarfile`` treats a corrupt or cut header as the end of the archive, so a damaged tar would silently read
+as its first few samples. :func:`iter_samples` therefore checks, when it reaches the end, that the archive really
+ends there: two zero blocks (or zeros up to the end of the file) where ``tarfile`` stopped. A member name that is not
+UTF-8 is a :class:`~imgcurate.errors.ShardError` too (its key could not be stored in a parquet).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import posixpath
+import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import IO
 
 import fsspec
@@ -20,12 +37,36 @@ from imgcurate.errors import AlignmentError, ShardError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """Splits a member path into ``(key, extension)``; the extension is ``""`` when the file name has no dot."""
-    folder, base = posixpath.split(name)
-    stem, dot, ext = base.partition(".")
-    key = posixpath.join(folder, stem) if folder else stem
-    return key, ext if dot else ""
+#: webdataset's ``base_plus_ext``: the key is the path up to the first dot of the file name, which must not be empty.
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+#: webdataset's metadata members, skipped: ``__x__`` at the top level (``meta_prefix``/``meta_suffix``), and any path
+#: that starts with ``__x__/`` or is ``__x__`` (``skip_meta``).
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+
+#: The error of a metadata row whose key has no sample in its tar (img2dataset lists failed downloads in the parquet
+#: but not in the tar).
+NO_SAMPLE = "no sample in the shard for this row"
+
+
+def split_member_name(name: str, lower: bool = True) -> tuple[str | None, str]:
+    """Splits a member path into ``(key, extension)`` as webdataset's ``base_plus_ext`` does, the extension in lower
+    case unless ``lower`` is false; ``(None, "")`` for a name that belongs to no sample (no dot in the file name, or
+    nothing before it, also in a folder: ``dir/._x.jpg``, where webdataset would make the key ``dir/`` and DALI's
+    ``wds2idx`` skips it as we do)."""
+    match = _BASE_PLUS_EXT.match(name)
+    if not match or match.group(1).endswith("/"):
+        return None, ""
+    return match.group(1), match.group(2).lower() if lower else match.group(2)
+
+
+def skipped_member(info: tarfile.TarInfo) -> bool:
+    """True for members webdataset skips: not a regular file, a metadata name, or a name with no key."""
+    name = info.name
+    if not info.isreg():
+        return True
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return True
+    return bool(_SKIP_META.match(name)) or split_member_name(name)[0] is None
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -44,7 +85,7 @@ class Sample:
         members: extension -> bytes, in the order the members appear in the tar. Empty when read with
             ``read_data=False``.
         sizes: extension -> size in bytes.
-        errors: problems found with this sample (unsafe names, non-file members); the sample is still returned.
+        errors: problems found with this sample (unsafe names); the sample is still returned.
     """
 
     key: str
@@ -68,17 +109,31 @@ class Sample:
 
 def _open_tar(path: str, fileobj: IO[bytes]) -> tarfile.TarFile:
     try:
-        return tarfile.open(fileobj=fileobj, mode="r:")
+        return tarfile.open(fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape")
     except tarfile.ReadError as err:
         raise ShardError(path, f"not a readable tar file ({err})") from None
+
+
+def _check_end(path: str, fileobj: IO[bytes], offset: int, samples: int) -> None:
+    """Raises unless the archive ends at ``offset``: two zero blocks there, or zeros up to the end of the file.
+
+    ``tarfile`` stops without an error at a header it cannot parse (a bad checksum, a cut), so this is the only way
+    to tell the real end of the archive from damage.
+    """
+    fileobj.seek(offset)
+    tail = fileobj.read(2 * tarfile.BLOCKSIZE)
+    if not tail:
+        raise ShardError(path, f"truncated tar: it ends after {samples} samples without the end-of-archive blocks")
+    if tail.strip(b"\0"):
+        raise ShardError(path, f"truncated or corrupt tar: unreadable header at byte {offset} after {samples} samples")
 
 
 def iter_samples(
     path: str,
     *,
     storage_options: dict | None = None,
-    wanted: set[str] | None = None,
-    exts: set[str] | None = None,
+    wanted: Collection[str] | None = None,
+    exts: Collection[str] | None = None,
     read_data: bool = True,
 ) -> Iterator[Sample]:
     """Yields the samples of one tar shard in order, one at a time (memory holds one sample).
@@ -92,7 +147,8 @@ def iter_samples(
         read_data: False reads headers only (all samples come back with sizes only).
 
     Raises:
-        ShardError: the file is not a tar, is truncated, or holds the same key twice.
+        ShardError: the file is not a tar, is truncated or corrupt (checked up to its end-of-archive blocks when
+            read to the end), has a member name that is not UTF-8, or holds the same key twice.
     """
     with fsspec.open(path, "rb", **(storage_options or {})) as f:
         tar = _open_tar(path, f)
@@ -105,11 +161,17 @@ def iter_samples(
                 except tarfile.ReadError as err:
                     raise ShardError(path, f"truncated or corrupt tar after {len(seen)} samples ({err})") from None
                 if info is None:
+                    _check_end(path, f, tar.offset, len(seen))
                     break
                 tar.members.clear()  # tarfile keeps every header otherwise; we stream
-                if info.isdir():
+                try:
+                    info.name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ShardError(path, f"member name {ascii(info.name)} is not UTF-8") from None
+                if skipped_member(info):
                     continue
                 key, ext = split_member_name(info.name)
+                assert key is not None  # skipped_member() said so
                 if current is None or key != current.key:
                     if current is not None:
                         yield current
@@ -121,11 +183,6 @@ def iter_samples(
                     raise ShardError(path, f"duplicate member {info.name!r}: two samples share the key {key!r}")
                 if unsafe_member_name(info.name):
                     current.errors.append(f"unsafe member name {info.name!r}")
-                if not info.isfile():
-                    current.errors.append(f"member {info.name!r} is not a regular file")
-                    current.sizes[ext] = 0
-                    current.members[ext] = b""
-                    continue
                 current.sizes[ext] = info.size
                 if read_data and (wanted is None or key in wanted) and (exts is None or ext in exts):
                     data = tar.extractfile(info).read()
@@ -147,42 +204,83 @@ def read_keys(path: str, *, storage_options: dict | None = None) -> list[str]:
     return [s.key for s in iter_samples(path, storage_options=storage_options, read_data=False)]
 
 
+def aligned_samples(
+    tar: str,
+    keys: list[str],
+    storage_options: dict | None = None,
+    *,
+    exts: set[str] | None = None,
+) -> Iterator[Sample | None]:
+    """The tar's sample for each metadata key, in order, streamed from the tar; None for a key the tar does not hold.
+
+    ``keys`` must appear in the tar in the same order (a row-filtered metadata partition is fine). A key that is not
+    in the tar at all gives None: img2dataset lists failed downloads in its parquet but writes no sample for them,
+    and such rows are kept (see :data:`NO_SAMPLE`). Only the shard's keys are held in memory.
+
+    Raises:
+        AlignmentError: a key is in the tar but out of order (the rows were reordered), naming the shard and key.
+    """
+    if not keys:
+        return
+    row_of: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if row_of.setdefault(key, row) != row:
+            raise AlignmentError(f"{tar}: the metadata has the key {key!r} twice; it no longer describes this tar")
+    pos = 0
+    skipped = False  # rows given None before the tar's end: read on to make sure their keys do not come later
+    for sample in iter_samples(tar, storage_options=storage_options, wanted=row_of.keys(), exts=exts):
+        row = row_of.get(sample.key)
+        if row is None:
+            continue
+        if row < pos:
+            raise AlignmentError(
+                f"{tar}: metadata row {row} (key {sample.key!r}) comes after row {pos - 1} (key {keys[pos - 1]!r}) in "
+                "the shard: the metadata partition no longer describes this tar in order"
+            )
+        skipped = skipped or row > pos
+        for _ in range(pos, row):
+            yield None
+        yield sample
+        pos = row + 1
+        if pos == len(keys) and not skipped:
+            return
+    for _ in range(pos, len(keys)):
+        yield None
+
+
 def aligned_images(
     tar: str, keys: list[str], storage_options: dict | None = None
 ) -> Iterator[tuple[bytes | None, str | None]]:
     """(image bytes or None, error or None) for each metadata key, in order, streamed from the tar.
 
-    ``keys`` must be an in-order subsequence of the tar's keys (a row-filtered metadata partition is fine).
+    A key with no sample in the tar gives ``(None, NO_SAMPLE)``; see :func:`aligned_samples`.
 
     Raises:
-        AlignmentError: a key is not found at its place in the tar, naming the shard and the key.
+        AlignmentError: the keys are in the tar in another order, naming the shard and the key.
     """
-    if not keys:
-        return
-    pos = 0
-    for sample in iter_samples(tar, storage_options=storage_options, wanted=set(keys)):
-        if sample.key != keys[pos]:
+    for sample in aligned_samples(tar, keys, storage_options):
+        if sample is None:
+            yield None, NO_SAMPLE
             continue
         image = sample.image
         yield image, (None if image is not None else "sample has no image member")
-        pos += 1
-        if pos == len(keys):
-            return
-    raise _misaligned(tar, keys, pos)
 
 
-def check_aligned(tar: str, keys: list[str], tar_keys: list[str]) -> None:
-    """Raises :class:`AlignmentError` unless ``keys`` is an in-order subsequence of the tar's ``tar_keys``."""
-    pos = 0
-    for key in tar_keys:
-        if pos < len(keys) and key == keys[pos]:
-            pos += 1
-    if pos < len(keys):
-        raise _misaligned(tar, keys, pos)
-
-
-def _misaligned(tar: str, keys: list[str], pos: int) -> AlignmentError:
-    return AlignmentError(
-        f"{tar}: the metadata has {len(keys)} rows but only {pos} of them were found in the shard, in order "
-        f"(first missing key: {keys[pos]!r}); the metadata partition no longer describes this tar"
-    )
+def missing_rows(tar: str, keys: list[str], tar_keys: list[str]) -> set[int]:
+    """The metadata rows whose key is not in the tar; raises :class:`AlignmentError` when the others are not in the
+    tar's order (``tar_keys``)."""
+    position = {key: i for i, key in enumerate(tar_keys)}
+    missing: set[int] = set()
+    last = -1
+    for row, key in enumerate(keys):
+        at = position.get(key)
+        if at is None:
+            missing.add(row)
+        elif at <= last:
+            raise AlignmentError(
+                f"{tar}: metadata row {row} (key {key!r}) is before an earlier row's sample in the shard: the metadata "
+                "partition no longer describes this tar in order"
+            )
+        else:
+            last = at
+    return missing

@@ -1,0 +1,86 @@
+"""Shards on object storage: open, embed and export ``s3://`` shards through fsspec (s3fs) against a local S3 API
+(moto's server on 127.0.0.1), with ``storage_options`` pointing at it."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e .[test])")
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+
+from imgcurate import ImageTextPairDataset, ShardError  # noqa: E402
+from imgcurate.embedders import TimmImageEmbedder  # noqa: E402
+from imgcurate.io.tar import iter_samples  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """storage_options for a fresh moto S3 server on a free loopback port, with a bucket ``data``."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never look for instance credentials on the network
+    }.items():
+        monkeypatch.setenv(name, value)
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
+    import boto3
+
+    boto3.client("s3", endpoint_url=options["client_kwargs"]["endpoint_url"]).create_bucket(Bucket="data")
+    yield options
+    server.stop()
+
+
+def test_open_embed_and_export_on_s3(sample_dir, s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    for path in sorted(sample_dir.glob("*.tar")):  # tars only: the parquets are scanned and written on S3
+        fs.put(str(path), f"data/shards/{path.name}")
+    local = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata.compute()
+
+    ds = ImageTextPairDataset.from_webdataset("s3://data/shards", storage_options=s3)
+    assert ds.tar_files == [f"s3://data/shards/0000{i}.tar" for i in range(4)]
+    assert sorted(fs.glob("data/shards/*.parquet")) == [f"data/shards/0000{i}.parquet" for i in range(4)]
+    assert ds.metadata.compute()["key"].tolist() == local["key"].tolist()
+
+    ds = TimmImageEmbedder("test_resnet", batch_size=8, device="cpu")(ds).persist()
+    df = ds.metadata.compute()
+    assert df["image_embedding"].notna().all() and df["image_embedding_error"].isna().all()
+    ds = ds.with_metadata(ds.metadata.assign(keep=ds.metadata["variant"] != "resized"))
+    out = ds.to_webdataset("s3://data/out", filter_column="keep", samples_per_shard=10, old_id_col="old")
+    again = ImageTextPairDataset.from_webdataset("s3://data/out", storage_options=s3)  # validated
+    meta = again.metadata.compute()
+    assert meta["old"].tolist() == df.loc[df["variant"] != "resized", "key"].tolist()
+    assert [list(v) for v in meta["image_embedding"]] == [
+        list(v) for v in df.loc[df["variant"] != "resized", "image_embedding"]
+    ]
+    source = {s.key: s.members for t in sorted(sample_dir.glob("*.tar")) for s in iter_samples(str(t))}
+    exported = [s for t in out.tar_files for s in iter_samples(t, storage_options=s3)]
+    assert [source[old] for old in meta["old"]] == [s.members for s in exported]
+
+
+def test_damaged_shard_on_s3_is_named(sample_dir, s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    data = (sample_dir / "00001.tar").read_bytes()
+    fs.pipe("data/bad/00000.tar", data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"s3://data/bad/00000\.tar: truncated"):
+        ImageTextPairDataset.from_webdataset("s3://data/bad", storage_options=s3)
