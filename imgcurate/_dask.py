@@ -37,7 +37,6 @@ __all__ = [
     "map_with_shard",
     "to_partitions",
     "zip_columns",
-    "gather",
     "PARTITION_COLUMN",
     "SHARD_BITS",
 ]
@@ -142,24 +141,6 @@ def to_partitions(frame: dd.DataFrame, column: str, npartitions: int) -> dd.Data
     routed = frame.assign(**{PARTITION_COLUMN: frame[column].astype("int64")})
     shuffled = new_collection(Shuffle(routed.expr, PARTITION_COLUMN, npartitions, True, None, None))
     return shuffled.drop(columns=[PARTITION_COLUMN])
-
-
-def _concat_frames(*frames: pd.DataFrame) -> pd.DataFrame:
-    frames = [f for f in frames if len(f)] or list(frames[:1])
-    return pd.concat(frames) if len(frames) > 1 else frames[0]
-
-
-def gather(frame: dd.DataFrame, split_every: int = 16) -> Any:
-    """A delayed pandas frame of all of ``frame``'s (small) partitions, concatenated in a tree of fan-in
-    ``split_every`` so that no task lists every partition. For bounded results only (a sample, a summary)."""
-    import dask
-
-    parts = frame.to_delayed()
-    if not parts:
-        return dask.delayed(frame._meta)
-    while len(parts) > 1:
-        parts = [dask.delayed(_concat_frames)(*parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
-    return dask.delayed(_concat_frames)(parts[0])
 
 
 def _zip(left: Any, right: Any) -> Any:
