@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from imgcurate.dataset import ImageTextPairDataset
+    pass
 
 EXAMPLE_CONFIG = """\
 # imgcurate pipeline: steps run in order over the input shards, then the kept samples are exported.
@@ -74,8 +74,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(facts: dict) -> None:
+    print(
+        f"samples in: {facts['samples_in']}" + (f", kept: {facts['samples_kept']}" if "samples_kept" in facts else "")
+    )
+    for reason, count in facts.get("drops_by_reason", {}).items():
+        print(f"  dropped for {reason}: {count}")
+    for kind, count in facts.get("duplicates", {}).items():
+        print(f"  {kind} duplicates: {count}")
+    for step in facts.get("steps", []):
+        print(f"  {step['step']}: {step['shards_computed']} shards computed, {step['shards_reused']} reused, "
+              f"{step['seconds']:.1f} s")  # fmt: skip
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from imgcurate.filters import drop_report
     from imgcurate.pipeline import Pipeline
 
     pipeline = Pipeline.from_yaml(args.config)
@@ -83,12 +95,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         pipeline.export = {**(pipeline.export or {}), "path": args.output}
     if args.overwrite and pipeline.export:
         pipeline.export["overwrite"] = True
+    if args.run_dir:
+        pipeline.run_dir = args.run_dir
 
-    def summary(dataset: ImageTextPairDataset) -> None:
-        if "drop_reason" in dataset.metadata.columns:
-            print(drop_report(dataset).to_string())
-
-    out = pipeline.run(summary=summary)
+    out = pipeline.run(summary=_print_summary)
+    if pipeline.resolved_run_dir():
+        print(f"run directory: {pipeline.resolved_run_dir()} (summary.json)")
     for kwargs in pipeline.reports.values():
         print(f"wrote {kwargs['path']}")
     if pipeline.export:
@@ -154,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--output", default=None, help="override the export folder")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in the export folder")
+    p.add_argument("--run-dir", default=None, help="where step results go, shard by shard (default: <output>.run)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("estimate", help="estimate a pipeline's samples, bytes, memory and (with --measure) time")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +204,7 @@ _KNOWN_KEYS = {
     "reports": dict,
     "export": dict,
     "storage_options": dict,
+    "run_dir": str,
 }
 
 
@@ -220,6 +222,9 @@ class Pipeline:
         storage_options: passed to fsspec for the input.
         reports: report name (see :data:`REPORTS`) -> its keyword arguments, ``path`` (the file to write) among
             them; written after the steps and before the export. In YAML a bare path stands for ``{path: ...}``.
+        run_dir: the run directory (:mod:`imgcurate.rundir`): each step's columns are written there shard by shard
+            and a rerun reuses what is done. None with an export means ``<export path>.run``; None without one
+            keeps the results in memory.
     """
 
     steps: list[Any]
@@ -230,6 +235,7 @@ class Pipeline:
     cluster: dict[str, Any] | None = None
     storage_options: dict[str, Any] | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_dir: str | None = None
 
     def __post_init__(self):
         self.cluster = check_cluster(self.cluster)
@@ -278,6 +284,7 @@ class Pipeline:
             cluster=config.get("cluster"),
             storage_options=config.get("storage_options"),
             reports={str(k): dict(v) if isinstance(v, dict) else {"path": str(v)} for k, v in reports.items()},
+            run_dir=config.get("run_dir"),
         )
 
     @classmethod
@@ -326,32 +333,73 @@ class Pipeline:
             dataset = step(dataset)
         return dataset
 
+    def resolved_run_dir(self) -> str | None:
+        """The run directory: ``run_dir``, else ``<export path>.run`` beside the output, else None (in memory)."""
+        if self.run_dir:
+            return self.run_dir
+        if self.export and self.export.get("path"):
+            return str(self.export["path"]).rstrip("/") + ".run"
+        return None
+
+    def compute_steps(self, dataset: ImageTextPairDataset) -> tuple[ImageTextPairDataset, list[Any]]:
+        """Runs the steps into the run directory (reusing the shards already done), or persists them in memory
+        without one; returns the dataset that reads the results, and a record per step."""
+        from imgcurate.rundir import RunDir, fingerprint_chain, input_fingerprint
+
+        folder = self.resolved_run_dir()
+        if folder is None:
+            return self.apply(dataset).persist(desc="computing the steps"), []
+        run = RunDir(folder, dict(self.storage_options or {}))
+        fingerprint = fingerprint_chain([input_fingerprint(dataset.path, dataset.storage_options), dataset.id_col])
+        run.write_json("run.json", {"input": dataset.path, "fingerprint": fingerprint,
+                                    "steps": [s.describe() for s in self.steps if isinstance(s, Step)]})  # fmt: skip
+        records = []
+        for position, step in enumerate(self.steps):
+            if not isinstance(step, Step):  # a plain callable: applied lazily, recomputed where read
+                dataset = step(dataset)
+                continue
+            fingerprint = fingerprint_chain([fingerprint, step.fingerprint()])
+            columns, record = run.compute_step(dataset, step, position, fingerprint)
+            dataset = dataset.with_columns(columns)
+            records.append(record)
+        return dataset, records
+
     def run(
         self,
         dataset: ImageTextPairDataset | None = None,
-        summary: Callable[[ImageTextPairDataset], None] | None = None,
+        summary: Callable[[dict], None] | None = None,
     ) -> ImageTextPairDataset:
-        """Opens the input (unless given), checks the column flow, then, on the pipeline's cluster: computes the
-        steps once (persisted), writes the reports, calls ``summary`` on the result, and exports.
+        """Opens the input (unless given), checks the column flow, then, on the pipeline's cluster: computes each
+        step once per shard into the run directory (reusing shards done by an earlier, interrupted run), writes the
+        reports, the run summary (``summary.json`` in the run directory; also passed to ``summary``), and exports.
 
         Returns:
-            The exported dataset (read back from the new shards). Without an export, the final dataset; with a
-            ``cluster`` its frame refers to results held by that closed cluster, so to keep working on it, call
-            :meth:`apply` under a client of your own instead.
+            The exported dataset (read back from the new shards). Without an export, the final dataset, reading
+            the run directory (or, without one, held by the cluster, which is closed when this returns).
         """
+        from imgcurate.rundir import RunDir, summarize
+
         if dataset is None:
             dataset = self.open_input()
         self.check(dataset)
         with _cluster(self.cluster):
-            result = self.apply(dataset).persist(desc="computing the steps")
+            started = time.perf_counter()
+            result, records = self.compute_steps(dataset)
             for name, kwargs in self.reports.items():
                 _load(REPORTS, "report", name)(result, **kwargs)
-            if summary is not None:
-                summary(result)
+            keep = (self.export or {}).get("filter_column")
+            facts = summarize(result, records, keep)
+            out = result
             if self.export:
                 kwargs = dict(self.export)
-                return result.to_webdataset(kwargs.pop("path"), **kwargs)
-            return result
+                out = result.to_webdataset(kwargs.pop("path"), **kwargs)
+                facts["exported"] = {"path": out.path, "shards": out.num_shards}
+            facts["seconds"] = round(time.perf_counter() - started, 3)
+            if self.resolved_run_dir():
+                RunDir(self.resolved_run_dir(), dict(self.storage_options or {})).write_json("summary.json", facts)
+            if summary is not None:
+                summary(facts)
+            return out
 
 
 def zip_columns_meta(meta: Any, added: Any) -> Any:

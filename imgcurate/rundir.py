@@ -1,0 +1,213 @@
+"""A pipeline's run directory: each step's columns on disk, one parquet per input shard, so runs resume.
+
+Layout (any fsspec filesystem)::
+
+    run.json                                   what ran: the input, its fingerprint, the steps
+    steps/00-TimmImageEmbedder-3f2a9c01d4e5/   one folder per step, named by position, class and fingerprint
+        000000.parquet                         the step's columns for shard 0 (row ids and keys included)
+        000000.done                            its completion marker: rows, seconds (written after the parquet)
+        ...
+    summary.json                               counts in and out, drops by reason, duplicates, time per step
+
+A step's fingerprint chains the input's fingerprint (every tar and parquet: name, size and modification time or
+ETag), the fingerprints of the steps before it and its own configuration; so a changed input, upstream step or
+setting gives a new folder and is computed again, and an unchanged one is reused shard by shard. A shard counts as
+done only when its ``.done`` marker exists; the parquet before it is written atomically. Later steps, reports and
+the export read these files partition by partition: nothing is held in memory between steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.dataframe as dd
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgcurate import progress
+from imgcurate._dask import shard_divisions
+from imgcurate.backends import from_arrow, host_index, to_arrow
+from imgcurate.dataset import ImageTextPairDataset
+from imgcurate.io._fs import atomic_open
+from imgcurate.io.schema import conform
+
+__all__ = ["RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
+
+_ROW_ID = "_row_id"
+
+
+def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
+    """A digest of every tar and parquet in an input folder: names, sizes and modification times (or ETags), read
+    from one listing of the folder."""
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    digest = hashlib.sha256()
+    for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]):
+        name = posixpath.basename(info["name"])
+        if name.endswith((".tar", ".parquet")):
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
+            digest.update(f"{name}\0{info.get('size')}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class StepRecord:
+    """What a run did for one step: its folder, shards computed and reused, and seconds spent."""
+
+    name: str
+    folder: str
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunDir:
+    """A run directory (see the module docs).
+
+    Args:
+        path: the folder (local or fsspec URL), created if needed.
+        storage_options: passed to fsspec.
+    """
+
+    path: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.fs, self.root = fsspec.core.url_to_fs(self.path, **self.storage_options)
+        self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
+
+    def url(self, *parts: str) -> str:
+        """A path inside the run directory, with its protocol (what ``fsspec.open`` needs in a task)."""
+        return self.fs.unstrip_protocol(posixpath.join(self.root, *parts))
+
+    def step_folder(self, position: int, step: Any, fingerprint: str) -> str:
+        return f"{position:02d}-{type(step).__name__}-{fingerprint[:12]}"
+
+    def done_shards(self, folder: str) -> set[int]:
+        """The shards whose results in ``folder`` are complete (their ``.done`` marker exists)."""
+        found = self.fs.glob(posixpath.join(self.root, "steps", folder, "*.done"))
+        return {int(posixpath.basename(p)[: -len(".done")]) for p in found}
+
+    def compute_step(
+        self, dataset: ImageTextPairDataset, step: Any, position: int, fingerprint: str
+    ) -> tuple[dd.DataFrame, StepRecord]:
+        """Computes the step's columns for the shards not done yet, writes them, and returns the frame that reads
+        all of them back (one partition per shard)."""
+        folder = self.step_folder(position, step, fingerprint)
+        record = StepRecord(step.name, folder)
+        started = time.perf_counter()
+        done = self.done_shards(folder)
+        todo = [i for i in range(dataset.num_shards) if i not in done]
+        record.reused = dataset.num_shards - len(todo)
+        record.computed = len(todo)
+        types = step.output_columns()
+        if todo:
+            self.fs.makedirs(posixpath.join(self.root, "steps", folder), exist_ok=True)
+            added = step.added(dataset)
+            frame = dataset.metadata[[dataset.id_col]]
+            written = dd.map_partitions(
+                _write_shard, frame.partitions[todo], added.partitions[todo], dataset.shards.partitions[todo],
+                self.url("steps", folder), dataset.id_col, types, self.storage_options,
+                meta=pd.DataFrame({"rows": pd.Series([], dtype="int64")}), align_dataframes=False,
+                enforce_metadata=False,
+            )  # fmt: skip
+            progress.compute([written], desc=f"{step.name}: shards")
+        record.seconds = time.perf_counter() - started
+        meta = step.output_meta(dataset.metadata._meta)
+        return self.read_step(folder, dataset, meta, types), record
+
+    def read_step(self, folder: str, dataset: ImageTextPairDataset, meta: Any, types: dict) -> dd.DataFrame:
+        """The step's columns read back from its folder, one partition per shard, with the metadata's row ids."""
+        backend = "cudf" if type(meta).__module__.startswith("cudf") else "pandas"
+        schema = pa.schema([pa.field(n, t) for n, t in types.items()])
+        return dd.from_map(
+            _read_shard, list(range(dataset.num_shards)), args=[self.url("steps", folder), schema, backend,
+                                                                self.storage_options],
+            meta=meta, divisions=shard_divisions(dataset.num_shards), label="imgcurate-step-results",
+            enforce_metadata=False,
+        )  # fmt: skip
+
+    def write_json(self, name: str, value: Any) -> None:
+        with atomic_open(self.url(name), "wb", self.storage_options) as f:
+            f.write(json.dumps(value, indent=1, sort_keys=True, default=str).encode())
+
+    def read_json(self, name: str) -> Any:
+        with self.fs.open(posixpath.join(self.root, name), "rb") as f:
+            return json.loads(f.read())
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(posixpath.join(self.root, name))
+
+
+def _write_shard(
+    frame: Any, added: Any, shard: pd.DataFrame, folder: str, id_col: str, types: dict, so: dict
+) -> pd.DataFrame:
+    index = int(shard["shard"].iloc[0])
+    started = time.perf_counter()
+    table = to_arrow(added, types)
+    ids = pa.array(host_index(frame.index).to_numpy(), pa.int64())
+    keys = to_arrow(frame[[id_col]]).column(0)
+    table = table.add_column(0, id_col, keys).add_column(0, _ROW_ID, ids)
+    with atomic_open(f"{folder}/{index:06d}.parquet", "wb", so) as f:
+        pq.write_table(table, f)
+    marker = {"rows": table.num_rows, "seconds": time.perf_counter() - started}
+    with atomic_open(f"{folder}/{index:06d}.done", "wb", so) as f:
+        f.write(json.dumps(marker).encode())
+    return pd.DataFrame({"rows": [table.num_rows]})
+
+
+def _read_shard(index: int, folder: str, schema: pa.Schema, backend: str, so: dict) -> Any:
+    with fsspec.open(f"{folder}/{index:06d}.parquet", "rb", **so) as f:
+        table = pq.read_table(f)
+    ids = table.column(_ROW_ID).to_numpy()
+    frame = from_arrow(conform(table.select(schema.names), schema), backend)
+    frame.index = ids
+    return frame
+
+
+def fingerprint_chain(parts: Sequence[str]) -> str:
+    """One digest of several fingerprints, in order."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep_column: str | None) -> dict:
+    """The run summary: samples in and kept, drops by reason, duplicates by kind, and per step the shards computed
+    and reused and the seconds spent. Small Dask reductions over the written results, in one pass."""
+    import dask
+
+    df = dataset.metadata
+    columns = set(map(str, df.columns))
+    wanted: dict[str, Any] = {"samples": df[dataset.id_col].size}
+    if keep_column and keep_column in columns:
+        wanted["kept"] = df[keep_column].fillna(False).astype(bool).sum()
+    if "drop_reason" in columns:
+        wanted["drops"] = df["drop_reason"].dropna().str.split(";").explode().value_counts()
+    for kind, column in (("exact", "exact_duplicate"), ("semantic", "is_duplicate")):
+        if column in columns:
+            wanted[f"duplicates_{kind}"] = df[column].fillna(False).astype(bool).sum()
+    for column in sorted(c for c in columns if c == "error" or c.endswith("_error")):
+        wanted[f"errors:{column}"] = df[column].notnull().sum()
+    got = dict(zip(wanted, dask.compute(*wanted.values()), strict=True))
+    summary: dict[str, Any] = {"samples_in": int(got["samples"])}
+    if "kept" in got:
+        summary["samples_kept"] = int(got["kept"])
+    if "drops" in got:
+        drops = got["drops"]
+        drops = drops.to_pandas() if hasattr(drops, "to_pandas") else drops
+        summary["drops_by_reason"] = {str(k): int(v) for k, v in sorted(drops.items())}
+    summary["duplicates"] = {k.split("_", 1)[1]: int(v) for k, v in got.items() if k.startswith("duplicates_")}
+    summary["errors"] = {k.split(":", 1)[1]: int(v) for k, v in got.items() if k.startswith("errors:")}
+    summary["steps"] = [
+        {"step": r.name, "folder": r.folder, "shards_computed": r.computed, "shards_reused": r.reused,
+         "seconds": round(r.seconds, 3)}
+        for r in records
+    ]  # fmt: skip
+    return summary

@@ -1,0 +1,175 @@
+"""Runs that resume: step results on disk per shard, reruns after SIGKILL, distributed semantic dedup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from imgcurate import ImageTextPairDataset
+from imgcurate.dedup import SemanticDeduplicator
+from imgcurate.pipeline import Pipeline
+from imgcurate.testing import make_sample_shards
+
+RUN = "import sys; from imgcurate.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _config(shards, out, run_dir, weights):
+    return {
+        "input": str(shards),
+        "output": str(out),
+        "run_dir": str(run_dir),
+        "steps": [
+            {"TimmImageEmbedder": {"model_name": "resnet18", "checkpoint_path": weights, "batch_size": 2}},
+            {"ExactDuplicates": {}},
+            {"SemanticDeduplicator": {"n_clusters": 3, "eps": 1e-4}},
+            {"SampleFilter": {"drop_duplicates": ["exact_duplicate", "is_duplicate"]}},
+        ],
+        "export": {"filter_column": "keep", "samples_per_shard": 4, "old_id_col": "old_key"},
+    }
+
+
+def _start(config_path, env):
+    return subprocess.Popen([sys.executable, "-c", RUN, "run", str(config_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _kill_when(proc, ready, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the run neither reached the point to kill it nor finished")
+
+
+def _files(folder):
+    return {p: (folder / p).read_bytes() for p in sorted(os.listdir(folder)) if (folder / p).is_file()}
+
+
+@pytest.fixture(scope="module")
+def twenty_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    make_sample_shards(str(root / "shards"), samples_per_shard=2)  # 18 shards
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = str(root / "resnet18.safetensors")
+    save_file(timm.create_model("resnet18").state_dict(), weights)
+    return root, weights
+
+
+def test_sigkill_during_embedding_and_export_then_rerun_gives_the_same_bytes(twenty_shards, tmp_path):
+    root, weights = twenty_shards
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DASK_IMGCURATE__PROGRESS": "false"}
+    reference = yaml.safe_dump(_config(root / "shards", tmp_path / "ref", tmp_path / "ref.run", weights))
+    (tmp_path / "ref.yaml").write_text(reference)
+    assert subprocess.run([sys.executable, "-c", RUN, "run", str(tmp_path / "ref.yaml")], env=env).returncode == 0
+
+    run_dir = tmp_path / "run"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(_config(root / "shards", tmp_path / "out", run_dir, weights)))
+    embed_dir = lambda: [p for p in (run_dir / "steps").glob("00-*")] if (run_dir / "steps").exists() else []  # noqa: E731
+
+    def some_embedded():
+        return any(len(list(d.glob("*.done"))) >= 2 for d in embed_dir())
+
+    assert _kill_when(_start(tmp_path / "p.yaml", env), some_embedded), "the run finished before it could be killed"
+    done_before = len(list(embed_dir()[0].glob("*.done")))
+    assert 2 <= done_before < 18 and not (tmp_path / "out").exists()
+
+    def exporting():
+        return any((tmp_path / "out" / ".imgcurate-staging").glob("*.tar"))
+
+    killed_in_export = _kill_when(_start(tmp_path / "p.yaml", env), exporting)
+    summary = json.loads((run_dir / "summary.json").read_text()) if not killed_in_export else None
+    if killed_in_export:
+        assert not list((tmp_path / "out").glob("*.tar"))  # nothing published
+        done = subprocess.run([sys.executable, "-c", RUN, "run", str(tmp_path / "p.yaml")], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert all(s["shards_computed"] == 0 for s in summary["steps"])  # every step was done: all reused
+    else:  # the second run finished before it reached the export: it still reused the embedded shards
+        assert summary["steps"][0]["shards_reused"] == done_before
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")
+    ref = json.loads((tmp_path / "ref.run" / "summary.json").read_text())
+    for key in ("samples_in", "samples_kept", "duplicates", "drops_by_reason"):
+        assert summary[key] == ref[key], key
+
+
+def test_changed_settings_recompute_only_that_step_and_the_ones_after(sample_dir, tmp_path):
+    config = {
+        "input": str(sample_dir),
+        "run_dir": "memory://imgcurate-test-run",
+        "steps": [{"ExactDuplicates": {}}, {"SampleFilter": {"min_width": 300}}],
+    }
+    first = Pipeline.from_config(config)
+    facts = {}
+    first.run(summary=facts.update)
+    assert [s["shards_computed"] for s in facts["steps"]] == [4, 4]
+    config["steps"][1]["SampleFilter"]["min_width"] = 400
+    again = {}
+    out = Pipeline.from_config(config).run(summary=again.update)
+    assert [(s["shards_computed"], s["shards_reused"]) for s in again["steps"]] == [(0, 4), (4, 0)]
+    df = out.metadata.compute()
+    assert (df["keep"] == (df["width"] >= 400)).all()
+    assert again["drops_by_reason"] == {"width < 400": int((df["width"] < 400).sum())}
+
+
+@pytest.fixture(scope="module")
+def two_worker_processes():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            yield client
+
+
+@pytest.mark.parametrize("mode", ["greedy", "connected"])
+@pytest.mark.parametrize("keep", ["hard", "easy", "random", ["score"]])
+def test_semantic_dedup_on_a_local_cluster_equals_find_on_the_gathered_array(two_worker_processes, mode, keep):
+    from imgcurate.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(7, rows_per_shard=60, dim=16, seed=5)
+    df = ds.metadata
+    ds = ds.with_metadata(df.assign(score=(df["width"] % 7).astype("float64")))
+    dedup = SemanticDeduplicator(n_clusters=5, eps=[1e-3, 0.2], mode=mode, which_to_keep=keep)
+    local = ds.metadata.compute()
+    x = np.stack(local["image_embedding"]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = x[np.random.default_rng(0).choice(len(x), 5, replace=False)]
+    with two_worker_processes.as_current():
+        got = ds.with_columns(dedup.added(ds, centroids=centroids)).metadata.compute()
+    rank = local[["score"]].to_numpy() if isinstance(keep, list) else None
+    want = dedup.find(x, centroids=centroids, rank_values=rank)
+    np.testing.assert_array_equal(got["cluster"].to_numpy(dtype=np.int64), want["cluster"])
+    np.testing.assert_allclose(got["distance_to_centroid"], want["distance"], atol=1e-6)
+    best = np.where(np.isinf(want["max_similarity"]), np.nan, want["max_similarity"])
+    np.testing.assert_allclose(got["max_similarity"], best, atol=1e-6)
+    keys = local["key"].to_numpy(dtype=object)
+    want_of = [keys[r] if r >= 0 else None for r in want["duplicate_of"]]
+    assert [None if v is None or v != v else v for v in got["duplicate_of"]] == want_of
+    assert (got["is_duplicate_eps0.001"].to_numpy() == want["is_duplicate_0.001"]).all()
+    assert (got["is_duplicate_eps0.2"].to_numpy() == want["is_duplicate_0.2"]).all()
+    assert got["key"].tolist() == local["key"].tolist()  # rows stay with their shards, in order
+
+
+def test_an_export_run_on_memory_storage(sample_dir):
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    pipeline = Pipeline(steps=[], export={"path": "memory://exported/out"}, run_dir="memory://exported/run")
+    out = pipeline.run(ds)
+    assert out.num_shards == 1 and len(out.metadata) == 36
