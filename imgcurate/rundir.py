@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from imgcurate import progress
 from imgcurate._dask import shard_divisions
-from imgcurate.backends import from_arrow, host_index, to_arrow
+from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.io._fs import atomic_open
 from imgcurate.io.schema import conform
@@ -126,7 +126,7 @@ class RunDir:
 
     def read_step(self, folder: str, dataset: ImageTextPairDataset, meta: Any, types: dict) -> dd.DataFrame:
         """The step's columns read back from its folder, one partition per shard, with the metadata's row ids."""
-        backend = "cudf" if type(meta).__module__.startswith("cudf") else "pandas"
+        backend = backend_of(meta).name
         schema = pa.schema([pa.field(n, t) for n, t in types.items()])
         return dd.from_map(
             _read_shard, list(range(dataset.num_shards)), args=[self.url("steps", folder), schema, backend,
@@ -201,7 +201,7 @@ def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep
         summary["samples_kept"] = int(got["kept"])
     if "drops" in got:
         drops = got["drops"]
-        drops = drops.to_pandas() if hasattr(drops, "to_pandas") else drops
+        drops = to_pandas(drops)
         summary["drops_by_reason"] = {str(k): int(v) for k, v in sorted(drops.items())}
     summary["duplicates"] = {k.split("_", 1)[1]: int(v) for k, v in got.items() if k.startswith("duplicates_")}
     summary["errors"] = {k.split(":", 1)[1]: int(v) for k, v in got.items() if k.startswith("errors:")}

@@ -77,7 +77,7 @@ class ImageClassifier(ShardStep):
         out = []
         with torch.inference_mode():
             for start in range(0, len(embeddings), self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + self.batch_size]))
+                batch = torch.from_numpy(np.array(embeddings[start : start + self.batch_size], dtype=np.float32))
                 out.append(self.postprocess(model(batch.to(device).float())).float().cpu().numpy())
         return np.concatenate(out).astype(self.pred_type) if out else np.zeros(0, self.pred_type)
 

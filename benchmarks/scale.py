@@ -1,0 +1,154 @@
+"""How the pipeline's graphs and dedup scale: metadata only, synthetic shards (nothing read from disk).
+
+Two parts, each configuration in a fresh process so that peak RSS means that configuration alone:
+
+``graph``: for N synthetic shards, build each step's lazy frame (embedder, classifier, exact dedup, semantic dedup,
+filter) the way a pipeline with a run directory does (each step over the results read back from the step before),
+optimise and materialise its task graph (what the scheduler runs), and pickle a sample of the tasks. Prints the
+seconds of each phase summed over the steps, the task counts, the largest pickled task (leaving out Dask's shuffle
+barriers, one per shuffle, which list every input partition's key by design), and the client's peak RSS.
+
+``dedup``: semantic dedup plus the selection pass of an export over synthetic embeddings (N rows x D) on a
+2-worker LocalCluster (exact dedup hashes image bytes, which synthetic shards do not have; its shuffles are the
+same machinery and its graph is in the ``graph`` part), against :meth:`SemanticDeduplicator.find` on the same
+array in one process. Prints the seconds of each and the peak RSS of the client and of the workers.
+
+    python benchmarks/scale.py graph --shards 1000 10000 100000
+    python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("DASK_IMGCURATE__PROGRESS", "false")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def graph_one(shards: int) -> dict:
+    """Each step's graph over ``shards`` synthetic shards, as a pipeline with a run directory computes it: on the
+    dataset read back from the steps before (so each step's graph starts from one read per shard)."""
+    from distributed.protocol.pickle import dumps
+
+    from imgcurate.classifiers import AestheticClassifier
+    from imgcurate.dedup import ExactDuplicates, SemanticDeduplicator
+    from imgcurate.embedders import TimmImageEmbedder
+    from imgcurate.filters import SampleFilter
+    from imgcurate.synthetic import synthetic_dataset
+
+    embedder = TimmImageEmbedder("vit_large_patch14_clip_224.openai")
+    embedder.embedding_dim()  # the model's shape probe: once per pipeline, whatever the shard count
+    steps = {
+        "embedder": embedder,
+        "classifier": AestheticClassifier(),
+        "exact dedup": ExactDuplicates(),
+        "semantic dedup": SemanticDeduplicator(n_clusters=1000),
+        "filter": SampleFilter(min_aesthetic=5.0, drop_duplicates=("exact_duplicate",)),
+    }
+    out: dict = {"shards": shards}
+    total_build = total_graph = 0.0
+    tasks = largest = 0
+    for name, step in steps.items():
+        ds = synthetic_dataset(shards, rows_per_shard=1000, dim=768)
+        df = ds.metadata
+        ds = ds.with_metadata(df.assign(aesthetic_score=df["width"].astype("float32") / 100.0,
+                                        exact_duplicate=df["width"] < 70))  # fmt: skip
+        started = time.perf_counter()
+        frame = step.added(ds)
+        total_build += time.perf_counter() - started
+        started = time.perf_counter()
+        graph = dict(frame.optimize().__dask_graph__())  # what compute() hands the scheduler
+        total_graph += time.perf_counter() - started
+        keys = [k for k in graph if not str(k).startswith("('barrier-")]
+        sample = random.Random(0).sample(keys, min(1000, len(keys)))
+        step_largest = max(len(dumps(graph[k])) for k in sample)
+        out[f"{name}: tasks"] = len(graph)
+        out[f"{name}: largest task bytes"] = step_largest
+        tasks += len(graph)
+        largest = max(largest, step_largest)
+    out.update({"build_s": round(total_build, 2), "graph_s": round(total_graph, 2), "tasks": tasks,
+                "largest_task_bytes": largest, "client_peak_rss_mb": round(_peak_rss_mb())})  # fmt: skip
+    return out
+
+
+def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
+    """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster."""
+    import numpy as np
+
+    from imgcurate.dedup import SemanticDeduplicator
+    from imgcurate.synthetic import synthetic_dataset, synthetic_partition
+
+    n_clusters = max(10, rows // 1000)
+    per_shard = rows // shards
+    out: dict = {"mode": mode, "rows": rows, "dim": dim, "shards": shards, "n_clusters": n_clusters}
+    if mode == "find":
+        x = np.concatenate([np.stack(synthetic_partition(i, per_shard, dim)["image_embedding"]) for i in range(shards)])
+        x = x.astype(np.float32)
+        started = time.perf_counter()
+        found = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0).find(x, copy=False)
+        out["seconds"] = round(time.perf_counter() - started, 2)
+        out["flagged"] = int(found["is_duplicate_0.01"].sum())
+        out["client_peak_rss_mb"] = round(_peak_rss_mb())
+        return out
+    from distributed import Client, LocalCluster
+
+    from imgcurate.io.export import selection
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      memory_limit=0) as cluster, Client(cluster) as client:  # fmt: skip
+        ds = synthetic_dataset(shards, rows_per_shard=per_shard, dim=dim)
+        started = time.perf_counter()
+        deduped = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0)(ds)
+        out["flagged"] = int(deduped.metadata["is_duplicate"].sum().compute())
+        out["seconds"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        select = selection(deduped.metadata, ds.shards, "memory://scale-bench/stage", "is_duplicate", {})
+        select["count"].sum().compute()
+        out["export_select_s"] = round(time.perf_counter() - started, 2)
+        worker_rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out["worker_peak_rss_mb"] = round(max(worker_rss.values()))
+    out["client_peak_rss_mb"] = round(_peak_rss_mb())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["graph", "dedup", "_graph_one", "_dedup_one"])
+    parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dedup-shards", type=int, default=100)
+    parser.add_argument("--mode", default="find")
+    args = parser.parse_args()
+    if args.part == "_graph_one":
+        print(json.dumps(graph_one(args.shards[0])))
+        return
+    if args.part == "_dedup_one":
+        print(json.dumps(dedup_one(args.rows[0], args.dim, args.dedup_shards, args.mode)))
+        return
+    runs = (
+        [["_graph_one", "--shards", str(n)] for n in args.shards]
+        if args.part == "graph"
+        else [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards", str(args.dedup_shards),
+               "--mode", mode] for n in args.rows for mode in ("find", "cluster")]
+    )  # fmt: skip
+    for run in runs:
+        done = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            continue
+        print(done.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Pipelines check everything before work, and compute each step once per shard."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from user_steps import CaptionLength
+
+import imgcurate.dataset
+from imgcurate.cli import main
+from imgcurate.embedders.base import ImageEmbedder
+from imgcurate.pipeline import Pipeline
+
+
+def _base(sample_dir, tmp_path):
+    return {
+        "input": str(sample_dir),
+        "output": str(tmp_path / "out"),
+        "steps": [
+            {"TimmImageEmbedder": {"model_name": "test_resnet", "batch_size": 8}},
+            {"ExactDuplicates": {}},
+            {"SampleFilter": {"min_width": 256, "drop_duplicates": ["exact_duplicate"]}},
+        ],
+        "export": {"filter_column": "keep", "samples_per_shard": 10},
+    }
+
+
+MISTAKES = {
+    "unknown export key": (
+        lambda c: c["export"].update(sampels_per_shard=10),
+        "export: unknown key 'sampels_per_shard' (did you mean 'samples_per_shard'?)",
+    ),
+    "text for an integer": (
+        lambda c: c["export"].update(samples_per_shard="100"),
+        "export.samples_per_shard: expected an integer, got '100' (str)",
+    ),
+    "text for a width": (
+        lambda c: c["steps"][2]["SampleFilter"].update(min_width="256"),
+        "steps[2].SampleFilter.min_width: expected an integer or null, got '256' (str)",
+    ),
+    "a typo in a column": (
+        lambda c: c["steps"][2]["SampleFilter"].update(drop_duplicates=["exact_duplicat"]),
+        "steps[2].SampleFilter: SampleFilter reads column(s) 'exact_duplicat' that the metadata does not have",
+    ),
+    "a typo in a cluster option": (
+        lambda c: c.update(cluster={"n_worker": 2}),
+        "cluster: unknown key 'n_worker' (did you mean 'n_workers'?)",
+    ),
+    "a KMeans backend that is not installed": (
+        lambda c: c["steps"].append({"SemanticDeduplicator": {"n_clusters": 2, "kmeans_backend": "cuml"}}),
+        "kmeans_backend 'cuml' needs 'cuml-cu13', which is not installed",
+    ),
+    "an unknown step": (lambda c: c["steps"].append({"SemanticDedup": {}}), "unknown step 'SemanticDedup'"),
+    "a filter column no step makes": (
+        lambda c: c["export"].update(filter_column="kept"),
+        "export.filter_column: no column 'kept' at the end of the steps",
+    ),
+    "a step that is not a step": (
+        lambda c: c["steps"].append({"imgcurate.dataset:ImageTextPairDataset": {}}),
+        "is not a subclass of imgcurate.steps.Step",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_config_mistake_is_one_line_and_exit_2_before_any_partition_is_computed(
+    sample_dir, tmp_path, capsys, monkeypatch, mistake
+):
+    def never(*args, **kwargs):
+        raise AssertionError("a partition was computed before the config was checked")
+
+    monkeypatch.setattr(imgcurate.dataset, "_read_partition", never)
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", never)
+    config = _base(sample_dir, tmp_path)
+    change, message = MISTAKES[mistake]
+    change(config)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def _counting(monkeypatch):
+    embedded: list[str] = []
+    original = ImageEmbedder.embed_shard
+
+    def counting(self, tar, *args, **kwargs):
+        embedded.append(tar)
+        return original(self, tar, *args, **kwargs)
+
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", counting)
+    CaptionLength.calls.clear()
+    return embedded
+
+
+def test_without_an_export_each_step_runs_once_per_shard(sample_ds, monkeypatch):
+    embedded = _counting(monkeypatch)
+    config = {
+        "steps": [
+            {"TimmImageEmbedder": {"model_name": "test_resnet", "batch_size": 8}},
+            {"user_steps:CaptionLength": {}},
+            {"SemanticDeduplicator": {"n_clusters": 3}},
+            {"SampleFilter": {"drop_duplicates": ["is_duplicate"]}},
+        ]
+    }
+    facts = {}
+    out = Pipeline.from_config(config).run(sample_ds, summary=facts.update)
+    assert sorted(embedded) == sorted(sample_ds.tar_files)
+    assert sorted(CaptionLength.calls) == [0, 1, 2, 3]
+    assert facts["samples_in"] == 36 and "caption_chars" in out.metadata.columns
+
+
+def test_with_reports_and_an_export_each_step_still_runs_once_per_shard(sample_ds, tmp_path, monkeypatch):
+    embedded = _counting(monkeypatch)
+    pipeline = Pipeline(
+        steps=[Pipeline.from_config({"steps": [{"TimmImageEmbedder": {"model_name": "test_resnet"}}]}).steps[0],
+               CaptionLength(), Pipeline.from_config({"steps": [{"ExactDuplicates": {}}]}).steps[0]],
+        reports={"duplicates": {"path": str(tmp_path / "dups.html")},
+                 "scores": {"path": str(tmp_path / "s.png"), "columns": ["caption_chars"]}},
+        export={"path": str(tmp_path / "out"), "samples_per_shard": 9},
+    )  # fmt: skip
+    out = pipeline.run(sample_ds)
+    assert sorted(embedded) == sorted(sample_ds.tar_files)
+    assert sorted(CaptionLength.calls) == [0, 1, 2, 3]
+    assert len(out.metadata) == 36 and (tmp_path / "dups.html").exists() and (tmp_path / "s.png").exists()
+    # the rerun reads everything back from the run directory: nothing is computed again
+    embedded.clear()
+    CaptionLength.calls.clear()
+    pipeline.export["overwrite"] = True
+    pipeline.run(sample_ds)
+    assert embedded == [] and CaptionLength.calls == []

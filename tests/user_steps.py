@@ -1,0 +1,26 @@
+"""A step of a user's own, for the tests that load steps by dotted path (``user_steps:CaptionLength``)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from imgcurate.steps import ShardStep
+
+
+class CaptionLength(ShardStep):
+    """Adds the caption's length in characters (0 when there is none)."""
+
+    calls: list[int] = []  # shard indices processed, in this process
+
+    def __init__(self, column: str = "caption_chars"):
+        self.column = column
+
+    def input_columns(self, id_col: str) -> list[str]:
+        return ["caption"]
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {self.column: pa.int64()}
+
+    def process(self, part, shard, io):
+        type(self).calls.append(shard.index)
+        return {self.column: part["caption"].str.len().fillna(0).astype("int64").to_numpy()}
