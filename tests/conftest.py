@@ -16,6 +16,39 @@ import imgcurate  # noqa: E402  (after the environment is set)
 dask.config.set({"imgcurate.progress": False})
 
 
+@pytest.fixture(autouse=True)
+def _backend_pinned(request):
+    """Tests run on the pandas backend, whatever ``auto`` would pick on this machine, unless marked ``gpu`` (those
+    choose their backend themselves)."""
+    if request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    with dask.config.set({"imgcurate.backend": "pandas"}):
+        yield
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.gpu("cudf", ...)``: skipped where no NVIDIA driver is visible at all; FAILS where a driver is
+    visible but torch cannot run on it, or a module the test names is missing or cannot run (a broken GPU stack must
+    not pass as skipped)."""
+    marker = item.get_closest_marker("gpu")
+    if marker is None:
+        return
+    from imgcurate import device
+
+    if not device.driver_visible():
+        pytest.skip("no NVIDIA GPU driver visible")
+    problems = [device.torch_cuda_problem()]
+    if "cudf" in marker.args:
+        problems.append(device.cudf_problem())
+    import importlib.util
+
+    problems += [f"{name} is not installed" for name in marker.args if importlib.util.find_spec(name) is None]
+    problems = [p for p in problems if p]
+    if problems:
+        pytest.fail("a GPU driver is visible but the GPU stack cannot run: " + "; ".join(problems), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def _sample_master(tmp_path_factory):
     from imgcurate.testing import make_sample_shards

@@ -250,7 +250,7 @@ def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
 
     from distributed import Client, LocalCluster
 
-    for name in ("cuml", "cuml.dask", "cuml.dask.cluster", "raft_dask"):
+    for name in ("cuml", "cuml.dask", "cuml.dask.cluster", "raft_dask", "dask_cudf"):
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
         monkeypatch.setitem(sys.modules, name, module)
