@@ -24,10 +24,7 @@ from typing import Any
 
 from imgcurate import device
 
-__all__ = ["Check", "Report", "COMPONENTS", "DALI_MIN_VERSION", "diagnose", "requirements", "render", "main"]
-
-#: The first DALI with ``adjust_orientation`` on ``decoders.image`` (the DALI loader passes it).
-DALI_MIN_VERSION = (2, 2)
+__all__ = ["Check", "Report", "COMPONENTS", "diagnose", "requirements", "render", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +59,6 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------------- probes
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def _probe_dask_cudf() -> None:
     import cudf
     import dask_cudf
@@ -102,16 +91,17 @@ def dali_probe(dali_device: str = "gpu") -> None:
     """Decodes an 8x8 JPEG with DALI (``mixed`` for ``gpu``): its version floor, pipeline build and run.
 
     Raises:
-        ImportError: DALI older than :data:`DALI_MIN_VERSION`.
+        MissingDependencyError: DALI older than :data:`imgcurate.embedders.dali.DALI_MIN_VERSION`.
     """
     import io
 
     import numpy as np
-    from nvidia.dali import __version__, fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types
     from PIL import Image
 
-    if _version_tuple(__version__) < DALI_MIN_VERSION:
-        raise ImportError(f"nvidia-dali {__version__} is older than {'.'.join(map(str, DALI_MIN_VERSION))}")
+    from imgcurate.embedders.dali import check_dali_version
+
+    check_dali_version()
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="JPEG")
     jpeg = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
