@@ -167,3 +167,19 @@ def test_kmeans_backend_follows_the_workers_gpus(monkeypatch):
     assert step.kmeans_backend_for(None) == "cuml"
     monkeypatch.setattr(semantic, "on_gpu", lambda meta: False)
     assert step.kmeans_backend_for(None) == "faiss"
+
+
+def test_a_cuda_cluster_shares_one_rmm_pool_with_torch_and_cupy(monkeypatch):
+    from imgcurate import pipeline
+
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda name: object() if name == "torch" else None)
+    assert pipeline.cuda_cluster_options({"n_workers": 2}) == {
+        "n_workers": 2,
+        "rmm_async": True,
+        "rmm_allocator_external_lib_list": ["torch"],  # CuPy only where installed (dask-cuda imports it)
+    }
+    own = {"rmm_pool_size": "10GB"}  # the config's own RMM setup is kept (a pool cannot be combined with async)
+    assert pipeline.cuda_cluster_options(own) == {**own, "rmm_allocator_external_lib_list": ["torch"]}
+    assert pipeline.cuda_cluster_options({"rmm_async": False}) == {"rmm_async": False}
+    asked = {"rmm_allocator_external_lib_list": ["cupy"]}
+    assert pipeline.cuda_cluster_options(asked)["rmm_allocator_external_lib_list"] == ["cupy"]
