@@ -18,13 +18,21 @@ dask.config.set({"imgcurate.progress": False})
 
 @pytest.fixture(autouse=True)
 def _backend_pinned(request):
-    """Tests run on the pandas backend, whatever ``auto`` would pick on this machine, unless marked ``gpu`` (those
-    choose their backend themselves)."""
-    if request.node.get_closest_marker("gpu") is not None:
+    """Every test runs on a pinned backend, whatever ``auto`` would pick on this machine: pandas, or for a test marked
+    ``@pytest.mark.gpu(..., backend="cudf")`` the backend it names."""
+    marker = request.node.get_closest_marker("gpu")
+    backend = marker.kwargs.get("backend", "pandas") if marker is not None else "pandas"
+    with dask.config.set({"imgcurate.backend": backend}):
         yield
-        return
-    with dask.config.set({"imgcurate.backend": "pandas"}):
-        yield
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package is missing ("nvidia" of nvidia.dali)
+        return True
 
 
 def pytest_runtest_setup(item):
@@ -39,11 +47,9 @@ def pytest_runtest_setup(item):
     if not device.driver_visible():
         pytest.skip("no NVIDIA GPU driver visible")
     problems = [device.torch_cuda_problem()]
-    if "cudf" in marker.args:
+    if "cudf" in marker.args or marker.kwargs.get("backend") == "cudf":
         problems.append(device.cudf_problem())
-    import importlib.util
-
-    problems += [f"{name} is not installed" for name in marker.args if importlib.util.find_spec(name) is None]
+    problems += [f"{name} is not installed" for name in marker.args if _missing(name)]
     problems = [p for p in problems if p]
     if problems:
         pytest.fail("a GPU driver is visible but the GPU stack cannot run: " + "; ".join(problems), pytrace=False)
