@@ -139,6 +139,12 @@ def _cmd_init_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from imgcurate.doctor import main as doctor
+
+    return doctor(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgcurate", description="Curate image-text datasets in WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stages", help="list the steps a pipeline can use")
     p.set_defaults(func=_cmd_stages)
+
+    p = sub.add_parser("doctor", help="check the GPU stack (torch CUDA, cuDF, cuML, CuPy, DALI, dask-cuda) here")
+    p.add_argument("--config", default=None, help="a pipeline YAML: exit 1 when something it asks for would not work")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("init-config", help="write an example pipeline config")
     p.add_argument("out", nargs="?", default="-", help="file to write ('-' for stdout)")

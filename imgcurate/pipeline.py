@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -171,6 +172,21 @@ def check_cluster(spec: Any) -> dict[str, Any] | None:
     return spec
 
 
+def cuda_cluster_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """LocalCUDACluster options with one memory pool per GPU: RMM's asynchronous allocator (``rmm_async``), handed to
+    torch and CuPy on every worker (``rmm_allocator_external_lib_list``), unless the config chooses its own RMM setup.
+    Otherwise RMM (cuDF), torch and CuPy would each keep a pool of their own and starve one another. DALI still keeps
+    its own pool (not configured here)."""
+    spec = dict(spec)
+    if not any(key in spec for key in ("rmm_pool_size", "rmm_managed_memory", "rmm_async")):
+        spec["rmm_async"] = True
+    if "rmm_allocator_external_lib_list" not in spec:
+        libs = [lib for lib in ("torch", "cupy") if importlib.util.find_spec(lib) is not None]
+        if spec.get("rmm_async") or spec.get("rmm_pool_size") is not None or spec.get("rmm_managed_memory"):
+            spec["rmm_allocator_external_lib_list"] = libs or None
+    return spec
+
+
 @contextlib.contextmanager
 def _cluster(spec: dict | None) -> Iterator[Any]:
     if not spec:
@@ -187,7 +203,7 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
     if kind == "cuda":
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(**spec)
+        cluster = LocalCUDACluster(**cuda_cluster_options(spec))
     else:
         cluster = LocalCluster(**spec)
     with cluster, Client(cluster) as client:

@@ -16,6 +16,45 @@ import imgcurate  # noqa: E402  (after the environment is set)
 dask.config.set({"imgcurate.progress": False})
 
 
+@pytest.fixture(autouse=True)
+def _backend_pinned(request):
+    """Every test runs on a pinned backend, whatever ``auto`` would pick on this machine: pandas, or for a test marked
+    ``@pytest.mark.gpu(..., backend="cudf")`` the backend it names."""
+    marker = request.node.get_closest_marker("gpu")
+    backend = marker.kwargs.get("backend", "pandas") if marker is not None else "pandas"
+    with dask.config.set({"imgcurate.backend": backend}):
+        yield
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package is missing ("nvidia" of nvidia.dali)
+        return True
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.gpu("cudf", ...)``: skipped where no NVIDIA driver is visible at all; FAILS where a driver is
+    visible but torch cannot run on it, or a module the test names is missing or cannot run (a broken GPU stack must
+    not pass as skipped)."""
+    marker = item.get_closest_marker("gpu")
+    if marker is None:
+        return
+    from imgcurate import device
+
+    if not device.driver_visible():
+        pytest.skip("no NVIDIA GPU driver visible")
+    problems = [device.torch_cuda_problem()]
+    if "cudf" in marker.args or marker.kwargs.get("backend") == "cudf":
+        problems.append(device.cudf_problem())
+    problems += [f"{name} is not installed" for name in marker.args if _missing(name)]
+    problems = [p for p in problems if p]
+    if problems:
+        pytest.fail("a GPU driver is visible but the GPU stack cannot run: " + "; ".join(problems), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def _sample_master(tmp_path_factory):
     from imgcurate.testing import make_sample_shards

@@ -250,7 +250,7 @@ def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
 
     from distributed import Client, LocalCluster
 
-    for name in ("cuml", "cuml.dask", "cuml.dask.cluster", "raft_dask"):
+    for name in ("cuml", "cuml.dask", "cuml.dask.cluster", "raft_dask", "dask_cudf"):
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
         monkeypatch.setitem(sys.modules, name, module)
@@ -287,15 +287,9 @@ def test_similarity_device_is_checked_when_built_and_reported():
     assert dedup.stats_["device"] == "cpu"
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu("cupy")
 @pytest.mark.parametrize("mode", ["greedy", "connected"])
 def test_in_cluster_tiles_on_the_gpu_match_the_cpu(mode):
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("cupy") is None or not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device and CuPy")
     x, sources, copies = _planted(n=3000, d=64, copies=200)
     cpu = SemanticDeduplicator(n_clusters=4, mode=mode, block_size=512, device="cpu", kmeans_backend="sklearn")
     gpu = SemanticDeduplicator(n_clusters=4, mode=mode, block_size=512, device="cuda", kmeans_backend="sklearn")
@@ -307,21 +301,10 @@ def test_in_cluster_tiles_on_the_gpu_match_the_cpu(mode):
     assert b["is_duplicate_0.01"].sum() == len(copies)
 
 
-def _gpu_stack_or_skip():
-    import importlib.util
-
-    import torch
-
-    missing = [m for m in ("cudf", "dask_cudf", "cuml", "dask_cuda") if importlib.util.find_spec(m) is None]
-    if missing or not torch.cuda.is_available():
-        pytest.skip(f"needs a CUDA GPU and {', '.join(missing) or 'the GPU stack'}")
-
-
-@pytest.mark.gpu
+@pytest.mark.gpu("cudf", "dask_cudf", "cuml", "raft_dask", "dask_cuda")
 def test_cuml_dask_kmeans_on_a_cudf_dataset_finds_the_copies(sample_dir, tmp_path):
     """The GPU backend end to end: cuDF frame, embeddings on the GPU, cuML's Dask KMeans on a LocalCUDACluster.
     Same weights and eps as the CPU test above."""
-    _gpu_stack_or_skip()
     from dask_cuda import LocalCUDACluster
     from distributed import Client
 

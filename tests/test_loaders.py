@@ -12,7 +12,6 @@ import warnings
 import dask
 import numpy as np
 import pytest
-import torch
 from conftest import seeded_checkpoint, write_tar
 
 from imgcurate import ImageTextPairDataset
@@ -136,10 +135,8 @@ def test_decoder_choice():
         choose_decoder("torchvision", "cpu", False)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu("nvidia.dali")
 def test_gpu_decoders_on_cuda(sample_ds, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     weights = seeded_checkpoint(tmp_path, "test_vit")  # the same model on both devices
     cpu = TimmImageEmbedder("test_vit", checkpoint_path=weights, device="cpu")(sample_ds).metadata.compute()
     for decoder in ("torchvision", "dali"):

@@ -235,7 +235,14 @@ class CudfBackend(Backend):
         return frame.to_arrow(preserve_index=False)
 
     def to_pandas(self, frame: Any) -> pd.DataFrame:
-        return frame.to_pandas()
+        """Through arrow, with the pandas backend's dtypes: a list column (embeddings) arrives as one arrow-backed
+        column in a single copy, where cuDF's own ``to_pandas`` builds a Python list per row. NaN inside a list
+        stays NaN: cuDF keeps nulls in a mask, so its arrow export has them as nulls and NaN as values."""
+        if not hasattr(frame, "columns"):  # a Series
+            return self.to_pandas(frame.to_frame(name="values"))["values"].rename(frame.name)
+        out = _backend_instance("pandas").from_arrow(frame.to_arrow(preserve_index=False))
+        out.index = frame.index.to_pandas()
+        return out
 
     def embedding_matrix(self, values: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
         # a cuDF list column: its leaves are one flat device array, the non-null rows one after the other

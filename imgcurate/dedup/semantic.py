@@ -149,16 +149,17 @@ def _fit_cuml_dask(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
 
 class _KMeansBackend(NamedTuple):
     fit: Any
-    module: str  # imported by fit; checked when a deduplicator is built
+    modules: tuple[str, ...]  # imported by fit; checked when a deduplicator is built
     package: str
     extra: str | None
 
 
 _KMEANS: dict[str, _KMeansBackend] = {
-    "faiss": _KMeansBackend(_fit_faiss, "faiss", "faiss-cpu", None),
-    "sklearn": _KMeansBackend(_fit_sklearn, "sklearn", "scikit-learn", None),
-    "cuml": _KMeansBackend(_fit_cuml, "cuml", "cuml-cu13", "gpu"),
-    "cuml-dask": _KMeansBackend(_fit_cuml_dask, "raft_dask", "cuml-cu13[dask]", "gpu"),
+    "faiss": _KMeansBackend(_fit_faiss, ("faiss",), "faiss-cpu", None),
+    "sklearn": _KMeansBackend(_fit_sklearn, ("sklearn",), "scikit-learn", None),
+    "cuml": _KMeansBackend(_fit_cuml, ("cuml",), "cuml-cu13", "gpu"),
+    # cuml.dask imports raft_dask and dask_cudf, which only cuML's dask extra installs
+    "cuml-dask": _KMeansBackend(_fit_cuml_dask, ("cuml", "raft_dask", "dask_cudf"), "cuml-cu13[dask]", "gpu"),
 }
 
 
@@ -166,7 +167,7 @@ def _check_kmeans_backend(name: str) -> None:
     """Raises at once for an unknown backend name or a backend whose library is not installed."""
     if name not in _KMEANS:
         raise ValueError(f"unknown kmeans_backend {name!r}: choose one of {', '.join(_KMEANS)}, or None")
-    if importlib.util.find_spec(_KMEANS[name].module) is None:
+    if any(importlib.util.find_spec(module) is None for module in _KMEANS[name].modules):
         from imgcurate.errors import MissingDependencyError
 
         raise MissingDependencyError(f"kmeans_backend {name!r}", _KMEANS[name].package, extra=_KMEANS[name].extra)

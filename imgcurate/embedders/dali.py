@@ -7,7 +7,14 @@ machines without a GPU.
 DALI reads every sample of the tar; the sample key comes from each image's ``source_info``
 (``<tar>:<offset>:<member>``), so rows removed from the metadata are read past and the metadata order is checked
 against the tar first. DALI stops a whole batch when one image in it cannot be decoded; the loader then hands the
-rest of the shard to its fallback loader (torchvision or PIL), which records the failure for that one row.
+rest of the shard to its fallback loader (torchvision or PIL), which records the failure for that one row. A
+pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``) is an error, never a silent
+fallback: otherwise every shard would quietly decode on the slower path.
+
+DALI >= 2.2 is required (:data:`DALI_MIN_VERSION`): before it ``decoders.image`` has no
+``adjust_orientation``. One pipeline is built per shard, because DALI's readers bind their file list when the
+pipeline is built; reusing one across shards would mean feeding the bytes through ``external_source`` instead of
+DALI's own reader (and its index files).
 """
 
 from __future__ import annotations
@@ -19,11 +26,28 @@ from collections.abc import Iterator
 from typing import Any
 
 from imgcurate.embedders.loaders import Batch, ResizeCrop
-from imgcurate.errors import ShardError
+from imgcurate.errors import MissingDependencyError, ShardError
 from imgcurate.io.index import index_path_for
 from imgcurate.io.tar import IMAGE_EXTENSIONS, NO_SAMPLE, missing_rows, read_keys, split_member_name
 
-__all__ = ["DaliLoader", "index_path_for"]
+__all__ = ["DaliLoader", "DALI_MIN_VERSION", "check_dali_version", "index_path_for"]
+
+#: The first DALI whose ``decoders.image`` takes ``adjust_orientation`` (the pipeline below passes it).
+DALI_MIN_VERSION = (2, 2)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"2.4.0"`` -> ``(2, 4, 0)``; non-digits in a part are ignored (``"2.2.0dev"`` -> ``(2, 2, 0)``)."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _crop_pos(size: Any, crop: int) -> Any:
@@ -40,6 +64,26 @@ def _crop_pos(size: Any, crop: int) -> Any:
     odd = room - 2 * half
     start = half + odd * (half - 2 * (half // 2))  # a .5 goes to the even neighbour
     return fn.cast(start, dtype=types.FLOAT) / fn.cast(dmath.max(room, 1), dtype=types.FLOAT)
+
+
+def check_dali_version() -> str:
+    """The installed DALI version; raises when it is older than the loader needs.
+
+    Raises:
+        MissingDependencyError: DALI is older than :data:`DALI_MIN_VERSION`.
+    """
+    import nvidia.dali
+
+    version = str(getattr(nvidia.dali, "__version__", "0"))
+    if version_tuple(version) < DALI_MIN_VERSION:
+        floor = ".".join(map(str, DALI_MIN_VERSION))
+        raise MissingDependencyError(
+            f"decoding with DALI (nvidia-dali {version} is installed; decoders.image takes adjust_orientation from "
+            f"{floor} on)",
+            f"nvidia-dali-cuda130>={floor}",
+            extra="gpu",
+        )
+    return version
 
 
 class DaliLoader:
@@ -67,7 +111,7 @@ class DaliLoader:
         fallback: Any = None,
         exif_transpose: bool = False,
     ):
-        import nvidia.dali  # noqa: F401  (fail here, when the step is built, if DALI is missing)
+        check_dali_version()  # fail here, when the step is built, if DALI is missing or too old
 
         self.spec = spec
         self.batch_size = batch_size
@@ -174,6 +218,11 @@ class DaliLoader:
         try:
             pipeline = self._pipeline(tar)
             runs = math.ceil(pipeline.epoch_size("reader") / self.batch_size)
+        except ShardError:
+            raise
+        except Exception as err:  # a pipeline DALI cannot build fails every shard alike: say so, do not fall back
+            raise RuntimeError(f"{tar}: cannot build the DALI pipeline on {self.device}: {_first_line(err)}") from err
+        try:
             for _ in range(runs):
                 images, info = pipeline.run()
                 rows, picks = [], []
@@ -188,8 +237,6 @@ class DaliLoader:
                 if rows:
                     tensor = self._to_torch(images)
                     yield Batch(rows, tensor if len(picks) == len(info) else tensor[picks])
-        except ShardError:
-            raise
         except Exception as err:  # DALI stops on a bad image; the rest of the shard goes through the fallback
             if self.fallback is None:
                 raise

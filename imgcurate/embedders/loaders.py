@@ -311,7 +311,7 @@ def choose_decoder(decoder: str, device: str, has_spec: bool) -> str:
     if decoder == "dali" and not dali_installed():
         from imgcurate.errors import MissingDependencyError
 
-        raise MissingDependencyError("decoding with DALI", "nvidia-dali-cuda120", extra="gpu")
+        raise MissingDependencyError("decoding with DALI", "nvidia-dali-cuda130>=2.2", extra="gpu")
     return decoder
 
 

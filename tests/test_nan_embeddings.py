@@ -1,0 +1,112 @@
+"""A NaN inside an embedding is a value, never a null element: through the embedder and its fused classifier, and
+through the cuDF backend's conversions (with a stand-in for cuDF that holds arrow tables, as cuDF's own arrow import
+and export do)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from imgcurate import backends
+from imgcurate.backends import CudfBackend, embedding_array, embedding_matrix, embedding_type
+
+
+def _nan_matrix():
+    m = np.arange(12, dtype=np.float32).reshape(4, 3)
+    m[1, 2] = np.nan
+    return m
+
+
+def test_embedding_array_keeps_nan_as_a_value():
+    array = embedding_array(_nan_matrix(), valid=np.array([True, True, False, True]))
+    assert array.null_count == 1 and array.flatten().null_count == 0
+    valid, matrix = embedding_matrix(pd.Series(array, dtype=pd.ArrowDtype(embedding_type(3))))
+    assert valid.tolist() == [True, True, False, True]
+    assert np.isnan(matrix[1, 2]) and np.isfinite(np.delete(matrix.ravel(), 5)).all()
+
+
+def test_nan_from_the_model_stays_a_value_through_the_embedder_and_classifier(sample_ds, monkeypatch):
+    from imgcurate.embedders import TimmImageEmbedder
+    from imgcurate.embedders.base import ImageEmbedder
+
+    original = ImageEmbedder._forward
+
+    def forward(self, model, batch, device):
+        out = original(self, model, batch, device)
+        out[0, 0] = np.nan  # the first image of every batch: a NaN from the model (e.g. an fp16 overflow)
+        return out
+
+    monkeypatch.setattr(ImageEmbedder, "_forward", forward)
+
+    class Scores:  # the fused-classifier protocol, scoring with a sum that NaN propagates through
+        pred_column = "score"
+        embedding_column = "image_embedding"
+
+        def output_columns(self):
+            return {"score": pa.float32()}
+
+        def check_dimension(self, dim, source=None):
+            pass
+
+        def predict_rows(self, matrix, valid):
+            return np.where(valid, matrix.sum(axis=1), np.nan).astype(np.float32)
+
+    emb = TimmImageEmbedder("test_vit", batch_size=8, device="cpu", normalize_embeddings=False, classifiers=[Scores()])
+    df = emb(sample_ds).metadata.compute()
+    column = pa.chunked_array(df["image_embedding"].array._pa_array).combine_chunks()
+    assert column.null_count == 0 and column.flatten().null_count == 0  # NaN is not null
+    valid, matrix = embedding_matrix(df["image_embedding"])
+    assert valid.all() and np.isnan(matrix[:, 0]).sum() >= sample_ds.num_shards
+    assert df["score"].isna().sum() == np.isnan(matrix[:, 0]).sum()
+
+
+class _FakeIndex:
+    def __init__(self, values):
+        self.values = values
+
+    def to_pandas(self):
+        return pd.Index(self.values)
+
+
+class _FakeCudfFrame:
+    """What the cuDF backend uses of a cudf.DataFrame: arrow export without the index, the index, the columns."""
+
+    def __init__(self, table, index=None):
+        self.table = table
+        self.columns = table.column_names
+        self.index = _FakeIndex(list(range(len(table))) if index is None else index)
+
+    def to_arrow(self, preserve_index=None):
+        assert preserve_index is False
+        return self.table
+
+
+def test_cudf_backend_conversions_keep_nan_and_give_arrow_columns(monkeypatch):
+    fake = types.ModuleType("cudf")
+    fake.DataFrame = types.SimpleNamespace(from_arrow=lambda table: _FakeCudfFrame(table))
+    monkeypatch.setitem(sys.modules, "cudf", fake)
+    backend = CudfBackend()
+    monkeypatch.setitem(backend.__dict__, "_cudf", fake)
+    table = pa.table(
+        {"key": ["a", "b", "c", "d"], "n": pa.array([1, None, 3, 4], pa.int64()),
+         "emb": embedding_array(_nan_matrix(), valid=np.array([True, True, False, True]))}
+    )  # fmt: skip
+    frame = backend.from_arrow(table)
+    # cuDF gets a plain list (its arrow import maps fixed-size lists to lists) with the NaN as a value
+    assert frame.table.schema.field("emb").type == pa.list_(pa.float32())
+    assert frame.table.column("emb").combine_chunks().flatten().null_count == 0
+    frame.index = _FakeIndex([10, 11, 12, 13])
+    out = backend.to_pandas(frame)
+    assert list(out.index) == [10, 11, 12, 13]
+    assert isinstance(out["emb"].dtype, pd.ArrowDtype)  # one arrow column, not a Python list per row
+    assert out["n"].dtype == pd.Int64Dtype()  # the same dtypes as the pandas backend gives
+    valid, matrix = embedding_matrix(out["emb"])
+    assert valid.tolist() == [True, True, False, True] and np.isnan(matrix[1, 2])
+    back = backends.to_arrow(out, {"emb": embedding_type(3)})
+    assert (
+        back.column("emb").type == embedding_type(3) and back.column("emb").combine_chunks().flatten().null_count == 0
+    )
