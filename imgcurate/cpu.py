@@ -109,5 +109,6 @@ def local_cluster_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     if "n_workers" not in out and "threads_per_worker" not in out:
         out["n_workers"] = cpu_count()
         out["threads_per_worker"] = 1
-    out["env"] = {**MALLOC_ENV, **(out.get("env") or {})}
+    if out.get("processes", True):  # worker processes (a Nanny each) take env; in-process workers do not
+        out["env"] = {**MALLOC_ENV, **(out.get("env") or {})}
     return out

@@ -94,6 +94,8 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
         return
     from distributed import Client, LocalCluster
 
+    from imgcurate.cpu import local_cluster_kwargs
+
     spec = dict(spec)
     if "address" in spec:
         with Client(spec["address"]) as client:
@@ -109,7 +111,7 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
             raise MissingDependencyError("cluster type 'cuda'", "dask-cuda", extra="gpu") from err
         cluster = LocalCUDACluster(**spec)
     elif kind == "local":
-        cluster = LocalCluster(**spec)
+        cluster = LocalCluster(**local_cluster_kwargs(spec))  # one 1-thread worker per core, malloc settings
     else:
         raise ValueError(f"unknown cluster type {kind!r}: choose local or cuda, or give an address")
     with cluster, Client(cluster) as client:

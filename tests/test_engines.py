@@ -141,5 +141,6 @@ def test_cpu_settings():
     assert kwargs["n_workers"] == cpu.cpu_count() and kwargs["threads_per_worker"] == 1
     assert kwargs["env"]["MALLOC_MMAP_MAX_"] == "0" and kwargs["memory_limit"] == "4GB"
     assert cpu.local_cluster_kwargs({"n_workers": 3})["n_workers"] == 3
+    assert "env" not in cpu.local_cluster_kwargs({"processes": False})
     assert cpu.model_threads(calls=1) == cpu.cpu_count()
     assert cpu.model_threads(calls=10**6) == 1
