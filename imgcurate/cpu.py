@@ -96,9 +96,26 @@ def concurrent_calls() -> int:
 
 
 def model_threads(calls: int | None = None) -> int:
-    """Threads for one model call: the cores shared among the calls that run at once."""
-    calls = concurrent_calls() if calls is None else calls
+    """Threads for one model call: the cores shared among the calls that run at once.
+
+    In a distributed worker process, ``OMP_NUM_THREADS`` when set (distributed's nanny sets it to 1 for every worker
+    it starts, since its sibling worker processes share the cores too).
+    """
+    if calls is None:
+        if _in_distributed_worker() and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            return max(1, int(os.environ["OMP_NUM_THREADS"]))
+        calls = concurrent_calls()
     return max(1, cpu_count() // max(1, calls))
+
+
+def _in_distributed_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 def local_cluster_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
