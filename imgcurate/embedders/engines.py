@@ -132,11 +132,14 @@ def _torch_candidates(req: Request) -> list[EngineModel]:
 # ---------------------------------------------------------------------------------------------------- openvino
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of the model's state (names, dtypes, shapes and values of parameters and buffers)."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -325,7 +328,7 @@ def prepare(
                 stacklevel=2,
             )
     if not passed:
-        passed = [c for c in _torch_candidates(dataclasses.replace(req, precisions=("fp32",)))]
+        passed = _torch_candidates(dataclasses.replace(req, precisions=("fp32",)))
     if len(passed) == 1:
         return passed[0]
     batch = probe.repeat((batch_size + len(probe) - 1) // len(probe), 1, 1, 1)[:batch_size].contiguous()
