@@ -191,14 +191,14 @@ def test_pretrained_from_the_hf_cache_offline(tmp_path, monkeypatch):
 
 
 def test_clip_towers_give_the_projected_embedding():
-    emb = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu")
+    emb = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu", engine="torch")  # heads, not engines
     assert emb.output == "head"
     with torch.no_grad():
         out = emb.model("cpu")(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 512)
     assert TimmImageEmbedder("test_resnet").output == "pre_logits"
     # untagged, timm resolves this name to an ImageNet fine-tune whose head is a 1000-class classifier
-    tuned = TimmImageEmbedder("vit_base_patch32_clip_224", device="cpu")
+    tuned = TimmImageEmbedder("vit_base_patch32_clip_224", device="cpu", engine="torch")
     assert tuned.output == "pre_logits"
     with torch.no_grad():
         assert tuned.model("cpu")(torch.randn(1, 3, 224, 224)).shape == (1, 768)
