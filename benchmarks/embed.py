@@ -1,25 +1,38 @@
-"""End-to-end embedding throughput from tar shards vs the model's forward pass alone, in one run (CPU).
+"""Embedding throughput from tar shards of real photos: our default vs the peer way vs the model alone, CPU.
 
-    python benchmarks/embed.py [--models resnet50,vit_base_patch32_clip_224] [--n 256]
-    python benchmarks/embed.py --device cuda --models vit_large_patch14_clip_224 --n 20000 --batch-size 256 --threads 8
+    python benchmarks/embed.py [--models resnet50,vit_base_patch32_clip_224,efficientnet_lite0] [--n 256] [--rounds 2]
+    python benchmarks/embed.py --device cuda --models vit_large_patch14_clip_224 --n 20000 --batch-size 256
 
-End to end = reading the shards, decoding (thread pool, JPEG draft), preprocessing, batching, the forward pass and
-normalising, through ``TimmImageEmbedder`` on Dask's synchronous scheduler. Model only = the same model on tensors
-that were decoded and preprocessed beforehand and already sit on the device, same batch size, same call (bf16 autocast
-on CUDA). Ratio goal: >= 0.9 on the CPU, >= 0.8 on a GPU. Random weights (no hub here).
+Ways, each in a fresh process (so glibc's malloc starts from its defaults every time), interleaved round by round
+(A B C A B C ...; the best round of each counts, since other work on a shared machine only ever slows a run):
+
+- ``ours``: ``TimmImageEmbedder(model)`` with every default (engine, precision, batch size, threads), Dask's default
+  threaded scheduler, end to end from the shards. The one-time model preparation (conversion, the engine check and
+  timing) is done before the clock starts and printed apart. The same process then times the chosen engine alone on
+  preprocessed tensors at our batch size (``ours model-only``).
+- ``peer``: as clip-retrieval does it: the ``webdataset`` package reading the same tars, PIL decode, timm's eval
+  transform, a torch ``DataLoader`` with 2 workers, batch 64, the timm model in eager torch fp32.
+- ``model``: the timm model alone in eager torch fp32 at batch 64 on tensors made beforehand.
+
+Also printed: each model's FLOPs per image, the achieved model FLOP/s against this machine's fp32 sgemm peak (a
+2048^2 matrix product in torch, best of 20, measured in every round), and the smallest cosine between our embeddings
+and torch fp32's over every image (the same pipeline with ``engine="torch", precision="fp32"``, and that on full-size
+JPEG decodes as the peer decodes). Random seeded weights (no model hub here).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
-import dask
-import torch
-
 WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work")
+PEER_BATCH = 64
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_input(n: int) -> str:
@@ -34,52 +47,189 @@ def make_input(n: int) -> str:
     return folder
 
 
-def bench(model_name: str, folder: str, n: int, batch_size: int, device: str, decoder: str, threads: int):
+def _timm_module(name: str):
+    """The timm model's pooled pre-logits features in eager torch, seeded as the embedder seeds it."""
+    from imgcurate.embedders import TimmImageEmbedder
+
+    return TimmImageEmbedder(name).load_model("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ the ways
+def run_ours(name: str, folder: str, out: str | None, **kwargs) -> dict:
+    import numpy as np
+    import torch
+
     from imgcurate import ImageTextPairDataset
     from imgcurate.embedders import TimmImageEmbedder
 
     ds = ImageTextPairDataset.from_webdataset(folder)
-    emb = TimmImageEmbedder(
-        model_name, batch_size=batch_size, num_threads_per_worker=threads, device=device, decoder=decoder
+    emb = TimmImageEmbedder(name, device="cpu", **kwargs)
+    start = time.perf_counter()
+    model = emb.model("cpu")  # one-time: load, convert (cached on disk), check and time the engines
+    prepare_s = time.perf_counter() - start
+    start = time.perf_counter()
+    df = emb(ds).metadata.compute()
+    rate = len(df) / (time.perf_counter() - start)
+    assert df["image_embedding"].notna().all()
+    if out:
+        np.save(out, np.stack(df["image_embedding"]))
+    # the chosen engine alone, at our batch size, with as many concurrent calls as the scheduler makes
+    import concurrent.futures
+
+    from imgcurate import cpu
+
+    bs = emb.batch_size_for("cpu")
+    x = torch.randn(bs, *emb.data_config["input_size"])
+    calls = cpu.concurrent_calls()
+
+    def loop(seconds: float) -> int:
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            emb._forward(model, x, "cpu")
+            done += bs
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+        list(pool.map(loop, [1.0] * calls))  # warm-up
+        start = time.perf_counter()
+        done = sum(pool.map(loop, [8.0] * calls))
+        model_only = done / (time.perf_counter() - start)
+    return {"rate": rate, "engine": getattr(model, "name", "torch"), "prepare_s": prepare_s, "model_only": model_only}
+
+
+def run_peer(name: str, folder: str) -> dict:
+    import timm
+    import torch
+    import webdataset as wds
+
+    model = _timm_module(name)
+    config = timm.data.resolve_model_data_config(timm.create_model(name))
+    transform = timm.data.create_transform(**config, is_training=False)
+    tars = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+    dataset = (
+        wds.WebDataset(tars, shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("jpg;png;webp;bmp;tiff")
+        .map_tuple(lambda im: transform(im.convert("RGB")))
     )
-    model = emb.model(device)
-    size = emb.data_config["input_size"]
-    x = torch.randn(batch_size, *size, device=device)
-    for _ in range(2):
-        emb._forward(model, x, device)  # warm up (autocast, cudnn autotuning)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=PEER_BATCH, num_workers=2)
     start = time.perf_counter()
-    done = 0
-    while done < n:
-        emb._forward(model, x, device)  # the same call the pipeline makes, on tensors already on the device
-        done += batch_size
-    model_only = done / (time.perf_counter() - start)
-    start = time.perf_counter()
-    out = emb(ds).metadata.compute()
-    end_to_end = len(out) / (time.perf_counter() - start)
-    assert out["image_embedding"].notna().all()
-    return end_to_end, model_only
+    n = 0
+    with torch.no_grad():
+        for (batch,) in loader:
+            model(batch)
+            n += len(batch)
+    return {"rate": n / (time.perf_counter() - start)}
+
+
+def run_model(name: str) -> dict:
+    import timm
+    import torch
+
+    model = _timm_module(name)
+    size = timm.data.resolve_model_data_config(timm.create_model(name))["input_size"]
+    x = torch.randn(PEER_BATCH, *size)
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        n = 0
+        while time.perf_counter() - start < 10:
+            model(x)
+            n += PEER_BATCH
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    return {"rate": n / (time.perf_counter() - start), "flops": counter.get_total_flops()}
+
+
+def run_sgemm() -> dict:
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(20):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return {"gflops": best / 1e9}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.child == "ours":
+        result = run_ours(args.model, args.folder, args.save)
+    elif args.child == "reference":
+        result = run_ours(args.model, args.folder, args.save, engine="torch", precision="fp32")
+    elif args.child == "full_decode":  # torch fp32 on full-size JPEG decodes, as the peer decodes
+        result = run_ours(args.model, args.folder, args.save, engine="torch", precision="fp32", use_jpeg_draft=False)
+    elif args.child == "peer":
+        result = run_peer(args.model, args.folder)
+    elif args.child == "model":
+        result = run_model(args.model)
+    else:
+        result = run_sgemm()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(way: str, model: str = "", folder: str = "", save: str = "") -> dict:
+    cmd = [sys.executable, __file__, "--child", way, "--model", model, "--folder", folder, "--save", save]
+    env = {**os.environ, "PYTHONPATH": HERE, "HF_HUB_OFFLINE": "1", "DASK_IMGCURATE__PROGRESS": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{way} {model} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="resnet50,vit_base_patch32_clip_224")
+    parser.add_argument("--models", default="resnet50,vit_base_patch32_clip_224,efficientnet_lite0")
     parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
-    parser.add_argument("--decoder", default="auto", help="auto, pil, torchvision or dali")
-    parser.add_argument("--threads", type=int, default=2, help="decode threads per worker")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--save", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    dask.config.set({"scheduler": "sync", "imgcurate.progress": False})
+    if args.child:
+        return child(args)
+    import numpy as np
+
     folder = make_input(args.n)
-    print(
-        f"torch threads: {torch.get_num_threads()}, images: {args.n} (real photos 200-1411 px), "
-        f"batch {args.batch_size}, "
-        f"device {args.device}, decoder {args.decoder}"
-    )
+    peak = spawn("sgemm")["gflops"]
+    print(f"{os.cpu_count()} cores; {args.n} real photos (200-1411 px) in 4 shards")
     for name in args.models.split(","):
-        e2e, model_only = bench(name, folder, args.n, args.batch_size, args.device, args.decoder, args.threads)
+        ref = os.path.join(WORK, f"{name}_reference.npy")
+        spawn("reference", name, folder, ref)
+        full = os.path.join(WORK, f"{name}_full_decode.npy")
+        spawn("full_decode", name, folder, full)
+        best: dict[str, dict] = {}
+        for _ in range(args.rounds):
+            peak = max(peak, spawn("sgemm")["gflops"])
+            for way in ("ours", "peer", "model"):
+                save = os.path.join(WORK, f"{name}_ours.npy") if way == "ours" else ""
+                r = spawn(way, name, folder, save)
+                if way not in best or r["rate"] > best[way]["rate"]:
+                    best[way] = r
+                if way == "ours":
+                    best[way]["model_only"] = max(best[way]["model_only"], r["model_only"])
+        ours, peer, model = best["ours"], best["peer"], best["model"]
+        got = np.load(os.path.join(WORK, f"{name}_ours.npy"))
+        cosine = float((got * np.load(ref)).sum(axis=1).min())
+        cosine_full = float((got * np.load(full)).sum(axis=1).min())
+        gflop = model["flops"] / 1e9
         print(
-            f"{name:<32} end-to-end {e2e:7.1f} img/s  model only {model_only:7.1f} img/s  ratio {e2e / model_only:.2f}"
+            f"{name}: {gflop:.2f} GFLOP/img, fp32 sgemm peak so far {peak:.0f} GFLOP/s (bf16 engines can exceed it)\n"
+            f"  ours   {ours['rate']:7.1f} img/s end to end  [{ours['engine']}, prepared in {ours['prepare_s']:.0f} s]"
+            f"  = {ours['rate'] / peer['rate']:.2f}x peer, {ours['rate'] / ours['model_only']:.2f}x its engine alone"
+            f" ({ours['model_only']:.1f} img/s, {ours['model_only'] * gflop / peak:.0%} of sgemm peak)\n"
+            f"  peer   {peer['rate']:7.1f} img/s end to end  = {peer['rate'] / model['rate']:.2f}x torch model alone\n"
+            f"  model  {model['rate']:7.1f} img/s torch fp32 alone, batch {PEER_BATCH}"
+            f" ({model['rate'] * gflop / peak:.0%} of sgemm peak)\n"
+            f"  min cosine ours vs torch fp32 over {args.n} images: {cosine:.5f} (same JPEG draft decoding), "
+            f"{cosine_full:.5f} (torch fp32 on full-size decodes, as the peer decodes)"
         )
 
 

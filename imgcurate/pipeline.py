@@ -194,6 +194,8 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
         return
     from distributed import Client, LocalCluster
 
+    from imgcurate.cpu import local_cluster_kwargs
+
     spec = dict(spec)
     if "address" in spec:
         with Client(spec["address"]) as client:
@@ -205,7 +207,7 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
 
         cluster = LocalCUDACluster(**cuda_cluster_options(spec))
     else:
-        cluster = LocalCluster(**spec)
+        cluster = LocalCluster(**local_cluster_kwargs(spec))  # one 1-thread worker per core, malloc settings
     with cluster, Client(cluster) as client:
         yield client
 

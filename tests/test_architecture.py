@@ -12,7 +12,7 @@ ROOT = pathlib.Path(imgcurate.__file__).parent
 #: module prefix -> layer; a module may import its own layer or lower ones.
 LAYERS = [
     (0, ("imgcurate.errors", "imgcurate.config", "imgcurate.config_check", "imgcurate.device", "imgcurate._models",
-         "imgcurate.progress", "imgcurate.io._fs")),
+         "imgcurate.progress", "imgcurate.io._fs", "imgcurate.cpu")),
     (1, ("imgcurate.backends", "imgcurate._dask")),
     (2, ("imgcurate.io",)),
     (3, ("imgcurate.dataset",)),
@@ -27,7 +27,8 @@ def _layer(module: str) -> int:
     best = None
     for layer, prefixes in LAYERS:
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+            inside = module == prefix or (prefix != "imgcurate" and module.startswith(prefix + "."))
+            if inside and (best is None or len(prefix) > best[1]):
                 best = (layer, len(prefix))
     assert best is not None, f"{module} is in no layer: add it to LAYERS"
     return best[0]

@@ -54,7 +54,9 @@ def _images(ds):
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
 def test_equals_timm_reference_path(sample_ds, tmp_path, name):
     model, ckpt = _checkpoint(tmp_path, name)
-    emb = TimmImageEmbedder(name, checkpoint_path=ckpt, normalize_embeddings=False, use_jpeg_draft=False, batch_size=5)
+    emb = TimmImageEmbedder(
+        name, checkpoint_path=ckpt, normalize_embeddings=False, use_jpeg_draft=False, batch_size=5, engine="torch"
+    )
     df = emb(sample_ds).metadata.compute()
     config = timm.data.resolve_model_data_config(model)
     transform = timm.data.create_transform(**config, is_training=False)
@@ -142,7 +144,7 @@ def test_embeddings_survive_export(sample_ds, tmp_path):
 @pytest.mark.parametrize("with_head", [True, False])
 def test_checkpoint_formats_with_and_without_head(sample_ds, tmp_path, fmt, with_head):
     model, ckpt = _checkpoint(tmp_path, "test_resnet", fmt=fmt, with_head=with_head)
-    emb = TimmImageEmbedder("test_resnet", checkpoint_path=ckpt, normalize_embeddings=False)
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=ckpt, normalize_embeddings=False, engine="torch")
     loaded = emb.model("cpu")
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
@@ -183,21 +185,21 @@ def test_pretrained_from_the_hf_cache_offline(tmp_path, monkeypatch):
     (folder / "snapshots" / commit).mkdir(parents=True)
     save_file(source.state_dict(), str(folder / "snapshots" / commit / "model.safetensors"))
     clear()
-    loaded = TimmImageEmbedder("test_vit", pretrained=True, output="head").model("cpu")
+    loaded = TimmImageEmbedder("test_vit", pretrained=True, output="head", engine="torch").model("cpu")
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x).numpy(), source(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_clip_towers_give_the_projected_embedding():
-    emb = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu")
+    emb = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu", engine="torch")  # heads, not engines
     assert emb.output == "head"
     with torch.no_grad():
         out = emb.model("cpu")(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 512)
     assert TimmImageEmbedder("test_resnet").output == "pre_logits"
     # untagged, timm resolves this name to an ImageNet fine-tune whose head is a 1000-class classifier
-    tuned = TimmImageEmbedder("vit_base_patch32_clip_224", device="cpu")
+    tuned = TimmImageEmbedder("vit_base_patch32_clip_224", device="cpu", engine="torch")
     assert tuned.output == "pre_logits"
     with torch.no_grad():
         assert tuned.model("cpu")(torch.randn(1, 3, 224, 224)).shape == (1, 768)

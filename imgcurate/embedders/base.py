@@ -36,7 +36,8 @@ class ImageEmbedder(ShardStep):
 
     Args:
         image_embedding_column: the output column (a list of float32 per row; null when the image failed).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None picks it for the device (16 on the CPU, where small batches keep
+            the activations in cache, 64 on CUDA).
         num_threads_per_worker: decoding threads per Dask worker, overlapping with the model.
         normalize_embeddings: L2-normalise each embedding.
         classifiers: :class:`~imgcurate.classifiers.ImageClassifier` objects run on the fresh embeddings in the
@@ -49,13 +50,20 @@ class ImageEmbedder(ShardStep):
         use_index_files: with DALI, read each shard through its ``.idx`` index file.
         exif_transpose: rotate images as their EXIF orientation says, on every decoder (timm's loader does not,
             so the default keeps the pixels timm's eval path sees).
+        engine: CPU inference engine, ``auto`` (measure the installed ones on this machine and keep the fastest that
+            matches torch fp32), ``torch`` or ``openvino`` (the ``cpu`` extra); see :mod:`imgcurate.embedders.engines`.
+            Ignored on CUDA, except that ``openvino`` there is an error.
+        precision: ``auto`` (fp32, and bf16 where the CPU computes it natively and the embeddings stay within cosine
+            0.9995 of fp32), ``fp32`` or ``bf16``; on the CPU only.
+        model_threads: threads of one model call on the CPU; None shares the cores among the Dask threads of the
+            process (see :func:`imgcurate.cpu.model_threads`).
     """
 
     def __init__(
         self,
         *,
         image_embedding_column: str = "image_embedding",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         num_threads_per_worker: int = 4,
         normalize_embeddings: bool = True,
         classifiers: Sequence[ImageClassifier] = (),
@@ -65,8 +73,13 @@ class ImageEmbedder(ShardStep):
         decoder: str = "auto",
         use_index_files: bool = False,
         exif_transpose: bool = False,
+        engine: str = "auto",
+        precision: str = "auto",
+        model_threads: int | None = None,
     ):
-        if batch_size < 1:
+        from imgcurate.embedders.engines import check_choice
+
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.image_embedding_column = image_embedding_column
         self.batch_size = batch_size
@@ -82,6 +95,10 @@ class ImageEmbedder(ShardStep):
         self.decoder = decoder
         self.use_index_files = use_index_files
         self.exif_transpose = exif_transpose
+        check_choice(engine, precision)
+        self.engine = engine
+        self.precision = precision
+        self.model_threads = model_threads
         for clf in self.classifiers:
             if clf.embedding_column != image_embedding_column:
                 raise ValueError(
@@ -129,12 +146,60 @@ class ImageEmbedder(ShardStep):
 
     # ------------------------------------------------------------------ running
     def model(self, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The model for ``device``, loaded once per worker process."""
-        return cached_model((*self.cache_key(), device), lambda: self.load_model(device))
+        """The model for ``device``, loaded once per worker process; on the CPU on the engine chosen for it."""
+        key = (*self.cache_key(), device)
+        if device == "cpu":
+            key = (*key, self.engine, self.precision)
+        return cached_model(key, lambda: self._load(device))
+
+    def batch_size_for(self, device: str) -> int:
+        """``batch_size``, or the device's default when it is None."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 16 if device == "cpu" else 64
+
+    def threads_for_model(self) -> int:
+        """Threads of one model call on the CPU: ``model_threads``, else the cores shared among concurrent calls."""
+        from imgcurate import cpu
+
+        return self.model_threads or cpu.model_threads()
+
+    def _load(self, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        if device != "cpu":
+            if self.engine == "openvino":
+                raise ValueError(f"engine='openvino' runs on the CPU only, not on {device!r}")
+            return self.load_model(device)
+        import torch
+
+        from imgcurate import config, cpu
+        from imgcurate.embedders import engines
+
+        cpu.keep_freed_memory()  # reuse freed activation memory instead of page-faulting it in again each batch
+        threads = self.threads_for_model()
+        torch.set_num_threads(threads)
+        model = self.load_model(device)
+        if not isinstance(model, torch.nn.Module):  # a plain callable: run as it is
+            return model
+        with torch.random.fork_rng(devices=[]):  # the probe's preprocessing may build a model: leave the caller's RNG
+            return engines.prepare(
+                model,
+                engine=self.engine,
+                precision=self.precision,
+                batch_size=self.batch_size_for(device),
+                probe=engines.probe_batch(self.preprocess),
+                threads=threads,
+                streams=cpu.concurrent_calls(),
+                key=repr(self.cache_key()),
+                cache_dir=str(config.home() / "engines"),
+            )
 
     def _forward(self, model: Callable, batch: torch.Tensor, device: str) -> np.ndarray:
         import torch
 
+        if device == "cpu":
+            threads = self.threads_for_model()
+            if torch.get_num_threads() != threads:  # per calling thread with OpenMP
+                torch.set_num_threads(threads)
         with torch.inference_mode():
             batch = batch.to(device, non_blocking=True)
             if self.autocast and device.startswith("cuda"):
@@ -157,12 +222,12 @@ class ImageEmbedder(ShardStep):
             return make_loader(
                 "pil",
                 preprocess=self.preprocess,
-                batch_size=self.batch_size,
+                batch_size=self.batch_size_for(device),
                 num_threads=self.num_threads_per_worker,
                 draft_size=self.draft_size(),
                 exif_transpose=self.exif_transpose,
             )
-        common = {"spec": spec, "batch_size": self.batch_size, "num_threads": self.num_threads_per_worker}
+        common = {"spec": spec, "batch_size": self.batch_size_for(device), "num_threads": self.num_threads_per_worker}
         common["exif_transpose"] = self.exif_transpose
         vision = make_loader("torchvision", device=device, **common)
         if name == "torchvision":

@@ -1,0 +1,146 @@
+"""CPU inference engines: each candidate against torch fp32 on real photos, the fallback, the disk cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import seeded_checkpoint
+
+from imgcurate import cpu
+from imgcurate._models import clear
+from imgcurate.embedders import TimmImageEmbedder, engines
+from imgcurate.errors import MissingDependencyError
+
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None,
+    reason="openvino is not installed (pip install 'imgcurate[cpu]'; .ci/run installs it)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))  # a private cache of converted models
+    clear()
+    yield
+    clear()
+
+
+def _embed(ds, name="test_resnet", **kwargs) -> np.ndarray:
+    return np.stack(TimmImageEmbedder(name, device="cpu", **kwargs)(ds).metadata.compute()["image_embedding"])
+
+
+def _cached(tmp_path) -> list[str]:
+    folder = tmp_path / "home" / "engines"
+    return sorted(f for f in os.listdir(folder) if f.endswith(".xml")) if folder.exists() else []
+
+
+@needs_openvino
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_openvino_embeddings_match_torch_fp32_on_every_photo(sample_ds, name, precision):
+    want = _embed(sample_ds, name, engine="torch", precision="fp32")
+    got = _embed(sample_ds, name, engine="openvino", precision=precision)
+    assert (got * want).sum(axis=1).min() >= engines.MIN_COSINE  # both L2-normalised: a dot product is the cosine
+
+
+def test_auto_keeps_an_engine_that_matches_torch(sample_ds):
+    want = _embed(sample_ds, engine="torch", precision="fp32")
+    got = _embed(sample_ds, engine="auto")
+    assert (got * want).sum(axis=1).min() >= engines.MIN_COSINE
+
+
+def test_channels_last_gives_the_same_embeddings(sample_ds):
+    emb = TimmImageEmbedder("test_resnet", device="cpu", engine="torch")
+    assert "channels-last" in emb.model("cpu").name
+    module = TimmImageEmbedder("test_resnet").load_model("cpu")
+    assert not engines.is_convolutional(TimmImageEmbedder("test_vit").load_model("cpu"))
+    x = engines.probe_batch(emb.preprocess)
+    with torch.no_grad():
+        np.testing.assert_allclose(emb.model("cpu")(x).numpy(), module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_drops_a_candidate_that_differs_from_torch(sample_ds, monkeypatch):
+    def bad(req):
+        def run(x):
+            with torch.no_grad():
+                out = req.module(x.contiguous())
+            return out + torch.randn_like(out) * out.abs().mean()  # fast but wrong
+
+        return [engines.EngineModel("bad fp32", run)]
+
+    monkeypatch.setitem(engines.BUILDERS, "bad", (lambda: True, bad))
+    emb = TimmImageEmbedder("test_resnet", device="cpu", engine="auto")
+    with pytest.warns(UserWarning, match="engine bad fp32 is not used.*min cosine"):
+        chosen = emb.model("cpu")
+    assert not chosen.name.startswith("bad")
+    np.testing.assert_allclose(_embed(sample_ds), _embed(sample_ds, engine="torch"), atol=1e-2)
+
+
+def test_a_failing_explicit_engine_falls_back_to_torch(monkeypatch):
+    def bad(req):
+        return [engines.EngineModel("openvino fp32", lambda x: torch.zeros(len(x), 8) + torch.arange(8.0))]
+
+    monkeypatch.setitem(engines.BUILDERS, "openvino", (lambda: True, bad))
+    with pytest.warns(UserWarning, match="not used"):
+        chosen = TimmImageEmbedder("test_resnet", engine="openvino", precision="fp32").model("cpu")
+    assert chosen.name.startswith("torch fp32")
+
+
+def test_without_openvino_auto_is_torch_and_openvino_is_an_error(monkeypatch):
+    monkeypatch.setitem(engines.BUILDERS, "openvino", (lambda: False, engines.BUILDERS["openvino"][1]))
+    assert TimmImageEmbedder("test_resnet", engine="auto").model("cpu").name.startswith("torch fp32")
+    with pytest.raises(MissingDependencyError, match="imgcurate\\[cpu\\]"):
+        TimmImageEmbedder("test_resnet", engine="openvino")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        TimmImageEmbedder("test_resnet", engine="onnx")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TimmImageEmbedder("test_resnet", precision="fp16")
+
+
+@needs_openvino
+def test_converted_model_is_cached_on_disk_and_keyed_by_weights(tmp_path, monkeypatch):
+    import openvino
+
+    a = seeded_checkpoint(tmp_path, "test_resnet", seed=0)
+    TimmImageEmbedder("test_resnet", checkpoint_path=a, engine="openvino", precision="fp32").model("cpu")
+    assert len(_cached(tmp_path)) == 1
+
+    clear()  # a new worker process: the conversion is read back, not redone
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    TimmImageEmbedder("test_resnet", checkpoint_path=a, engine="openvino", precision="fp32").model("cpu")
+    monkeypatch.undo()
+    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
+    assert len(_cached(tmp_path)) == 1
+
+    # other weights under the same path and name: a new entry, and embeddings of the new weights
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    b = seeded_checkpoint(b_dir, "test_resnet", seed=1)
+    os.replace(b, a)
+    clear()
+    model = TimmImageEmbedder("test_resnet", checkpoint_path=a, engine="openvino", precision="fp32").model("cpu")
+    assert len(_cached(tmp_path)) == 2
+    reference = TimmImageEmbedder("test_resnet", checkpoint_path=a, engine="torch").model("cpu")
+    x = engines.probe_batch(TimmImageEmbedder("test_resnet").preprocess)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), reference(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_cpu_settings():
+    assert cpu.keep_freed_memory() in (True, False)
+    assert cpu.keep_freed_memory() == cpu.keep_freed_memory()  # idempotent
+    kwargs = cpu.local_cluster_kwargs({"memory_limit": "4GB"})
+    assert kwargs["n_workers"] == cpu.cpu_count() and kwargs["threads_per_worker"] == 1
+    assert kwargs["env"]["MALLOC_MMAP_MAX_"] == "0" and kwargs["memory_limit"] == "4GB"
+    assert cpu.local_cluster_kwargs({"n_workers": 3})["n_workers"] == 3
+    assert "env" not in cpu.local_cluster_kwargs({"processes": False})
+    assert cpu.model_threads(calls=1) == cpu.cpu_count()
+    assert cpu.model_threads(calls=10**6) == 1
