@@ -330,7 +330,8 @@ def _configs(model_name: str, pretrained: str | None) -> tuple[dict, dict]:
             if not tag_cfg:
                 tags = open_clip.list_pretrained_tags_by_model(model_name)
                 raise ValueError(
-                    f"unknown pretrained tag {pretrained!r} for {model_name}: choose one of {', '.join(tags) or '(none)'}"
+                    f"unknown pretrained tag {pretrained!r} for {model_name}: "
+                    f"choose one of {', '.join(tags) or '(none)'}"
                 )
         config = {"model_cfg": model_cfg, "preprocess_cfg": tag_cfg}
     model_cfg = config.get("model_cfg", config)
