@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from imgcurate._models import clear
-from imgcurate.classifiers import AestheticClassifier, NsfwClassifier
-from imgcurate.classifiers import aesthetic, nsfw
+from imgcurate.classifiers import AestheticClassifier, NsfwClassifier, aesthetic, nsfw
 from imgcurate.embedders.clip import ClipEmbedder, write_random_clip
 
 
