@@ -2,8 +2,8 @@
 a filter on them and on the CLIP score, with the published presets.
 
 Language identification is py3langid (``pip install imgcurate[text]``): its model ships inside the wheel, so it works
-offline, and it is the fastest of the candidates whose model ships in the package (``benchmarks/language_id.py``; figures
-in ``benchmarks/RESULTS.md``).
+offline, and it is the fastest of the candidates whose model ships in the package (``benchmarks/language_id.py``;
+figures in ``benchmarks/RESULTS.md``).
 
 Presets of :class:`ClipTextFilter` (``preset=``), from their sources:
 
