@@ -197,6 +197,45 @@ def _semantic(step: Any, st: _State) -> Estimate:
     return out
 
 
+def _clip(step: Any, st: _State) -> Estimate:
+    """Both towers: the image side is the embedder's (timed on random tensors); the text side adds an embedding."""
+    import torch
+
+    from imgcurate._models import resolve_device
+
+    dim = step.embedding_dim()
+    st.embedding_dim = dim
+    size = step._preprocess_cfg["size"]
+    side = size if isinstance(size, int) else size[0]
+    heads = [c.pred_column for c in step.classifiers]
+    out = Estimate(
+        type(step).__name__,
+        adds=f"{step.image_embedding_column}, {step.text_embedding_column} ({dim}-d), {step.score_column}",
+        read_bytes=st.tar_bytes,
+        written_bytes=st.samples * (2 * dim * 4 + 4 + 4 * len(heads)),
+        memory_bytes=4 * step.batch_size * 3 * side * side * 4,
+    )
+    if st.measure and step.pretrained is None and step.checkpoint_path is None:
+        device = resolve_device(step.device)
+        towers = step.model(device)
+        x = torch.randn(step.batch_size, 3, side, side)
+        tokens = towers.tokenizer(["a photo of a cat on a sofa"] * step.batch_size)
+        step._forward(towers, x, device)
+        start = time.perf_counter()
+        step._forward(towers, x, device)
+        step._forward(towers.text, tokens, device)
+        rate = step.batch_size / (time.perf_counter() - start)
+        out.seconds = st.samples / (0.9 * rate)
+        out.notes = f"forward passes {rate:,.0f} pairs/s on {device} per worker; time is for one worker"
+    elif st.measure:
+        out.notes = "not timed: measuring would load the pretrained weights"
+    return out
+
+
+def _captions(step: Any, st: _State) -> Estimate:
+    return Estimate(type(step).__name__, adds=", ".join(step.output_columns()), written_bytes=st.samples * 16)
+
+
 def _filter(step: Any, st: _State) -> Estimate:
     return Estimate(type(step).__name__, adds="keep, drop_reason", written_bytes=st.samples * 16)
 
@@ -209,6 +248,9 @@ ESTIMATORS: dict[str, Callable[[Any, _State], Estimate]] = {
     "ExactDuplicates": _exact,
     "SemanticDeduplicator": _semantic,
     "SampleFilter": _filter,
+    "ClipEmbedder": _clip,
+    "CaptionFeatures": _captions,
+    "ClipTextFilter": _filter,
 }
 
 

@@ -42,6 +42,9 @@ __all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config"]
 STAGES: dict[str, str] = {
     "SampleFilter": "imgcurate.filters:SampleFilter",
     "TimmImageEmbedder": "imgcurate.embedders.timm:TimmImageEmbedder",
+    "ClipEmbedder": "imgcurate.embedders.clip:ClipEmbedder",
+    "CaptionFeatures": "imgcurate.text:CaptionFeatures",
+    "ClipTextFilter": "imgcurate.text:ClipTextFilter",
     "AestheticClassifier": "imgcurate.classifiers.aesthetic:AestheticClassifier",
     "NsfwClassifier": "imgcurate.classifiers.nsfw:NsfwClassifier",
     "ExactDuplicates": "imgcurate.dedup.exact:ExactDuplicates",

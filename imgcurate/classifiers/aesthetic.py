@@ -1,16 +1,24 @@
-"""The LAION improved aesthetic predictor: an MLP on CLIP ViT-L/14 image embeddings, scoring roughly 0-10."""
+"""LAION's aesthetic predictors on CLIP image embeddings, scoring roughly 0-10: the improved predictor (an MLP on
+ViT-L/14 embeddings) and the first aesthetic predictor's linear head on ViT-B/32 embeddings."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from imgcurate.classifiers.base import ImageClassifier
+from imgcurate.classifiers.base import ImageClassifier, head_size, pick_head
 from imgcurate.classifiers.weights import WeightFile, cached_weights
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AestheticClassifier", "AestheticMLP", "AESTHETIC_WEIGHTS"]
+__all__ = [
+    "AestheticClassifier",
+    "AestheticMLP",
+    "AestheticLinear",
+    "AESTHETIC_WEIGHTS",
+    "AESTHETIC_B32_WEIGHTS",
+    "HEADS",
+]
 
 #: The published state dict (``sac+logos+ava1-l14-linearMSE.pth``, 3,714,759 bytes) at a fixed commit of its
 #: repository, and its safetensors copy on the Hugging Face hub. The .pth digest is the one that several independent
@@ -25,6 +33,21 @@ AESTHETIC_WEIGHTS_SAFETENSORS = WeightFile(
     "sac-logos-ava1-l14-linearMSE.safetensors",
     "https://huggingface.co/ttj/sac-logos-ava1-l14-linearMSE/resolve/main/model.safetensors",
 )
+
+#: LAION's first aesthetic predictor for ViT-B/32 (``sa_0_4_vit_b_32_linear.pth``: the state dict of one
+#: ``nn.Linear(512, 1)``, keys ``weight`` and ``bias``; 3,435 bytes), trained on SAC ratings of normalised
+#: embeddings. LAION publishes no digest: the digest of the first download is recorded and checked on later uses.
+AESTHETIC_B32_WEIGHTS = WeightFile(
+    "sa_0_4_vit_b_32_linear.pth",
+    "https://github.com/LAION-AI/aesthetic-predictor/raw/main/sa_0_4_vit_b_32_linear.pth",
+)
+
+
+def AestheticLinear(input_size: int = 512) -> torch.nn.Module:  # noqa: N802 - a module factory, named like a class
+    """The first aesthetic predictor's head: one ``nn.Linear(input_size, 1)``, named as in the published file."""
+    from torch import nn
+
+    return nn.Linear(input_size, 1)
 
 
 def AestheticMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a module factory, named like a class
@@ -55,16 +78,28 @@ def AestheticMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a mo
     return _MLP()
 
 
+#: head name -> (embedding size, layers factory, published weights). ``auto`` picks by the embedding's size.
+HEADS = {
+    "ViT-L-14": (768, AestheticMLP, AESTHETIC_WEIGHTS),
+    "ViT-B-32": (512, AestheticLinear, AESTHETIC_B32_WEIGHTS),
+}
+
+
 class AestheticClassifier(ImageClassifier):
-    """LAION's improved aesthetic predictor on L2-normalised CLIP ViT-L/14 embeddings (768-d): a score of about 0-10.
+    """LAION's aesthetic predictor on L2-normalised CLIP image embeddings: a score of about 0-10.
+
+    Two published heads (:data:`HEADS`): the improved predictor for ViT-L/14 (768-d, an MLP) and the first
+    predictor's linear head for ViT-B/32 (512-d). ``head="auto"`` picks the one whose size matches the embeddings
+    (checked when a pipeline checks its columns, or on the first embeddings scored); 768-d until then.
 
     Args:
-        model_path: a local copy of the published ``.pth`` state dict or of its safetensors copy. None downloads the
-            ``.pth`` into ``$IMGCURATE_HOME/weights`` once and reuses it offline.
-        embedding_column: the column of CLIP ViT-L/14 embeddings.
+        model_path: a local copy of the published file (``.pth`` state dict or a safetensors copy). None downloads
+            the chosen head's file into ``$IMGCURATE_HOME/weights`` once and reuses it offline.
+        embedding_column: the column of CLIP image embeddings.
         pred_column: the output column.
         batch_size: embeddings per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
+        head: ``auto``, ``ViT-L-14`` or ``ViT-B-32``.
 
     Example:
         >>> emb = TimmImageEmbedder("vit_large_patch14_clip_quickgelu_224.openai", pretrained=True,
@@ -78,18 +113,26 @@ class AestheticClassifier(ImageClassifier):
         pred_column: str = "aesthetic_score",
         batch_size: int = 4096,
         device: str = "auto",
+        head: str = "auto",
     ):
-        super().__init__(embedding_column, pred_column, "float32", batch_size, 768, device)
+        size = head_size(HEADS, head, "AestheticClassifier")
+        super().__init__(embedding_column, pred_column, "float32", batch_size, size, device)
         self.model_path = model_path
+        self.head = head
+
+    def check_dimension(self, dim: int, source: str | None = None) -> None:
+        self.embedding_size = pick_head(HEADS, self.head, dim, self.embedding_size)
+        super().check_dimension(dim, source)
 
     def cache_key(self) -> tuple:
-        return ("aesthetic", self.model_path)
+        return ("aesthetic", self.model_path, self.embedding_size)
 
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 
-        path = self.model_path or cached_weights(AESTHETIC_WEIGHTS)
-        model = AestheticMLP(self.embedding_size)
+        _, layers, weights = next(h for h in HEADS.values() if h[0] == self.embedding_size)
+        path = self.model_path or cached_weights(weights)
+        model = layers(self.embedding_size)
         state = load_state_dict_file(str(path))
         state = {k.removeprefix("model."): v for k, v in state.items()}
         try:

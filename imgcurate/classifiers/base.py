@@ -17,7 +17,7 @@ from imgcurate.steps.base import ColumnError, ShardIO, ShardStep
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "head_size", "pick_head"]
 
 
 class ImageClassifier(ShardStep):
@@ -134,3 +134,20 @@ class ImageClassifier(ShardStep):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(pred_column={self.pred_column!r}, embedding_size={self.embedding_size})"
+
+
+def head_size(heads: dict[str, tuple], head: str, owner: str) -> int:
+    """The embedding size of a named head (``auto``: the first one's), or ValueError listing the choices."""
+    if head == "auto":
+        return next(iter(heads.values()))[0]
+    if head not in heads:
+        choices = ", ".join(f"{name} ({spec[0]}-d)" for name, spec in heads.items())
+        raise ValueError(f"{owner}: unknown head {head!r}; choose auto or one of {choices}")
+    return heads[head][0]
+
+
+def pick_head(heads: dict[str, tuple], head: str, dim: int, current: int) -> int:
+    """With ``head="auto"``, the size of the head for ``dim``-d embeddings when one exists; else ``current``."""
+    if head == "auto" and any(spec[0] == dim for spec in heads.values()):
+        return dim
+    return current

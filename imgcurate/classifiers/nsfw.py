@@ -1,17 +1,21 @@
-"""LAION's CLIP-based NSFW detector for ViT-L/14 embeddings (the PyTorch conversion of its Keras model)."""
+"""LAION's CLIP-based NSFW detectors: ViT-L/14 (the PyTorch conversion of its Keras model) and ViT-H/14 (published
+as a PyTorch state dict, the head clip-retrieval uses for H/14).
+
+The ViT-B/32 detector (``clip_autokeras_nsfw_b32.zip``) is published only as a Keras SavedModel, which cannot be read
+without TensorFlow and running its graph; it is not supported."""
 
 from __future__ import annotations
 
 import zipfile
 from typing import TYPE_CHECKING
 
-from imgcurate.classifiers.base import ImageClassifier
+from imgcurate.classifiers.base import ImageClassifier, head_size, pick_head
 from imgcurate.classifiers.weights import WeightFile, cached_weights
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NsfwClassifier", "NsfwMLP", "NSFW_WEIGHTS"]
+__all__ = ["NsfwClassifier", "NsfwMLP", "NsfwH14MLP", "NSFW_WEIGHTS", "NSFW_H14_WEIGHTS", "HEADS"]
 
 #: The published PyTorch conversion: a zip holding ``clip_autokeras_binary_nsfw.pth``. No digest is published for it;
 #: the digest of the first download is recorded in the cache and checked on every later use.
@@ -19,6 +23,37 @@ NSFW_WEIGHTS = WeightFile(
     "clip_autokeras_binary_nsfw.zip",
     "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/files/10250461/clip_autokeras_binary_nsfw.zip",
 )
+
+#: The ViT-H/14 detector (``h14_nsfw.pth``, a torch state dict with keys ``layers.{0,3,6,9,12,15,16}.{weight,bias}``)
+#: in the detector's repository, where clip-retrieval downloads it from. No digest is published for it either.
+NSFW_H14_WEIGHTS = WeightFile(
+    "h14_nsfw.pth",
+    "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/h14_nsfw.pth",
+)
+
+
+def NsfwH14MLP(input_size: int = 1024) -> torch.nn.Module:  # noqa: N802 - a module factory, named like a class
+    """The H/14 detector's layers, named as in the published file: Linear 1024->1024, ReLU, Dropout, 1024->2048,
+    ReLU, Dropout, 2048->1024, ReLU, Dropout, 1024->256, ReLU, Dropout, 256->128, ReLU, Dropout, 128->16, 16->1.
+
+    Its output is used as published (clip-retrieval applies no sigmoid): about 0-1, higher is less safe, but not
+    bounded like the L/14 detector's probability.
+    """
+    from torch import nn
+
+    class _MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            sizes = [input_size, 1024, 2048, 1024, 256, 128]
+            layers: list[nn.Module] = []
+            for a, b in zip(sizes, sizes[1:], strict=False):
+                layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(0.2)]
+            self.layers = nn.Sequential(*layers, nn.Linear(128, 16), nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.layers(x)
+
+    return _MLP()
 
 
 def NsfwMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a module factory, named like a class
@@ -57,16 +92,28 @@ def NsfwMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a module 
     return _MLP()
 
 
+#: head name -> (embedding size, layers factory, published weights). ``auto`` picks by the embedding's size.
+HEADS = {
+    "ViT-L-14": (768, NsfwMLP, NSFW_WEIGHTS),
+    "ViT-H-14": (1024, NsfwH14MLP, NSFW_H14_WEIGHTS),
+}
+
+
 class NsfwClassifier(ImageClassifier):
-    """LAION's CLIP-based NSFW detector on CLIP ViT-L/14 embeddings (768-d): a probability 0-1 (1 = unsafe).
+    """LAION's CLIP-based NSFW detector on CLIP image embeddings: a score 0-1 (1 = unsafe).
+
+    Two published heads (:data:`HEADS`): ViT-L/14 (768-d, a probability) and ViT-H/14 (1024-d). ``head="auto"``
+    picks the one whose size matches the embeddings (when a pipeline checks its columns, or on the first embeddings
+    scored); 768-d until then.
 
     Args:
-        model_path: a local ``.pth``/``.safetensors`` state dict, or the published zip. None downloads the zip into
-            ``$IMGCURATE_HOME/weights`` once and reuses it offline.
-        embedding_column: the column of CLIP ViT-L/14 embeddings.
+        model_path: a local ``.pth``/``.safetensors`` state dict, or the published zip. None downloads the chosen
+            head's file into ``$IMGCURATE_HOME/weights`` once and reuses it offline.
+        embedding_column: the column of CLIP image embeddings.
         pred_column: the output column.
         batch_size: embeddings per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
+        head: ``auto``, ``ViT-L-14`` or ``ViT-H-14``.
     """
 
     def __init__(
@@ -76,20 +123,28 @@ class NsfwClassifier(ImageClassifier):
         pred_column: str = "nsfw_score",
         batch_size: int = 4096,
         device: str = "auto",
+        head: str = "auto",
     ):
-        super().__init__(embedding_column, pred_column, "float32", batch_size, 768, device)
+        size = head_size(HEADS, head, "NsfwClassifier")
+        super().__init__(embedding_column, pred_column, "float32", batch_size, size, device)
         self.model_path = model_path
+        self.head = head
+
+    def check_dimension(self, dim: int, source: str | None = None) -> None:
+        self.embedding_size = pick_head(HEADS, self.head, dim, self.embedding_size)
+        super().check_dimension(dim, source)
 
     def cache_key(self) -> tuple:
-        return ("nsfw", self.model_path)
+        return ("nsfw", self.model_path, self.embedding_size)
 
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 
-        path = str(self.model_path or cached_weights(NSFW_WEIGHTS))
+        _, layers, weights = next(h for h in HEADS.values() if h[0] == self.embedding_size)
+        path = str(self.model_path or cached_weights(weights))
         if path.endswith(".zip"):
             path = _extract_pth(path)
-        model = NsfwMLP(self.embedding_size)
+        model = layers(self.embedding_size)
         try:
             model.load_state_dict(load_state_dict_file(path))
         except RuntimeError as err:

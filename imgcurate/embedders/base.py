@@ -281,4 +281,10 @@ class ImageEmbedder(ShardStep):
         }
         for clf in self.classifiers:
             out[clf.pred_column] = clf.predict_rows(matrix, valid)
+        out.update(self.extra_columns(part, shard, io, valid, matrix))
         return out
+
+    def extra_columns(self, part: Any, shard: Shard, io: ShardIO, valid: np.ndarray, matrix: np.ndarray) -> dict:
+        """Further columns a subclass computes in the same pass from the partition and the fresh image embeddings
+        (a caption's text embedding and its CLIP score); declare them in :meth:`output_columns`. Default: none."""
+        return {}

@@ -1,0 +1,110 @@
+"""ClipEmbedder: both towers of a tiny open_clip model with seeded random weights, against open_clip's own
+encode_image / encode_text on the same images and captions (offline)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from imgcurate._models import clear
+from imgcurate.embedders.clip import ClipEmbedder, write_random_clip
+from imgcurate.io import iter_samples
+
+
+@pytest.fixture(autouse=True)
+def _fresh_models():
+    clear()
+    yield
+    clear()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_random_clip(tmp_path / "tiny-clip", seed=1)
+
+
+def _reference(name, ds, df):
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    images = {s.key: s.image for tar in ds.tar_files for s in iter_samples(tar)}
+    x = torch.stack([preprocess(Image.open(io.BytesIO(images[k])).convert("RGB")) for k in df["key"]])
+    with torch.no_grad():
+        return model, model.encode_image(x).numpy(), model.encode_text(tokenizer(df["caption"].tolist())).numpy()
+
+
+def test_columns_equal_open_clip_encode_image_and_text(sample_ds, tiny):
+    emb = ClipEmbedder(tiny, batch_size=5, normalize_embeddings=False, device="cpu")
+    df = emb(sample_ds).metadata.compute()
+    model, image, text = _reference(tiny, sample_ds, df)
+    np.testing.assert_allclose(np.stack(df["image_embedding"]), image, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.stack(df["text_embedding"]), text, rtol=1e-4, atol=1e-5)
+    cosine = (image * text).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(text, axis=1)
+    np.testing.assert_allclose(df["clip_score"], cosine, rtol=1e-4, atol=1e-5)
+    assert df["clip_score"].dtype == np.float32
+    assert df["image_embedding_error"].isna().all()
+    scaled = ClipEmbedder(tiny, scale_score=True, device="cpu")(sample_ds).metadata.compute()
+    scale = float(model.logit_scale.detach().exp())
+    np.testing.assert_allclose(scaled["clip_score"], cosine * scale, rtol=1e-4, atol=1e-4)
+
+
+def test_normalised_embeddings_and_batch_size_independence(sample_ds, tiny):
+    a = ClipEmbedder(tiny, batch_size=1, text_batch_size=3, device="cpu")(sample_ds).metadata.compute()
+    b = ClipEmbedder(tiny, batch_size=16, device="cpu")(sample_ds).metadata.compute()
+    for col in ("image_embedding", "text_embedding"):
+        np.testing.assert_allclose(np.linalg.norm(np.stack(a[col]), axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.stack(a[col]), np.stack(b[col]), atol=1e-5)
+    np.testing.assert_allclose(a["clip_score"], b["clip_score"], atol=1e-5)
+
+
+def test_captions_from_txt_members_and_missing_captions(sample_ds, tiny):
+    from_meta = ClipEmbedder(tiny, device="cpu")(sample_ds).metadata.compute()
+    from_tar = ClipEmbedder(tiny, caption_column=None, device="cpu")(sample_ds).metadata.compute()
+    np.testing.assert_allclose(from_tar["clip_score"], from_meta["clip_score"], atol=1e-6)
+    meta = sample_ds.metadata
+    ds = sample_ds.with_metadata(meta.assign(caption=meta["caption"].where(meta["key"] != "000003")))
+    df = ClipEmbedder(tiny, device="cpu")(ds).metadata.compute().set_index("key")
+    assert np.isnan(df.loc["000003", "clip_score"]) and df["text_embedding"].isna().sum() == 1
+    assert df["clip_score"].notna().sum() == len(df) - 1
+
+
+def test_declares_columns_before_work_and_checks_its_input(sample_ds, tiny):
+    emb = ClipEmbedder(tiny, caption_column="alt_text", device="cpu")
+    types = emb.output_columns()
+    assert [str(types[c]) for c in ("image_embedding", "text_embedding", "clip_score")] == [
+        "fixed_size_list<item: float>[64]",
+        "fixed_size_list<item: float>[64]",
+        "float",
+    ]
+    with pytest.raises(ValueError, match="reads column.*'alt_text'"):
+        emb(sample_ds)
+
+
+def test_checkpoint_file_and_clear_errors(tmp_path, sample_ds, tiny, monkeypatch):
+    from safetensors.torch import save_file
+
+    folder = tiny.removeprefix("local-dir:")
+    emb = ClipEmbedder(tiny, checkpoint_path=f"{folder}/open_clip_model.safetensors", device="cpu")
+    assert emb.embedding_dim() == 64
+    reference = ClipEmbedder(tiny, device="cpu")(sample_ds).metadata.compute()
+    np.testing.assert_allclose(emb(sample_ds).metadata.compute()["clip_score"], reference["clip_score"], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        ClipEmbedder("ViT-B-32", checkpoint_path=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="unknown pretrained tag 'nope' for ViT-B-32: choose one of .*openai"):
+        ClipEmbedder("ViT-B-32", pretrained="nope")
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
+        ClipEmbedder("ViT-Q-99")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    emb = ClipEmbedder("RN50", pretrained="openai", device="cpu")
+    assert emb.embedding_dim() == 1024
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set.*checkpoint_path="):
+        emb.load_model("cpu")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not a checkpoint of this open_clip model"):
+        ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "bad.safetensors")).load_model("cpu")
