@@ -22,9 +22,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
+    from embed import make_input
     from PIL import Image
 
-    from embed import make_input
     from imgcurate import ImageTextPairDataset
     from imgcurate.embedders.clip import ClipEmbedder
     from imgcurate.io import iter_samples

@@ -615,7 +615,9 @@ class SemanticDeduplicator(Step):
             _assign_shard, frame, dataset.shards, offsets.to_frame("offset"), fitted, self, io,
             meta=_rows_meta(self.keep_by), align_dataframes=False, enforce_metadata=False,
         )  # fmt: skip
-        found = by_group(rows, "cluster", _dedup_clusters, self, meta=_found_meta(self.eps))
+        # several clusters per task: a shuffle into as many partitions as shards would cut it into n x n pieces
+        groups = max(1, min(dataset.num_shards, -(-self.n_clusters // 8)))
+        found = by_group(rows, "cluster", _dedup_clusters, self, meta=_found_meta(self.eps), npartitions=groups)
         back = back_to_shards(found, dataset.num_shards)
         defaults = {"cluster": -1, "distance": np.nan, "similarity": np.nan, "of": None,
                     **{f"flag{i}": False for i in range(len(self.eps))}}  # fmt: skip
