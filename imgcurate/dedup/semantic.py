@@ -615,8 +615,12 @@ class SemanticDeduplicator(Step):
             _assign_shard, frame, dataset.shards, offsets.to_frame("offset"), fitted, self, io,
             meta=_rows_meta(self.keep_by), align_dataframes=False, enforce_metadata=False,
         )  # fmt: skip
-        # several clusters per task: a shuffle into as many partitions as shards would cut it into n x n pieces
-        groups = max(1, min(dataset.num_shards, -(-self.n_clusters // 8)))
+        # Under a distributed client (p2p shuffle) several clusters go to one task: fewer, larger pieces. The local
+        # schedulers' shuffles first merge input partitions down to the output count, which would put many shards
+        # in one task, so there the output keeps one partition per shard.
+        groups = dataset.num_shards
+        if progress.distributed_client() is not None:
+            groups = max(1, min(dataset.num_shards, -(-self.n_clusters // 8)))
         found = by_group(rows, "cluster", _dedup_clusters, self, meta=_found_meta(self.eps), npartitions=groups)
         back = back_to_shards(found, dataset.num_shards)
         defaults = {"cluster": -1, "distance": np.nan, "similarity": np.nan, "of": None,
