@@ -62,3 +62,31 @@ def test_synthetic_dedup_finds_its_planted_copies():
     df = SemanticDeduplicator(n_clusters=4, eps=1e-3)(ds).metadata.compute()
     assert 0 < int(df.is_duplicate.sum()) <= int(0.03 * len(df))
     assert np.isin(df.loc[df.is_duplicate, "duplicate_of"], df["key"]).all()
+
+
+def test_embeddings_built_by_a_user_with_from_pandas_are_an_error_that_says_what_to_do():
+    import dask.dataframe as dd
+    import pandas as pd
+
+    from imgcurate.backends import embedding_array, embedding_matrix, embedding_type
+
+    frame = pd.DataFrame({"e": [np.ones(3, np.float32), np.zeros(3, np.float32)]})
+    with_text = dd.from_pandas(frame, npartitions=1).compute()["e"]  # dask's convert-string makes these text
+    with pytest.raises(TypeError, match=r"holds text, not embeddings: dask turns .*pd\.ArrowDtype"):
+        embedding_matrix(with_text, "e")
+    fixed = pd.Series(embedding_array(np.ones((2, 3), np.float32)), dtype=pd.ArrowDtype(embedding_type(3)))
+    kept = dd.from_pandas(pd.DataFrame({"e": fixed}), npartitions=1).compute()["e"]
+    valid, matrix = embedding_matrix(kept, "e")
+    assert valid.all() and matrix.shape == (2, 3) and matrix.dtype == np.float32
+    valid, matrix = embedding_matrix(frame["e"], "e")  # a plain object column of arrays works too
+    assert matrix.tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_the_model_cache_tells_differently_configured_instances_apart():
+    from imgcurate import _models
+
+    _models.clear()
+    a, b = TimmImageEmbedder("test_resnet", output="head"), TimmImageEmbedder("test_resnet", output="pre_logits")
+    assert a.model("cpu") is not b.model("cpu")
+    assert TimmImageEmbedder("test_resnet", output="head").model("cpu") is a.model("cpu")
+    assert a.embedding_dim() != b.embedding_dim()
