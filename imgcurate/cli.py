@@ -116,11 +116,36 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from imgcurate.pipeline import STAGES, stage_summary
+    from imgcurate.pipeline import STAGES, stage_info, stage_summary
 
-    width = max(map(len, STAGES))
-    for name in sorted(STAGES):
-        print(f"{name:<{width}}  {stage_summary(name)}")
+    if not args.verbose and not args.json:
+        width = max(map(len, STAGES))
+        for name in sorted(STAGES):
+            print(f"{name:<{width}}  {stage_summary(name)}")
+        return 0
+    infos = [stage_info(name) for name in sorted(STAGES)]
+    if args.json:
+        import json
+
+        if not args.verbose:
+            infos = [{k: info[k] for k in ("name", "summary", "available")} for info in infos]
+        print(json.dumps(infos, indent=2))
+        return 0
+    for info in infos:
+        print(f"{info['name']}: {info['summary'] or '(no summary)'}")
+        if "error" in info:
+            print(f"  unavailable here: {info['error']}")
+            continue
+        print(
+            f"  GPU: {info['gpu']}"
+            + ("" if info["available"] else "; unavailable here: an optional package is missing")
+        )
+        for r in info["requires"]:
+            how = f"pip install 'imgcurate[{r['extra']}]'" if r["extra"] else f"pip install {r['package']}"
+            print(f"  needs {r['package']}: {'installed' if r['installed'] else 'not installed (' + how + ')'}")
+        for p in info["parameters"]:
+            default = "required" if p["required"] else f"default {p['default']!r}"
+            print(f"    {p['name']}: {p['type'] or '?'} ({default})")
     return 0
 
 
@@ -181,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("stages", help="list the steps a pipeline can use")
+    p.add_argument("--verbose", "-v", action="store_true", help="also parameters, GPU use and optional packages")
+    p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_stages)
 
     p = sub.add_parser("doctor", help="check the GPU stack (torch CUDA, cuDF, cuML, CuPy, DALI, dask-cuda) here")
