@@ -151,3 +151,99 @@ def test_report_arguments_go_to_the_report_and_are_checked_before_any_work(sampl
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({**config, "reports": {"duplicates": {"max_groups": 3}}}))
     assert main(["run", str(tmp_path / "p.yaml")]) == 2
     assert "reports.duplicates: give the file to write as 'path'" in capsys.readouterr().err
+
+
+def test_stages_verbose_and_json_list_parameters_gpu_and_optional_packages(monkeypatch, capsys):
+    import json
+
+    from imgcurate import pipeline
+    from imgcurate.steps.base import Requirement
+
+    assert main(["stages", "--json", "--verbose"]) == 0
+    infos = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert set(infos) == set(pipeline.STAGES)
+    emb = infos["TimmImageEmbedder"]
+    params = {p["name"]: p for p in emb["parameters"]}
+    assert params["model_name"]["required"] and params["model_name"]["type"] == "str"
+    assert params["batch_size"]["default"] is None and emb["gpu"] == "optional"
+    assert infos["SampleFilter"]["gpu"] == "no"
+    assert {p["name"]: p["default"] for p in infos["SampleFilter"]["parameters"]}["min_aesthetic"] is None
+    assert infos["ClipEmbedder"]["requires"][0]["package"] == "open-clip-torch"
+
+    # a missing optional package, and a step whose module cannot be imported: listed, not fatal
+    from imgcurate.embedders.clip import ClipEmbedder
+
+    monkeypatch.setattr(ClipEmbedder, "requires", (Requirement("no_such_module_xyz", "no-such-pkg", extra="clip"),))
+    monkeypatch.setitem(pipeline.STAGES, "Broken", "no_such_module_xyz.steps:Broken")
+    assert main(["stages", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "needs no-such-pkg: not installed (pip install 'imgcurate[clip]')" in out
+    assert "Broken: (no summary)\n  unavailable here: No module named 'no_such_module_xyz'" in out
+    assert "model_name: str (required)" in out and "GPU: optional" in out
+    assert main(["stages", "--json"]) == 0
+    short = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert short["ClipEmbedder"]["available"] is False and short["Broken"]["available"] is False
+    assert short["SampleFilter"] == {
+        "name": "SampleFilter",
+        "summary": short["SampleFilter"]["summary"],
+        "available": True,
+    }
+    assert main(["stages"]) == 0
+    assert "Broken" in capsys.readouterr().out
+
+
+def test_config_round_trips_every_flag_combination(sample_dir, tmp_path, capsys):
+    import itertools
+
+    from imgcurate.cli import DEFAULT_MODEL
+    from imgcurate.pipeline import Pipeline
+
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    out = tmp_path / "c.yaml"
+    for dedup, no_aes, no_nsfw, aes, nsfw, batch in itertools.product(
+        (True, False), (False, True), (False, True), (5.0, 0.5), (0.5, 0.9), (None, 32)
+    ):
+        argv = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "o"), "--force"]
+        argv += ["--output-file", str(out), "--aesthetic-threshold", str(aes), "--nsfw-threshold", str(nsfw)]
+        argv += ["--dedup" if dedup else "--no-dedup", "--images-per-tar", "7"]
+        argv += ["--no-aesthetic"] * no_aes + ["--no-nsfw"] * no_nsfw + ["--batch-size", str(batch)] * bool(batch)
+        assert main(argv) == 0, argv
+        err = capsys.readouterr().err
+        assert ("0-10 scale" in err) == (aes < 1 and not no_aes)
+        config = yaml.safe_load(out.read_text())
+        pipeline = Pipeline.from_config(config)  # every key and type checked
+        pipeline.check(ds)  # the column flow on the sample's meta (nothing computed)
+        names = [type(s).__name__ for s in pipeline.steps]
+        expected = ["ExactDuplicates"] * dedup + ["TimmImageEmbedder"] * (dedup or not (no_aes and no_nsfw))
+        expected += ["SemanticDeduplicator"] * dedup + ["SampleFilter"]
+        assert names == expected, argv
+        filt = pipeline.steps[-1]
+        assert filt.min_aesthetic == (None if no_aes else aes) and filt.max_nsfw == (None if no_nsfw else nsfw)
+        assert list(filt.drop_duplicates) == (["exact_duplicate", "is_duplicate"] if dedup else [])
+        if "TimmImageEmbedder" in names:
+            emb = pipeline.steps[names.index("TimmImageEmbedder")]
+            assert emb.model_name == DEFAULT_MODEL and emb.pretrained
+            heads = [type(c).__name__ for c in emb.classifiers]
+            assert heads == ["AestheticClassifier"] * (not no_aes) + ["NsfwClassifier"] * (not no_nsfw)
+            if batch:
+                assert emb.batch_size == batch
+        if dedup:
+            assert pipeline.steps[2].n_clusters == 1  # 36 samples: one cluster per 1,000
+        assert pipeline.export == {"path": str(tmp_path / "o"), "filter_column": "keep", "samples_per_shard": 7,
+                                   "old_id_col": "old_key"}  # fmt: skip
+        assert pipeline.input == str(sample_dir)
+
+
+def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
+    base = ["config", "--input-path", "in", "--output-path", "out", "--output-file", str(tmp_path / "c.yaml")]
+    assert main(base + ["--aesthetic-threshold", "50"]) == 2
+    assert "the aesthetic score is 0-10" in capsys.readouterr().err
+    assert main(base + ["--nsfw-threshold", "1.5"]) == 2
+    assert main(base + ["--images-per-tar", "0"]) == 2
+    assert main(base + ["--model", "no_such_model_xyz"]) == 2
+    assert "unknown timm model" in capsys.readouterr().err
+    assert not (tmp_path / "c.yaml").exists()
+    assert main(base + ["--no-dedup", "--no-nsfw"]) == 0
+    assert main(base) == 1  # exists, no --force
+    text = (tmp_path / "c.yaml").read_text()
+    assert "NsfwClassifier" not in text and "n_clusters: 1000" not in text
