@@ -109,9 +109,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from imgcurate.estimate import estimate_config
+    from imgcurate.estimate import estimate_config, estimate_input
 
-    print(estimate_config(args.config, measure=args.measure).to_text())
+    if args.config and args.config_file:
+        raise ValueError("give the config once: as an argument or as --config")
+    config = args.config or args.config_file
+    if config:
+        print(estimate_config(config, measure=args.measure, input_path=args.input_path).to_text())
+    elif args.input_path:
+        print(estimate_input(args.input_path).to_text())
+    else:
+        raise ValueError("estimate: give --input-path DIR, a config (--config FILE), or both")
     return 0
 
 
@@ -327,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("estimate", help="estimate a pipeline's samples, bytes, memory and (with --measure) time")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", default=None, help="a pipeline config (same as --config)")
+    p.add_argument("--config", dest="config_file", default=None, help="a pipeline config: per-step estimates")
+    p.add_argument("--input-path", default=None, help="the input shards (instead of the config's input)")
     p.add_argument("--measure", action="store_true", help="time the model and matrix products on this machine")
     p.set_defaults(func=_cmd_estimate)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import yaml
 
 from imgcurate import ImageTextPairDataset
@@ -71,7 +72,14 @@ def test_estimate_counts_the_input_and_sizes_each_step(sample_dir, tmp_path, cap
     with torch.no_grad():
         width = TimmImageEmbedder("test_vit").model("cpu")(torch.zeros(1, 3, 160, 160)).shape[-1]
     assert embed.adds == f"image_embedding ({width}-d)" and embed.written_bytes == 36 * width * 4
-    assert dedup.memory_bytes == 2 * 36 * width * 4 and embed.seconds is None
+    assert dedup.memory_bytes == 2 * 36 * width * 4 and dedup.seconds > 0 and "dedup.py" in dedup.notes
+    # test_vit is not in the throughput table: its time is scaled from the closest measured model by GFLOP/img
+    from imgcurate.estimate import THROUGHPUT, model_size
+
+    params, gflop = model_size("test_vit", (3, 160, 160))
+    rate, ref_gflop, _ = min(THROUGHPUT["cpu"].values(), key=lambda r: abs(r[1] - gflop))
+    assert embed.seconds == pytest.approx(36 / (rate * ref_gflop / gflop)) and "scaled by GFLOP/img" in embed.notes
+    assert embed.memory_bytes >= params * 4 and embed.gpu_memory_bytes == 0
     assert export.written_bytes == report.tar_bytes
     (sample_dir / "00003.parquet").unlink()  # a shard without parquet is counted from its tar headers
     assert estimate_config(str(tmp_path / "p.yaml")).samples == 36
@@ -247,3 +255,29 @@ def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
     assert main(base) == 1  # exists, no --force
     text = (tmp_path / "c.yaml").read_text()
     assert "NsfwClassifier" not in text and "n_clusters: 1000" not in text
+
+
+def test_estimate_from_the_input_alone_and_with_a_config_flag(sample_dir, tmp_path, capsys):
+    from imgcurate.estimate import THROUGHPUT, estimate_config, model_size
+
+    assert main(["estimate", "--input-path", str(sample_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"input: {sample_dir}: 4 shards, 36 samples")
+    assert main(["estimate"]) == 2
+    assert "give --input-path DIR" in capsys.readouterr().err
+
+    config = {
+        "input": str(tmp_path / "elsewhere"),  # replaced by --input-path
+        "steps": [{"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cuda"}},
+                  {"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cpu"}}],
+    }  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["estimate", "--config", str(tmp_path / "p.yaml"), "--input-path", str(sample_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 shards, 36 samples" in printed and "GPU mem" in printed and "no measured throughput on cuda" in printed
+    gpu, cpu = estimate_config(str(tmp_path / "p.yaml"), input_path=str(sample_dir)).steps
+    params, gflop = model_size("resnet50", (3, 224, 224))
+    assert params == 25_557_032 and gflop == pytest.approx(THROUGHPUT["cpu"]["resnet50"][1], rel=0.01)
+    batch = 8 * 3 * 224 * 224 * 4
+    assert gpu.seconds is None and gpu.gpu_memory_bytes == params * 4 + 2 * batch and gpu.memory_bytes == 4 * batch
+    assert cpu.seconds == pytest.approx(36 / 39.6) and "RESULTS.md" in cpu.notes and cpu.gpu_memory_bytes == 0
+    assert main(["estimate", str(tmp_path / "p.yaml"), "--config", str(tmp_path / "p.yaml")]) == 2
