@@ -246,6 +246,13 @@ def _clusters_for(input_path: str) -> int:
     return max(1, round(samples / 1000))
 
 
+def _has_shards(path: str) -> bool:
+    import glob
+    import os
+
+    return "://" not in path and os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.tar")))
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -267,7 +274,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     )
     from imgcurate.pipeline import Pipeline
 
-    Pipeline.from_config(config)  # every step and argument checked before the file is written
+    pipeline = Pipeline.from_config(config)  # every step and argument checked before the file is written
+    if _has_shards(args.input_path):  # and the column flow (a head that cannot read the model's embeddings)
+        pipeline.check(pipeline.open_input())
     text = "# written by imgcurate config; run it with: imgcurate run FILE\n" + yaml.safe_dump(config, sort_keys=False)
     if args.output_file == "-":
         sys.stdout.write(text)

@@ -203,7 +203,7 @@ def test_stages_verbose_and_json_list_parameters_gpu_and_optional_packages(monke
 def test_config_round_trips_every_flag_combination(sample_dir, tmp_path, capsys):
     import itertools
 
-    from imgcurate.cli import DEFAULT_MODEL
+    from imgcurate.cli import DEFAULT_MODEL, make_config
     from imgcurate.pipeline import Pipeline
 
     ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
@@ -216,9 +216,13 @@ def test_config_round_trips_every_flag_combination(sample_dir, tmp_path, capsys)
         argv += ["--dedup" if dedup else "--no-dedup", "--images-per-tar", "7"]
         argv += ["--no-aesthetic"] * no_aes + ["--no-nsfw"] * no_nsfw + ["--batch-size", str(batch)] * bool(batch)
         assert main(argv) == 0, argv
+        flags = {"input_path": str(sample_dir), "output_path": str(tmp_path / "o"), "dedup": dedup,
+                 "aesthetic_threshold": None if no_aes else aes, "nsfw_threshold": None if no_nsfw else nsfw,
+                 "batch_size": batch, "images_per_tar": 7}  # fmt: skip
         err = capsys.readouterr().err
         assert ("0-10 scale" in err) == (aes < 1 and not no_aes)
         config = yaml.safe_load(out.read_text())
+        assert config["steps"] == make_config(**flags)["steps"]
         pipeline = Pipeline.from_config(config)  # every key and type checked
         pipeline.check(ds)  # the column flow on the sample's meta (nothing computed)
         names = [type(s).__name__ for s in pipeline.steps]
@@ -281,3 +285,13 @@ def test_estimate_from_the_input_alone_and_with_a_config_flag(sample_dir, tmp_pa
     assert gpu.seconds is None and gpu.gpu_memory_bytes == params * 4 + 2 * batch and gpu.memory_bytes == 4 * batch
     assert cpu.seconds == pytest.approx(36 / 39.6) and "RESULTS.md" in cpu.notes and cpu.gpu_memory_bytes == 0
     assert main(["estimate", str(tmp_path / "p.yaml"), "--config", str(tmp_path / "p.yaml")]) == 2
+
+
+def test_config_checks_the_column_flow_when_the_input_is_there(sample_dir, tmp_path, capsys):
+    """ViT-B/32 gives 512-d embeddings: the NSFW heads (ViT-L/14, ViT-H/14) cannot read them."""
+    argv = ["config", "--input-path", str(sample_dir), "--output-path", "o", "--output-file", str(tmp_path / "c.yaml")]
+    argv += ["--model", "vit_base_patch32_clip_224.openai", "--no-dedup"]
+    assert main(argv) == 2
+    assert "NsfwClassifier" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
+    assert main(argv + ["--no-nsfw"]) == 0  # the aesthetic predictor has a ViT-B/32 head
+    assert "AestheticClassifier" in (tmp_path / "c.yaml").read_text()
