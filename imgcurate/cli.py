@@ -109,18 +109,186 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from imgcurate.estimate import estimate_config
+    from imgcurate.estimate import estimate_config, estimate_input
 
-    print(estimate_config(args.config, measure=args.measure).to_text())
+    if args.config and args.config_file:
+        raise ValueError("give the config once: as an argument or as --config")
+    config = args.config or args.config_file
+    if config:
+        print(estimate_config(config, measure=args.measure, input_path=args.input_path).to_text())
+    elif args.input_path:
+        print(estimate_input(args.input_path).to_text())
+    else:
+        raise ValueError("estimate: give --input-path DIR, a config (--config FILE), or both")
     return 0
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from imgcurate.pipeline import STAGES, stage_summary
+    from imgcurate.pipeline import STAGES, stage_info, stage_summary
 
-    width = max(map(len, STAGES))
-    for name in sorted(STAGES):
-        print(f"{name:<{width}}  {stage_summary(name)}")
+    if not args.verbose and not args.json:
+        width = max(map(len, STAGES))
+        for name in sorted(STAGES):
+            print(f"{name:<{width}}  {stage_summary(name)}")
+        return 0
+    infos = [stage_info(name) for name in sorted(STAGES)]
+    if args.json:
+        import json
+
+        if not args.verbose:
+            infos = [{k: info[k] for k in ("name", "summary", "available")} for info in infos]
+        print(json.dumps(infos, indent=2))
+        return 0
+    for info in infos:
+        print(f"{info['name']}: {info['summary'] or '(no summary)'}")
+        if "error" in info:
+            print(f"  unavailable here: {info['error']}")
+            continue
+        print(
+            f"  GPU: {info['gpu']}"
+            + ("" if info["available"] else "; unavailable here: an optional package is missing")
+        )
+        for r in info["requires"]:
+            how = f"pip install 'imgcurate[{r['extra']}]'" if r["extra"] else f"pip install {r['package']}"
+            print(f"  needs {r['package']}: {'installed' if r['installed'] else 'not installed (' + how + ')'}")
+        for p in info["parameters"]:
+            default = "required" if p["required"] else f"default {p['default']!r}"
+            print(f"    {p['name']}: {p['type'] or '?'} ({default})")
+    return 0
+
+
+#: The production image tower: CLIP ViT-L/14 (OpenAI weights), whose 768-d embeddings feed LAION's aesthetic and
+#: NSFW heads.
+DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
+
+
+def make_config(
+    input_path: str,
+    output_path: str,
+    aesthetic_threshold: float | None = 5.0,
+    nsfw_threshold: float | None = 0.5,
+    dedup: bool = True,
+    batch_size: int | None = None,
+    images_per_tar: int = 10000,
+    model: str = DEFAULT_MODEL,
+    pretrained: bool = True,
+    n_clusters: int | None = None,
+) -> dict:
+    """A pipeline config (the mapping ``imgcurate run`` reads): exact and semantic dedup, the CLIP image tower with the
+    aesthetic and NSFW heads fused, a filter on their scores and on the duplicates, and the export.
+
+    ``aesthetic_threshold`` / ``nsfw_threshold`` None leave out that head and its rule; the embedder is left out when
+    neither head nor semantic dedup needs it. ``n_clusters`` None: one cluster per 1,000 samples of the input (the
+    ratio of benchmarks/dedup.py), counted from its parquet footers when it exists, else 1,000.
+
+    Raises:
+        ValueError: a threshold outside its scale (aesthetic 0-10, NSFW 0-1) or a size below 1.
+    """
+    if aesthetic_threshold is not None and not 0 <= aesthetic_threshold <= 10:
+        raise ValueError(f"--aesthetic-threshold: the aesthetic score is 0-10, got {aesthetic_threshold}")
+    if nsfw_threshold is not None and not 0 < nsfw_threshold <= 1:
+        raise ValueError(f"--nsfw-threshold: the NSFW score is a probability (0-1], got {nsfw_threshold}")
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--images-per-tar", images_per_tar),
+        ("--n-clusters", n_clusters),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
+    steps: list[dict] = []
+    duplicates: list[str] = []
+    if dedup:
+        steps.append({"ExactDuplicates": {}})
+        duplicates.append("exact_duplicate")
+    classifiers = []
+    if aesthetic_threshold is not None:
+        classifiers.append({"AestheticClassifier": {}})
+    if nsfw_threshold is not None:
+        classifiers.append({"NsfwClassifier": {}})
+    if classifiers or dedup:
+        embedder: dict = {"model_name": model, "pretrained": pretrained}
+        if batch_size is not None:
+            embedder["batch_size"] = batch_size
+        if classifiers:
+            embedder["classifiers"] = classifiers
+        steps.append({"TimmImageEmbedder": embedder})
+    if dedup:
+        if n_clusters is None:
+            n_clusters = _clusters_for(input_path)
+        steps.append({"SemanticDeduplicator": {"n_clusters": n_clusters, "eps": 0.01}})
+        duplicates.append("is_duplicate")
+    rules: dict = {}
+    if aesthetic_threshold is not None:
+        rules["min_aesthetic"] = float(aesthetic_threshold)
+    if nsfw_threshold is not None:
+        rules["max_nsfw"] = float(nsfw_threshold)
+    rules["drop_errors"] = True
+    if duplicates:
+        rules["drop_duplicates"] = duplicates
+    steps.append({"SampleFilter": rules})
+    return {
+        "input": input_path,
+        "output": output_path,
+        "id_col": "key",
+        "backend": "auto",
+        "steps": steps,
+        "export": {"filter_column": "keep", "samples_per_shard": images_per_tar, "old_id_col": "old_key"},
+    }
+
+
+def _clusters_for(input_path: str) -> int:
+    try:
+        from imgcurate.estimate import _count_input
+
+        _, samples, _ = _count_input(input_path, None)
+    except (OSError, ValueError):  # the input is not there yet
+        return 1000
+    return max(1, round(samples / 1000))
+
+
+def _has_shards(path: str) -> bool:
+    import glob
+    import os
+
+    return "://" not in path and os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.tar")))
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    if args.aesthetic_threshold is not None and args.aesthetic_threshold < 1 and not args.no_aesthetic:
+        print(f"imgcurate: warning: --aesthetic-threshold {args.aesthetic_threshold} keeps nearly everything: the "
+              "aesthetic score is on a 0-10 scale (thresholds of 0.5 or 0.9 are for 0-1 scores); 5.0 is a common "
+              "choice", file=sys.stderr)  # fmt: skip
+    config = make_config(
+        args.input_path,
+        args.output_path,
+        aesthetic_threshold=None if args.no_aesthetic else args.aesthetic_threshold,
+        nsfw_threshold=None if args.no_nsfw else args.nsfw_threshold,
+        dedup=args.dedup,
+        batch_size=args.batch_size,
+        images_per_tar=args.images_per_tar,
+        model=args.model,
+        pretrained=args.pretrained,
+        n_clusters=args.n_clusters,
+    )
+    from imgcurate.pipeline import Pipeline
+
+    pipeline = Pipeline.from_config(config)  # every step and argument checked before the file is written
+    if _has_shards(args.input_path):  # and the column flow (a head that cannot read the model's embeddings)
+        pipeline.check(pipeline.open_input())
+    text = "# written by imgcurate config; run it with: imgcurate run FILE\n" + yaml.safe_dump(config, sort_keys=False)
+    if args.output_file == "-":
+        sys.stdout.write(text)
+        return 0
+    import os
+
+    if os.path.exists(args.output_file) and not args.force:
+        print(f"{args.output_file} exists; pass --force to overwrite", file=sys.stderr)
+        return 1
+    with open(args.output_file, "w") as f:
+        f.write(text)
+    print(f"wrote {args.output_file}")
     return 0
 
 
@@ -176,16 +344,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("estimate", help="estimate a pipeline's samples, bytes, memory and (with --measure) time")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", default=None, help="a pipeline config (same as --config)")
+    p.add_argument("--config", dest="config_file", default=None, help="a pipeline config: per-step estimates")
+    p.add_argument("--input-path", default=None, help="the input shards (instead of the config's input)")
     p.add_argument("--measure", action="store_true", help="time the model and matrix products on this machine")
     p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("stages", help="list the steps a pipeline can use")
+    p.add_argument("--verbose", "-v", action="store_true", help="also parameters, GPU use and optional packages")
+    p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_stages)
 
     p = sub.add_parser("doctor", help="check the GPU stack (torch CUDA, cuDF, cuML, CuPy, DALI, dask-cuda) here")
     p.add_argument("--config", default=None, help="a pipeline YAML: exit 1 when something it asks for would not work")
     p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("config", help="write a production pipeline config from a few choices")
+    p.add_argument("--input-path", required=True, help="folder of input shards")
+    p.add_argument("--output-path", required=True, help="folder the kept samples are exported to")
+    p.add_argument("--output-file", required=True, help="config file to write ('-' for stdout)")
+    p.add_argument("--aesthetic-threshold", type=float, default=5.0, help="keep aesthetic_score >= this (0-10)")
+    p.add_argument("--nsfw-threshold", type=float, default=0.5, help="drop nsfw_score >= this (0-1)")
+    p.add_argument("--no-aesthetic", action="store_true", help="no aesthetic head and no aesthetic rule")
+    p.add_argument("--no-nsfw", action="store_true", help="no NSFW head and no NSFW rule")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="exact and semantic dedup")
+    p.add_argument("--batch-size", type=int, default=None, help="embedder batch size (default: per device)")
+    p.add_argument("--images-per-tar", type=int, default=10000, help="samples per exported shard")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm image tower (default: CLIP ViT-L/14)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load its weights")
+    p.add_argument("--n-clusters", type=int, default=None, help="semantic dedup clusters (default: samples / 1000)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file")
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("init-config", help="write an example pipeline config")
     p.add_argument("out", nargs="?", default="-", help="file to write ('-' for stdout)")

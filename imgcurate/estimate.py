@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Estimate", "Report", "estimate_config", "ESTIMATORS"]
+__all__ = ["Estimate", "Report", "estimate_config", "estimate_input", "ESTIMATORS", "THROUGHPUT"]
 
 #: Samples per KMeans training point budget (faiss trains on 256 sampled points per cluster).
 _KMEANS_SAMPLE_PER_CLUSTER = 256
@@ -37,6 +37,7 @@ class Estimate:
     memory_bytes: int = 0
     seconds: float | None = None
     notes: str = ""
+    gpu_memory_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -50,15 +51,19 @@ class Report:
     steps: list[Estimate]
 
     def to_text(self) -> str:
+        if not self.steps:
+            return (
+                f"input: {self.input}: {self.shards} shards, {self.samples:,} samples, {_size(self.tar_bytes)} of tars"
+            )
         lines = [
             f"input: {self.input}: {self.shards} shards, {self.samples:,} samples, {_size(self.tar_bytes)} of tars",
-            f"{'step':<24} {'adds':<34} {'reads':>9} {'writes':>9} {'memory':>9} {'time':>10}",
+            f"{'step':<24} {'adds':<34} {'reads':>9} {'writes':>9} {'memory':>9} {'GPU mem':>9} {'time':>10}",
         ]
         for e in self.steps:
             when = "-" if e.seconds is None else _duration(e.seconds)
             lines.append(
                 f"{e.step:<24} {e.adds[:34]:<34} {_size(e.read_bytes):>9} {_size(e.written_bytes):>9} "
-                f"{_size(e.memory_bytes):>9} {when:>10}"
+                f"{_size(e.memory_bytes):>9} {_size(e.gpu_memory_bytes) if e.gpu_memory_bytes else '-':>9} {when:>10}"
             )
             if e.notes:
                 lines.append(f"{'':<24} {e.notes}")
@@ -128,37 +133,106 @@ class _State:
         return self.gflops
 
 
+#: Measured end-to-end embedding throughput, img/s per worker: device -> timm model (no pretrained tag) ->
+#: (img/s, GFLOP per image, where the figure comes from). A model not listed is scaled from the listed one closest
+#: in GFLOP per image (rate x its GFLOP / the model's GFLOP). No GPU figure exists yet: benchmarks/RESULTS.md has
+#: none (no GPU was lent to this project); add ``"cuda"`` rows from ``benchmarks/embed.py --device cuda``.
+THROUGHPUT: dict[str, dict[str, tuple[float, float, str]]] = {
+    "cpu": {
+        "resnet50": (39.6, 8.17, "benchmarks/RESULTS.md, embed.py CPU 2026-11-23, 'ours e2e' (2 shared cores)"),
+        "vit_base_patch32_clip_224": (
+            32.4,
+            8.72,
+            "benchmarks/RESULTS.md, embed.py CPU 2026-11-23, 'ours e2e' (2 shared cores)",
+        ),
+        "efficientnet_lite0": (
+            134.9,
+            0.77,
+            "benchmarks/RESULTS.md, embed.py CPU 2026-11-23, 'ours e2e' (2 shared cores)",
+        ),
+    },
+    "cuda": {},
+}
+
+
+def model_size(model_name: str, input_size: tuple[int, ...], model_kwargs: dict | None = None) -> tuple[int, float]:
+    """(parameters, GFLOP per image) of a timm model, from its architecture on torch's meta device (no weights)."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
+        params = sum(p.numel() for p in model.parameters())
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.empty(1, *input_size))
+    return int(params), counter.get_total_flops() / 1e9
+
+
+def table_rate(model_name: str, device: str, gflop: float) -> tuple[float, str] | None:
+    """(img/s, source) from :data:`THROUGHPUT`: the model's own figure, else one scaled by GFLOP per image from the
+    closest listed model; None when the device has no figure."""
+    import math
+
+    rows = THROUGHPUT.get(device.split(":")[0], {})
+    base = model_name.split(".")[0]
+    if base in rows:
+        rate, _, source = rows[base]
+        return rate, source
+    if not rows or gflop <= 0:
+        return None
+    ref = min(rows, key=lambda name: abs(math.log(rows[name][1] / gflop)))
+    rate, ref_gflop, source = rows[ref]
+    return rate * ref_gflop / gflop, f"scaled by GFLOP/img ({gflop:.1f} vs {ref_gflop}) from {ref}: {source}"
+
+
 def _embedder(step: Any, st: _State) -> Estimate:
     import torch
 
     from imgcurate._models import resolve_device
 
-    probe = copy.copy(step)
-    probe.pretrained, probe.checkpoint_path = False, None  # only the shapes matter: random weights, no download
-    device = resolve_device(step.device) if st.measure else "cpu"
-    model = probe.load_model(device)
-    size = probe.data_config["input_size"]
-    with torch.inference_mode():
-        dim = int(model(torch.zeros(1, *size, device=device)).shape[-1])
+    device = resolve_device(step.device) if st.measure or step.device == "auto" else step.device
+    size = tuple(step.data_config["input_size"])
+    dim = step.embedding_dim()
     st.embedding_dim = dim
+    params, gflop = model_size(step.model_name, size, step.model_kwargs)
+    batch = step.batch_size_for(device)
+    inputs = batch * 3 * size[1] * size[2] * 4  # one float32 batch
     heads = [c.pred_column for c in step.classifiers]
     out = Estimate(
         type(step).__name__,
         adds=f"{step.image_embedding_column} ({dim}-d)" + (f" + {', '.join(heads)}" if heads else ""),
         read_bytes=st.tar_bytes,
         written_bytes=st.samples * (dim * 4 + 4 * len(heads)),
-        memory_bytes=4 * step.batch_size * 3 * size[1] * size[2] * 4,  # a few batches of input tensors in flight
     )
+    weights = params * 4  # float32 weights
+    if device.startswith("cuda"):
+        out.memory_bytes = 4 * inputs  # decoded batches in flight on the host
+        out.gpu_memory_bytes = weights + 2 * inputs  # activations not counted
+    else:
+        out.memory_bytes = weights + 4 * inputs  # a few batches of input tensors in flight
+    size_note = f"{params / 1e6:,.0f}M parameters, {gflop:.1f} GFLOP/img, batch {batch} on {device}"
     if st.measure:
-        x = torch.randn(step.batch_size, *size, device=device)
+        probe = copy.copy(step)
+        probe.pretrained, probe.checkpoint_path = False, None  # only the speed matters: random weights, no download
+        model = probe.load_model(device)
+        x = torch.randn(batch, *size, device=device)
         step._forward(model, x, device)
         start, reps = time.perf_counter(), 3
         for _ in range(reps):
             step._forward(model, x, device)
-        rate = reps * step.batch_size / (time.perf_counter() - start)
+        rate = reps * batch / (time.perf_counter() - start)
         # benchmarks/embed.py: the whole pipeline runs at >= 0.9 x the forward pass alone
         out.seconds = st.samples / (0.9 * rate)
-        out.notes = f"forward pass {rate:,.0f} img/s on {device} per worker; time is for one worker"
+        out.notes = f"forward pass {rate:,.0f} img/s on {device} per worker; time is for one worker; {size_note}"
+        return out
+    found = table_rate(step.model_name, device, gflop)
+    if found is None:
+        out.notes = f"{size_note}; no measured throughput on {device} (--measure times it here)"
+    else:
+        rate, source = found
+        out.seconds = st.samples / rate
+        out.notes = f"{size_note}; {rate:,.1f} img/s per worker ({source}); time is for one worker"
     return out
 
 
@@ -176,6 +250,16 @@ def _exact(step: Any, st: _State) -> Estimate:
     )
 
 
+#: Semantic dedup measured: (samples, dims, clusters, KMeans iterations run, seconds, where it comes from).
+DEDUP_REFERENCE = (1_000_000, 512, 1000, 10, 28.1, "benchmarks/RESULTS.md, dedup.py CPU 2026-11-22, 2 cores")
+
+
+def _dedup_flops(n: int, dim: int, k: int, iterations: int) -> float:
+    """KMeans on its training sample, assignment of every point, in-cluster similarities (equal clusters)."""
+    sample = min(n, _KMEANS_SAMPLE_PER_CLUSTER * k)
+    return 2 * dim * (iterations * sample * k + n * k + n * max(n // max(k, 1), 1))
+
+
 def _semantic(step: Any, st: _State) -> Estimate:
     n, k = st.samples, step.n_clusters
     dim = st.embedding_dim
@@ -186,8 +270,16 @@ def _semantic(step: Any, st: _State) -> Estimate:
         return out
     # the persisted frame's embeddings (on the workers under a cluster) plus the array gathered in this process
     out.memory_bytes = 2 * n * dim * 4
-    sample = min(n, _KMEANS_SAMPLE_PER_CLUSTER * k)
-    flops = 2 * dim * (step.max_iter * sample * k + n * k + n * max(n // max(k, 1), 1))
+    flops = _dedup_flops(n, dim, k, step.max_iter)
+    if not st.measure:
+        n0, dim0, k0, iters0, seconds0, source = DEDUP_REFERENCE
+        rate = _dedup_flops(n0, dim0, k0, iters0) / seconds0
+        out.seconds = flops / rate
+        out.notes = (
+            f"at most (max_iter={step.max_iter}); scaled by matrix-product work from {n0:,} x {dim0}-d in "
+            f"{seconds0} s ({source})"
+        )
+        return out
     if st.measure:
         out.seconds = flops / (st.matmul_gflops() * 1e9)
         out.notes = (
@@ -254,12 +346,20 @@ ESTIMATORS: dict[str, Callable[[Any, _State], Estimate]] = {
 }
 
 
-def estimate_config(path: str, measure: bool = False) -> Report:
+def estimate_input(path: str, storage_options: dict | None = None) -> Report:
+    """Shards, samples and tar bytes of the input folder ``path`` (from the parquet footers)."""
+    shards, samples, tar_bytes = _count_input(path, storage_options)
+    return Report(path, shards, samples, tar_bytes, [])
+
+
+def estimate_config(path: str, measure: bool = False, input_path: str | None = None) -> Report:
     """Estimates the resources of the pipeline in the YAML file ``path``.
 
     Args:
         path: a pipeline config (see :mod:`imgcurate.pipeline`).
         measure: also time the embedder's forward pass and the matrix-product speed on this machine (seconds).
+            Without it the embedder's time comes from :data:`THROUGHPUT` where it has a figure for the device.
+        input_path: the input folder, instead of the config's ``input``.
 
     Raises:
         FileNotFoundError: the input folder holds no shards.
@@ -268,8 +368,10 @@ def estimate_config(path: str, measure: bool = False) -> Report:
     from imgcurate.pipeline import Pipeline
 
     pipeline = Pipeline.from_yaml(path)
+    if input_path:
+        pipeline.input = input_path
     if not pipeline.input:
-        raise ValueError(f"{path}: the config has no 'input' folder")
+        raise ValueError(f"{path}: the config has no 'input' folder (or pass --input-path)")
     shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.storage_options)
     st = _State(samples, tar_bytes, measure)
     steps = []

@@ -36,7 +36,7 @@ from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, MissingDependencyError
 from imgcurate.steps.base import Step
 
-__all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config"]
+__all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config", "stage_info"]
 
 #: Step name -> "module:attribute". Modules are imported only when a step is used.
 STAGES: dict[str, str] = {
@@ -91,6 +91,45 @@ def stage_summary(name: str) -> str:
     except ImportError as err:  # a step whose optional dependency is missing still gets listed
         return f"(unavailable: {err})"
     return doc.splitlines()[0] if doc else ""
+
+
+def stage_info(name: str) -> dict[str, Any]:
+    """What ``imgcurate stages --verbose`` shows of a step: summary, parameters (default and type, from the
+    constructor's signature), GPU use (the class's ``gpu``), and its optional packages with whether each is installed
+    here. A step whose module cannot be imported (a missing optional package) is listed with ``available: false``."""
+    try:
+        cls = load_stage(name)
+    except ImportError as err:
+        return {"name": name, "summary": "", "available": False, "error": str(err), "gpu": None,
+                "requires": [], "parameters": []}  # fmt: skip
+    requires = [
+        {"module": r.module, "package": r.package, "extra": r.extra, "installed": r.installed()}
+        for r in getattr(cls, "requires", ())
+    ]
+    parameters = []
+    for pname, param in inspect.signature(cls).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = param.annotation
+        if annotation is param.empty:
+            annotation = ""
+        elif not isinstance(annotation, str):
+            annotation = inspect.formatannotation(annotation)
+        entry: dict[str, Any] = {"name": pname, "type": annotation, "required": param.default is param.empty}
+        if param.default is not param.empty:
+            default = param.default
+            entry["default"] = (
+                default if default is None or isinstance(default, bool | int | float | str) else repr(default)
+            )
+        parameters.append(entry)
+    return {
+        "name": name,
+        "summary": stage_summary(name),
+        "available": all(r["installed"] for r in requires),
+        "gpu": getattr(cls, "gpu", "no"),
+        "requires": requires,
+        "parameters": parameters,
+    }
 
 
 def _is_step_spec(value: Any) -> bool:

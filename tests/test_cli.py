@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import yaml
 
 from imgcurate import ImageTextPairDataset
@@ -71,7 +72,14 @@ def test_estimate_counts_the_input_and_sizes_each_step(sample_dir, tmp_path, cap
     with torch.no_grad():
         width = TimmImageEmbedder("test_vit").model("cpu")(torch.zeros(1, 3, 160, 160)).shape[-1]
     assert embed.adds == f"image_embedding ({width}-d)" and embed.written_bytes == 36 * width * 4
-    assert dedup.memory_bytes == 2 * 36 * width * 4 and embed.seconds is None
+    assert dedup.memory_bytes == 2 * 36 * width * 4 and dedup.seconds > 0 and "dedup.py" in dedup.notes
+    # test_vit is not in the throughput table: its time is scaled from the closest measured model by GFLOP/img
+    from imgcurate.estimate import THROUGHPUT, model_size
+
+    params, gflop = model_size("test_vit", (3, 160, 160))
+    rate, ref_gflop, _ = min(THROUGHPUT["cpu"].values(), key=lambda r: abs(r[1] - gflop))
+    assert embed.seconds == pytest.approx(36 / (rate * ref_gflop / gflop)) and "scaled by GFLOP/img" in embed.notes
+    assert embed.memory_bytes >= params * 4 and embed.gpu_memory_bytes == 0
     assert export.written_bytes == report.tar_bytes
     (sample_dir / "00003.parquet").unlink()  # a shard without parquet is counted from its tar headers
     assert estimate_config(str(tmp_path / "p.yaml")).samples == 36
@@ -151,3 +159,139 @@ def test_report_arguments_go_to_the_report_and_are_checked_before_any_work(sampl
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({**config, "reports": {"duplicates": {"max_groups": 3}}}))
     assert main(["run", str(tmp_path / "p.yaml")]) == 2
     assert "reports.duplicates: give the file to write as 'path'" in capsys.readouterr().err
+
+
+def test_stages_verbose_and_json_list_parameters_gpu_and_optional_packages(monkeypatch, capsys):
+    import json
+
+    from imgcurate import pipeline
+    from imgcurate.steps.base import Requirement
+
+    assert main(["stages", "--json", "--verbose"]) == 0
+    infos = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert set(infos) == set(pipeline.STAGES)
+    emb = infos["TimmImageEmbedder"]
+    params = {p["name"]: p for p in emb["parameters"]}
+    assert params["model_name"]["required"] and params["model_name"]["type"] == "str"
+    assert params["batch_size"]["default"] is None and emb["gpu"] == "optional"
+    assert infos["SampleFilter"]["gpu"] == "no"
+    assert {p["name"]: p["default"] for p in infos["SampleFilter"]["parameters"]}["min_aesthetic"] is None
+    assert infos["ClipEmbedder"]["requires"][0]["package"] == "open-clip-torch"
+
+    # a missing optional package, and a step whose module cannot be imported: listed, not fatal
+    from imgcurate.embedders.clip import ClipEmbedder
+
+    monkeypatch.setattr(ClipEmbedder, "requires", (Requirement("no_such_module_xyz", "no-such-pkg", extra="clip"),))
+    monkeypatch.setitem(pipeline.STAGES, "Broken", "no_such_module_xyz.steps:Broken")
+    assert main(["stages", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "needs no-such-pkg: not installed (pip install 'imgcurate[clip]')" in out
+    assert "Broken: (no summary)\n  unavailable here: No module named 'no_such_module_xyz'" in out
+    assert "model_name: str (required)" in out and "GPU: optional" in out
+    assert main(["stages", "--json"]) == 0
+    short = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert short["ClipEmbedder"]["available"] is False and short["Broken"]["available"] is False
+    assert short["SampleFilter"] == {
+        "name": "SampleFilter",
+        "summary": short["SampleFilter"]["summary"],
+        "available": True,
+    }
+    assert main(["stages"]) == 0
+    assert "Broken" in capsys.readouterr().out
+
+
+def test_config_round_trips_every_flag_combination(sample_dir, tmp_path, capsys):
+    import itertools
+
+    from imgcurate.cli import DEFAULT_MODEL, make_config
+    from imgcurate.pipeline import Pipeline
+
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    out = tmp_path / "c.yaml"
+    for dedup, no_aes, no_nsfw, aes, nsfw, batch in itertools.product(
+        (True, False), (False, True), (False, True), (5.0, 0.5), (0.5, 0.9), (None, 32)
+    ):
+        argv = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "o"), "--force"]
+        argv += ["--output-file", str(out), "--aesthetic-threshold", str(aes), "--nsfw-threshold", str(nsfw)]
+        argv += ["--dedup" if dedup else "--no-dedup", "--images-per-tar", "7"]
+        argv += ["--no-aesthetic"] * no_aes + ["--no-nsfw"] * no_nsfw + ["--batch-size", str(batch)] * bool(batch)
+        assert main(argv) == 0, argv
+        flags = {"input_path": str(sample_dir), "output_path": str(tmp_path / "o"), "dedup": dedup,
+                 "aesthetic_threshold": None if no_aes else aes, "nsfw_threshold": None if no_nsfw else nsfw,
+                 "batch_size": batch, "images_per_tar": 7}  # fmt: skip
+        err = capsys.readouterr().err
+        assert ("0-10 scale" in err) == (aes < 1 and not no_aes)
+        config = yaml.safe_load(out.read_text())
+        assert config["steps"] == make_config(**flags)["steps"]
+        pipeline = Pipeline.from_config(config)  # every key and type checked
+        pipeline.check(ds)  # the column flow on the sample's meta (nothing computed)
+        names = [type(s).__name__ for s in pipeline.steps]
+        expected = ["ExactDuplicates"] * dedup + ["TimmImageEmbedder"] * (dedup or not (no_aes and no_nsfw))
+        expected += ["SemanticDeduplicator"] * dedup + ["SampleFilter"]
+        assert names == expected, argv
+        filt = pipeline.steps[-1]
+        assert filt.min_aesthetic == (None if no_aes else aes) and filt.max_nsfw == (None if no_nsfw else nsfw)
+        assert list(filt.drop_duplicates) == (["exact_duplicate", "is_duplicate"] if dedup else [])
+        if "TimmImageEmbedder" in names:
+            emb = pipeline.steps[names.index("TimmImageEmbedder")]
+            assert emb.model_name == DEFAULT_MODEL and emb.pretrained
+            heads = [type(c).__name__ for c in emb.classifiers]
+            assert heads == ["AestheticClassifier"] * (not no_aes) + ["NsfwClassifier"] * (not no_nsfw)
+            if batch:
+                assert emb.batch_size == batch
+        if dedup:
+            assert pipeline.steps[2].n_clusters == 1  # 36 samples: one cluster per 1,000
+        assert pipeline.export == {"path": str(tmp_path / "o"), "filter_column": "keep", "samples_per_shard": 7,
+                                   "old_id_col": "old_key"}  # fmt: skip
+        assert pipeline.input == str(sample_dir)
+
+
+def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
+    base = ["config", "--input-path", "in", "--output-path", "out", "--output-file", str(tmp_path / "c.yaml")]
+    assert main(base + ["--aesthetic-threshold", "50"]) == 2
+    assert "the aesthetic score is 0-10" in capsys.readouterr().err
+    assert main(base + ["--nsfw-threshold", "1.5"]) == 2
+    assert main(base + ["--images-per-tar", "0"]) == 2
+    assert main(base + ["--model", "no_such_model_xyz"]) == 2
+    assert "unknown timm model" in capsys.readouterr().err
+    assert not (tmp_path / "c.yaml").exists()
+    assert main(base + ["--no-dedup", "--no-nsfw"]) == 0
+    assert main(base) == 1  # exists, no --force
+    text = (tmp_path / "c.yaml").read_text()
+    assert "NsfwClassifier" not in text and "n_clusters: 1000" not in text
+
+
+def test_estimate_from_the_input_alone_and_with_a_config_flag(sample_dir, tmp_path, capsys):
+    from imgcurate.estimate import THROUGHPUT, estimate_config, model_size
+
+    assert main(["estimate", "--input-path", str(sample_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"input: {sample_dir}: 4 shards, 36 samples")
+    assert main(["estimate"]) == 2
+    assert "give --input-path DIR" in capsys.readouterr().err
+
+    config = {
+        "input": str(tmp_path / "elsewhere"),  # replaced by --input-path
+        "steps": [{"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cuda"}},
+                  {"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cpu"}}],
+    }  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["estimate", "--config", str(tmp_path / "p.yaml"), "--input-path", str(sample_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 shards, 36 samples" in printed and "GPU mem" in printed and "no measured throughput on cuda" in printed
+    gpu, cpu = estimate_config(str(tmp_path / "p.yaml"), input_path=str(sample_dir)).steps
+    params, gflop = model_size("resnet50", (3, 224, 224))
+    assert params == 25_557_032 and gflop == pytest.approx(THROUGHPUT["cpu"]["resnet50"][1], rel=0.01)
+    batch = 8 * 3 * 224 * 224 * 4
+    assert gpu.seconds is None and gpu.gpu_memory_bytes == params * 4 + 2 * batch and gpu.memory_bytes == 4 * batch
+    assert cpu.seconds == pytest.approx(36 / 39.6) and "RESULTS.md" in cpu.notes and cpu.gpu_memory_bytes == 0
+    assert main(["estimate", str(tmp_path / "p.yaml"), "--config", str(tmp_path / "p.yaml")]) == 2
+
+
+def test_config_checks_the_column_flow_when_the_input_is_there(sample_dir, tmp_path, capsys):
+    """ViT-B/32 gives 512-d embeddings: the NSFW heads (ViT-L/14, ViT-H/14) cannot read them."""
+    argv = ["config", "--input-path", str(sample_dir), "--output-path", "o", "--output-file", str(tmp_path / "c.yaml")]
+    argv += ["--model", "vit_base_patch32_clip_224.openai", "--no-dedup"]
+    assert main(argv) == 2
+    assert "NsfwClassifier" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
+    assert main(argv + ["--no-nsfw"]) == 0  # the aesthetic predictor has a ViT-B/32 head
+    assert "AestheticClassifier" in (tmp_path / "c.yaml").read_text()
