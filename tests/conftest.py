@@ -102,3 +102,20 @@ def seeded_checkpoint(folder, name: str, seed: int = 0) -> str:
     path = str(folder / f"{name}-seed{seed}.safetensors")
     save_file(timm.create_model(name).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def embedded_shards(monkeypatch):
+    """The tar paths that ImageEmbedder.embed_shard is called on during the test, in call order (in-process
+    schedulers and in-process workers only)."""
+    from imgcurate.embedders.base import ImageEmbedder
+
+    calls: list[str] = []
+    original = ImageEmbedder.embed_shard
+
+    def counting(self, tar, *args, **kwargs):
+        calls.append(tar)
+        return original(self, tar, *args, **kwargs)
+
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", counting)
+    return calls

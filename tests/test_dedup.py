@@ -372,21 +372,13 @@ def test_kmeans_stops_early_at_tol_and_reports_its_phases():
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "distributed"])
-def test_a_pipeline_embeds_each_shard_once(sample_ds, tmp_path, monkeypatch, scheduler):
+def test_a_pipeline_embeds_each_shard_once(sample_ds, tmp_path, embedded_shards, scheduler):
     """Dedup steps read the whole frame before the export reads it again: the embedder must not run twice."""
     import contextlib
 
     from imgcurate.embedders import TimmImageEmbedder
-    from imgcurate.embedders.base import ImageEmbedder
 
-    embedded: list[str] = []
-    original = ImageEmbedder.embed_shard
-
-    def counting(self, tar, *args, **kwargs):
-        embedded.append(tar)
-        return original(self, tar, *args, **kwargs)
-
-    monkeypatch.setattr(ImageEmbedder, "embed_shard", counting)
+    embedded = embedded_shards
     with contextlib.ExitStack() as stack:
         if scheduler == "distributed":
             from distributed import Client, LocalCluster

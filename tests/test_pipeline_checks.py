@@ -82,21 +82,9 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_any_partition_is_compute
     assert not (tmp_path / "out").exists()
 
 
-def _counting(monkeypatch):
-    embedded: list[str] = []
-    original = ImageEmbedder.embed_shard
-
-    def counting(self, tar, *args, **kwargs):
-        embedded.append(tar)
-        return original(self, tar, *args, **kwargs)
-
-    monkeypatch.setattr(ImageEmbedder, "embed_shard", counting)
+def test_without_an_export_each_step_runs_once_per_shard(sample_ds, embedded_shards):
+    embedded = embedded_shards
     CaptionLength.calls.clear()
-    return embedded
-
-
-def test_without_an_export_each_step_runs_once_per_shard(sample_ds, monkeypatch):
-    embedded = _counting(monkeypatch)
     config = {
         "steps": [
             {"TimmImageEmbedder": {"model_name": "test_resnet", "batch_size": 8}},
@@ -112,8 +100,9 @@ def test_without_an_export_each_step_runs_once_per_shard(sample_ds, monkeypatch)
     assert facts["samples_in"] == 36 and "caption_chars" in out.metadata.columns
 
 
-def test_with_reports_and_an_export_each_step_still_runs_once_per_shard(sample_ds, tmp_path, monkeypatch):
-    embedded = _counting(monkeypatch)
+def test_with_reports_and_an_export_each_step_still_runs_once_per_shard(sample_ds, tmp_path, embedded_shards):
+    embedded = embedded_shards
+    CaptionLength.calls.clear()
     pipeline = Pipeline(
         steps=[Pipeline.from_config({"steps": [{"TimmImageEmbedder": {"model_name": "test_resnet"}}]}).steps[0],
                CaptionLength(), Pipeline.from_config({"steps": [{"ExactDuplicates": {}}]}).steps[0]],
