@@ -295,3 +295,26 @@ def test_config_checks_the_column_flow_when_the_input_is_there(sample_dir, tmp_p
     assert "NsfwClassifier" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
     assert main(argv + ["--no-nsfw"]) == 0  # the aesthetic predictor has a ViT-B/32 head
     assert "AestheticClassifier" in (tmp_path / "c.yaml").read_text()
+
+
+def test_the_readme_main_job_keeps_one_sample_per_photo(tmp_path, capsys):
+    """examples/sample_pipeline.yaml, which the README's first command runs: embed, exact and semantic dedup,
+    filter, report and export on the bundled sample, offline (seeded random weights, with a warning)."""
+    import pathlib
+    import warnings
+
+    config = yaml.safe_load((pathlib.Path(__file__).parents[1] / "examples" / "sample_pipeline.yaml").read_text())
+    assert main(["sample", str(tmp_path / "shards")]) == 0
+    config["input"], config["output"] = str(tmp_path / "shards"), str(tmp_path / "curated")
+    config["reports"]["duplicates"] = str(tmp_path / "duplicates.html")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    assert any("seeded random weights" in str(w.message) for w in caught)
+    src = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
+    out = ImageTextPairDataset.from_webdataset(str(tmp_path / "curated")).metadata.compute()
+    wide = src[(src["width"] >= 256) & src["error"].isna()]
+    assert not out["source"].duplicated().any()  # every copy found: one sample per photo is left
+    assert set(out["source"]) <= set(wide["source"]) and len(out) >= wide["source"].nunique() - 1
+    assert "semantic duplicates" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from imgcurate.embedders.loaders import ResizeCrop
 
 __all__ = ["TimmImageEmbedder", "load_state_dict_file"]
+
+#: ``pretrained=IF_AVAILABLE``: the published weights when they can be loaded, else seeded random ones, with a warning.
+IF_AVAILABLE = "if-available"
 
 #: Seed of the random weights of a model built without pretrained weights or a checkpoint.
 RANDOM_WEIGHTS_SEED = 0
@@ -60,6 +64,8 @@ class TimmImageEmbedder(ImageEmbedder):
     Args:
         model_name: a timm model name.
         pretrained: load timm's published weights through the Hugging Face cache (works offline once cached).
+            ``"if-available"`` uses them when they can be loaded and otherwise seeded random weights, saying so in
+            one warning (what the bundled sample pipeline does, so that it runs on a machine without them).
             Without them (and without ``checkpoint_path``) the weights are random but seeded, so every Dask worker
             process builds the same model and embeddings stay comparable across shards.
         checkpoint_path: a local safetensors or torch state dict instead; it may hold the classifier head or not.
@@ -88,7 +94,7 @@ class TimmImageEmbedder(ImageEmbedder):
     def __init__(
         self,
         model_name: str,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         batch_size: int | None = None,
         num_threads_per_worker: int = 4,
         image_embedding_column: str = "image_embedding",
@@ -109,6 +115,8 @@ class TimmImageEmbedder(ImageEmbedder):
     ):
         import timm
 
+        if isinstance(pretrained, str) and pretrained != IF_AVAILABLE:
+            raise ValueError(f"pretrained must be true, false or {IF_AVAILABLE!r}, got {pretrained!r}")
         if not timm.is_model(model_name):
             close = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:10]
             raise ValueError(f"unknown timm model {model_name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
@@ -156,6 +164,15 @@ class TimmImageEmbedder(ImageEmbedder):
         except Exception as err:
             if not self.pretrained:
                 raise
+            if self.pretrained == IF_AVAILABLE:
+                warnings.warn(
+                    f"no pretrained weights for {self.model_name} could be loaded (not in the Hugging Face cache, no "
+                    "network): using seeded random weights, which find copies but say nothing about content",
+                    stacklevel=2,
+                )
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                    return timm.create_model(self.model_name, pretrained=False, **self.model_kwargs).eval()
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
             cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
                 os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
