@@ -37,6 +37,7 @@ def test_global_quantile_error_is_small():
 
 def test_top_fraction_is_global_not_per_shard(sample_ds):
     meta = sample_ds.metadata
+
     # scores that differ by shard: a per-shard rule would keep 30% of every shard
     def shard_scores(p):  # continuous, and shifted per shard by an amount the keys fix (no string hashing)
         first = int(p["key"].iloc[0])
