@@ -69,7 +69,7 @@ def graph_one(shards: int) -> dict:
         started = time.perf_counter()
         graph = dict(frame.optimize().__dask_graph__())  # what compute() hands the scheduler
         total_graph += time.perf_counter() - started
-        keys = [k for k in graph if not str(k).startswith("('barrier-")]
+        keys = [k for k in graph if "barrier-" not in str(k)]  # Dask's shuffle barriers (disk and p2p)
         sample = random.Random(0).sample(keys, min(1000, len(keys)))
         step_largest = max(len(dumps(graph[k])) for k in sample)
         out[f"{name}: tasks"] = len(graph)
@@ -129,15 +129,21 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dedup-shards", type=int, default=100)
     parser.add_argument("--mode", default="find")
+    parser.add_argument("--shuffle", default=None, help="dask's shuffle method for the graph part (p2p on a cluster)")
     args = parser.parse_args()
     if args.part == "_graph_one":
-        print(json.dumps(graph_one(args.shards[0])))
+        import dask
+
+        with dask.config.set({"dataframe.shuffle.method": args.shuffle} if args.shuffle else {}):
+            result = graph_one(args.shards[0])
+        print(json.dumps({"shuffle": args.shuffle or "default", **result}))
         return
     if args.part == "_dedup_one":
         print(json.dumps(dedup_one(args.rows[0], args.dim, args.dedup_shards, args.mode)))
         return
     runs = (
-        [["_graph_one", "--shards", str(n)] for n in args.shards]
+        [["_graph_one", "--shards", str(n), *(["--shuffle", args.shuffle] if args.shuffle else [])]
+         for n in args.shards]
         if args.part == "graph"
         else [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards", str(args.dedup_shards),
                "--mode", mode] for n in args.rows for mode in ("find", "cluster")]

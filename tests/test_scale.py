@@ -16,10 +16,10 @@ from imgcurate.synthetic import synthetic_dataset
 
 
 def _largest_task(collection) -> int:
-    """The largest pickled task of a collection's graph, leaving out Dask's own shuffle barriers: one task per
-    shuffle that lists every input partition's key (how Dask synchronises an all-to-all exchange)."""
+    """The largest pickled task of a collection's graph, leaving out Dask's own shuffle barriers (disk and p2p): one
+    task per shuffle that lists every input partition's key (how Dask synchronises an all-to-all exchange)."""
     graph = dict(collection.__dask_graph__())
-    sizes = [len(dumps(task)) for key, task in graph.items() if not str(key).startswith("('barrier-")]
+    sizes = [len(dumps(task)) for key, task in graph.items() if "barrier-" not in str(key)]
     return max(sizes)
 
 
