@@ -278,33 +278,27 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if _has_shards(args.input_path):  # and the column flow (a head that cannot read the model's embeddings)
         pipeline.check(pipeline.open_input())
     text = "# written by imgcurate config; run it with: imgcurate run FILE\n" + yaml.safe_dump(config, sort_keys=False)
-    if args.output_file == "-":
-        sys.stdout.write(text)
-        return 0
+    return _write_text(args.output_file, text, args.force)
+
+
+def _write_text(path: str, text: str, force: bool) -> int:
+    """Writes a generated config to ``path`` ('-' is stdout); an existing file is kept unless ``force``."""
     import os
 
-    if os.path.exists(args.output_file) and not args.force:
-        print(f"{args.output_file} exists; pass --force to overwrite", file=sys.stderr)
+    if path == "-":
+        sys.stdout.write(text)
+        return 0
+    if os.path.exists(path) and not force:
+        print(f"{path} exists; pass --force to overwrite", file=sys.stderr)
         return 1
-    with open(args.output_file, "w") as f:
+    with open(path, "w") as f:
         f.write(text)
-    print(f"wrote {args.output_file}")
+    print(f"wrote {path}")
     return 0
 
 
 def _cmd_init_config(args: argparse.Namespace) -> int:
-    if args.out == "-":
-        sys.stdout.write(EXAMPLE_CONFIG)
-        return 0
-    import os
-
-    if os.path.exists(args.out) and not args.force:
-        print(f"{args.out} exists; pass --force to overwrite", file=sys.stderr)
-        return 1
-    with open(args.out, "w") as f:
-        f.write(EXAMPLE_CONFIG)
-    print(f"wrote {args.out}")
-    return 0
+    return _write_text(args.out, EXAMPLE_CONFIG, args.force)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -262,9 +262,9 @@ class ImageTextPairDataset:
 
         Steps are lazy: until something computes the frame, an embedder added to it has not run. Whatever computes
         a lazy frame runs every step behind it again, so anything that reads the frame more than once (a report
-        followed by an export, or a step that must see all rows at once) should read a persisted dataset.
-        ``ExactDuplicates`` and ``SemanticDeduplicator`` persist their input themselves, so that the embedder runs
-        once per shard in a pipeline. Under a distributed client the partitions stay on the workers.
+        followed by an export) should read a persisted dataset. Within one compute every step runs once per shard,
+        dedup steps included. A pipeline with a run directory writes each step's results to disk instead of holding
+        them in memory. Under a distributed client the partitions stay on the workers.
 
         Example:
             >>> ds = TimmImageEmbedder("resnet50")(ds).persist()  # doctest: +SKIP

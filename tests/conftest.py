@@ -119,3 +119,14 @@ def embedded_shards(monkeypatch):
 
     monkeypatch.setattr(ImageEmbedder, "embed_shard", counting)
     return calls
+
+
+@pytest.fixture
+def fresh_models(tmp_path, monkeypatch):
+    """An empty model cache and a private IMGCURATE_HOME (weight files, converted models) for the test."""
+    from imgcurate._models import clear
+
+    clear()
+    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
+    yield
+    clear()

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from imgcurate._models import clear
 from imgcurate.classifiers import AestheticClassifier, NsfwClassifier
 from imgcurate.classifiers import weights as weights_mod
 from imgcurate.classifiers.weights import WeightFile, cached_weights
@@ -18,11 +17,8 @@ from imgcurate.filters import SampleFilter, drop_report
 
 
 @pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    clear()
-    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
-    yield
-    clear()
+def _fresh(fresh_models):
+    """Every test here starts from an empty model cache and its own weight folder (see conftest)."""
 
 
 def _aesthetic_state(seed=0):

@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from imgcurate._models import clear
 from imgcurate.classifiers import AestheticClassifier, NsfwClassifier, aesthetic, nsfw
 from imgcurate.embedders.clip import ClipEmbedder, write_random_clip
 
 
 @pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    clear()
-    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))
-    yield
-    clear()
+def _fresh(fresh_models):
+    """Every test here starts from an empty model cache and its own weight folder (see conftest)."""
 
 
 def _unit(n, dim, seed=3):

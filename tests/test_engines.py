@@ -22,11 +22,8 @@ needs_openvino = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMGCURATE_HOME", str(tmp_path / "home"))  # a private cache of converted models
-    clear()
-    yield
-    clear()
+def _fresh(fresh_models):
+    """A private cache of converted models and an empty model cache per test (see conftest)."""
 
 
 def _embed(ds, name="test_resnet", **kwargs) -> np.ndarray:

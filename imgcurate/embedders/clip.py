@@ -136,7 +136,7 @@ class ClipEmbedder(ImageEmbedder):
         text_batch_size: int | None = None,
         *,
         image_embedding_column: str = "image_embedding",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         num_threads_per_worker: int = 4,
         normalize_embeddings: bool = True,
         classifiers: Sequence[ImageClassifier] = (),
@@ -146,6 +146,9 @@ class ClipEmbedder(ImageEmbedder):
         decoder: str = "auto",
         use_index_files: bool = False,
         exif_transpose: bool = False,
+        engine: str = "auto",
+        precision: str = "auto",
+        model_threads: int | None = None,
     ):
         super().__init__(
             image_embedding_column=image_embedding_column,
@@ -159,6 +162,9 @@ class ClipEmbedder(ImageEmbedder):
             decoder=decoder,
             use_index_files=use_index_files,
             exif_transpose=exif_transpose,
+            engine=engine,
+            precision=precision,
+            model_threads=model_threads,
         )
         self.model_name = model_name
         self.pretrained = pretrained
@@ -167,7 +173,7 @@ class ClipEmbedder(ImageEmbedder):
         self.text_embedding_column = text_embedding_column
         self.score_column = score_column
         self.scale_score = scale_score
-        self.text_batch_size = text_batch_size or batch_size
+        self.text_batch_size = text_batch_size or batch_size or 64
         if checkpoint_path is not None and not os.path.exists(checkpoint_path):
             raise FileNotFoundError(f"{checkpoint_path}: checkpoint file not found")
         self._model_cfg, self._preprocess_cfg = _configs(model_name, pretrained)
