@@ -100,11 +100,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     out = pipeline.run(summary=_print_summary)
     if pipeline.resolved_run_dir():
-        print(f"run directory: {pipeline.resolved_run_dir()} (summary.json)")
+        print(f"run directory: {pipeline.resolved_run_dir()} (summary.json; report.html, the run report)")
     for kwargs in pipeline.reports.values():
         print(f"wrote {kwargs['path']}")
     if pipeline.export:
         print(f"exported {len(out.metadata)} samples in {out.num_shards} shards to {out.path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from imgcurate.reports import report_run_dir
+
+    print(f"wrote {report_run_dir(args.run_dir, args.output)}")
     return 0
 
 
@@ -336,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace shards already in the export folder")
     p.add_argument("--run-dir", default=None, help="where step results go, shard by shard (default: <output>.run)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="write the HTML run report of a finished run from its run directory")
+    p.add_argument("run_dir", help="the run directory (by default <output>.run)")
+    p.add_argument("--output", default=None, help="the HTML file to write (default: report.html in the run directory)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("estimate", help="estimate a pipeline's samples, bytes, memory and (with --measure) time")
     p.add_argument("config", nargs="?", default=None, help="a pipeline config (same as --config)")

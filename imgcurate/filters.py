@@ -145,6 +145,18 @@ class SampleFilter(ShardStep):
         rules.extend((r.name if r.reason else f"not {r.name}", r.passes) for r in self.rules)
         return rules
 
+    def thresholds(self) -> dict[str, list[tuple[str, float]]]:
+        found: dict[str, list[tuple[str, float]]] = {}
+        for column, label, value in [("width", "min_width", self.min_width), ("height", "min_height", self.min_height),
+                                     (self.aesthetic_column, "min_aesthetic", self.min_aesthetic),
+                                     (self.nsfw_column, "max_nsfw", self.max_nsfw)]:  # fmt: skip
+            if value is not None:
+                found.setdefault(column, []).append((label, float(value)))
+        for rule in self.rules:
+            if rule.op in _OPS and isinstance(rule.value, int | float) and not isinstance(rule.value, bool):
+                found.setdefault(rule.column, []).append((f"{rule.op}", float(rule.value)))
+        return found
+
     def input_columns(self, id_col: str) -> list[str]:
         needed = ["width", "height"] if self.min_width or self.min_height or self.max_aspect_ratio else []
         needed += [self.aesthetic_column] if self.min_aesthetic is not None else []

@@ -54,8 +54,8 @@ STAGES: dict[str, str] = {
 
 #: Report name -> "module:function(dataset, path)", written by a pipeline's ``reports`` key.
 REPORTS: dict[str, str] = {
-    "duplicates": "imgcurate.report:duplicate_groups",
-    "scores": "imgcurate.report:score_histograms",
+    "duplicates": "imgcurate.reports.duplicates:duplicate_groups",
+    "scores": "imgcurate.reports.scores:score_histograms",
 }
 
 
@@ -265,6 +265,7 @@ _KNOWN_KEYS = {
     "export": dict,
     "storage_options": dict,
     "run_dir": str,
+    "report": bool,
 }
 
 
@@ -285,6 +286,7 @@ class Pipeline:
         run_dir: the run directory (:mod:`imgcurate.rundir`): each step's columns are written there shard by shard
             and a rerun reuses what is done. None with an export means ``<export path>.run``; None without one
             keeps the results in memory.
+        report: write the run report (``report.html``) into the run directory at the end of the run.
     """
 
     steps: list[Any]
@@ -296,6 +298,7 @@ class Pipeline:
     storage_options: dict[str, Any] | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_dir: str | None = None
+    report: bool = True
 
     def __post_init__(self):
         self.cluster = check_cluster(self.cluster)
@@ -345,6 +348,7 @@ class Pipeline:
             storage_options=config.get("storage_options"),
             reports={str(k): dict(v) if isinstance(v, dict) else {"path": str(v)} for k, v in reports.items()},
             run_dir=config.get("run_dir"),
+            report=config.get("report", True),
         )
 
     @classmethod
@@ -411,8 +415,14 @@ class Pipeline:
             return self.apply(dataset).persist(desc="computing the steps"), []
         run = RunDir(folder, dict(self.storage_options or {}))
         fingerprint = fingerprint_chain([input_fingerprint(dataset.path, dataset.storage_options), dataset.id_col])
-        run.write_json("run.json", {"input": dataset.path, "fingerprint": fingerprint,
-                                    "steps": [s.describe() for s in self.steps if isinstance(s, Step)]})  # fmt: skip
+        described = {
+            "input": dataset.path,
+            "input_url": _absolute_url(dataset.path, dataset.storage_options),
+            "id_col": dataset.id_col,
+            "fingerprint": fingerprint,
+            "steps": [s.describe() for s in self.steps if isinstance(s, Step)],
+        }
+        run.write_json("run.json", described)
         records = []
         for position, step in enumerate(self.steps):
             if not isinstance(step, Step):  # a plain callable: applied lazily, recomputed where read
@@ -431,7 +441,8 @@ class Pipeline:
     ) -> ImageTextPairDataset:
         """Opens the input (unless given), checks the column flow, then, on the pipeline's cluster: computes each
         step once per shard into the run directory (reusing shards done by an earlier, interrupted run), writes the
-        reports, the run summary (``summary.json`` in the run directory; also passed to ``summary``), and exports.
+        reports, the run summary (``summary.json`` in the run directory; also passed to ``summary``), exports,
+        and writes the run report (``report.html`` in the run directory, :mod:`imgcurate.reports.run`).
 
         Returns:
             The exported dataset (read back from the new shards). Without an export, the final dataset, reading
@@ -452,14 +463,29 @@ class Pipeline:
             out = result
             if self.export:
                 kwargs = dict(self.export)
+                export_started = time.perf_counter()
                 out = result.to_webdataset(kwargs.pop("path"), **kwargs)
-                facts["exported"] = {"path": out.path, "shards": out.num_shards}
+                facts["exported"] = {"path": out.path, "shards": out.num_shards,
+                                     "seconds": round(time.perf_counter() - export_started, 3)}  # fmt: skip
             facts["seconds"] = round(time.perf_counter() - started, 3)
             if self.resolved_run_dir():
-                RunDir(self.resolved_run_dir(), dict(self.storage_options or {})).write_json("summary.json", facts)
+                run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}))
+                run.write_json("summary.json", facts)
+                if self.report:
+                    from imgcurate.reports.run import REPORT_NAME, run_report
+
+                    run_report(result, run.url(REPORT_NAME), facts)
             if summary is not None:
                 summary(facts)
             return out
+
+
+def _absolute_url(path: str, storage_options: dict | None) -> str:
+    """``path`` as a full URL (a local folder made absolute), so the run directory names its input from anywhere."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return fs.unstrip_protocol(root)
 
 
 def zip_columns_meta(meta: Any, added: Any) -> Any:

@@ -7,7 +7,9 @@ Layout (any fsspec filesystem)::
         000000.parquet                         the step's columns for shard 0 (row ids and keys included)
         000000.done                            its completion marker: rows, seconds (written after the parquet)
         ...
+    steps/.../thresholds.json                  the thresholds a filter step applied (drawn on the report)
     summary.json                               counts in and out, drops by reason, duplicates, time per step
+    report.html                                the run report (imgcurate.reports.run)
 
 A step's fingerprint chains the input's fingerprint (every tar and parquet: name, size and modification time or
 ETag), the fingerprints of the steps before it and its own configuration; so a changed input, upstream step or
@@ -39,9 +41,9 @@ from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.io._fs import atomic_open
 from imgcurate.io.schema import conform
 
-__all__ = ["RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
+__all__ = ["ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
 
-_ROW_ID = "_row_id"
+ROW_ID = "_row_id"
 
 
 def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
@@ -66,6 +68,8 @@ class StepRecord:
     computed: int = 0
     reused: int = 0
     seconds: float = 0.0
+    columns: list[str] = field(default_factory=list)
+    thresholds: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,16 +77,19 @@ class RunDir:
     """A run directory (see the module docs).
 
     Args:
-        path: the folder (local or fsspec URL), created if needed.
+        path: the folder (local or fsspec URL).
         storage_options: passed to fsspec.
+        create: create the folder if needed (False to read one that exists).
     """
 
     path: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    create: bool = True
 
     def __post_init__(self):
         self.fs, self.root = fsspec.core.url_to_fs(self.path, **self.storage_options)
-        self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
+        if self.create:
+            self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
 
     def url(self, *parts: str) -> str:
         """A path inside the run directory, with its protocol (what ``fsspec.open`` needs in a task)."""
@@ -102,7 +109,7 @@ class RunDir:
         """Computes the step's columns for the shards not done yet, writes them, and returns the frame that reads
         all of them back (one partition per shard)."""
         folder = self.step_folder(position, step, fingerprint)
-        record = StepRecord(step.name, folder)
+        record = StepRecord(step.name, folder, columns=list(step.output_columns()))
         started = time.perf_counter()
         done = self.done_shards(folder)
         todo = [i for i in range(dataset.num_shards) if i not in done]
@@ -120,6 +127,10 @@ class RunDir:
                 enforce_metadata=False,
             )  # fmt: skip
             progress.compute([written], desc=f"{step.name}: shards")
+        marks = posixpath.join("steps", folder, "thresholds.json")
+        if todo or not self.exists(marks):  # a global threshold (a quantile) is known only where it was computed
+            self.write_json(marks, step.thresholds() if hasattr(step, "thresholds") else {})
+        record.thresholds = self.read_json(marks)
         record.seconds = time.perf_counter() - started
         meta = step.output_meta(dataset.metadata._meta)
         return self.read_step(folder, dataset, meta, types), record
@@ -155,7 +166,7 @@ def _write_shard(
     table = to_arrow(added, types)
     ids = pa.array(host_index(frame.index).to_numpy(), pa.int64())
     keys = to_arrow(frame[[id_col]]).column(0)
-    table = table.add_column(0, id_col, keys).add_column(0, _ROW_ID, ids)
+    table = table.add_column(0, id_col, keys).add_column(0, ROW_ID, ids)
     with atomic_open(f"{folder}/{index:06d}.parquet", "wb", so) as f:
         pq.write_table(table, f)
     marker = {"rows": table.num_rows, "seconds": time.perf_counter() - started}
@@ -167,7 +178,7 @@ def _write_shard(
 def _read_shard(index: int, folder: str, schema: pa.Schema, backend: str, so: dict) -> Any:
     with fsspec.open(f"{folder}/{index:06d}.parquet", "rb", **so) as f:
         table = pq.read_table(f)
-    ids = table.column(_ROW_ID).to_numpy()
+    ids = table.column(ROW_ID).to_numpy()
     frame = from_arrow(conform(table.select(schema.names), schema), backend)
     frame.index = ids
     return frame
@@ -199,6 +210,7 @@ def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep
     summary: dict[str, Any] = {"samples_in": int(got["samples"])}
     if "kept" in got:
         summary["samples_kept"] = int(got["kept"])
+        summary["keep_column"] = keep_column
     if "drops" in got:
         drops = got["drops"]
         drops = to_pandas(drops)
@@ -207,7 +219,7 @@ def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep
     summary["errors"] = {k.split(":", 1)[1]: int(v) for k, v in got.items() if k.startswith("errors:")}
     summary["steps"] = [
         {"step": r.name, "folder": r.folder, "shards_computed": r.computed, "shards_reused": r.reused,
-         "seconds": round(r.seconds, 3)}
+         "seconds": round(r.seconds, 3), "columns": r.columns, "thresholds": r.thresholds}
         for r in records
     ]  # fmt: skip
     return summary

@@ -254,6 +254,21 @@ class ClipTextFilter(SampleFilter):
             rules.append((f"smaller side < {self.min_side}", side))
         return rules
 
+    def thresholds(self) -> dict[str, list[tuple[str, float]]]:
+        found = super().thresholds()
+        score, p = self.clip_score_column, self.caption_prefix
+        if self.min_clip_score is not None:
+            found.setdefault(score, []).append(("min_clip_score", float(self.min_clip_score)))
+        if self.clip_top_fraction is not None and self.threshold is not None:
+            found.setdefault(score, []).append((f"top {self.clip_top_fraction:.0%}", float(self.threshold)))
+        confidence = self.min_language_confidence if self.languages else None
+        for column, label, value in [(f"{p}words", "min_words", self.min_words),
+                                     (f"{p}chars", "min_chars", self.min_chars),
+                                     (f"{p}language_confidence", "min_language_confidence", confidence)]:  # fmt: skip
+            if value is not None:
+                found.setdefault(column, []).append((label, float(value)))
+        return found
+
     def input_columns(self, id_col: str) -> list[str]:
         needed = super().input_columns(id_col)
         p = self.caption_prefix

@@ -18,7 +18,8 @@ LAYERS = [
     (3, ("imgcurate.dataset",)),
     (4, ("imgcurate.steps", "imgcurate.embedders", "imgcurate.classifiers", "imgcurate.dedup", "imgcurate.filters",
          "imgcurate.synthetic", "imgcurate.testing", "imgcurate.text")),
-    (5, ("imgcurate.pipeline", "imgcurate.rundir", "imgcurate.report", "imgcurate.estimate", "imgcurate.doctor")),
+    (5, ("imgcurate.pipeline", "imgcurate.rundir", "imgcurate.report", "imgcurate.reports", "imgcurate.estimate",
+         "imgcurate.doctor")),
     (6, ("imgcurate.cli", "imgcurate")),
 ]  # fmt: skip
 

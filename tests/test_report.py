@@ -71,7 +71,7 @@ def test_semantic_report_has_the_histogram_groups_and_the_borderline_pairs(sampl
         path = duplicate_groups(ds, str(tmp_path / "sem.html"), borderline=5, max_per_group=1)
     df = ds.metadata.compute()
     page = open(path, encoding="utf-8").read()
-    assert 'class="plot" src="data:image/png;base64,' in page
+    assert 'class="plot" alt="plot" src="data:image/png;base64,' in page
     compared = df[df.max_similarity.notna()]
     assert f"counts {int((~compared.is_duplicate).sum())} kept and {int(compared.is_duplicate.sum())} flagged" in page
     figures = _figures(page)

@@ -576,6 +576,10 @@ class SemanticDeduplicator(Step):
         if arrow_type is not None and not is_embedding_type(arrow_type):
             raise ColumnError(f"{self.name} reads {self.embedding_column!r}, which holds {arrow_type}, not embeddings")
 
+    def thresholds(self) -> dict[str, list[tuple[str, float]]]:
+        """The similarity above which a sample is a duplicate (``1 - eps``), drawn on the report's histogram."""
+        return {"max_similarity": [(f"1 - eps {e:g}", 1.0 - e) for e in self.eps]}
+
     def kmeans_backend_for(self, meta: Any) -> str:
         """The KMeans backend for a metadata frame: the one asked for, else chosen by the frame's backend and by
         whether the distributed client's workers hold distinct GPUs (checked when the step runs)."""

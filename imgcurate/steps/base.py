@@ -152,6 +152,11 @@ class Step(abc.ABC):
     def name(self) -> str:
         return type(self).__name__
 
+    def thresholds(self) -> dict[str, list[tuple[str, float]]]:
+        """The numeric thresholds this step applies, ``column -> [(label, value)]``; the run report draws them on
+        the columns' histograms. Filters fill this in; most steps apply none."""
+        return {}
+
     # ------------------------------------------------------------------ the column flow
     def input_columns(self, id_col: str) -> list[str]:
         """The metadata columns this step reads (the id column is always there)."""
