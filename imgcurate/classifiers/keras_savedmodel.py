@@ -452,8 +452,8 @@ def keras_to_torch(model: KerasModel | str | os.PathLike) -> torch.nn.Module:
         model: a :class:`KerasModel`, or the path of a SavedModel folder or zip to read first.
 
     Returns:
-        An ``nn.Sequential`` whose children are named after the Keras layers; its attribute ``input_size`` is the
-        width it expects.
+        An ``nn.Sequential`` whose children are named after the Keras layers; its attributes ``input_size`` and
+        ``output_size`` are the widths it takes and gives.
 
     Raises:
         WeightFileError: a layer this builder does not know, an unsupported setting or a weight of the wrong shape,
@@ -475,6 +475,7 @@ def keras_to_torch(model: KerasModel | str | os.PathLike) -> torch.nn.Module:
         raise WeightFileError(model.path, "the input width cannot be told (no input shape, no weights)")
     seq = nn.Sequential(OrderedDict(modules))
     seq.input_size = input_size
+    seq.output_size = width
     return seq.to(torch.float32)
 
 
