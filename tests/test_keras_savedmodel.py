@@ -71,6 +71,10 @@ def test_layers_and_weights_as_saved():
     norm = model.layers[1].weights
     assert norm["mean"].shape == norm["variance"].shape == (512,) and (norm["variance"] > 0).all()
     assert float(norm["count"]) == 256  # the fixture adapted its Normalization on 256 rows
+    sequential = read_keras_savedmodel(DATA / "keras_sequential.zip")
+    assert sequential.class_name == "Sequential"
+    norm = next(layer for layer in sequential.layers if layer.class_name == "Normalization")
+    assert not norm.weights and len(norm.config["mean"]) == 512  # given to the layer: in its configuration instead
 
 
 def test_unsupported_layer_is_named():
