@@ -41,3 +41,20 @@ class ConfigError(ImgcurateError, ValueError):
 
     The message is one line that names the key and the value.
     """
+
+
+class WeightFileError(ImgcurateError, ValueError):
+    """A weight file is unreadable, or holds something other than the model expected.
+
+    Args:
+        path: the file (or the member of a zip) at fault.
+        problem: what is wrong with it; names the layer where one is at fault.
+    """
+
+    def __init__(self, path: str, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))

@@ -98,7 +98,8 @@ def test_wrong_weights_and_dimension_mismatch(tmp_path):
         AestheticClassifier(model_path=str(tmp_path / "nsfw.pth")).predict(_embeddings())
     col = pd.Series([np.zeros(512, np.float32)] * 3)
     with pytest.raises(ValueError, match=r"expects 768-d .*TimmImageEmbedder embeddings .* 512-d"):
-        NsfwClassifier(model_path=str(tmp_path / "nsfw.pth")).predict_column(col, source="TimmImageEmbedder")
+        clf = NsfwClassifier(model_path=str(tmp_path / "nsfw.pth"), head="ViT-L-14")
+        clf.predict_column(col, source="TimmImageEmbedder")
 
 
 def test_null_embeddings_give_null_scores(tmp_path):

@@ -288,13 +288,17 @@ def test_estimate_from_the_input_alone_and_with_a_config_flag(sample_dir, tmp_pa
 
 
 def test_config_checks_the_column_flow_when_the_input_is_there(sample_dir, tmp_path, capsys):
-    """ViT-B/32 gives 512-d embeddings: the NSFW heads (ViT-L/14, ViT-H/14) cannot read them."""
+    """ViT-H/14 gives 1024-d embeddings: the aesthetic heads (ViT-L/14, ViT-B/32) cannot read them, the NSFW head for
+    H/14 can; ViT-B/32's 512-d embeddings have both heads."""
     argv = ["config", "--input-path", str(sample_dir), "--output-path", "o", "--output-file", str(tmp_path / "c.yaml")]
-    argv += ["--model", "vit_base_patch32_clip_224.openai", "--no-dedup"]
-    assert main(argv) == 2
-    assert "NsfwClassifier" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
-    assert main(argv + ["--no-nsfw"]) == 0  # the aesthetic predictor has a ViT-B/32 head
-    assert "AestheticClassifier" in (tmp_path / "c.yaml").read_text()
+    argv += ["--no-dedup", "--model"]
+    assert main(argv + ["vit_huge_patch14_clip_224.laion2b"]) == 2
+    assert "AestheticClassifier" in capsys.readouterr().err and not (tmp_path / "c.yaml").exists()
+    assert main(argv + ["vit_huge_patch14_clip_224.laion2b", "--no-aesthetic"]) == 0
+    assert "NsfwClassifier" in (tmp_path / "c.yaml").read_text()
+    assert main(argv + ["vit_base_patch32_clip_224.openai", "--force"]) == 0
+    text = (tmp_path / "c.yaml").read_text()
+    assert "AestheticClassifier" in text and "NsfwClassifier" in text
 
 
 def test_the_readme_main_job_keeps_one_sample_per_photo(tmp_path, capsys):

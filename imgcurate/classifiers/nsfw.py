@@ -1,8 +1,10 @@
-"""LAION's CLIP-based NSFW detectors: ViT-L/14 (the PyTorch conversion of its Keras model) and ViT-H/14 (published
-as a PyTorch state dict, the head clip-retrieval uses for H/14).
+"""LAION's CLIP-based NSFW detectors: ViT-L/14 (the PyTorch conversion of its Keras model), ViT-H/14 (published
+as a PyTorch state dict, the head clip-retrieval uses for H/14) and ViT-B/32.
 
-The ViT-B/32 detector (``clip_autokeras_nsfw_b32.zip``) is published only as a Keras SavedModel, which cannot be read
-without TensorFlow and running its graph; it is not supported."""
+The ViT-B/32 detector (``clip_autokeras_nsfw_b32.zip``) is published only as an autokeras model in TensorFlow's
+SavedModel format. It is read unchanged, without TensorFlow, by :mod:`imgcurate.classifiers.keras_savedmodel`, which
+builds the torch module from the saved layer configuration and checkpoint. Any SavedModel given as ``model_path``
+(a folder or a zip of one, such as the original Keras L/14 detector) is read the same way."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import zipfile
 from typing import TYPE_CHECKING
 
 from imgcurate.classifiers.base import ImageClassifier, head_size, pick_head
+from imgcurate.classifiers.keras_savedmodel import is_keras_savedmodel, keras_to_torch
 from imgcurate.classifiers.weights import WeightFile, cached_weights
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NsfwClassifier", "NsfwMLP", "NsfwH14MLP", "NSFW_WEIGHTS", "NSFW_H14_WEIGHTS", "HEADS"]
+__all__ = ["NsfwClassifier", "NsfwMLP", "NsfwH14MLP", "NSFW_WEIGHTS", "NSFW_H14_WEIGHTS", "NSFW_B32_WEIGHTS", "HEADS"]
 
 #: The published PyTorch conversion: a zip holding ``clip_autokeras_binary_nsfw.pth``. No digest is published for it;
 #: the digest of the first download is recorded in the cache and checked on every later use.
@@ -29,6 +32,14 @@ NSFW_WEIGHTS = WeightFile(
 NSFW_H14_WEIGHTS = WeightFile(
     "h14_nsfw.pth",
     "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/h14_nsfw.pth",
+)
+
+#: The ViT-B/32 detector: a zip of the autokeras SavedModel folder ``clip_autokeras_nsfw_b32`` (``saved_model.pb``,
+#: ``keras_metadata.pb``, ``variables/``), where clip-retrieval downloads it from. Its layers are read from the file.
+#: No digest is published for it.
+NSFW_B32_WEIGHTS = WeightFile(
+    "clip_autokeras_nsfw_b32.zip",
+    "https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/clip_autokeras_nsfw_b32.zip",
 )
 
 
@@ -92,28 +103,36 @@ def NsfwMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a module 
     return _MLP()
 
 
-#: head name -> (embedding size, layers factory, published weights). ``auto`` picks by the embedding's size.
+#: head name -> (embedding size, layers factory, published weights). ``auto`` picks by the embedding's size. A factory
+#: of None: the head is published as a Keras SavedModel, whose layers are read from the file.
 HEADS = {
     "ViT-L-14": (768, NsfwMLP, NSFW_WEIGHTS),
     "ViT-H-14": (1024, NsfwH14MLP, NSFW_H14_WEIGHTS),
+    "ViT-B-32": (512, None, NSFW_B32_WEIGHTS),
 }
 
 
 class NsfwClassifier(ImageClassifier):
     """LAION's CLIP-based NSFW detector on CLIP image embeddings: a score 0-1 (1 = unsafe).
 
-    Two published heads (:data:`HEADS`): ViT-L/14 (768-d, a probability) and ViT-H/14 (1024-d). ``head="auto"``
-    picks the one whose size matches the embeddings (when a pipeline checks its columns, or on the first embeddings
-    scored); 768-d until then.
+    Three published heads (:data:`HEADS`): ViT-L/14 (768-d, a probability), ViT-H/14 (1024-d) and ViT-B/32 (512-d,
+    a probability; the Keras SavedModel read without TensorFlow). ``head="auto"`` picks the one whose size matches the
+    embeddings (when a pipeline checks its columns, or on the first embeddings scored); 768-d until then.
 
     Args:
-        model_path: a local ``.pth``/``.safetensors`` state dict, or the published zip. None downloads the chosen
-            head's file into ``$IMGCURATE_HOME/weights`` once and reuses it offline.
+        model_path: a local ``.pth``/``.safetensors`` state dict, the published zip, or a Keras SavedModel (a folder
+            or a zip of one). None downloads the chosen head's file into ``$IMGCURATE_HOME/weights`` once and reuses
+            it offline.
         embedding_column: the column of CLIP image embeddings.
         pred_column: the output column.
         batch_size: embeddings per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
-        head: ``auto``, ``ViT-L-14`` or ``ViT-H-14``.
+        head: ``auto``, ``ViT-L-14``, ``ViT-H-14`` or ``ViT-B-32``.
+
+    Example:
+        >>> clf = NsfwClassifier(head="ViT-B-32")  # reads clip_autokeras_nsfw_b32.zip when it first scores
+        >>> clf.embedding_size
+        512
     """
 
     def __init__(
@@ -140,8 +159,22 @@ class NsfwClassifier(ImageClassifier):
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 
-        _, layers, weights = next(h for h in HEADS.values() if h[0] == self.embedding_size)
+        name, (_, layers, weights) = next((n, h) for n, h in HEADS.items() if h[0] == self.embedding_size)
         path = str(self.model_path or cached_weights(weights))
+        if is_keras_savedmodel(path):
+            model = keras_to_torch(path)
+            if model.input_size != self.embedding_size or model.output_size != 1:
+                raise ValueError(
+                    f"{path}: a Keras model from {model.input_size}-d input to {model.output_size} outputs, not the "
+                    f"{name} head ({self.embedding_size}-d input, one score)"
+                )
+            return model.eval().to(device)
+        if layers is None:
+            others = ", ".join(f"{n} ({h[0]}-d)" for n, h in HEADS.items() if h[1] is not None)
+            raise ValueError(
+                f"{path}: the NSFW {name} head (for {self.embedding_size}-d embeddings) is read from a Keras "
+                f"SavedModel, as published in {weights.name}; a state dict fits the {others} heads"
+            )
         if path.endswith(".zip"):
             path = _extract_pth(path)
         model = layers(self.embedding_size)
