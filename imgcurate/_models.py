@@ -29,3 +29,18 @@ def resolve_device(device: str) -> str:
     from imgcurate.device import resolve_device as resolve
 
     return resolve(device)
+
+
+def hf_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads from the Hugging Face hub."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off")
+
+
+def in_hf_cache(repo: str, filenames: list[str]) -> bool:
+    """Whether one of ``filenames`` of hub repository ``repo`` (``name@revision`` allowed) is in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = repo.strip("/").partition("@")
+    return any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str) for n in filenames)

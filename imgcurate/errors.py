@@ -58,3 +58,8 @@ class WeightFileError(ImgcurateError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.problem))
+
+
+class MissingWeightsError(ImgcurateError, RuntimeError):
+    """A model's pretrained weights cannot be loaded here (not in the caches, no network); the message says how to
+    provide them."""

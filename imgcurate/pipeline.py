@@ -453,6 +453,9 @@ class Pipeline:
         if dataset is None:
             dataset = self.open_input()
         self.check(dataset)
+        for step in self.steps:
+            if isinstance(step, Step):
+                step.check_resources()
         with _cluster(self.cluster):
             started = time.perf_counter()
             result, records = self.compute_steps(dataset)

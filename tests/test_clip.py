@@ -105,6 +105,14 @@ def test_checkpoint_file_and_clear_errors(tmp_path, sample_ds, tiny, monkeypatch
     assert emb.embedding_dim() == 1024
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set.*checkpoint_path="):
         emb.load_model("cpu")
+    import huggingface_hub.constants as hc
+
+    from imgcurate.errors import MissingWeightsError
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-hf" / "hub"))
+    with pytest.raises(MissingWeightsError, match="are not available offline.*checkpoint_path="):
+        emb.check_resources()  # what a pipeline runs before any work
+    ClipEmbedder(tiny, device="cpu").check_resources()  # no pretrained tag: nothing to find
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not a checkpoint of this open_clip model"):
         ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "bad.safetensors")).load_model("cpu")

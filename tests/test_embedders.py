@@ -175,6 +175,12 @@ def test_pretrained_from_the_hf_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="not in the Hugging Face cache.*checkpoint_path"):
         TimmImageEmbedder("test_vit", pretrained=True).model("cpu")
+    # the step's resource check (a pipeline runs it before any work) finds it too, without building the model
+    from imgcurate.errors import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="not available offline.*checkpoint_path"):
+        TimmImageEmbedder("test_vit", pretrained=True).check_resources()
+    TimmImageEmbedder("test_vit", pretrained="if-available").check_resources()  # falls back: no error
     # lay the weights out as the hub cache does: refs/main -> snapshots/<commit>/model.safetensors
     from safetensors.torch import save_file
 
@@ -185,6 +191,7 @@ def test_pretrained_from_the_hf_cache_offline(tmp_path, monkeypatch):
     (folder / "snapshots" / commit).mkdir(parents=True)
     save_file(source.state_dict(), str(folder / "snapshots" / commit / "model.safetensors"))
     clear()
+    TimmImageEmbedder("test_vit", pretrained=True).check_resources()  # found in the cache now
     loaded = TimmImageEmbedder("test_vit", pretrained=True, output="head", engine="torch").model("cpu")
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():

@@ -16,8 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from imgcurate._dask import Shard
+from imgcurate._models import hf_offline, in_hf_cache
 from imgcurate.backends import embedding_array, embedding_type, to_pandas
 from imgcurate.embedders.base import ImageEmbedder
+from imgcurate.errors import MissingWeightsError
 from imgcurate.steps.base import Requirement, ShardIO
 
 if TYPE_CHECKING:
@@ -202,10 +204,25 @@ class ClipEmbedder(ImageEmbedder):
         except Exception as err:
             if tag is None and not self.model_name.startswith("hf-hub:"):
                 raise
-            raise RuntimeError(_missing_weights(self.model_name, tag, err)) from err
+            raise MissingWeightsError(_missing_weights(self.model_name, tag, err)) from err
         if self.checkpoint_path is not None:
             _load_checkpoint(model, self.checkpoint_path)
         return _Towers(model.eval().to(device), open_clip.get_tokenizer(self.model_name))
+
+    def check_resources(self) -> None:
+        """Offline, a pretrained tag's weights must be in the Hugging Face cache: an error before any work."""
+        import open_clip
+
+        tag = self.pretrained if self.checkpoint_path is None else None
+        if not tag or not hf_offline():
+            return
+        hub = (open_clip.get_pretrained_cfg(self.model_name, tag) or {}).get("hf_hub")
+        names = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if hub:
+            repo, _, filename = hub.partition("/")[2].partition("/")
+            repo = hub.split("/")[0] + "/" + repo
+            if not in_hf_cache(repo, [filename] if filename else names):
+                raise MissingWeightsError(_missing_weights(self.model_name, tag, None))
 
     def embedding_dim(self) -> int:
         """The embedding's length, from the model config (no weights are loaded)."""
@@ -322,7 +339,7 @@ def _configs(model_name: str, pretrained: str | None) -> tuple[dict, dict]:
             with open(hf_hub_download(rest, "open_clip_config.json")) as f:
                 config = json.load(f)
         except Exception as err:
-            raise RuntimeError(_missing_weights(model_name, None, err)) from err
+            raise MissingWeightsError(_missing_weights(model_name, None, err)) from err
     else:
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
@@ -357,15 +374,16 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
         raise ValueError(f"{path}: not a checkpoint of this open_clip model ({err})") from None
 
 
-def _missing_weights(model_name: str, tag: str | None, err: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+def _missing_weights(model_name: str, tag: str | None, err: Exception | None) -> str:
+    offline = hf_offline()
+    problem = "are not available offline" if err is None else f"could not be loaded ({type(err).__name__}: {err})"
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
     )
     call = f"open_clip.create_model('{model_name}'" + (f", pretrained='{tag}')" if tag else ")")
     return (
-        f"open_clip weights for {model_name!r}" + (f" (pretrained={tag!r})" if tag else "") + " could not be loaded "
-        f"({type(err).__name__}: {err}). {'HF_HUB_OFFLINE is set and ' if offline else ''}they are not in the Hugging "
+        f"open_clip weights for {model_name!r}" + (f" (pretrained={tag!r})" if tag else "") + f" {problem}. "
+        f"{'HF_HUB_OFFLINE is set and ' if offline else ''}they are not in the Hugging "
         f'Face cache ({cache}). Provide them by running `python -c "import open_clip; {call}"` on a machine with '
         "network access and copying that cache folder here (or setting HF_HOME to it), or pass checkpoint_path= with "
         "a local open_clip safetensors/torch state dict, or model_name='local-dir:<folder>' with open_clip_config.json "

@@ -9,7 +9,9 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from imgcurate._models import hf_offline, in_hf_cache
 from imgcurate.embedders.base import ImageEmbedder
+from imgcurate.errors import MissingWeightsError
 
 if TYPE_CHECKING:
     import torch
@@ -173,20 +175,30 @@ class TimmImageEmbedder(ImageEmbedder):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(RANDOM_WEIGHTS_SEED)
                     return timm.create_model(self.model_name, pretrained=False, **self.model_kwargs).eval()
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-            cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-                os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-            )
-            raise RuntimeError(
-                f"pretrained weights for {self.model_name!r} could not be loaded ({type(err).__name__}: {err}). "
-                f"{'HF_HUB_OFFLINE is set and ' if offline else ''}they are not in the Hugging Face cache ({cache}). "
-                f"Provide them by running `python -c \"import timm; timm.create_model('{self.model_name}', "
-                'pretrained=True)"` on a machine with network access and copying that cache folder here (or '
-                "setting HF_HOME to it), or pass checkpoint_path= with a local safetensors/torch state dict."
-            ) from err
+            problem = f"could not be loaded ({type(err).__name__}: {err})"
+            raise MissingWeightsError(self._missing_weights(problem)) from err
         if self.checkpoint_path is not None:
             self._load_checkpoint(model)
         return model.eval()
+
+    def _missing_weights(self, what: str) -> str:
+        cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+        )
+        return (
+            f"pretrained weights for {self.model_name!r} {what}. {'HF_HUB_OFFLINE is set and ' if hf_offline() else ''}"
+            f'they are not in the Hugging Face cache ({cache}). Provide them by running `python -c "import timm; '
+            f"timm.create_model('{self.model_name}', pretrained=True)\"` on a machine with network access and copying "
+            "that cache folder here (or setting HF_HOME to it), or pass checkpoint_path= with a local "
+            "safetensors/torch state dict."
+        )
+
+    def check_resources(self) -> None:
+        """Offline, the pretrained weights must be in the caches: a missing download is an error before any work,
+        not at the first shard."""
+        wanted = self.pretrained is True and self.checkpoint_path is None
+        if wanted and hf_offline() and pretrained_weights_cached(self.model_name) is False:
+            raise MissingWeightsError(self._missing_weights("are not available offline"))
 
     def _load_checkpoint(self, model: torch.nn.Module) -> None:
         state = load_state_dict_file(self.checkpoint_path)
@@ -321,3 +333,29 @@ def _pre_logits_module() -> type:
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     return PreLogits
+
+
+def pretrained_weights_cached(model_name: str) -> bool | None:
+    """Whether timm would find ``model_name``'s pretrained weights without a download: in the Hugging Face cache for
+    a hub model (the file names timm tries, safetensors first), in torch hub's checkpoint folder for a URL. None when
+    the model has no pretrained source this can check (timm itself will say what is wrong)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except Exception:  # an unknown name: timm's own error comes when the model is created
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += ["model.safetensors", "pytorch_model.bin"]
+        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return in_hf_cache(cfg.hf_hub_id, names)
+    if cfg.url:
+        import torch.hub
+
+        return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url)))
+    if cfg.file:
+        return os.path.exists(cfg.file)
+    return None

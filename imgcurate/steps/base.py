@@ -152,6 +152,15 @@ class Step(abc.ABC):
     def name(self) -> str:
         return type(self).__name__
 
+    def check_resources(self) -> None:
+        """Checks, before a run does any work, that what the step loads at run time is here (weights in the caches
+        when offline). Not part of :meth:`check`, so a config can be written and checked on a machine without them.
+
+        Raises:
+            ImgcurateError: naming what is missing and how to provide it.
+        """
+        return None
+
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The numeric thresholds this step applies, ``column -> [(label, value)]``; the run report draws them on
         the columns' histograms. Filters fill this in; most steps apply none."""
