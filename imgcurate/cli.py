@@ -180,6 +180,13 @@ def make_config(
     model: str = DEFAULT_MODEL,
     pretrained: bool = True,
     n_clusters: int | None = None,
+    clip_model: str | None = None,
+    clip_pretrained: str | None = "openai",
+    min_clip_score: float | None = None,
+    clip_top_fraction: float | None = None,
+    filter_preset: str | None = None,
+    languages: Sequence[str] = (),
+    min_caption_words: int | None = None,
 ) -> dict:
     """A pipeline config (the mapping ``imgcurate run`` reads): exact and semantic dedup, the CLIP image tower with the
     aesthetic and NSFW heads fused, a filter on their scores and on the duplicates, and the export.
@@ -188,17 +195,44 @@ def make_config(
     neither head nor semantic dedup needs it. ``n_clusters`` None: one cluster per 1,000 samples of the input (the
     ratio of benchmarks/dedup.py), counted from its parquet footers when it exists, else 1,000.
 
+    ``clip_model`` (an open_clip architecture such as ``ViT-L-14``, with ``clip_pretrained`` its weights' tag) makes
+    the embedder :class:`~imgcurate.embedders.ClipEmbedder`: both towers, so each sample also gets its caption's
+    embedding and ``clip_score``; the heads are fused on its image tower. ``min_clip_score``, ``clip_top_fraction``
+    (of the whole dataset) and ``filter_preset`` (:data:`imgcurate.text.PRESETS`) filter on that score; ``languages``
+    and ``min_caption_words`` add :class:`~imgcurate.text.CaptionFeatures`. Any of those makes the filter
+    :class:`~imgcurate.text.ClipTextFilter` (SampleFilter's rules plus these).
+
     Raises:
-        ValueError: a threshold outside its scale (aesthetic 0-10, NSFW 0-1) or a size below 1.
+        ValueError: a threshold outside its scale (aesthetic 0-10, NSFW 0-1, CLIP score -1-1, fraction 0-1], a size
+            below 1, or a CLIP rule without ``clip_model``.
     """
     if aesthetic_threshold is not None and not 0 <= aesthetic_threshold <= 10:
         raise ValueError(f"--aesthetic-threshold: the aesthetic score is 0-10, got {aesthetic_threshold}")
     if nsfw_threshold is not None and not 0 < nsfw_threshold <= 1:
         raise ValueError(f"--nsfw-threshold: the NSFW score is a probability (0-1], got {nsfw_threshold}")
+    if min_clip_score is not None and not -1 <= min_clip_score <= 1:
+        raise ValueError(f"--min-clip-score: the CLIP score is a cosine (-1 to 1), got {min_clip_score}")
+    if clip_top_fraction is not None and not 0 < clip_top_fraction <= 1:
+        raise ValueError(f"--clip-top-fraction: a fraction of the dataset (0-1], got {clip_top_fraction}")
+    from imgcurate.text import PRESETS
+
+    if filter_preset is not None and filter_preset not in PRESETS:
+        raise ValueError(f"--filter-preset: unknown preset {filter_preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS.get(filter_preset or "", {})
+    clip_rules = {"min_clip_score": min_clip_score, "clip_top_fraction": clip_top_fraction, "preset": filter_preset}
+    needs_clip = [
+        f"--{k.replace('_', '-')}" for k in ("min_clip_score", "clip_top_fraction") if clip_rules[k] is not None
+    ]
+    if any(k in preset for k in ("min_clip_score", "clip_top_fraction")):
+        needs_clip.append(f"--filter-preset {filter_preset}")
+    if clip_model is None and needs_clip:
+        raise ValueError(f"{', '.join(needs_clip)}: a CLIP-score rule needs the CLIP embedder (--clip-model, e.g. "
+                         "ViT-L-14)")  # fmt: skip
     for flag, value in (
         ("--batch-size", batch_size),
         ("--images-per-tar", images_per_tar),
         ("--n-clusters", n_clusters),
+        ("--min-caption-words", min_caption_words),
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive integer, got {value}")
@@ -212,13 +246,22 @@ def make_config(
         classifiers.append({"AestheticClassifier": {}})
     if nsfw_threshold is not None:
         classifiers.append({"NsfwClassifier": {}})
-    if classifiers or dedup:
-        embedder: dict = {"model_name": model, "pretrained": pretrained}
+    if clip_model is not None:
+        embedder: dict = {"model_name": clip_model, "pretrained": clip_pretrained}
+        if batch_size is not None:
+            embedder["batch_size"] = batch_size
+        if classifiers:
+            embedder["classifiers"] = classifiers
+        steps.append({"ClipEmbedder": embedder})
+    elif classifiers or dedup:
+        embedder = {"model_name": model, "pretrained": pretrained}
         if batch_size is not None:
             embedder["batch_size"] = batch_size
         if classifiers:
             embedder["classifiers"] = classifiers
         steps.append({"TimmImageEmbedder": embedder})
+    if languages or min_caption_words is not None or any(k in preset for k in ("languages", "min_words", "min_chars")):
+        steps.append({"CaptionFeatures": {"language": bool(languages) or "languages" in preset}})
     if dedup:
         if n_clusters is None:
             n_clusters = _clusters_for(input_path)
@@ -232,7 +275,12 @@ def make_config(
     rules["drop_errors"] = True
     if duplicates:
         rules["drop_duplicates"] = duplicates
-    steps.append({"SampleFilter": rules})
+    text_rules = {k: v for k, v in clip_rules.items() if v is not None}
+    if languages:
+        text_rules["languages"] = list(languages)
+    if min_caption_words is not None:
+        text_rules["min_words"] = min_caption_words
+    steps.append({"ClipTextFilter": {**text_rules, **rules}} if text_rules else {"SampleFilter": rules})
     return {
         "input": input_path,
         "output": output_path,
@@ -278,6 +326,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
         model=args.model,
         pretrained=args.pretrained,
         n_clusters=args.n_clusters,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained or None,
+        min_clip_score=args.min_clip_score,
+        clip_top_fraction=args.clip_top_fraction,
+        filter_preset=args.filter_preset,
+        languages=[x for x in (args.languages or "").split(",") if x],
+        min_caption_words=args.min_caption_words,
     )
     from imgcurate.pipeline import Pipeline
 
@@ -379,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm image tower (default: CLIP ViT-L/14)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load its weights")
     p.add_argument("--n-clusters", type=int, default=None, help="semantic dedup clusters (default: samples / 1000)")
+    p.add_argument("--clip-model", default=None, help="open_clip model (e.g. ViT-L-14): both towers and clip_score, "
+                   "instead of the timm image tower")  # fmt: skip
+    p.add_argument("--clip-pretrained", default="openai", help="the open_clip weights' tag (default: openai)")
+    p.add_argument("--min-clip-score", type=float, default=None, help="keep clip_score >= this (cosine; B/32: 0.25)")
+    p.add_argument("--clip-top-fraction", type=float, default=None, help="keep this best-scored fraction of the data")
+    p.add_argument("--filter-preset", default=None, help="a published filter: datacomp_clip_l14_top30, "
+                   "datacomp_clip_b32, laion2b (these need --clip-model), datacomp_basic")  # fmt: skip
+    p.add_argument("--languages", default=None, help="keep captions in these languages (comma-separated ISO 639-1)")
+    p.add_argument("--min-caption-words", type=int, default=None, help="drop captions with fewer words")
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     p.set_defaults(func=_cmd_config)
 

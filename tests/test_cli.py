@@ -322,3 +322,70 @@ def test_the_readme_main_job_keeps_one_sample_per_photo(tmp_path, capsys):
     assert not out["source"].duplicated().any()  # every copy found: one sample per photo is left
     assert set(out["source"]) <= set(wide["source"]) and len(out) >= wide["source"].nunique() - 1
     assert "semantic duplicates" in capsys.readouterr().out
+
+
+def test_config_clip_and_caption_flags_round_trip(sample_dir, tmp_path, capsys):
+    import itertools
+
+    from imgcurate.cli import make_config
+    from imgcurate.pipeline import Pipeline
+    from imgcurate.text import PRESETS
+
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    out = tmp_path / "c.yaml"
+    rules = [[], ["--min-clip-score", "0.25"], ["--clip-top-fraction", "0.3"], ["--filter-preset", "laion2b"],
+             ["--filter-preset", "datacomp_basic"]]  # fmt: skip
+    for clip, rule, languages, words, no_aes in itertools.product(
+        (None, "ViT-B-32"), rules, (None, "en,de"), (None, 2), (False, True)
+    ):
+        argv = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "o"), "--force"]
+        argv += ["--output-file", str(out), *rule] + ["--no-aesthetic"] * no_aes
+        argv += ["--clip-model", clip] * bool(clip) + ["--languages", languages] * bool(languages)
+        argv += ["--min-caption-words", str(words)] * bool(words)
+        preset = PRESETS.get(rule[1], {}) if rule and rule[0] == "--filter-preset" else {}
+        needs_clip = rule[:1] in (["--min-clip-score"], ["--clip-top-fraction"]) or "min_clip_score" in preset
+        capsys.readouterr()
+        if needs_clip and clip is None:
+            assert main(argv) == 2, argv
+            assert "needs the CLIP embedder (--clip-model" in capsys.readouterr().err
+            continue
+        assert main(argv) == 0, argv
+        config = yaml.safe_load(out.read_text())
+        flags = {"aesthetic_threshold": None if no_aes else 5.0, "clip_model": clip, "min_caption_words": words,
+                 "languages": languages.split(",") if languages else []}  # fmt: skip
+        if rule:
+            flags[rule[0][2:].replace("-", "_")] = rule[1] if rule[0] == "--filter-preset" else float(rule[1])
+        assert config["steps"] == make_config(str(sample_dir), str(tmp_path / "o"), **flags)["steps"]
+        pipeline = Pipeline.from_config(config)
+        pipeline.check(ds)  # every column each step reads is made by a step before it
+        names = [type(s).__name__ for s in pipeline.steps]
+        captions = bool(languages or words or {"languages", "min_words"} & set(preset))
+        text_filter = bool(rule or languages or words)
+        expected = ["ExactDuplicates", "ClipEmbedder" if clip else "TimmImageEmbedder"]
+        expected += ["CaptionFeatures"] * captions + ["SemanticDeduplicator"]
+        expected += ["ClipTextFilter" if text_filter else "SampleFilter"]
+        assert names == expected, argv
+        emb, filt = pipeline.steps[1], pipeline.steps[-1]
+        if clip:
+            assert (emb.model_name, emb.pretrained) == ("ViT-B-32", "openai")
+            assert "clip_score" in emb.output_columns()
+        heads = [type(c).__name__ for c in emb.classifiers]
+        assert heads == ["AestheticClassifier"] * (not no_aes) + ["NsfwClassifier"], argv
+        assert filt.min_aesthetic == (None if no_aes else 5.0) and filt.max_nsfw == 0.5
+        if languages:
+            assert list(filt.languages) == ["en", "de"]
+        elif "languages" in preset:
+            assert list(filt.languages) == list(preset["languages"])
+        if rule[:1] == ["--min-clip-score"]:
+            assert filt.min_clip_score == 0.25
+        if rule[:1] == ["--clip-top-fraction"]:
+            assert filt.clip_top_fraction == 0.3
+        if words:
+            assert filt.min_words == 2
+    for bad, message in ((["--min-clip-score", "3"], "cosine"), (["--clip-top-fraction", "0"], "fraction"),
+                         (["--filter-preset", "nope"], "unknown preset 'nope'"),
+                         (["--min-caption-words", "0"], "positive integer")):  # fmt: skip
+        argv = ["config", "--input-path", "in", "--output-path", "o", "--output-file", str(tmp_path / "x.yaml"), *bad]
+        assert main([*argv, "--clip-model", "ViT-B-32"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
