@@ -20,19 +20,37 @@ def bar(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = N
 
 
 class _TaskBar(Callback):
-    """Advances a tqdm bar as the local scheduler finishes tasks."""
+    """Advances a tqdm bar as the local scheduler finishes tasks.
 
-    def __init__(self, desc: str):
+    With ``unit="shard"`` it counts the graph's outputs (its partitions: the tasks nothing else waits for, or, when a
+    single task gathers them, the tasks that one reads), so a step over N shards reads ``k/N shard`` with a rate and
+    an ETA; a graph with a single output (a reduction) falls back to counting its tasks.
+    """
+
+    def __init__(self, desc: str, unit: str = "task"):
         super().__init__()
         self._desc = desc
+        self._unit = unit
         self._bar: tqdm | None = None
+        self._counted: set | None = None
 
     def _start_state(self, dsk, state):
-        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-        self._bar = bar(desc=self._desc, total=total, unit="task")
+        keys = {k for name in ("ready", "waiting", "running", "finished") for k in state[name]}
+        keys.update(state.get("cache", {}))
+        outputs = None
+        if self._unit != "task":
+            dependents, dependencies = state["dependents"], state["dependencies"]
+            sinks = [k for k in keys if not dependents.get(k)]
+            if len(sinks) >= 2:
+                outputs = set(sinks)
+            elif len(sinks) == 1 and len(dependencies.get(sinks[0], ())) >= 2:
+                outputs = set(dependencies[sinks[0]])
+        self._counted = outputs
+        total = len(outputs) if outputs is not None else len(keys)
+        self._bar = bar(desc=self._desc, total=total, unit=self._unit if outputs is not None else "task")
 
     def _posttask(self, key, result, dsk, state, worker_id):
-        if self._bar is not None:
+        if self._bar is not None and (self._counted is None or key in self._counted):
             self._bar.update(1)
 
     def _finish(self, dsk, state, errored):
@@ -52,18 +70,26 @@ def distributed_client() -> Any | None:
         return None
 
 
-def compute(tasks: Sequence[Any], *, desc: str) -> list[Any]:
-    """Computes Dask collections or delayed objects with a progress bar, on the active scheduler.
+def compute(tasks: Sequence[Any], *, desc: str, unit: str = "task") -> list[Any]:
+    """Computes Dask collections or delayed objects with a progress bar (count, rate and ETA), on the active scheduler.
 
-    On a distributed client the bar counts finished outputs as they complete; on the local schedulers it counts
-    tasks. Results come back in the order of ``tasks``.
+    ``unit="shard"`` counts the collections' partitions as they finish (a step's per-shard results, one output shard
+    of an export): on the local schedulers from the graph's outputs, under a distributed client by persisting the
+    collections and following their partitions' futures, then gathering. Otherwise the bar counts tasks locally and
+    finished collections under a distributed client. Results come back in the order of ``tasks``.
     """
     if not tasks:
         return []
     client = distributed_client()
     if client is None:
-        with _TaskBar(desc):
+        with _TaskBar(desc, unit):
             return list(dask.compute(*tasks))
+    if unit != "task":
+        from distributed import futures_of
+
+        persisted = client.persist(list(tasks))
+        _follow([f for p in persisted for f in futures_of(p)], desc, unit)
+        return client.gather(client.compute(persisted))
     futures = client.compute(list(tasks))
     _follow(futures, desc)
     return client.gather(futures)
@@ -78,19 +104,19 @@ def persist(collection: T, *, desc: str) -> T:
     """
     client = distributed_client()
     if client is None:
-        with _TaskBar(desc):
+        with _TaskBar(desc, "shard"):
             return collection.persist()
     from distributed import futures_of
 
     persisted = client.persist(collection)
-    _follow(futures_of(persisted), desc)
+    _follow(futures_of(persisted), desc, "shard")
     return persisted
 
 
-def _follow(futures: Sequence[Any], desc: str) -> None:
+def _follow(futures: Sequence[Any], desc: str, unit: str = "part") -> None:
     """Advances a bar as distributed futures finish; raises the first task error as soon as it happens."""
     from distributed import as_completed
 
-    for future in bar(as_completed(futures), desc=desc, total=len(futures), unit="part"):
+    for future in bar(as_completed(futures), desc=desc, total=len(futures), unit=unit):
         if future.status == "error":
             future.result()  # raises the task's exception here, not after the rest finish

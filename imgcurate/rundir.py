@@ -126,7 +126,7 @@ class RunDir:
                 meta=pd.DataFrame({"rows": pd.Series([], dtype="int64")}), align_dataframes=False,
                 enforce_metadata=False,
             )  # fmt: skip
-            progress.compute([written], desc=f"{step.name}: shards")
+            progress.compute([written], desc=f"{step.name}: shards", unit="shard")
         marks = posixpath.join("steps", folder, "thresholds.json")
         if todo or not self.exists(marks):  # a global threshold (a quantile) is known only where it was computed
             self.write_json(marks, step.thresholds() if hasattr(step, "thresholds") else {})

@@ -293,7 +293,7 @@ def export_webdataset(
 
     selected = selection(metadata, shards, stage_dir, filter_column, so)
     # one small row per shard comes back: its count, its digest, and its schema only where it differs from the meta's
-    (table,) = progress.compute([selected], desc="export: selecting")
+    (table,) = progress.compute([selected], desc="export: selecting", unit="shard")
     table = table.sort_values("shard")
     counts = table["count"].astype(int).tolist()
     schemas = sorted({s or _declared_schema(metadata) for s, n in zip(table["schema"], counts, strict=True) if n})
@@ -313,7 +313,7 @@ def export_webdataset(
     staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files)
     todo = [s for s in range(len(plan)) if s not in staged]
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
-    progress.compute(tasks, desc="export: writing shards")
+    progress.compute(tasks, desc="export: writing shards", unit="shard")
     _publish(fs, out_root, len(plan), index_files)
     return sum(b - a for slices in plan for _, a, b in slices)
 

@@ -53,7 +53,7 @@ def thumbnails(dataset: ImageTextPairDataset, rows: pd.DataFrame, id_col: str, s
         for i, group in rows.groupby("_shard")
     ]
     found: dict[str, str] = {}
-    for part in progress.compute(tasks, desc=desc):
+    for part in progress.compute(tasks, desc=desc, unit="shard"):
         found.update(part)
     return found
 
