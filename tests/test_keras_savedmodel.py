@@ -133,6 +133,22 @@ def test_builder_refuses_what_it_does_not_know():
         keras_to_torch(KerasModel("m.zip", "Sequential", [bare]))
 
 
+def test_autokeras_numerical_encoding_is_nan_to_zero_and_categorical_columns_are_refused():
+    import torch
+
+    encode = KerasLayer("multi_category_encoding", "MultiCategoryEncoding", {"encoding": ["none"] * 4})
+    model = keras_to_torch(KerasModel("m.zip", "Functional", [encode, _dense("d", 4, 1, "linear")]))
+    dense = model(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    with_nan = model(torch.tensor([[1.0, float("nan"), 3.0, 4.0]]))
+    zero = model(torch.tensor([[1.0, 0.0, 3.0, 4.0]]))
+    assert torch.equal(with_nan, zero) and not torch.equal(dense, zero)
+    mixed = KerasLayer("multi_category_encoding", "MultiCategoryEncoding", {"encoding": ["none", "int", "none"]})
+    with pytest.raises(WeightFileError, match=r"\(MultiCategoryEncoding\): 1 of 3 columns use a categorical"):
+        keras_to_torch(KerasModel("m.zip", "Functional", [mixed, _dense("d", 3, 1)]))
+    with pytest.raises(WeightFileError, match=r"encodes 4 columns, not the 3-d input"):
+        keras_to_torch(KerasModel("m.zip", "Functional", [_dense("d0", 3, 3), encode]))
+
+
 def test_only_a_chain_of_layers_is_read():
     def layer(name, *sources):
         nodes = [[[source, 0, 0, {}] for source in sources]]

@@ -551,6 +551,18 @@ def _build_layer(
             kernel.shape[0],
             kernel.shape[1],
         )
+    if kind == "MultiCategoryEncoding":
+        # autokeras's structured-data input layer (LAION's B/32 detector starts with one): a numerical column
+        # ("none") is the number with NaN made 0; a categorical one ("int") goes through a string lookup table
+        encoding = list(config.get("encoding") or [])
+        categorical = sum(e != "none" for e in encoding)
+        if categorical:
+            raise fail(f"{categorical} of {len(encoding)} columns use a categorical encoding (a string lookup table), "
+                       "which is not supported; only numerical ('none') columns are")  # fmt: skip
+        size = len(encoding) or width
+        if width is not None and size != width:
+            raise fail(f"encodes {size} columns, not the {width}-d input")
+        return [("", _NanToZero())], size, size
     if kind == "Normalization":
         axis = config.get("axis", -1)
         axis = axis.get("items") if isinstance(axis, dict) else axis
@@ -567,9 +579,20 @@ def _build_layer(
             raise fail(f"mean/variance of sizes {[s.size for s in stats]} do not fit {size}-d input") from None
         return [("", _Normalization(mean, variance))], size, size
     raise fail(
-        "this layer class is not supported (the reader builds chains of InputLayer, Normalization, Dense, Dropout, "
-        "ReLU and Activation layers)"
+        "this layer class is not supported (the reader builds chains of InputLayer, autokeras's "
+        "MultiCategoryEncoding, Normalization, Dense, Dropout, ReLU and Activation layers)"
     )
+
+
+def _NanToZero() -> torch.nn.Module:  # noqa: N802 - a module factory
+    """autokeras's numerical columns: the value, with NaN replaced by 0."""
+    from torch import nn
+
+    class _Impute(nn.Module):
+        def forward(self, x):
+            return x.nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+
+    return _Impute()
 
 
 def _Normalization(mean: np.ndarray, variance: np.ndarray) -> torch.nn.Module:  # noqa: N802 - a module factory
