@@ -251,3 +251,22 @@ def test_the_report_renders_in_headless_chromium(finished_run, tmp_path):
     assert pixels.shape[:2] == (2400, 1280)
     assert pixels.std() > 20  # thumbnails and plots drew, not a blank page
     assert pd.notna(df.key).all()
+
+
+def test_clip_scores_and_their_thresholds_are_drawn_also_when_every_shard_is_reused(sample_dir, tmp_path):
+    from imgcurate.embedders.clip import write_random_clip
+
+    tiny = write_random_clip(tmp_path / "tiny-clip", seed=1)
+    config = {"input": str(sample_dir), "run_dir": str(tmp_path / "clip.run"), "backend": "pandas",
+              "steps": [{"ClipEmbedder": {"model_name": tiny, "device": "cpu", "batch_size": 8}},
+                        {"ClipTextFilter": {"min_clip_score": -0.5, "clip_top_fraction": 0.5}}]}  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    for _ in range(2):  # the second run reuses every shard: the top fraction's quantile comes from the run dir
+        assert main(["run", str(tmp_path / "p.yaml")]) == 0
+        summary = json.loads((tmp_path / "clip.run" / "summary.json").read_text())
+        page = (tmp_path / "clip.run" / "report.html").read_text(encoding="utf-8")
+        marks = dict(summary["steps"][1]["thresholds"]["clip_score"])
+        assert marks["min_clip_score"] == -0.5 and -1 <= marks["top 50%"] <= 1
+        assert f"clip_score top 50% {marks['top 50%']:g}" in page and "clip_score min_clip_score -0.5" in page
+        assert "not in top 50%" in page  # the drop reason, with its thumbnails
+    assert [s["shards_reused"] for s in summary["steps"]] == [4, 4]
