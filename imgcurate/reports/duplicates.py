@@ -243,5 +243,5 @@ def _similarity_plot(bins: np.ndarray, kept: np.ndarray, flagged: np.ndarray, si
     ax.set_ylabel("samples")
     for label, value in marks:
         ax.axvline(value, color="#222222", linestyle="--", label=label)
-    ax.legend()
+    ax.legend(loc="upper left")
     return png(fig)

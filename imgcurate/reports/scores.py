@@ -104,7 +104,7 @@ def draw_scores(histograms: Sequence[ScoreHistogram], thresholds: Mapping[str, S
         for label, value in thresholds.get(h.column, ()):
             ax.axvline(value, color="#222222", linestyle="--", label=f"{label} {value:g}")
         if stacked or thresholds.get(h.column):
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right")
 
 
 def drop_counts(dataset: ImageTextPairDataset, reason_column: str = "drop_reason") -> tuple[pd.Series, int, int]:
