@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from imgcurate._dask import Shard
 from imgcurate.backends import to_pandas
+from imgcurate.io.schema import is_error_column
 from imgcurate.steps.base import ShardIO, ShardStep
 
 if TYPE_CHECKING:
@@ -69,10 +70,6 @@ class Rule:
         if self.op == "notnull":
             return column.notnull()
         return _OPS[self.op](column, self.value).fillna(False).astype(bool)
-
-
-def _is_error_column(column: str) -> bool:
-    return column == "error" or column.endswith("_error")
 
 
 @dataclass(repr=False)
@@ -138,7 +135,7 @@ class SampleFilter(ShardStep):
             reason = f"{self.nsfw_column} >= {self.max_nsfw}"
             rules.append((reason, Rule(self.nsfw_column, "<", self.max_nsfw).passes))
         if self.drop_errors:
-            for column in [c for c in columns if _is_error_column(str(c))]:
+            for column in [c for c in columns if is_error_column(str(c))]:
                 rules.append((f"{column} set", Rule(column, "isnull").passes))
         for column in self.drop_duplicates:
             rules.append((f"{column}", Rule(column, "!=", True).passes))
@@ -169,7 +166,7 @@ class SampleFilter(ShardStep):
 
     def read_columns(self, meta: Any, id_col: str) -> list[str]:
         """The rule columns, plus every error column present when ``drop_errors`` is set."""
-        errors = [c for c in map(str, meta.columns) if _is_error_column(c)] if self.drop_errors else []
+        errors = [c for c in map(str, meta.columns) if is_error_column(c)] if self.drop_errors else []
         return list(dict.fromkeys([*self.input_columns(id_col), *errors]))
 
     def process(self, part: Any, shard: Shard, io: ShardIO) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.io._fs import atomic_open
-from imgcurate.io.schema import conform
+from imgcurate.io.schema import conform, is_error_column
 
 __all__ = ["ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
 
@@ -204,7 +204,7 @@ def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep
     for kind, column in (("exact", "exact_duplicate"), ("semantic", "is_duplicate")):
         if column in columns:
             wanted[f"duplicates_{kind}"] = df[column].fillna(False).astype(bool).sum()
-    for column in sorted(c for c in columns if c == "error" or c.endswith("_error")):
+    for column in sorted(c for c in columns if is_error_column(c)):
         wanted[f"errors:{column}"] = df[column].notnull().sum()
     got = dict(zip(wanted, dask.compute(*wanted.values()), strict=True))
     summary: dict[str, Any] = {"samples_in": int(got["samples"])}

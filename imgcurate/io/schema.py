@@ -8,7 +8,12 @@ import pyarrow as pa
 
 from imgcurate.errors import ShardError
 
-__all__ = ["parquet_path_for", "conform", "unify"]
+__all__ = ["parquet_path_for", "conform", "unify", "is_error_column"]
+
+
+def is_error_column(column: str) -> bool:
+    """Whether a metadata column holds per-sample error text: ``error`` (the input's) or ``<step>_error``."""
+    return column == "error" or column.endswith("_error")
 
 
 def parquet_path_for(tar_path: str) -> str:

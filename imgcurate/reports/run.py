@@ -27,6 +27,7 @@ from imgcurate import progress
 from imgcurate.backends import to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError
+from imgcurate.io.schema import is_error_column
 from imgcurate.reports._html import card, png, table, thumbnails, write_page
 from imgcurate.reports.duplicates import collect_duplicates, dedup_column_sets, render_duplicates
 from imgcurate.reports.scores import collect_scores, draw_scores
@@ -38,10 +39,6 @@ REPORT_NAME = "report.html"
 
 #: Numeric columns that the duplicates section shows already.
 _SHOWN_ELSEWHERE = {"max_similarity"}
-
-
-def _is_error_column(column: str) -> bool:
-    return column == "error" or column.endswith("_error")
 
 
 def _is_number(column: Any, scores_only: bool) -> bool:
@@ -198,7 +195,7 @@ def run_report(
 
     # ---- drops by reason and errors, with examples
     reason_column = "drop_reason" if "drop_reason" in present else None
-    errors = [c for c in present if _is_error_column(c)]
+    errors = [c for c in present if is_error_column(c)]
     groups = ([(reason_column, "reason")] if reason_column else []) + [(c, "error") for c in errors]
     examples = collect_examples(dataset, groups, samples_per_reason, caption_column) if groups else None
     thumbs = {}
