@@ -20,15 +20,17 @@ def temp_name(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
 
-def open_input(path: str, storage_options: dict | None = None) -> IO[bytes]:
+def open_input(path: str, storage_options: dict | None = None, buffering: int = -1) -> IO[bytes]:
     """Opens a file for reading in binary mode: a local path as a plain buffered file, anything else with fsspec.
 
     Local files skip fsspec's wrapper, which adds a Python call to every read, seek and tell of a tar read header
-    by header. The buffer stays small: a reader that skips large members reads little more than their headers.
+    by header. ``buffering`` (local files only) is the buffer size: the default (8 KiB) for readers that skip large
+    members and read little more than their headers; large for readers of most of the bytes, whose every system call
+    also gives up Python's GIL, which other threads then hold for up to its switch interval (5 ms).
     """
     fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if isinstance(fs, LocalFileSystem):
-        return open(fs_path, "rb")  # noqa: SIM115 - the caller closes it
+        return open(fs_path, "rb", buffering=buffering)  # noqa: SIM115 - the caller closes it
     return fs.open(fs_path, "rb")
 
 

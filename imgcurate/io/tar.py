@@ -34,6 +34,9 @@ from imgcurate.errors import AlignmentError, ShardError
 from imgcurate.io._fs import open_input
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+_IMAGE_EXTS = frozenset(IMAGE_EXTENSIONS)
+#: The file buffer of a local tar read with its data: few system calls, so threads seldom wait for the GIL.
+_READ_BUFFER = 1 << 20
 
 
 #: webdataset's ``base_plus_ext``: the key is the path up to the first dot of the file name, which must not be empty.
@@ -265,7 +268,7 @@ def iter_samples(
         ShardError: the file is not a tar, is truncated or corrupt (checked up to its end-of-archive blocks when
             read to the end), has a member name that is not UTF-8, or holds the same key twice.
     """
-    with open_input(path, storage_options) as f:
+    with open_input(path, storage_options, _READ_BUFFER if read_data else -1) as f:
         members = _Members(path, f)
         seen: set[str] = set()
         current: Sample | None = None
@@ -314,7 +317,7 @@ def aligned_samples(
     keys: list[str],
     storage_options: dict | None = None,
     *,
-    exts: set[str] | None = None,
+    exts: Collection[str] | None = None,
 ) -> Iterator[Sample | None]:
     """The tar's sample for each metadata key, in order, streamed from the tar; None for a key the tar does not hold.
 
@@ -363,7 +366,7 @@ def aligned_images(
     Raises:
         AlignmentError: the keys are in the tar in another order, naming the shard and the key.
     """
-    for sample in aligned_samples(tar, keys, storage_options):
+    for sample in aligned_samples(tar, keys, storage_options, exts=_IMAGE_EXTS):  # captions and json stay unread
         if sample is None:
             yield None, NO_SAMPLE
             continue
