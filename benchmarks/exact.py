@@ -11,6 +11,9 @@ Ways, each in a fresh subprocess (its own peak RSS and CPU time), interleaved ro
 - ``step``: the whole step with the defaults: the hash pass, the shuffle on the hash that finds first copies, the
   shuffle back to the shards; the count of copies found is checked against the copies planted.
 
+With ``--before DIR`` the ways ``hash`` and ``step`` also run from another checkout of imgcurate (``hash@before``,
+``step@before``), to compare versions in the same run.
+
 Per core: samples per CPU second of the process (user + system), which is what a loaded 2-core box can compare
 fairly (the loop uses one core, Dask's default scheduler as many as it gets). Goal: ``step`` >= 0.9 x ``loop``.
 """
@@ -100,8 +103,12 @@ def child(way: str, n: int) -> None:
     print(json.dumps({"way": way, "n": n, "per_s": n / seconds, "per_cpu_s": n / cpu, "peak_rss_mb": rss_mb}))
 
 
-def run(way: str, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", way, str(n)], check=True, capture_output=True, text=True)
+def run(way: str, n: int, before: str | None = None) -> dict:
+    env = dict(os.environ)
+    if way.endswith("@before"):
+        env["PYTHONPATH"] = os.pathsep.join([before, env.get("PYTHONPATH", "")])
+    command = [sys.executable, __file__, "--child", way.removesuffix("@before"), str(n)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -110,26 +117,27 @@ def main() -> None:
     parser.add_argument("--child", nargs=2)
     parser.add_argument("--sizes", default="10000")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", help="another imgcurate checkout, whose hash and step run as well")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
+    ways = list(WAYS) + (["hash@before", "step@before"] if args.before else [])
     for n in map(int, args.sizes.split(",")):
         make_input(n)
         best: dict[str, dict] = {}
         for _ in range(args.rounds):  # interleaved; the page cache is warm for every way
-            for way in WAYS:
-                r = run(way, n)
-                for key in ("per_s", "per_cpu_s"):
-                    best.setdefault(way, {}).setdefault(key, 0.0)
-                    best[way][key] = max(best[way][key], r[key])
-                best[way]["peak_rss_mb"] = r["peak_rss_mb"]
+            for way in ways:
+                r = run(way, n, args.before)
+                b = best.setdefault(way, {"per_s": 0.0, "per_cpu_s": 0.0, "peak_rss_mb": 0.0})
+                for key in b:
+                    b[key] = max(b[key], r[key])
         loop = best["loop"]
-        for way in WAYS:
+        for way in ways:
             b = best[way]
             print(
-                f"n={n:>6}  {way:5s} {b['per_s']:7.0f} samples/s ({b['per_s'] / loop['per_s']:.2f} x loop)  "
+                f"n={n:>6}  {way:11s} {b['per_s']:7.0f} samples/s ({b['per_s'] / loop['per_s']:.2f} x loop)  "
                 f"{b['per_cpu_s']:7.0f} per CPU s ({b['per_cpu_s'] / loop['per_cpu_s']:.2f} x loop)  "
                 f"peak RSS {b['peak_rss_mb']:.0f} MB"
             )

@@ -13,6 +13,8 @@ them 1,000 per output shard:
   which also writes each shard's parquet, re-keys the samples, checks alignment, stages and publishes atomically
   with a manifest, and opens the result.
 - ``ours-sync``: the same on Dask's synchronous scheduler (one thread), for reference.
+- ``before`` (with ``--before DIR``): ``ours`` run from another checkout of imgcurate (say ``git worktree add DIR
+  <commit>``), to compare versions in the same run.
 
 Each measurement runs in a fresh subprocess (its own peak RSS and CPU time), the ways interleaved round by round, the
 best round kept (the page cache is warm for every way). Before the clock starts, each process runs one trivial Dask
@@ -134,8 +136,12 @@ def child(way: str, n: int) -> None:
     print(json.dumps({"way": way, "n": n, "per_s": kept / seconds, "per_cpu_s": kept / cpu, "peak_rss_mb": rss_mb}))
 
 
-def run(way: str, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", way, str(n)], check=True, capture_output=True, text=True)
+def run(way: str, n: int, before: str | None = None) -> dict:
+    env = dict(os.environ)
+    if way == "before":
+        env["PYTHONPATH"] = os.pathsep.join([before, env.get("PYTHONPATH", "")])
+    command = [sys.executable, __file__, "--child", "ours" if way == "before" else way, str(n)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -145,18 +151,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument("--before", help="another imgcurate checkout, run as the way 'before'")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
-    ways = args.ways.split(",")
+    ways = args.ways.split(",") + (["before"] if args.before else [])
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start")
     for n in map(int, args.sizes.split(",")):
         make_input(n)
         best: dict[str, dict] = {}
         for _ in range(args.rounds):  # interleaved, so that a burst of load hits every way alike
             for way in ways:
-                r = run(way, n)
+                r = run(way, n, args.before)
                 b = best.setdefault(way, {"per_s": 0.0, "per_cpu_s": 0.0, "peak_rss_mb": 0.0})
                 for key in b:
                     b[key] = max(b[key], r[key])
