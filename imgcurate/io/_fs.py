@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ def open_output(fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
     """Opens ``path`` on ``fs`` for writing in binary mode; a local file as a plain file with a 1 MiB buffer, so that
     a tar written member by member costs few system calls."""
     if isinstance(fs, LocalFileSystem):
+        if fs.auto_mkdir:
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
         return open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - the caller closes it
     return fs.open(path, "wb")
 

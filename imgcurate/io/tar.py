@@ -16,6 +16,11 @@ key that ends in ``/`` (an empty file name before the dot) is treated as no key 
 Members of one sample are contiguous in the tar; a key that comes back after another key, or an extension seen twice,
 is a duplicate sample and an error (webdataset would yield two samples with the same key).
 
+Headers are parsed here, not by ``tarfile``, when they are plain (a regular file, a directory or a link, with an
+octal size and no extended header): tarfile's per-member work costs more than reading the bytes of a small sample.
+From the first header that is not plain (GNU long names, pax headers, sparse files, the end of the archive, damage)
+tarfile reads the rest of the file, so every tar reads as tarfile reads it.
+
 Python's ``tarfile`` treats a corrupt or cut header as the end of the archive, so a damaged tar would silently read
 as its first few samples. :func:`iter_samples` therefore checks, when it reaches the end, that the archive really
 ends there: two zero blocks (or zeros up to the end of the file) where ``tarfile`` stopped. A member name that is not
@@ -59,16 +64,6 @@ def split_member_name(name: str, lower: bool = True) -> tuple[str | None, str]:
     if not match or match.group(1).endswith("/"):
         return None, ""
     return match.group(1), match.group(2).lower() if lower else match.group(2)
-
-
-def skipped_member(info: tarfile.TarInfo) -> bool:
-    """True for members webdataset skips: not a regular file, a metadata name, or a name with no key."""
-    name = info.name
-    if not info.isreg():
-        return True
-    if "/" not in name and name.startswith("__") and name.endswith("__"):
-        return True
-    return bool(_SKIP_META.match(name)) or split_member_name(name)[0] is None
 
 
 def unsafe_member_name(name: str) -> bool:
