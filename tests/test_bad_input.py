@@ -264,6 +264,47 @@ def test_samples_are_what_the_webdataset_package_reads(tmp_path, jpeg):
     assert df["error"].isna().all()
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_every_tar_format_reads_as_the_webdataset_package_reads_it(tmp_path, jpeg, fmt):
+    """Plain headers are parsed without tarfile; long names (ustar prefix, GNU long-name blocks, pax records), links,
+    directories and pax global headers in the middle of a shard read as tarfile and webdataset read them."""
+    import webdataset as wds
+
+    deep = "/".join(["folder"] * 12)  # 83 characters: with the file name over 100, split or extended by format
+    tar_path = tmp_path / "00000.tar"
+    with tarfile.open(tar_path, "w", format=fmt, encoding="utf-8") as tar:
+
+        def add(name, data=b"", kind=tarfile.REGTYPE, **fields):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data) if kind == tarfile.REGTYPE else 0
+            for field, value in fields.items():
+                setattr(info, field, value)
+            tar.addfile(info, io.BytesIO(data) if info.size else None)
+
+        add("a.jpg", jpeg)
+        add("a.txt", b"")  # empty member
+        add("b.jpg", b"x" * 512)  # exactly one block
+        add("b.txt", b"y" * 513)
+        add("folder", kind=tarfile.DIRTYPE)
+        add("c.jpg", kind=tarfile.SYMTYPE, linkname="a.jpg")  # not a regular file: skipped
+        add(f"{deep}/{'long' * 10}.jpg", jpeg)
+        add(f"{deep}/{'long' * 10}.json", b'{"long": true}')
+        add("café.jpg", jpeg, mtime=1.5)  # pax: a utf-8 name and a fractional mtime in an extended header
+        add("d.jpg", b"after the long names", uname="u" * 40)  # pax: a user name too long for the field
+        add("e.jpg", b"z" * 2000)
+    ours = [(s.key, s.members, s.sizes) for s in iter_samples(str(tar_path))]
+    theirs = [
+        (s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+        for s in wds.WebDataset(str(tar_path), shardshuffle=False)
+    ]
+    assert [(k, m) for k, m, _ in ours] == theirs
+    assert [k for k, _, _ in ours] == ["a", "b", f"{deep}/{'long' * 10}", "café", "d", "e"]
+    assert all(sizes == {e: len(d) for e, d in members.items()} for _, members, sizes in ours)
+    skipped = [(s.key, s.members, s.sizes) for s in iter_samples(str(tar_path), wanted={"b", "café"}, exts={"jpg"})]
+    assert [(k, m) for k, m, _ in skipped if m] == [("b", {"jpg": b"x" * 512}), ("café", {"jpg": jpeg})]
+    assert [s for _, _, s in skipped] == [s for _, _, s in ours]
+
+
 # ---------------------------------------------------------------------------------------------- across shards
 def test_same_key_in_two_shards_names_both(sample_dir):
     import pyarrow.parquet as pq

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 
@@ -12,6 +13,7 @@ from conftest import tar_members
 
 from imgcurate import AlignmentError, ImageTextPairDataset, ShardError, new_key
 from imgcurate.io import ShardWriter
+from imgcurate.io.tar import iter_samples
 
 
 def _members_by_key(ds):
@@ -204,3 +206,34 @@ def test_a_crash_while_publishing_is_an_error_at_open_and_a_rerun_finishes(sampl
     again = sample_ds.to_webdataset(str(out), samples_per_shard=7, overwrite=True)
     assert again.num_shards == 6 and len(again.metadata) == 36
     assert not (out / ".imgcurate-staging").exists()
+
+
+def test_the_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
+    """Headers are built without tarfile but must be tarfile's, byte for byte: long names, non-ASCII names, empty
+    members and whole blocks included."""
+    samples = [
+        ("000000000", {"jpg": b"x" * 513, "txt": b"", "seg.png": b"y" * 512}),
+        ("k" * 120, {"json": b"{}"}),  # a GNU long-name block before the header
+        ("k" * 96, {"jpg": b"100 bytes", "jpeg": b"101 bytes"}),
+        ("clé", {"jpg": b"z" * 1000, "": b"no extension"}),
+    ]
+    with ShardWriter(str(tmp_path / "ours.tar")) as writer:
+        for key, members in samples:
+            writer.write(key, members)
+    with tarfile.open(tmp_path / "theirs.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data),
+                    0,
+                    0o644,
+                    0,
+                    0,
+                    "",
+                    "",
+                )
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
+    read = [(s.key, s.members) for s in iter_samples(str(tmp_path / "ours.tar"))]
+    assert read == [(k, {e: d for e, d in m.items() if e}) for k, m in samples]  # "clé" alone has no key: skipped

@@ -16,6 +16,11 @@ key that ends in ``/`` (an empty file name before the dot) is treated as no key 
 Members of one sample are contiguous in the tar; a key that comes back after another key, or an extension seen twice,
 is a duplicate sample and an error (webdataset would yield two samples with the same key).
 
+Headers are parsed here, not by ``tarfile``, when they are plain (a regular file, a directory or a link, with an
+octal size and no extended header): tarfile's per-member work costs more than reading the bytes of a small sample.
+From the first header that is not plain (GNU long names, pax headers, sparse files, the end of the archive, damage)
+tarfile reads the rest of the file, so every tar reads as tarfile reads it.
+
 Python's ``tarfile`` treats a corrupt or cut header as the end of the archive, so a damaged tar would silently read
 as its first few samples. :func:`iter_samples` therefore checks, when it reaches the end, that the archive really
 ends there: two zero blocks (or zeros up to the end of the file) where ``tarfile`` stopped. A member name that is not
@@ -30,11 +35,13 @@ import tarfile
 from collections.abc import Collection, Iterator
 from typing import IO
 
-import fsspec
-
 from imgcurate.errors import AlignmentError, ShardError
+from imgcurate.io._fs import open_input
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+_IMAGE_EXTS = frozenset(IMAGE_EXTENSIONS)
+#: The file buffer of a local tar read with its data: few system calls, so threads seldom wait for the GIL.
+_READ_BUFFER = 1 << 20
 
 
 #: webdataset's ``base_plus_ext``: the key is the path up to the first dot of the file name, which must not be empty.
@@ -57,16 +64,6 @@ def split_member_name(name: str, lower: bool = True) -> tuple[str | None, str]:
     if not match or match.group(1).endswith("/"):
         return None, ""
     return match.group(1), match.group(2).lower() if lower else match.group(2)
-
-
-def skipped_member(info: tarfile.TarInfo) -> bool:
-    """True for members webdataset skips: not a regular file, a metadata name, or a name with no key."""
-    name = info.name
-    if not info.isreg():
-        return True
-    if "/" not in name and name.startswith("__") and name.endswith("__"):
-        return True
-    return bool(_SKIP_META.match(name)) or split_member_name(name)[0] is None
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -107,6 +104,114 @@ class Sample:
         return None if ext is None else self.members.get(ext)
 
 
+#: Header type bytes read here without tarfile: regular files (their data follows the header) and the other types
+#: tarfile reads as they are (links, devices, directories, fifos: no data follows).
+_REGULAR_TYPES = frozenset(b"0\x007")
+_OTHER_TYPES = frozenset(b"123456")
+_BLOCK = tarfile.BLOCKSIZE
+
+
+def _plain_header(buf: bytes) -> tuple[bytes, int, bool] | None:
+    """``(name, size, regular)`` of a header block that ``tarfile`` reads as one member on its own, or None.
+
+    None means "let tarfile read from here": the end-of-archive blocks, a damaged or cut header, GNU long names, pax
+    and sparse headers, base-256 sizes. The fields are parsed as ``tarfile.TarInfo.frombuf`` parses them (the name is
+    the ustar prefix, if any, joined to the name; the checksum is the unsigned sum), only faster: a shard of small
+    samples spends more time in tarfile's header parsing than in reading the bytes.
+    """
+    if len(buf) != _BLOCK:
+        return None
+    kind = buf[156]
+    if (kind not in _REGULAR_TYPES and kind not in _OTHER_TYPES) or buf[124] & 0x80:
+        return None
+    try:
+        chksum = int(buf[148:156].split(b"\0", 1)[0] or b"0", 8)
+        size = int(buf[124:136].split(b"\0", 1)[0] or b"0", 8)
+    except ValueError:
+        return None
+    if chksum != 256 + sum(buf[:148]) + sum(buf[156:]):  # the checksum field counts as eight spaces
+        return None
+    name = buf[:100].split(b"\0", 1)[0]
+    regular = kind in _REGULAR_TYPES and not (kind == 0 and name.endswith(b"/"))  # a v7 directory: "dir/"
+    if not regular and (kind == 0 or kind == ord("5")):
+        name = name.rstrip(b"/")
+    prefix = buf[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix + b"/" + name
+    return name, size, regular
+
+
+class _Members:
+    """The members of an open tar, in order: ``(name, size, regular)``; :meth:`read` gives the current one's bytes.
+
+    Plain headers are parsed by :func:`_plain_header`; from the first header that is not plain (or the end of the
+    archive) on, ``tarfile`` reads the rest, so exotic tars read exactly as tarfile reads them. After the loop,
+    ``end`` is the offset where the archive ended (where tarfile found no further header). Member names that are not
+    UTF-8 are a :class:`ShardError`; tarfile's own ``ReadError`` past the first member is left to the caller.
+    """
+
+    def __init__(self, path: str, fileobj: IO[bytes]):
+        self.path = path
+        self.f = fileobj
+        self.end = 0
+        self._data = 0  # where the current member's data starts
+        self._pos = 0  # the file's position, tracked here: tell() on a buffered file is a system call
+
+    def __iter__(self) -> Iterator[tuple[str, int, bool]]:
+        f = self.f
+        offset = 0
+        while True:
+            if self._pos != offset:
+                f.seek(offset)
+            buf = f.read(_BLOCK)
+            self._pos = offset + len(buf)
+            header = _plain_header(buf)
+            if header is None:
+                yield from self._by_tarfile(offset)
+                return
+            raw, size, regular = header
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad = raw.decode("utf-8", "surrogateescape")
+                raise ShardError(self.path, f"member name {ascii(bad)} is not UTF-8") from None
+            self._data = offset + _BLOCK
+            offset = self._data + (-(-size // _BLOCK) * _BLOCK if regular else 0)
+            yield name, size, regular
+
+    def _by_tarfile(self, offset: int) -> Iterator[tuple[str, int, bool]]:
+        self.f.seek(offset)
+        self._pos = -1  # tarfile moves the file
+        if offset == 0:
+            tar = _open_tar(self.path, self.f)
+        else:
+            tar = tarfile.TarFile(fileobj=self.f, mode="r", encoding="utf-8", errors="surrogateescape")
+        try:
+            while True:
+                info = tar.next()
+                if info is None:
+                    self.end = tar.offset
+                    return
+                tar.members.clear()  # tarfile keeps every header otherwise; we stream
+                try:
+                    info.name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ShardError(self.path, f"member name {ascii(info.name)} is not UTF-8") from None
+                self._data = info.offset_data
+                self._pos = -1
+                yield info.name, info.size, info.isreg()
+        finally:
+            tar.close()
+
+    def read(self, size: int) -> bytes:
+        """The current member's data (``size`` bytes, fewer if the file is cut)."""
+        if self._pos != self._data:
+            self.f.seek(self._data)
+        data = self.f.read(size)
+        self._pos = self._data + len(data)
+        return data
+
+
 def _open_tar(path: str, fileobj: IO[bytes]) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape")
@@ -126,6 +231,14 @@ def _check_end(path: str, fileobj: IO[bytes], offset: int, samples: int) -> None
         raise ShardError(path, f"truncated tar: it ends after {samples} samples without the end-of-archive blocks")
     if tail.strip(b"\0"):
         raise ShardError(path, f"truncated or corrupt tar: unreadable header at byte {offset} after {samples} samples")
+
+
+def _sample_member(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a regular member's name, or None for names webdataset skips (see module docs)."""
+    if name.startswith("__") and (("/" not in name and name.endswith("__")) or _SKIP_META.match(name)):
+        return None
+    key, ext = split_member_name(name)
+    return None if key is None else (key, ext)
 
 
 def iter_samples(
@@ -150,53 +263,43 @@ def iter_samples(
         ShardError: the file is not a tar, is truncated or corrupt (checked up to its end-of-archive blocks when
             read to the end), has a member name that is not UTF-8, or holds the same key twice.
     """
-    with fsspec.open(path, "rb", **(storage_options or {})) as f:
-        tar = _open_tar(path, f)
+    with open_input(path, storage_options, _READ_BUFFER if read_data else -1) as f:
+        members = _Members(path, f)
         seen: set[str] = set()
         current: Sample | None = None
+        read_it = False  # whether the current sample's members are read
         try:
-            while True:
-                try:
-                    info = tar.next()
-                except tarfile.ReadError as err:
-                    raise ShardError(path, f"truncated or corrupt tar after {len(seen)} samples ({err})") from None
-                if info is None:
-                    _check_end(path, f, tar.offset, len(seen))
-                    break
-                tar.members.clear()  # tarfile keeps every header otherwise; we stream
-                try:
-                    info.name.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ShardError(path, f"member name {ascii(info.name)} is not UTF-8") from None
-                if skipped_member(info):
-                    continue
-                key, ext = split_member_name(info.name)
-                assert key is not None  # skipped_member() said so
-                if current is None or key != current.key:
-                    if current is not None:
-                        yield current
-                    if key in seen:
-                        raise ShardError(path, f"duplicate sample key {key!r} (its members are not contiguous)")
-                    seen.add(key)
-                    current = Sample(key)
-                if ext in current.sizes:
-                    raise ShardError(path, f"duplicate member {info.name!r}: two samples share the key {key!r}")
-                if unsafe_member_name(info.name):
-                    current.errors.append(f"unsafe member name {info.name!r}")
-                current.sizes[ext] = info.size
-                if read_data and (wanted is None or key in wanted) and (exts is None or ext in exts):
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise ShardError(
-                            path, f"truncated tar: member {info.name!r} has {len(data)} of {info.size} bytes"
-                        )
-                    current.members[ext] = data
+            try:
+                for name, size, regular in members:
+                    parts = _sample_member(name) if regular else None
+                    if parts is None:
+                        continue
+                    key, ext = parts
+                    if current is None or key != current.key:
+                        if current is not None:
+                            yield current
+                        if key in seen:
+                            raise ShardError(path, f"duplicate sample key {key!r} (its members are not contiguous)")
+                        seen.add(key)
+                        current = Sample(key)
+                        read_it = read_data and (wanted is None or key in wanted)
+                    if ext in current.sizes:
+                        raise ShardError(path, f"duplicate member {name!r}: two samples share the key {key!r}")
+                    if unsafe_member_name(name):
+                        current.errors.append(f"unsafe member name {name!r}")
+                    current.sizes[ext] = size
+                    if read_it and (exts is None or ext in exts):
+                        data = members.read(size)
+                        if len(data) != size:
+                            raise ShardError(path, f"truncated tar: member {name!r} has {len(data)} of {size} bytes")
+                        current.members[ext] = data
+            except tarfile.ReadError as err:
+                raise ShardError(path, f"truncated or corrupt tar after {len(seen)} samples ({err})") from None
+            _check_end(path, f, members.end, len(seen))
             if current is not None:
                 yield current
         except (tarfile.TarError, OSError, EOFError) as err:
             raise ShardError(path, f"truncated or corrupt tar ({err})") from None
-        finally:
-            tar.close()
 
 
 def read_keys(path: str, *, storage_options: dict | None = None) -> list[str]:
@@ -209,7 +312,7 @@ def aligned_samples(
     keys: list[str],
     storage_options: dict | None = None,
     *,
-    exts: set[str] | None = None,
+    exts: Collection[str] | None = None,
 ) -> Iterator[Sample | None]:
     """The tar's sample for each metadata key, in order, streamed from the tar; None for a key the tar does not hold.
 
@@ -258,7 +361,7 @@ def aligned_images(
     Raises:
         AlignmentError: the keys are in the tar in another order, naming the shard and the key.
     """
-    for sample in aligned_samples(tar, keys, storage_options):
+    for sample in aligned_samples(tar, keys, storage_options, exts=_IMAGE_EXTS):  # captions and json stay unread
         if sample is None:
             yield None, NO_SAMPLE
             continue
