@@ -77,6 +77,48 @@ def test_auto_drops_a_candidate_that_differs_from_torch(sample_ds, monkeypatch):
     np.testing.assert_allclose(_embed(sample_ds), _embed(sample_ds, engine="torch"), atol=1e-2)
 
 
+def test_auto_records_its_choice_so_every_later_process_uses_the_same_engine(tmp_path, monkeypatch):
+    def twin(name):
+        def build(req):
+            def run(x):
+                with torch.no_grad():
+                    return req.module(x.contiguous())
+
+            return [engines.EngineModel(f"{name} fp32", run)]
+
+        return build
+
+    monkeypatch.setattr(engines, "BUILDERS", {"a": (lambda: True, twin("a")), "b": (lambda: True, twin("b"))})
+    timed = []
+
+    def rates(favour):
+        def fake(candidates, batch, rounds):
+            timed.append([c.name for c in candidates])
+            return [2.0 if c.name.startswith(favour) else 1.0 for c in candidates]
+
+        return fake
+
+    module = TimmImageEmbedder("test_resnet").load_model("cpu")
+    probe = engines.probe_batch(TimmImageEmbedder("test_resnet").preprocess)
+    kwargs = {"engine": "auto", "precision": "fp32", "batch_size": 4, "probe": probe, "threads": 1, "streams": 1,
+              "key": "test_resnet", "cache_dir": str(tmp_path / "engines")}  # fmt: skip
+    monkeypatch.setattr(engines, "_time", rates("b"))
+    assert engines.prepare(module, **kwargs).name == "b fp32" and len(timed) == 1
+    monkeypatch.setattr(engines, "_time", rates("a"))  # the machine got busy: a would win a new race
+    assert engines.prepare(module, **kwargs).name == "b fp32" and len(timed) == 1  # the record decides, no timing
+    other = dict(kwargs, batch_size=8)  # another thread layout or batch is another decision
+    assert engines.prepare(module, **other).name == "a fp32" and len(timed) == 2
+    # two processes racing: the one that records first wins, the other adopts its choice
+    record = engines.choice_path(engines.Request(module, tuple(probe.shape[1:]), ("fp32",), 1, 1, "test_resnet",
+                                                 kwargs["cache_dir"]), ["a fp32", "b fp32"], 16)  # fmt: skip
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    monkeypatch.setattr(engines, "_read_choice", lambda path, real=engines._read_choice: None if path == record
+                        and len(timed) == 2 else real(path))  # fmt: skip
+    with open(record, "w") as f:
+        f.write("b fp32")
+    assert engines.prepare(module, **dict(kwargs, batch_size=16)).name == "b fp32" and len(timed) == 3
+
+
 def test_a_failing_explicit_engine_falls_back_to_torch(monkeypatch):
     def bad(req):
         return [engines.EngineModel("openvino fp32", lambda x: torch.zeros(len(x), 8) + torch.arange(8.0))]

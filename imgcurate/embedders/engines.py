@@ -10,7 +10,12 @@ worker process:
    identity, a digest of its weights, the input shape and the OpenVINO version.
 2. runs each on a probe batch of real photos (scikit-image's, through the embedder's own preprocessing) and drops,
    with a warning, any whose embeddings fall below cosine :data:`MIN_COSINE` of torch fp32 on any photo;
-3. times a few batches of each, interleaved (a busy machine slows all alike), and keeps the fastest.
+3. times a few batches of each, interleaved (a busy machine slows all alike), and keeps the fastest;
+4. records that choice on disk (``<imgcurate home>/engines/choices``, keyed by the model, its weights, the input
+   shape, the candidates, the thread layout and the CPU model), first writer wins: every later process on the machine
+   (the other Dask workers, a resumed run) uses the same engine instead of timing again, so results never depend on
+   which candidate won a race on a busy machine. Workers on different kinds of machine may choose differently: set
+   ``engine`` and ``precision`` explicitly where a run must give the same bits everywhere.
 
 An explicit engine goes through the same check: a candidate that fails it falls back to torch fp32 with a warning.
 OpenVINO is imported only when it is a candidate; without it ``auto`` is torch.
@@ -33,7 +38,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ENGINES", "PRECISIONS", "MIN_COSINE", "BUILDERS", "EngineModel", "Request", "prepare", "probe_batch"]
+__all__ = [
+    "ENGINES",
+    "PRECISIONS",
+    "MIN_COSINE",
+    "BUILDERS",
+    "EngineModel",
+    "Request",
+    "prepare",
+    "probe_batch",
+    "choice_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -331,13 +346,65 @@ def prepare(
         passed = _torch_candidates(dataclasses.replace(req, precisions=("fp32",)))
     if len(passed) == 1:
         return passed[0]
+    record = choice_path(req, [c.name for c in passed], batch_size)
+    by_name = {c.name: c for c in passed}
+    chosen = _read_choice(record)
+    if chosen in by_name:
+        return by_name[chosen]
     batch = probe.repeat((batch_size + len(probe) - 1) // len(probe), 1, 1, 1)[:batch_size].contiguous()
     with torch.inference_mode():
         rates = _time(passed, batch, rounds)
     best = max(range(len(passed)), key=rates.__getitem__)
     logger.info("%s: %s", key, ", ".join(f"{c.name} {r:.1f} img/s" for c, r in zip(passed, rates, strict=True)))
     passed[best].rate = rates[best]
-    return passed[best]
+    winner = _write_choice(record, passed[best].name)  # another process may have recorded its choice first
+    return by_name.get(winner, passed[best])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
+def choice_path(req: Request, names: Sequence[str], batch_size: int) -> str:
+    """Where ``auto``'s choice among ``names`` is recorded for this model, weights, input, thread layout and CPU."""
+    ident = "\0".join([req.key, weights_digest(req.module), repr(req.input_shape), ",".join(sorted(names)),
+                       f"{req.threads}x{req.streams}", str(batch_size), _cpu_model()])  # fmt: skip
+    return os.path.join(req.cache_dir, "choices", hashlib.sha256(ident.encode()).hexdigest()[:32] + ".txt")
+
+
+def _read_choice(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _write_choice(path: str, name: str) -> str:
+    """Records ``name`` at ``path`` unless a choice is there already (an atomic first-writer-wins link); returns
+    the recorded choice."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(name)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links: a plain rename (last writer wins, still one file)
+            if not os.path.exists(path):
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return _read_choice(path) or name
 
 
 def _torch_fp32(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
