@@ -8,8 +8,8 @@ Four decoders, chosen by name in one table (:data:`DECODERS`):
   (:func:`~imgcurate.embedders.decode.decode_tensor`: torchvision's ``decode_jpeg`` for JPEGs at full size, PIL
   for draft-decoded JPEGs and other formats), then resize, crop and normalise as torch tensor operations. torch's
   antialiased uint8 resize is Pillow's algorithm: the resized pixels differ from PIL's by a level or two at most, in a
-  fraction of a percent of them, and the whole decode-and-preprocess stage runs 2-2.5x faster
-  (``benchmarks/decode.py``). The CPU default.
+  fraction of a percent of them, and decoding and preprocessing take 1.5-2.4x less CPU time on photos larger than
+  the model's input (1.8x over a mix of 256-2048 px JPEGs; ``benchmarks/decode.py``). The CPU default.
 - ``torchvision``: JPEGs decoded in batches by ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA),
   other formats by PIL; resize, crop and normalisation as tensor operations on that device.
 - ``dali``: NVIDIA DALI reads the tar with its webdataset reader (through index files with ``use_index_files``),
