@@ -227,8 +227,11 @@ class DaliLoader:
         if not keys:  # every row of this shard was filtered out: nothing to read
             return
         if self.use_index_files:
+            import fsspec
+
             index = index_path_for(tar)
-            if not os.path.exists(index):
+            fs, path = fsspec.core.url_to_fs(index, **(storage_options or {}))
+            if not fs.exists(path):
                 raise ShardError(
                     index,
                     f"DALI index file not found for {tar}; write the folder's indexes with `imgcurate index "
