@@ -28,7 +28,9 @@ def test_dali_older_than_2_2_is_refused_when_the_step_is_built(monkeypatch):
 
 
 def test_a_pipeline_that_cannot_be_built_is_an_error_not_a_silent_fallback(sample_dir, monkeypatch, recwarn):
-    from imgcurate.embedders.dali import DaliLoader
+    from imgcurate.embedders.dali import DaliLoader, cached_pipelines
+
+    cached_pipelines().clear()  # no pipeline built by an earlier test in this thread
 
     def unbuildable(self):
         raise TypeError("Got an unexpected argument 'adjust_orientation'")
