@@ -1,4 +1,5 @@
-"""Decoding fidelity: EXIF orientation on every decoder, and JPEG draft decoding against timm's exact path."""
+"""Decoding fidelity: EXIF orientation on every decoder, JPEG draft decoding against timm's exact path, and the
+``cpu`` decoder's per-image choice (PIL's pixels exactly) and tensor preprocessing against timm's transform."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from conftest import write_tar
 from PIL import Image
 
 from imgcurate.embedders import TimmImageEmbedder
-from imgcurate.embedders.decode import DRAFT_FACTOR, decode_rgb
+from imgcurate.embedders import decode as decode_module
+from imgcurate.embedders.decode import DRAFT_FACTOR, decode_rgb, decode_tensor
+from imgcurate.embedders.loaders import ResizeCrop, resize_crop
 from imgcurate.testing import sample_records
 
 ROTATE_90_CW = 6  # EXIF Orientation: the stored pixels must be turned 90 degrees clockwise to display
@@ -45,7 +48,7 @@ def _rows(loader, tar, keys):
     return [out[i] for i in range(len(keys))]
 
 
-@pytest.mark.parametrize("decoder", ["pil", "torchvision", "dali"])
+@pytest.mark.parametrize("decoder", ["pil", "cpu", "torchvision", "dali"])
 def test_exif_orientation_is_applied_only_when_asked_and_alike_on_every_decoder(tmp_path, decoder):
     if decoder == "dali":
         pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
@@ -102,3 +105,94 @@ def test_draft_decoding_before_the_fix_was_outside_the_tolerance():
         got = transform(image.convert("RGB"))
         worst = min(worst, torch.nn.functional.cosine_similarity(exact.flatten(), got.flatten(), dim=0).item())
     assert worst < 0.9995
+
+
+def _sample_images() -> list[tuple[str, bytes]]:
+    """Every image of the sample: JPEG, PNG, WebP, BMP, TIFF; RGB, grayscale, RGBA, palette, 16-bit."""
+    return [
+        (f"{r.fields['source']}/{r.fields['variant']}", data) for r in sample_records() for data in r.members.values()
+    ]
+
+
+@pytest.fixture
+def tensor_decoders(monkeypatch):
+    """Counts which images the faster decoders took (a decoder returning None hands the image to PIL)."""
+    taken: list[tuple[int, int]] = []
+
+    def spy(fast):
+        def wrapped(header, data, full_size):
+            out = fast(header, data, full_size)
+            if out is not None:
+                taken.append(full_size)
+            return out
+
+        return wrapped
+
+    for fmt, fast in list(decode_module.TENSOR_DECODERS.items()):
+        monkeypatch.setitem(decode_module.TENSOR_DECODERS, fmt, spy(fast))
+    return taken
+
+
+@pytest.mark.parametrize("draft_size", [None, 100, 249])
+def test_decode_tensor_gives_pils_pixels_on_every_sample_image(tensor_decoders, draft_size):
+    for label, data in _sample_images():
+        want = np.asarray(decode_rgb(data, draft_size))
+        got = decode_tensor(data, draft_size)
+        assert got.dtype == torch.uint8 and got.shape == (3, *want.shape[:2]), label
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), want), label
+    jpegs = [data for _, data in _sample_jpegs()]
+    full = [d for d in jpegs if draft_size is None or decode_rgb(d, draft_size).size == Image.open(io.BytesIO(d)).size]
+    assert len(tensor_decoders) == len(full) > 0  # torchvision took exactly the JPEGs left at full size
+    assert len(full) < len(jpegs) or draft_size is None  # and draft-decoded ones went to PIL
+
+
+def test_decode_tensor_choice_per_image(tensor_decoders):
+    photo = Image.open(io.BytesIO(_sample_jpegs()[0][1])).convert("RGB").resize((600, 400))
+    cases = {
+        "small jpeg": (_jpeg(photo), None, True),
+        "grayscale jpeg": (_jpeg(photo.convert("L")), None, True),
+        "jpeg drafted to half size": (_jpeg(photo), 100, False),
+        "jpeg larger than draft needs": (_jpeg(photo), 150, True),  # 400 px // 300 px: scale stays 1
+        "cmyk jpeg": (_jpeg(photo.convert("CMYK")), None, False),
+        "rotated jpeg, orientation applied": (_jpeg(photo, ROTATE_90_CW), None, False),
+        "png": (_png(photo), None, False),
+    }
+    for label, (data, draft_size, fast) in cases.items():
+        exif = "orientation" in label
+        tensor_decoders.clear()
+        got = decode_tensor(data, draft_size, exif_transpose=exif)
+        assert bool(tensor_decoders) == fast, label
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), np.asarray(decode_rgb(data, draft_size, exif))), label
+    tensor_decoders.clear()
+    decode_tensor(_jpeg(photo, ROTATE_90_CW), exif_transpose=False)  # orientation ignored: nothing to transpose
+    assert tensor_decoders
+    with pytest.raises(OSError, match="truncated"):  # torchvision refuses it, PIL says why
+        decode_tensor(_jpeg(photo)[:3000])
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_tensor_preprocessing_matches_timms_transform(interpolation):
+    """Stated tolerance of the ``cpu`` decoder's preprocessing against timm's transform on the same pixels: cosine
+    >= 0.99995 and mean absolute difference <= 0.001 of the model input, on every image of the sample (measured:
+    0.999996 and 0.00012 at worst; a resized pixel differs from PIL's by a level or two at most, in under 1 % of them).
+    ``nearest`` is left out: torch's nearest-neighbour resize picks other pixels than PIL's, so ``auto`` keeps such
+    models on the ``pil`` decoder (``tests/test_loaders.py::test_decoder_choice``)."""
+    emb = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu")
+    config = {**emb.data_config, "interpolation": interpolation}
+    transform = timm.data.create_transform(**config, is_training=False)
+    spec = ResizeCrop(**{**emb.tensor_preprocessing().__dict__, "interpolation": interpolation})
+    for label, data in _sample_images():
+        exact = transform(decode_rgb(data))
+        got = resize_crop(spec, decode_tensor(data))
+        assert got.shape == exact.shape, label
+        cosine = torch.nn.functional.cosine_similarity(exact.double().flatten(), got.double().flatten(), dim=0).item()
+        assert cosine >= 0.99995, (label, cosine)
+        assert (exact - got).abs().mean().item() <= 0.001, label
+        level = 1 / 255 / min(config["std"])  # one uint8 level in normalised units
+        assert (exact - got).abs().max().item() <= 2 * level + 1e-5, label

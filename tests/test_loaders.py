@@ -126,10 +126,12 @@ def test_dali_reads_through_index_files(sample_ds, sample_dir, indexer):
 
 
 def test_decoder_choice():
-    assert choose_decoder("auto", "cpu", True) == "pil"
+    assert choose_decoder("auto", "cpu", True, "bicubic") == choose_decoder("auto", "cpu", True, "bilinear") == "cpu"
+    assert choose_decoder("auto", "cpu", True, "nearest") == "pil"  # torch's nearest picks other pixels than PIL's
+    assert choose_decoder("auto", "cpu", False) == "pil"  # no ResizeCrop: the embedder's own preprocess
     assert choose_decoder("auto", "cuda", True) == "dali"  # DALI is installed in this test run
     assert choose_decoder("auto", "cuda", False) == "pil"
-    with pytest.raises(ValueError, match="decoder must be auto or one of pil, torchvision, dali"):
+    with pytest.raises(ValueError, match="decoder must be auto or one of pil, cpu, torchvision, dali"):
         choose_decoder("nvjpeg", "cpu", True)
     with pytest.raises(ValueError, match="needs the preprocessing as a ResizeCrop"):
         choose_decoder("torchvision", "cpu", False)

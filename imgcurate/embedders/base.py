@@ -45,8 +45,9 @@ class ImageEmbedder(ShardStep):
         device: ``auto`` (cuda when torch sees a GPU), ``cpu`` or ``cuda[:N]``.
         autocast: run the model under autocast (bf16) on CUDA; ignored on the CPU.
         error_column: where per-sample decode errors go (default ``<image_embedding_column>_error``).
-        decoder: ``auto``, ``pil``, ``torchvision`` or ``dali`` (see :mod:`imgcurate.embedders.loaders`); ``auto``
-            is PIL on the CPU and, on CUDA, DALI when installed, else torchvision's GPU JPEG decoder.
+        decoder: ``auto``, ``pil``, ``cpu``, ``torchvision`` or ``dali`` (see :mod:`imgcurate.embedders.loaders`);
+            ``auto`` is ``cpu`` on the CPU (per image the fastest decoder that gives PIL's pixels, tensor resize)
+            and, on CUDA, DALI when installed, else torchvision's GPU JPEG decoder. ``pil`` is timm's exact path.
         use_index_files: with DALI, read each shard through its ``.idx`` index file.
         exif_transpose: rotate images as their EXIF orientation says, on every decoder (timm's loader does not,
             so the default keeps the pixels timm's eval path sees).
@@ -217,7 +218,7 @@ class ImageEmbedder(ShardStep):
         from imgcurate.embedders.loaders import choose_decoder, make_loader
 
         spec = self.tensor_preprocessing()
-        name = choose_decoder(self.decoder, device, spec is not None)
+        name = choose_decoder(self.decoder, device, spec is not None, spec.interpolation if spec else None)
         if name == "pil":
             return make_loader(
                 "pil",
@@ -229,6 +230,8 @@ class ImageEmbedder(ShardStep):
             )
         common = {"spec": spec, "batch_size": self.batch_size_for(device), "num_threads": self.num_threads_per_worker}
         common["exif_transpose"] = self.exif_transpose
+        if name == "cpu":
+            return make_loader("cpu", draft_size=self.draft_size(), **common)
         vision = make_loader("torchvision", device=device, **common)
         if name == "torchvision":
             return vision

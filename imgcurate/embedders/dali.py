@@ -1,36 +1,55 @@
-"""The DALI image loader: DALI's webdataset reader, GPU decoding (``mixed``) and GPU resize/crop/normalise.
+"""The DALI image loader: GPU decoding (``mixed``) and GPU resize/crop/normalise, one pipeline reused across shards.
 
 Imported only when the ``dali`` decoder is chosen (nvidia-dali is an optional dependency, part of the ``gpu`` extra).
 With ``device="cpu"`` the same pipeline runs on the CPU (``device_id=None``), which is how the tests exercise it on
 machines without a GPU.
 
-DALI reads every sample of the tar; the sample key comes from each image's ``source_info``
-(``<tar>:<offset>:<member>``), so rows removed from the metadata are read past and the metadata order is checked
-against the tar first. DALI stops a whole batch when one image in it cannot be decoded; the loader then hands the
-rest of the shard to its fallback loader (torchvision or PIL), which records the failure for that one row. A
-pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``) is an error, never a silent
-fallback: otherwise every shard would quietly decode on the slower path.
+The pipeline takes the encoded images through ``fn.external_source``: imgcurate's tar reader reads each shard's
+image bytes in metadata order (rows removed from the metadata are read past, rows without a sample or an image get
+their error), and a thread runs the pipeline on them two batches ahead of the model. So the pipeline does not
+depend on the shard, and each thread keeps one per configuration (device, batch size, DALI threads, output size and
+normalisation, EXIF rule) for all the shards it embeds, instead of building one per shard (:func:`cached_pipelines`).
+DALI's own webdataset reader would bind the file list when the pipeline is built. ``use_index_files`` still requires
+each shard's ``.idx`` (configurations written for DALI's reader keep failing early the same way), but the bytes come
+from imgcurate's reader, which seeks past the members it does not need.
 
-DALI >= 2.2 is required (:data:`DALI_MIN_VERSION`): before it ``decoders.image`` has no
-``adjust_orientation``. One pipeline is built per shard, because DALI's readers bind their file list when the
-pipeline is built; reusing one across shards would mean feeding the bytes through ``external_source`` instead of
-DALI's own reader (and its index files).
+DALI stops a whole batch when one image in it cannot be decoded; the loader then drops that pipeline (the next shard
+builds a fresh one) and hands the rest of the shard to its fallback loader (torchvision or PIL), which records the
+failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``) is
+an error, never a silent fallback: otherwise every shard would quietly decode on the slower path.
+
+DALI >= 2.2 is required (:data:`DALI_MIN_VERSION`): before it ``decoders.image`` has no ``adjust_orientation``.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from imgcurate.embedders.loaders import Batch, ResizeCrop
+from imgcurate.embedders.loaders import Batch, ResizeCrop, _prefetch
 from imgcurate.errors import MissingDependencyError, ShardError
 from imgcurate.io.index import index_path_for
-from imgcurate.io.tar import IMAGE_EXTENSIONS, NO_SAMPLE, missing_rows, read_keys, split_member_name
+from imgcurate.io.tar import aligned_images
 
-__all__ = ["DaliLoader", "DALI_MIN_VERSION", "check_dali_version", "index_path_for"]
+__all__ = ["DaliLoader", "DALI_MIN_VERSION", "check_dali_version", "cached_pipelines", "index_path_for"]
+
+_THREAD = threading.local()
+
+
+def cached_pipelines() -> dict[tuple, Any]:
+    """The calling thread's built pipelines, by :meth:`DaliLoader.pipeline_key`. One Dask worker thread embeds one
+    shard at a time, so a pipeline is never run by two shards at once; pipelines go when their thread ends."""
+    if not hasattr(_THREAD, "pipelines"):
+        _THREAD.pipelines = {}
+    return _THREAD.pipelines
+
+
+class _DaliRunError(Exception):
+    """DALI failed on a batch (raised by the decoding thread, handled by falling back)."""
+
 
 #: The first DALI whose ``decoders.image`` takes ``adjust_orientation`` (the pipeline below passes it).
 DALI_MIN_VERSION = (2, 2)
@@ -87,14 +106,15 @@ def check_dali_version() -> str:
 
 
 class DaliLoader:
-    """Reads, decodes and preprocesses one shard with an NVIDIA DALI pipeline.
+    """Decodes and preprocesses one shard with an NVIDIA DALI pipeline, the thread's own for this configuration.
 
     Args:
         spec: the preprocessing (resize shorter side, centre crop, mean/std).
         batch_size: images per DALI batch.
         num_threads: DALI CPU threads.
         device: ``cuda[:N]`` (GPU decoding) or ``cpu`` (CPU pipeline, for tests and GPU-less machines).
-        use_index_files: read through ``<shard>.idx`` (made by DALI's ``wds2idx``) instead of scanning the tar.
+        use_index_files: require ``<shard>.idx`` beside each shard (made by ``imgcurate index`` or DALI's
+            ``wds2idx``), as DALI's reader did; the bytes are read by imgcurate's tar reader either way.
         fallback: the loader that takes over the rest of a shard when DALI fails on it.
         exif_transpose: apply the EXIF orientation. DALI's ``peek_image_shape`` applies it by default while its
             decoder is told here what to do, so both get the same ``adjust_orientation`` (otherwise the resize and
@@ -121,21 +141,16 @@ class DaliLoader:
         self.fallback = fallback
         self.exif_transpose = exif_transpose
 
-    def _pipeline(self, tar: str) -> Any:
+    def pipeline_key(self) -> tuple:
+        """Everything that defines the pipeline: two loaders with equal keys share one (per thread)."""
+        return (self.device, self.batch_size, self.num_threads, self.spec, self.exif_transpose)
+
+    def _build(self) -> Any:
         import torch
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali import math as dmath
 
         gpu = self.device.startswith("cuda")
-        index = None
-        if self.use_index_files:
-            index = index_path_for(tar)
-            if not os.path.exists(index):
-                raise ShardError(
-                    index,
-                    f"DALI index file not found for {tar}; write the folder's indexes with `imgcurate index "
-                    f"{os.path.dirname(tar) or '.'}` (or DALI's `wds2idx {tar} {index}`)",
-                )
         interp = {
             "bicubic": types.INTERP_CUBIC,
             "bilinear": types.INTERP_LINEAR,
@@ -144,22 +159,16 @@ class DaliLoader:
         spec = self.spec
         exif = self.exif_transpose
 
+        # prefetch_queue_depth=1: each run takes the batch fed to it; running ahead of the model is the decoding
+        # thread's job (see batches), as the reader's prefetching was when DALI read the tar itself
         @pipeline_def(
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=(torch.device(self.device).index or 0) if gpu else None,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=1,
         )
         def pipe():
-            data = fn.readers.webdataset(
-                paths=[tar],
-                index_paths=[index] if index else None,
-                ext=[";".join(IMAGE_EXTENSIONS)],
-                case_sensitive_extensions=False,
-                missing_component_behavior="skip",
-                name="reader",
-            )
-            info = fn.get_property(data, key="source_info")
+            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             # the resized size as torchvision computes it (shorter side exact, longer side truncated), not DALI's
             # rounding: a pixel of difference on the longer side would shift the whole crop by a fraction of a pixel
             shape = fn.peek_image_shape(data, adjust_orientation=exif)
@@ -172,7 +181,7 @@ class DaliLoader:
                 data, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=exif
             )
             images = fn.resize(images, resize_x=size_x, resize_y=size_y, interp_type=interp, antialias=True)
-            images = fn.crop_mirror_normalize(
+            return fn.crop_mirror_normalize(
                 images,
                 crop=spec.crop,
                 crop_pos_x=pos_x,
@@ -182,11 +191,23 @@ class DaliLoader:
                 dtype=types.FLOAT,
                 output_layout="CHW",
             )
-            return images, info
 
         pipeline = pipe()
         pipeline.build()
         return pipeline
+
+    def _pipeline(self, tar: str) -> Any:
+        """This thread's pipeline for this configuration, built on first use."""
+        cache = cached_pipelines()
+        key = self.pipeline_key()
+        if key not in cache:
+            try:
+                cache[key] = self._build()
+            except Exception as err:  # a pipeline DALI cannot build fails every shard alike: say so, no fallback
+                raise RuntimeError(
+                    f"{tar}: cannot build the DALI pipeline on {self.device}: {_first_line(err)}"
+                ) from err
+        return cache[key]
 
     def _to_torch(self, images: Any) -> Any:
         import numpy as np
@@ -203,50 +224,65 @@ class DaliLoader:
 
     def batches(self, tar: str, keys: list[str], storage_options: dict | None, skip=frozenset()) -> Iterator[Batch]:
         """The batches of one shard's metadata ``keys``; rows in ``skip`` are read past."""
-        import numpy as np
-
         if not keys:  # every row of this shard was filtered out: nothing to read
             return
-        if "://" in tar and not tar.startswith("file://"):  # DALI reads local files only
-            yield from self.fallback.batches(tar, keys, storage_options, skip)
-            return
-        absent = missing_rows(tar, keys, read_keys(tar, storage_options=storage_options))
-        row_of = {key: row for row, key in enumerate(keys)}
-        done: set[int] = set(skip) | absent
-        if absent - set(skip):  # img2dataset's failed downloads: rows without a sample in the tar
-            yield Batch([], None, {row: NO_SAMPLE for row in sorted(absent - set(skip))})
+        if self.use_index_files:
+            import fsspec
+
+            index = index_path_for(tar)
+            fs, path = fsspec.core.url_to_fs(index, **(storage_options or {}))
+            if not fs.exists(path):
+                raise ShardError(
+                    index,
+                    f"DALI index file not found for {tar}; write the folder's indexes with `imgcurate index "
+                    f"{os.path.dirname(tar) or '.'}` (or DALI's `wds2idx {tar} {index}`)",
+                )
+        pipeline = self._pipeline(tar)
+        done: set[int] = set(skip)
         try:
-            pipeline = self._pipeline(tar)
-            runs = math.ceil(pipeline.epoch_size("reader") / self.batch_size)
-        except ShardError:
-            raise
-        except Exception as err:  # a pipeline DALI cannot build fails every shard alike: say so, do not fall back
-            raise RuntimeError(f"{tar}: cannot build the DALI pipeline on {self.device}: {_first_line(err)}") from err
-        try:
-            for _ in range(runs):
-                images, info = pipeline.run()
-                rows, picks = [], []
-                for i in range(len(info)):
-                    source = bytes(np.asarray(info.at(i))).decode()
-                    member = source[len(tar) + 1 :].partition(":")[2]
-                    row = row_of.get(split_member_name(member)[0])
-                    if row is not None and row not in done:  # rows filtered out, and the last batch's wrap-around
-                        rows.append(row)
-                        picks.append(i)
-                        done.add(row)
-                if rows:
-                    tensor = self._to_torch(images)
-                    yield Batch(rows, tensor if len(picks) == len(info) else tensor[picks])
-        except Exception as err:  # DALI stops on a bad image; the rest of the shard goes through the fallback
+            for batch in _prefetch(self._decoded(pipeline, tar, keys, storage_options, skip)):
+                done.update(batch.rows)
+                done.update(batch.errors)
+                yield batch
+        except _DaliRunError as err:  # DALI stops on a bad image; the rest of the shard goes through the fallback
+            cached_pipelines().pop(self.pipeline_key(), None)  # a pipeline that failed is not run again
+            cause = err.__cause__ or err
             if self.fallback is None:
-                raise
+                raise cause from None
             warnings.warn(
-                f"{tar}: DALI failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"{tar}: DALI failed ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
                 f"decoding the remaining {len(keys) - len(done)} samples with {type(self.fallback).__name__}",
                 stacklevel=2,
             )
             yield from self.fallback.batches(tar, keys, storage_options, frozenset(done))
-            return
-        missing = {row: "sample has no image member" for row in range(len(keys)) if row not in done}
-        if missing:
-            yield Batch([], None, missing)
+
+    def _decoded(
+        self, pipeline: Any, tar: str, keys: list[str], storage_options: dict | None, skip: frozenset
+    ) -> Iterator[Batch]:
+        """Reads the shard and runs ``pipeline`` on it, one batch at a time (in the decoding thread)."""
+        import numpy as np
+
+        rows: list[int] = []
+        encoded: list[np.ndarray] = []
+
+        def run() -> Batch:
+            try:
+                (images,) = pipeline.run(encoded=encoded)
+                tensor = self._to_torch(images)
+            except Exception as err:
+                raise _DaliRunError(f"{tar}: DALI failed on a batch") from err
+            return Batch(list(rows), tensor)
+
+        for row, (data, error) in enumerate(aligned_images(tar, keys, storage_options)):
+            if row in skip:
+                continue
+            if data is None:  # img2dataset's failed downloads, samples without an image member
+                yield Batch([], None, {row: error})
+                continue
+            rows.append(row)
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            if len(rows) == self.batch_size:
+                yield run()
+                rows, encoded = [], []
+        if rows:
+            yield run()

@@ -8,6 +8,13 @@ the rest: the model input then stays within cosine similarity 0.9995 (mean absol
 normalised units) of the exact path on the sample photos, 0.999 (0.02) on 1600-px photos, where it decodes 2.6x
 faster (``benchmarks/draft.py``, ``benchmarks/RESULTS.md``).
 
+Two ways out (see :mod:`imgcurate.embedders.loaders` for the loaders that use them): :func:`decode_rgb` gives a PIL
+image, for an embedder's own ``preprocess`` (timm's transform); :func:`decode_tensor` gives a uint8 tensor, choosing
+per image the fastest decoder whose pixels equal PIL's (:data:`TENSOR_DECODERS`): torchvision's ``decode_jpeg`` for
+baseline and progressive YCbCr/grayscale JPEGs that draft decoding would leave at full size (the same
+libjpeg-turbo arithmetic, bit-identical output, without PIL's chunked reads and copies), PIL for the rest
+(draft-decoded JPEGs, CMYK, other formats; ``benchmarks/decode.py`` measures both per format and size).
+
 EXIF orientation: timm's loader (``Image.open(...).convert("RGB")``) ignores it, so by default so do we, on every
 decoder; ``exif_transpose=True`` applies it (PIL's ``ImageOps.exif_transpose``, torchvision's
 ``apply_exif_orientation``, DALI's ``adjust_orientation``).
@@ -17,9 +24,14 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 #: JPEG draft decoding keeps the decoded image's sides at least this many times the size the model input is resized
 #: to, so that the antialiased resize after it sees enough pixels.
@@ -52,6 +64,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _open(data: bytes, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """The image with its header read (no pixels yet), in draft mode when that applies (see :func:`decode_rgb`),
+    and its full size."""
+    image = Image.open(io.BytesIO(data))
+    full_size = image.size
+    if draft_size is not None and image.format == "JPEG":
+        side = DRAFT_FACTOR * draft_size
+        image.draft("RGB", (side, side))
+    return image, full_size
+
+
+def _finish(image: Image.Image, exif_transpose: bool) -> Image.Image:
+    image.load()
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
 def decode_rgb(data: bytes, draft_size: int | None = None, exif_transpose: bool = False) -> Image.Image:
     """Decodes image bytes to an RGB image.
 
@@ -65,11 +95,67 @@ def decode_rgb(data: bytes, draft_size: int | None = None, exif_transpose: bool 
     Raises:
         Exception: whatever PIL raises for bytes it cannot decode (callers record it per sample).
     """
-    image = Image.open(io.BytesIO(data))
-    if draft_size is not None and image.format == "JPEG":
-        side = DRAFT_FACTOR * draft_size
-        image.draft("RGB", (side, side))
-    image.load()
-    if exif_transpose:
-        image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    return _finish(_open(data, draft_size)[0], exif_transpose)
+
+
+def _torchvision_jpeg(header: Image.Image, data: bytes, full_size: tuple[int, int]) -> torch.Tensor | None:
+    """torchvision's libjpeg-turbo decode, for the JPEGs on which it gives PIL's exact pixels; None for the others.
+
+    Taken: YCbCr or grayscale JPEGs that PIL would decode at full size (draft mode left the scale at 1).
+    Left to PIL: JPEGs draft decoding shrinks (torchvision has no DCT scaling), CMYK/YCCK (PIL and libjpeg convert
+    them to RGB differently).
+    """
+    if header.size != full_size or header.mode not in ("RGB", "L"):
+        return None
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:  # whatever libjpeg refuses, PIL decodes or reports in its own words
+        return None
+
+
+#: PIL's format name -> a faster decoder that gives PIL's own pixels for the images it takes (returns None for the
+#: others, which PIL decodes). Measured per format in ``benchmarks/decode.py``: PNG and WebP stay with PIL, where
+#: torchvision's gain was small and noisy, and PNG's palette and 16-bit modes would each need checking against
+#: :func:`to_rgb`.
+TENSOR_DECODERS: dict[str, Callable[[Image.Image, bytes, tuple[int, int]], torch.Tensor | None]] = {
+    "JPEG": _torchvision_jpeg,
+}
+
+
+def decode_tensor(data: bytes, draft_size: int | None = None, exif_transpose: bool = False) -> torch.Tensor:
+    """Decodes image bytes to a (3, H, W) uint8 RGB tensor with the same pixels as :func:`decode_rgb`, choosing the
+    decoder per image from the header (format, colour mode, size against ``draft_size``, EXIF orientation).
+
+    Args:
+        data: encoded bytes.
+        draft_size: as in :func:`decode_rgb`.
+        exif_transpose: as in :func:`decode_rgb`; an image whose EXIF asks for a rotation or flip is decoded by PIL
+            and transposed by ``ImageOps.exif_transpose``, exactly as :func:`decode_rgb` does it.
+
+    Raises:
+        Exception: whatever PIL raises for bytes it cannot decode (callers record it per sample).
+
+    Example:
+        >>> from imgcurate.testing import encode_image
+        >>> from PIL import Image
+        >>> decode_tensor(encode_image(Image.new("RGB", (64, 48)), "jpg")).shape
+        torch.Size([3, 48, 64])
+    """
+    import torch
+
+    image, full_size = _open(data, draft_size)
+    fast = TENSOR_DECODERS.get(image.format or "")
+    if fast is not None and not (exif_transpose and _orientation(image) not in (None, 1)):
+        tensor = fast(image, data, full_size)
+        if tensor is not None:
+            return tensor
+    pixels = np.array(_finish(image, exif_transpose))
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # a (3, H, W) view of HWC memory, as decode_jpeg gives
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation ``ImageOps.exif_transpose`` would act on (PIL reads it from EXIF, or else XMP)."""
+    return image.getexif().get(ExifTags.Base.Orientation)

@@ -78,8 +78,10 @@ class TimmImageEmbedder(ImageEmbedder):
         exif_transpose: apply EXIF orientation on every decoder (default off, as timm's own loader).
         use_index_files: with the DALI decoder, read each shard through its ``.idx`` index file (DALI's
             ``wds2idx`` makes them); without, DALI scans the tar first.
-        decoder: ``auto`` (PIL on the CPU; on CUDA DALI when installed, else torchvision's GPU JPEG decoder),
-            ``pil``, ``torchvision`` or ``dali``. The GPU decoders keep timm's sizes and crop window but resample
+        decoder: ``auto`` (``cpu`` on the CPU; on CUDA DALI when installed, else torchvision's GPU JPEG decoder),
+            ``pil`` (timm's exact path), ``cpu`` (the fastest decoder with PIL's pixels per image, torch's port of
+            Pillow's resize: model input within cosine 0.99999 of ``pil``), ``torchvision`` or ``dali``. The GPU
+            decoders keep timm's sizes and crop window but resample
             with their own kernels: their model input differs from the PIL path (which matches timm exactly) by a
             mean absolute 1e-3 or so on the sample photos.
         engine: CPU inference engine: ``auto`` (the fastest of torch and OpenVINO on this machine whose embeddings
