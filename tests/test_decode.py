@@ -196,3 +196,25 @@ def test_tensor_preprocessing_matches_timms_transform(interpolation):
         assert (exact - got).abs().mean().item() <= 0.001, label
         level = 1 / 255 / min(config["std"])  # one uint8 level in normalised units
         assert (exact - got).abs().max().item() <= 2 * level + 1e-5, label
+
+
+def test_a_drafted_jpeg_is_resized_to_the_full_decodes_size():
+    """3079 x 2048 drafts to 770 x 512; resized from that, the long side would round to 385 instead of the full
+    decode's 384 and the crop would shift by half a pixel (cosine 0.992): the size comes from the full size."""
+    import skimage.data
+    import torch
+
+    from imgcurate.embedders.decode import decode_tensor, decode_tensor_sized
+    from imgcurate.embedders.loaders import ResizeCrop, resize_crop
+    from imgcurate.testing import encode_image
+
+    for size in ((3079, 2048), (2048, 3079)):
+        data = encode_image(Image.fromarray(skimage.data.chelsea()).resize(size, Image.BICUBIC), "jpg", quality=92)
+        spec = ResizeCrop(256, (224, 224), "bicubic", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        drafted, full = decode_tensor_sized(data, 256)
+        assert full == size and max(drafted.shape[1:]) < max(size) // 2  # it was drafted
+        want = resize_crop(spec, decode_tensor(data, None))
+        got = resize_crop(spec, drafted, full)
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= 0.9995
+        unsized = resize_crop(spec, drafted)  # what sizing from the drafted image gives: visibly off
+        assert unsized.shape == got.shape

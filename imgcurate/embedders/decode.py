@@ -126,6 +126,21 @@ TENSOR_DECODERS: dict[str, Callable[[Image.Image, bytes, tuple[int, int]], torch
 
 
 def decode_tensor(data: bytes, draft_size: int | None = None, exif_transpose: bool = False) -> torch.Tensor:
+    """Decodes image bytes to a (3, H, W) uint8 RGB tensor; see :func:`decode_tensor_sized`, which also gives the
+    image's full size.
+
+    Example:
+        >>> from imgcurate.testing import encode_image
+        >>> from PIL import Image
+        >>> decode_tensor(encode_image(Image.new("RGB", (64, 48)), "jpg")).shape
+        torch.Size([3, 48, 64])
+    """
+    return decode_tensor_sized(data, draft_size, exif_transpose)[0]
+
+
+def decode_tensor_sized(
+    data: bytes, draft_size: int | None = None, exif_transpose: bool = False
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decodes image bytes to a (3, H, W) uint8 RGB tensor with the same pixels as :func:`decode_rgb`, choosing the
     decoder per image from the header (format, colour mode, size against ``draft_size``, EXIF orientation).
 
@@ -135,14 +150,13 @@ def decode_tensor(data: bytes, draft_size: int | None = None, exif_transpose: bo
         exif_transpose: as in :func:`decode_rgb`; an image whose EXIF asks for a rotation or flip is decoded by PIL
             and transposed by ``ImageOps.exif_transpose``, exactly as :func:`decode_rgb` does it.
 
+    Returns:
+        The tensor, and the image's (width, height) before any draft scaling (after the EXIF transposition): what
+        :func:`~imgcurate.embedders.loaders.resize_crop` sizes the resize from, so that a drafted image is resized
+        to exactly the size the full decode would be.
+
     Raises:
         Exception: whatever PIL raises for bytes it cannot decode (callers record it per sample).
-
-    Example:
-        >>> from imgcurate.testing import encode_image
-        >>> from PIL import Image
-        >>> decode_tensor(encode_image(Image.new("RGB", (64, 48)), "jpg")).shape
-        torch.Size([3, 48, 64])
     """
     import torch
 
@@ -151,9 +165,19 @@ def decode_tensor(data: bytes, draft_size: int | None = None, exif_transpose: bo
     if fast is not None and not (exif_transpose and _orientation(image) not in (None, 1)):
         tensor = fast(image, data, full_size)
         if tensor is not None:
-            return tensor
+            return tensor, _oriented(full_size, tensor)
     pixels = np.array(_finish(image, exif_transpose))
-    return torch.from_numpy(pixels).permute(2, 0, 1)  # a (3, H, W) view of HWC memory, as decode_jpeg gives
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)  # a (3, H, W) view of HWC memory, as decode_jpeg gives
+    return tensor, _oriented(full_size, tensor)
+
+
+def _oriented(full_size: tuple[int, int], tensor: torch.Tensor) -> tuple[int, int]:
+    """``full_size`` turned like the decoded tensor (an EXIF rotation by 90 degrees swaps the sides)."""
+    w, h = full_size
+    th, tw = tensor.shape[-2:]
+    if w != h and th != tw and (w > h) != (tw > th):
+        return h, w
+    return w, h
 
 
 def _orientation(image: Image.Image) -> int | None:

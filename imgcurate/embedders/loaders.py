@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from imgcurate.embedders.decode import decode_rgb, decode_tensor, error_text
+from imgcurate.embedders.decode import decode_rgb, decode_tensor_sized, error_text
 from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
@@ -82,20 +82,26 @@ def _decode_error(err: Exception) -> str:
     return f"cannot decode image: {error_text(err)}"
 
 
-def resize_crop(spec: ResizeCrop, image: torch.Tensor) -> torch.Tensor:
+def resize_crop(spec: ResizeCrop, image: torch.Tensor, full_size: tuple[int, int] | None = None) -> torch.Tensor:
     """A (3, H, W) uint8 image -> the model's float input, as ``spec`` says, in torch tensor operations.
 
     The sizes and the crop window are torchvision's (as timm's and open_clip's transforms compute them on PIL
     images); the resize is antialiased, which for uint8 images on the CPU is Pillow's algorithm ported to torch.
     ``nearest`` is torch's ``nearest-exact``, which is not PIL's choice of pixels (hence not in
-    :data:`CPU_INTERPOLATIONS`).
+    :data:`CPU_INTERPOLATIONS`). ``full_size``: the (width, height) of the image before JPEG draft scaling; the
+    resized size is computed from it, as for the full decode (from the drafted size, rounding can make the long
+    side a pixel longer and shift the crop by half a pixel).
     """
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     mode = InterpolationMode.NEAREST_EXACT if spec.interpolation == "nearest" else InterpolationMode(spec.interpolation)
-    image = F.resize(image, [spec.shorter], interpolation=mode, antialias=True)
+    size: list[int] = [spec.shorter]
+    if full_size is not None and tuple(full_size) != (image.shape[-1], image.shape[-2]):
+        w, h = full_size  # torchvision's rule for one size: the shorter side to it, the longer truncated
+        size = [spec.shorter, int(spec.shorter * w / h)] if h <= w else [int(spec.shorter * h / w), spec.shorter]
+    image = F.resize(image, size, interpolation=mode, antialias=True)
     image = F.center_crop(image, list(spec.crop))
     image = F.to_dtype(image, dtype=torch.float32, scale=True)
     return F.normalize(image, list(spec.mean), list(spec.std))
@@ -212,7 +218,7 @@ class CpuLoader(PilLoader):
         self.spec = spec
 
     def convert(self, data: bytes) -> torch.Tensor:
-        return resize_crop(self.spec, decode_tensor(data, self.draft_size, self.exif_transpose))
+        return resize_crop(self.spec, *decode_tensor_sized(data, self.draft_size, self.exif_transpose))
 
 
 class TorchvisionLoader:
