@@ -20,12 +20,14 @@ frame of a dataset aligned with its shards, whatever steps made it. Per-shard fu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from dask.dataframe.dask_expr._expr import SetDivisions
 
 from imgcurate.backends import host_index
 
@@ -127,9 +129,21 @@ def map_with_shard(
 def _with_divisions(frame: dd.DataFrame, divisions: tuple) -> dd.DataFrame:
     """``frame`` declared to have ``divisions`` (its partitions' index values must lie within them)."""
     from dask.dataframe.dask_expr._collection import new_collection
-    from dask.dataframe.dask_expr._expr import SetDivisions
 
-    return new_collection(SetDivisions(frame.expr, divisions))
+    return new_collection(_DeclaredDivisions(frame.expr, divisions))
+
+
+class _DeclaredDivisions(SetDivisions):
+    """Dask's ``SetDivisions``, whose tasks pass their partition through without carrying the divisions (Dask's own
+    puts the whole tuple, one entry per shard, into every task)."""
+
+    @functools.cached_property
+    def _args(self) -> list:
+        return [self.frame]
+
+    @functools.cached_property
+    def _kwargs(self) -> dict:
+        return {}
 
 
 def to_partitions(frame: dd.DataFrame, npartitions: int) -> dd.DataFrame:

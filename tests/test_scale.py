@@ -92,7 +92,7 @@ def test_the_model_cache_tells_differently_configured_instances_apart():
     assert a.embedding_dim() != b.embedding_dim()
 
 
-@pytest.mark.parametrize(("name", "per_shard"), [("exact dedup", 3.5), ("semantic dedup", 7)])
+@pytest.mark.parametrize(("name", "per_shard"), [("exact dedup", 3.5), ("semantic dedup", 7.5)])
 def test_dedup_graphs_have_a_few_tasks_per_shard(name, per_shard):
     """The grouped phase runs on about one partition per 16 shards; per shard remain the reads and per-shard passes,
     the collection of the shard's answers and its columns (graph time at 10^5 shards grows with the tasks)."""

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from imgcurate._dask import Shard, map_with_shard, shard_frame
+from imgcurate._dask import Shard
 from imgcurate.backends import backend_of, from_arrow
 from imgcurate.io.tar import aligned_images
 from imgcurate.steps.base import ShardIO, Step
@@ -129,15 +129,12 @@ class ExactDuplicates(Step):
         df = dataset.metadata
         io = ShardIO(dataset.id_col, dataset.storage_options)
         groups = group_count(dataset.num_shards)
-        shards = shard_frame(dataset.tar_files, label="imgcurate-exact-hash")  # its own: fused into the hashing
-        hashes = map_with_shard(_hash_shard, df[[dataset.id_col]], shards, io, self.by, groups, meta=_HASH_META)
+        hashes = dataset.map_shards(_hash_shard, io, self.by, groups, meta=_HASH_META, frame=df[[dataset.id_col]])
         marked = grouped(hashes, _mark_copies, meta=_MARK_META, groups=groups)
-        backend = backend_of(df._meta).name
-        return per_shard(_columns, marked, dataset.tar_files, self, backend, meta=self.output_meta(df._meta),
-                         label="imgcurate-exact-columns")  # fmt: skip
+        return per_shard(_columns, marked, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
 
 
-def _columns(found: pd.DataFrame, shard: Shard, step: ExactDuplicates, backend: str) -> Any:
+def _columns(found: pd.DataFrame, shard: int, step: ExactDuplicates, backend: str) -> Any:
     """The step's columns for one shard's rows (in row order), in the dataset's backend."""
     of = found["of"]
     types = step.output_columns()

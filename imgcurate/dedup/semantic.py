@@ -52,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
-from imgcurate._dask import Shard, map_with_shard, shard_frame
+from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import (
     backend_of,
     embedding_matrix,
@@ -597,18 +597,14 @@ class SemanticDeduplicator(Step):
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]
         io = ShardIO(id_col, dataset.storage_options)
-        tars = dataset.tar_files
-        # each pass has its own shard frame, so that it is fused into that pass's tasks
-        counts = map_with_shard(_count_valid, frame, shard_frame(tars, label="imgcurate-semantic-count"),
-                                self.embedding_column, meta=_COUNT_META)  # fmt: skip
+        counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
         total = counts["n"].sum(split_every=16)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
             fitted = self._fit_on_workers(dataset, frame, total)
         else:
-            sample = map_with_shard(_sample_shard, frame, shard_frame(tars, label="imgcurate-semantic-sample"), self,
-                                    total, meta=_SAMPLE_META)  # fmt: skip
+            sample = map_with_shard(_sample_shard, frame, counts, self, total, meta=_SAMPLE_META)
             # a tree reduction inside the same graph: the embedder's output is shared, not computed again
             fitted = sample.reduction(
                 chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
@@ -619,14 +615,12 @@ class SemanticDeduplicator(Step):
         offsets = (counts["n"].cumsum() - counts["n"]).to_frame("offset") if self.which_to_keep == "random" else None
         # Several clusters share a group partition (about 8), and every 16 shards at least one.
         groups = group_count(dataset.num_shards, -(-self.n_clusters // 8))
-        assign = shard_frame(tars, label="imgcurate-semantic-assign")
         rows = dd.map_partitions(
-            _assign_shard, frame, assign, offsets, fitted, self, io, groups, meta=_rows_meta(self.keep_by),
+            _assign_shard, frame, counts, offsets, fitted, self, io, groups, meta=_rows_meta(self.keep_by),
             align_dataframes=False, enforce_metadata=False,
         )  # fmt: skip
         found = grouped(rows, _dedup_clusters, self, meta=_found_meta(self.eps), groups=groups)
-        return per_shard(_output_columns, found, tars, self, backend_of(df._meta).name,
-                         meta=self.output_meta(df._meta), label="imgcurate-semantic-columns")  # fmt: skip
+        return per_shard(_output_columns, found, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
 
     def _fit_on_workers(self, dataset: ImageTextPairDataset, frame: Any, total: Any) -> np.ndarray:
         """cuML's Dask KMeans across the workers' GPUs, fitted on a sample that stays on the workers (one block per
@@ -659,7 +653,9 @@ class SemanticDeduplicator(Step):
 
 
 # ---------------------------------------------------------------------------------------------------- on the workers
-_COUNT_META = pd.DataFrame({"n": pd.Series([], dtype="int64")})
+_COUNT_META = pd.DataFrame(
+    {"n": pd.Series([], dtype="int64"), "shard": pd.Series([], dtype="int64"), "tar": pd.Series([], dtype=object)}
+)
 _SAMPLE_META = pd.DataFrame(
     {
         "embedding": pd.Series([], dtype=object),  # the shard's drawn rows, normalised, as float32 bytes
@@ -689,7 +685,11 @@ def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[n
 
 
 def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
-    return pd.DataFrame({"n": [int(to_pandas(part[[column]])[column].notna().sum())]}, dtype="int64")
+    """The shard's non-null embeddings, and the shard itself (so that later passes need no shard frame of their
+    own: one pass reading the shard frame has it fused into its tasks)."""
+    n = int(to_pandas(part[[column]])[column].notna().sum())
+    return pd.DataFrame({"n": pd.Series([n], dtype="int64"), "shard": pd.Series([shard.index], dtype="int64"),
+                         "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
 
 
 def _sample_size(step: SemanticDeduplicator, total: int) -> int:
@@ -867,7 +867,7 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
     return out
 
 
-def _output_columns(found: pd.DataFrame, shard: Shard, step: SemanticDeduplicator, backend: str) -> Any:
+def _output_columns(found: pd.DataFrame, shard: int, step: SemanticDeduplicator, backend: str) -> Any:
     """The step's columns for one shard's rows (in row order), in the dataset's backend."""
     cluster = found["cluster"].to_numpy(dtype=np.int64)
     values: dict[str, Any] = {

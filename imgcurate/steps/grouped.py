@@ -18,14 +18,14 @@ only the graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from imgcurate._dask import PARTITION_COLUMN, Shard, row_ids, shard_frame, to_partitions
+from imgcurate._dask import PARTITION_COLUMN, _with_divisions, row_ids, shard_divisions, to_partitions
 from imgcurate.backends import to_pandas
 
 __all__ = ["SHARD", "ROW", "GROUP", "MERGE", "group_count", "group_of", "grouped", "per_shard", "positions", "host"]
@@ -78,25 +78,22 @@ def grouped(rows: dd.DataFrame, func: Callable[..., pd.DataFrame], *args: Any, m
     return to_partitions(answers, nshards)
 
 
-def _call_per_shard(shard: pd.DataFrame, answers: pd.DataFrame, func: Callable, *args: Any) -> Any:
-    index = int(shard["shard"].iloc[0])
+def _call_per_shard(answers: pd.DataFrame, func: Callable, *args: Any, partition_info: dict) -> Any:
+    index = partition_info["number"]  # the shard: one output partition per shard, in order
     answers = answers.drop(columns=[GROUP], errors="ignore").sort_values(ROW, kind="stable").reset_index(drop=True)
     if not np.array_equal(answers[ROW].to_numpy(), np.arange(len(answers))):  # pragma: no cover - a broken pass
         raise RuntimeError(f"shard {index}: the answers do not cover its rows 0..{len(answers) - 1} once each")
-    out = func(answers, Shard(index, str(shard["tar"].iloc[0])), *args)
+    out = func(answers, index, *args)
     out.index = row_ids(index, len(out))
     return out
 
 
-def per_shard(func: Callable[..., Any], answers: dd.DataFrame, tar_files: Sequence[str], *args: Any, meta: Any,
-              label: str) -> dd.DataFrame:  # fmt: skip
+def per_shard(func: Callable[..., Any], answers: dd.DataFrame, *args: Any, meta: Any) -> dd.DataFrame:
     """``func(answers, shard, *args)`` for each shard: its answers from :func:`grouped` in row order (a pandas frame
-    with a fresh range index), and its :class:`~imgcurate._dask.Shard`. ``func`` returns one row per answer; the
-    result has the metadata's row ids and divisions. ``label`` names this pass's own shard frame, which is fused into
-    its tasks."""
-    shards = shard_frame(tar_files, label=label)
-    return dd.map_partitions(_call_per_shard, shards, answers, func, *args, meta=meta, align_dataframes=False,
-                             enforce_metadata=False)  # fmt: skip
+    with a fresh range index) and its index. ``func`` returns one row per answer; the result has the metadata's row
+    ids and divisions."""
+    out = answers.map_partitions(_call_per_shard, func, *args, meta=meta, enforce_metadata=False)
+    return _with_divisions(out, shard_divisions(answers.npartitions))
 
 
 def positions(part: Any, shard: int) -> pd.DataFrame:
