@@ -24,10 +24,11 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-from dask.dataframe.dask_expr._expr import SetDivisions
+from dask.dataframe.dask_expr._expr import MapPartitions, SetDivisions
 
 from imgcurate.backends import host_index
 
@@ -35,6 +36,7 @@ __all__ = [
     "Shard",
     "shard_frame",
     "shard_divisions",
+    "with_shard_divisions",
     "row_ids",
     "map_with_shard",
     "to_partitions",
@@ -85,10 +87,12 @@ def shard_frame(tar_files: Sequence[str], label: str = "imgcurate-shards") -> dd
     Frames with different ``label``s are different frames to Dask: a frame that only one pass uses is fused into
     that pass's tasks (no task of its own), where one frame shared by several passes is a task per shard.
     """
-    return dd.from_map(
-        _shard_row, list(enumerate(tar_files)), meta=_SHARD_META, divisions=shard_divisions(len(tar_files)),
-        label=label, enforce_metadata=False,
-    )  # fmt: skip
+    # read as it is: dask's string conversion would add a step to every task for a path that is only passed on
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_map(
+            _shard_row, list(enumerate(tar_files)), meta=_SHARD_META, divisions=shard_divisions(len(tar_files)),
+            label=label, enforce_metadata=False,
+        )  # fmt: skip
 
 
 def _call_with_shard(part: Any, shard: pd.DataFrame, func: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -144,6 +148,27 @@ class _DeclaredDivisions(SetDivisions):
     @functools.cached_property
     def _kwargs(self) -> dict:
         return {}
+
+
+def with_shard_divisions(frame: dd.DataFrame) -> dd.DataFrame:
+    """``frame`` (one partition per shard, row ids as its index) declared to have the shards' divisions.
+
+    A frame made by ``map_partitions`` keeps its single task per partition: the mapping is re-declared as one whose
+    divisions are the shards' (no added step, which Dask would fuse into every task at a cost when it builds the
+    graph). Any other frame gets a pass-through step that declares them.
+    """
+    from dask.dataframe.dask_expr._collection import new_collection
+
+    if type(frame.expr) is MapPartitions:
+        return new_collection(_ShardMapPartitions(*frame.expr.operands))
+    return _with_divisions(frame, shard_divisions(frame.npartitions))
+
+
+class _ShardMapPartitions(MapPartitions):
+    """Dask's ``map_partitions`` whose output partitions are the shards, with their divisions."""
+
+    def _divisions(self) -> tuple:
+        return shard_divisions(self.frame.npartitions)
 
 
 def to_partitions(frame: dd.DataFrame, npartitions: int) -> dd.DataFrame:

@@ -598,7 +598,7 @@ class SemanticDeduplicator(Step):
         frame = df[self.input_columns(dataset.id_col)]
         io = ShardIO(id_col, dataset.storage_options)
         counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
-        total = counts["n"].sum(split_every=16)
+        total = counts.reduction(chunk=_count_total, combine=_sum_all, aggregate=_sum_all, split_every=16, meta=int)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
@@ -690,6 +690,16 @@ def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
     n = int(to_pandas(part[[column]])[column].notna().sum())
     return pd.DataFrame({"n": pd.Series([n], dtype="int64"), "shard": pd.Series([shard.index], dtype="int64"),
                          "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
+
+
+def _count_total(counts: pd.DataFrame) -> int:
+    """A shard's count, as a reduction's chunk: one plain task per shard (a projection first would be fused with it,
+    which costs more to build at 10^5 shards)."""
+    return int(counts["n"].sum())
+
+
+def _sum_all(values: Any) -> int:
+    return int(np.sum(np.asarray(values, dtype=np.int64)))
 
 
 def _sample_size(step: SemanticDeduplicator, total: int) -> int:

@@ -25,7 +25,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from imgcurate._dask import PARTITION_COLUMN, _with_divisions, row_ids, shard_divisions, to_partitions
+from imgcurate._dask import PARTITION_COLUMN, row_ids, to_partitions, with_shard_divisions
 from imgcurate.backends import to_pandas
 
 __all__ = ["SHARD", "ROW", "GROUP", "MERGE", "group_count", "group_of", "grouped", "per_shard", "positions", "host"]
@@ -93,7 +93,7 @@ def per_shard(func: Callable[..., Any], answers: dd.DataFrame, *args: Any, meta:
     with a fresh range index) and its index. ``func`` returns one row per answer; the result has the metadata's row
     ids and divisions."""
     out = answers.map_partitions(_call_per_shard, func, *args, meta=meta, enforce_metadata=False)
-    return _with_divisions(out, shard_divisions(answers.npartitions))
+    return with_shard_divisions(out)
 
 
 def positions(part: Any, shard: int) -> pd.DataFrame:
