@@ -77,9 +77,9 @@ def grouped(rows: dd.DataFrame, func: Callable[..., pd.DataFrame], *args: Any, m
     # p2p (a distributed client) sends each shard's rows as soon as they are made: merging first would hold MERGE
     # shards' rows in one place (measured: 2x the worker memory, and slower). The disk and tasks methods merge
     # input partitions down to the output count themselves; merging MERGE neighbours first keeps that bounded.
-    merge = nshards > MERGE and get_default_shuffle_method() != "p2p"
-    merged = rows.repartition(npartitions=-(-nshards // MERGE)) if merge else rows
-    together = to_partitions(merged, max(groups, merged.npartitions))
+    p2p = get_default_shuffle_method() == "p2p"
+    merged = rows.repartition(npartitions=-(-nshards // MERGE)) if nshards > MERGE and not p2p else rows
+    together = to_partitions(merged, groups if p2p else max(groups, merged.npartitions))
     answers = together.map_partitions(_answer, func, *args, meta=meta.assign(**{GROUP: np.int64(0)}).iloc[:0],
                                       enforce_metadata=False)  # fmt: skip
     return to_partitions(answers, nshards)
