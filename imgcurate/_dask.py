@@ -7,7 +7,7 @@ or over results whose size grows with the dataset. The pieces here keep it so:
   ``dd.from_map`` so that each of its tasks holds one ``(index, tar)`` pair.
 - :func:`map_with_shard` maps a function over a metadata frame zipped partition by partition with that frame: the
   function receives its partition and a :class:`Shard`, nothing else that grows with the shard count.
-- :func:`to_partitions` shuffles rows to the partition that a column names (results going back to their shards).
+- :func:`to_partitions` shuffles rows to the partition that their ``_partitions`` column names.
 - :func:`zip_columns` puts the columns of one frame beside another's, partition by partition.
 
 Row ids: the metadata frame's index is ``shard << 40 | row`` (a row's global id), so every frame over the shards has
@@ -20,12 +20,15 @@ frame of a dataset aligned with its shards, whatever steps made it. Per-shard fu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from dask.dataframe.dask_expr._expr import MapPartitions, SetDivisions
 
 from imgcurate.backends import host_index
 
@@ -33,6 +36,7 @@ __all__ = [
     "Shard",
     "shard_frame",
     "shard_divisions",
+    "with_shard_divisions",
     "row_ids",
     "map_with_shard",
     "to_partitions",
@@ -77,12 +81,18 @@ _SHARD_META = pd.DataFrame(
 )
 
 
-def shard_frame(tar_files: Sequence[str]) -> dd.DataFrame:
-    """One row per shard (``shard``, ``tar``), one partition per shard; each task holds its own pair only."""
-    return dd.from_map(
-        _shard_row, list(enumerate(tar_files)), meta=_SHARD_META, divisions=shard_divisions(len(tar_files)),
-        label="imgcurate-shards", enforce_metadata=False,
-    )  # fmt: skip
+def shard_frame(tar_files: Sequence[str], label: str = "imgcurate-shards") -> dd.DataFrame:
+    """One row per shard (``shard``, ``tar``), one partition per shard; each task holds its own pair only.
+
+    Frames with different ``label``s are different frames to Dask: a frame that only one pass uses is fused into
+    that pass's tasks (no task of its own), where one frame shared by several passes is a task per shard.
+    """
+    # read as it is: dask's string conversion would add a step to every task for a path that is only passed on
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_map(
+            _shard_row, list(enumerate(tar_files)), meta=_SHARD_META, divisions=shard_divisions(len(tar_files)),
+            label=label, enforce_metadata=False,
+        )  # fmt: skip
 
 
 def _call_with_shard(part: Any, shard: pd.DataFrame, func: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -123,24 +133,58 @@ def map_with_shard(
 def _with_divisions(frame: dd.DataFrame, divisions: tuple) -> dd.DataFrame:
     """``frame`` declared to have ``divisions`` (its partitions' index values must lie within them)."""
     from dask.dataframe.dask_expr._collection import new_collection
-    from dask.dataframe.dask_expr._expr import SetDivisions
 
-    return new_collection(SetDivisions(frame.expr, divisions))
+    return new_collection(_DeclaredDivisions(frame.expr, divisions))
 
 
-def to_partitions(frame: dd.DataFrame, column: str, npartitions: int) -> dd.DataFrame:
-    """Moves every row to the partition that its integer ``column`` names (0 <= value < ``npartitions``).
+class _DeclaredDivisions(SetDivisions):
+    """Dask's ``SetDivisions``, whose tasks pass their partition through without carrying the divisions (Dask's own
+    puts the whole tuple, one entry per shard, into every task)."""
+
+    @functools.cached_property
+    def _args(self) -> list:
+        return [self.frame]
+
+    @functools.cached_property
+    def _kwargs(self) -> dict:
+        return {}
+
+
+def with_shard_divisions(frame: dd.DataFrame) -> dd.DataFrame:
+    """``frame`` (one partition per shard, row ids as its index) declared to have the shards' divisions.
+
+    A frame made by ``map_partitions`` keeps its single task per partition: the mapping is re-declared as one whose
+    divisions are the shards' (no added step, which Dask would fuse into every task at a cost when it builds the
+    graph). Any other frame gets a pass-through step that declares them.
+    """
+    from dask.dataframe.dask_expr._collection import new_collection
+
+    if type(frame.expr) is MapPartitions:
+        return new_collection(_ShardMapPartitions(*frame.expr.operands))
+    return _with_divisions(frame, shard_divisions(frame.npartitions))
+
+
+class _ShardMapPartitions(MapPartitions):
+    """Dask's ``map_partitions`` whose output partitions are the shards, with their divisions."""
+
+    def _divisions(self) -> tuple:
+        return shard_divisions(self.frame.npartitions)
+
+
+def to_partitions(frame: dd.DataFrame, npartitions: int) -> dd.DataFrame:
+    """Moves every row to the partition that its int64 ``_partitions`` column names (0 <= value < ``npartitions``).
 
     A shuffle, done by Dask's own shuffle machinery (tasks, disk or p2p, as configured): dask routes rows by a
     ``_partitions`` column without hashing it, which is what :meth:`DataFrame.set_index` does with its divisions.
     No task carries a list that grows with ``npartitions``. Row order within a partition is not kept: sort after.
+    The output keeps the ``_partitions`` column under the disk and tasks methods and not under p2p; readers select
+    the columns they need. With fewer output than input partitions, the disk and tasks methods first concatenate
+    neighbouring input partitions (dask's own rule), so callers merge them to a bounded count first.
     """
     from dask.dataframe.dask_expr._collection import new_collection
     from dask.dataframe.dask_expr._shuffle import Shuffle
 
-    routed = frame.assign(**{PARTITION_COLUMN: frame[column].astype("int64")})
-    shuffled = new_collection(Shuffle(routed.expr, PARTITION_COLUMN, npartitions, True, None, None))
-    return shuffled.drop(columns=[PARTITION_COLUMN])
+    return new_collection(Shuffle(frame.expr, PARTITION_COLUMN, npartitions, True, None, None))
 
 
 def _zip(left: Any, right: Any) -> Any:

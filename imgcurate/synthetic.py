@@ -8,6 +8,7 @@ without 10^5 files.
 
 from __future__ import annotations
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -55,10 +56,11 @@ def synthetic_dataset(
 ) -> ImageTextPairDataset:
     """A dataset of ``nshards`` made-up shards (``<root>/000000.tar`` ...), its metadata generated per partition."""
     meta = synthetic_partition(0, 0, dim, seed)
-    metadata = dd.from_map(
-        _make, [(i, rows_per_shard) for i in range(nshards)], args=[dim, seed], meta=meta,
-        divisions=shard_divisions(nshards), label="synthetic-metadata", enforce_metadata=False,
-    )  # fmt: skip
+    with dask.config.set({"dataframe.convert-string": False}):  # the keys are arrow strings already
+        metadata = dd.from_map(
+            _make, [(i, rows_per_shard) for i in range(nshards)], args=[dim, seed], meta=meta,
+            divisions=shard_divisions(nshards), label="synthetic-metadata", enforce_metadata=False,
+        )  # fmt: skip
     tars = [f"{root}/{i:06d}.tar" for i in range(nshards)]
     return ImageTextPairDataset(root, metadata, tars)
 

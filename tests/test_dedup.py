@@ -159,6 +159,27 @@ def test_exact_duplicates_on_the_sample(sample_ds):
     assert df["image_sha256"].notna().all()
 
 
+def test_exact_duplicates_over_more_shards_than_one_task_merges(sample_ds, tmp_path):
+    """One sample per shard: the hashing merges shards in groups before its shuffle; the answers are the same."""
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.steps.grouped import MERGE
+    from imgcurate.testing import make_sample_shards
+
+    make_sample_shards(str(tmp_path / "one-each"), samples_per_shard=1)
+    many = ImageTextPairDataset.from_webdataset(str(tmp_path / "one-each"))
+    assert many.num_shards > 2 * MERGE
+    want = ExactDuplicates()(sample_ds).metadata.compute()
+    got = ExactDuplicates()(many).metadata.compute()  # the same samples in the same order, under other keys
+    assert got["image_sha256"].tolist() == want["image_sha256"].tolist()
+    assert got["exact_duplicate"].tolist() == want["exact_duplicate"].tolist() and want["exact_duplicate"].any()
+
+    def positions_of(df):
+        where = {key: i for i, key in enumerate(df["key"])}
+        return [where.get(key) for key in df["exact_duplicate_of"]]
+
+    assert positions_of(got) == positions_of(want)
+
+
 def test_semantic_on_a_dataset_with_a_null_embedding(sample_ds):
     df = sample_ds.metadata
 

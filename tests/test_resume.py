@@ -168,6 +168,37 @@ def test_semantic_dedup_on_a_local_cluster_equals_find_on_the_gathered_array(two
     assert got["key"].tolist() == local["key"].tolist()  # rows stay with their shards, in order
 
 
+@pytest.mark.parametrize("where", ["threads", "cluster"])
+def test_semantic_dedup_over_more_shards_than_one_task_merges_equals_find(two_worker_processes, where):
+    """40 shards: neighbouring shards are merged before the shuffle to 3 group partitions (disk shuffle on the
+    threads, p2p on the cluster), and the answers come back to their shards in order."""
+    from imgcurate.steps.grouped import MERGE
+    from imgcurate.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(40, rows_per_shard=12, dim=16, seed=7)
+    assert ds.num_shards > 2 * MERGE
+    dedup = SemanticDeduplicator(n_clusters=20, eps=0.3)
+    local = ds.metadata.compute()
+    x = np.stack(local["image_embedding"]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = x[np.random.default_rng(1).choice(len(x), 20, replace=False)]
+    added = dedup.added(ds, centroids=centroids)
+    if where == "cluster":
+        with two_worker_processes.as_current():
+            got = ds.with_columns(added).metadata.compute()
+    else:
+        got = ds.with_columns(added).metadata.compute(scheduler="threads")
+    want = dedup.find(x, centroids=centroids)
+    assert want["is_duplicate_0.3"].sum() > 0
+    np.testing.assert_array_equal(got["cluster"].to_numpy(dtype=np.int64), want["cluster"])
+    keys = local["key"].to_numpy(dtype=object)
+    assert [None if v is None or v != v else v for v in got["duplicate_of"]] == [
+        keys[r] if r >= 0 else None for r in want["duplicate_of"]
+    ]
+    assert (got["is_duplicate"].to_numpy() == want["is_duplicate_0.3"]).all()
+    assert got.index.tolist() == local.index.tolist()
+
+
 def test_an_export_run_on_memory_storage(sample_dir):
     ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
     pipeline = Pipeline(steps=[], export={"path": "memory://exported/out"}, run_dir="memory://exported/run")

@@ -90,3 +90,13 @@ def test_the_model_cache_tells_differently_configured_instances_apart():
     assert a.model("cpu") is not b.model("cpu")
     assert TimmImageEmbedder("test_resnet", output="head").model("cpu") is a.model("cpu")
     assert a.embedding_dim() != b.embedding_dim()
+
+
+@pytest.mark.parametrize(("name", "per_shard"), [("exact dedup", 3.5), ("semantic dedup", 7.5)])
+def test_dedup_graphs_have_a_few_tasks_per_shard(name, per_shard):
+    """The grouped phase runs on about one partition per 16 shards; per shard remain the reads and per-shard passes,
+    the collection of the shard's answers and its columns (graph time at 10^5 shards grows with the tasks)."""
+    n = 1000
+    ds = synthetic_dataset(n, rows_per_shard=10, dim=768)
+    tasks = len(dict(STEPS[name]().added(ds).optimize().__dask_graph__()))
+    assert tasks <= per_shard * n, tasks / n

@@ -6,14 +6,15 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from imgcurate._dask import Shard, zip_columns
-from imgcurate.backends import with_columns
+from imgcurate._dask import Shard
+from imgcurate.backends import backend_of, from_arrow
 from imgcurate.io.tar import aligned_images
 from imgcurate.steps.base import ShardIO, Step
-from imgcurate.steps.grouped import ROW, SHARD, back_to_shards, by_group, host, place, positions
+from imgcurate.steps.grouped import GROUP, ROW, SHARD, group_count, group_of, grouped, host, per_shard, positions
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -32,8 +33,8 @@ def _pixel_digest(data: bytes) -> str:
     return digest.hexdigest()
 
 
-def _hash_shard(part: Any, shard: Shard, io: ShardIO, by: str) -> pd.DataFrame:
-    """Each row's key, digest (None without a readable image) and position, read from its shard's tar."""
+def _hash_shard(part: Any, shard: Shard, io: ShardIO, by: str, groups: int) -> pd.DataFrame:
+    """Each row's position, key, digest (None without a readable image) and group partition, read from its tar."""
     frame = host(part, [io.id_col])
     keys = frame[io.id_col].tolist()
     digests: list[str | None] = []
@@ -50,6 +51,9 @@ def _hash_shard(part: Any, shard: Shard, io: ShardIO, by: str) -> pd.DataFrame:
     out = positions(frame, shard.index)
     out["key"] = pd.array(keys, dtype=object)
     out["digest"] = pd.array(digests, dtype=object)
+    # the digest's leading 60 bits pick its group; rows without one stay with their shard's group
+    codes = [shard.index if d is None else int(d[:15], 16) for d in digests]
+    out[GROUP] = group_of(np.asarray(codes, dtype=np.int64), groups)
     return out
 
 
@@ -59,21 +63,30 @@ _HASH_META = pd.DataFrame(
         ROW: pd.Series([], dtype="int64"),
         "key": pd.Series([], dtype=object),
         "digest": pd.Series([], dtype=object),
+        GROUP: pd.Series([], dtype="int64"),
     }
 )
 _MARK_META = pd.DataFrame(
-    {SHARD: pd.Series([], dtype="int64"), ROW: pd.Series([], dtype="int64"), "of": pd.Series([], dtype=object)}
+    {
+        SHARD: pd.Series([], dtype="int64"),
+        ROW: pd.Series([], dtype="int64"),
+        "digest": pd.Series([], dtype=object),
+        "of": pd.Series([], dtype=object),
+    }
 )
 
 
 def _mark_copies(part: pd.DataFrame) -> pd.DataFrame:
-    """Within whole hash groups: every row after the first (in shard, row order) is a copy of the first."""
+    """Within whole hash groups: every row after the first (in shard, row order) is a copy of the first; rows
+    without a digest are nobody's copy."""
     part = part.sort_values([SHARD, ROW], kind="stable")
-    groups = part.groupby("digest", sort=False)
-    first = groups["key"].transform("first")
+    hashed = part["digest"].notna().to_numpy()
+    groups = part[hashed].groupby("digest", sort=False)
+    of = np.full(len(part), None, dtype=object)
     copies = groups.cumcount().to_numpy() > 0
-    return pd.DataFrame({SHARD: part[SHARD].to_numpy()[copies], ROW: part[ROW].to_numpy()[copies],
-                         "of": first.to_numpy()[copies]})  # fmt: skip
+    of[np.flatnonzero(hashed)[copies]] = groups["key"].transform("first").to_numpy()[copies]
+    return pd.DataFrame({SHARD: part[SHARD].to_numpy(), ROW: part[ROW].to_numpy(),
+                         "digest": part["digest"].to_numpy(dtype=object), "of": of})  # fmt: skip
 
 
 class ExactDuplicates(Step):
@@ -115,22 +128,19 @@ class ExactDuplicates(Step):
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         df = dataset.metadata
         io = ShardIO(dataset.id_col, dataset.storage_options)
-        hashes = dataset.map_shards(_hash_shard, io, self.by, meta=_HASH_META, frame=df[[dataset.id_col]])
-        marked = by_group(hashes[hashes["digest"].notnull()], "digest", _mark_copies, meta=_MARK_META)
-        back = back_to_shards(marked, dataset.num_shards)
-        types = self.output_columns()
-        flags = place(hashes, back, {"of": None}, {"of": pa.string()}, meta=_MARK_META[["of"]])
-        found = zip_columns(hashes[["digest"]], flags)
-        return dd.map_partitions(_columns, df[[dataset.id_col]], found, self, types, meta=self.output_meta(df._meta),
-                                 align_dataframes=False, enforce_metadata=False)  # fmt: skip
+        groups = group_count(dataset.num_shards)
+        hashes = dataset.map_shards(_hash_shard, io, self.by, groups, meta=_HASH_META, frame=df[[dataset.id_col]])
+        marked = grouped(hashes, _mark_copies, meta=_MARK_META, groups=groups)
+        return per_shard(_columns, marked, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
 
 
-def _columns(part: Any, found: pd.DataFrame, step: ExactDuplicates, types: dict) -> Any:
-    """The step's columns for one partition, in the partition's own backend."""
+def _columns(found: pd.DataFrame, shard: int, step: ExactDuplicates, backend: str) -> Any:
+    """The step's columns for one shard's rows (in row order), in the dataset's backend."""
     of = found["of"]
+    types = step.output_columns()
     values = {
         step.hash_column: pa.array(found["digest"].tolist(), pa.string(), from_pandas=True),
-        step.duplicate_column: of.notna().to_numpy(dtype=bool),
+        step.duplicate_column: pa.array(of.notna().to_numpy(dtype=bool), pa.bool_()),
         step.duplicate_of_column: pa.array(of.tolist(), pa.string(), from_pandas=True),
     }
-    return with_columns(part[[]], values, types)[list(types)]
+    return from_arrow(pa.table(values, schema=pa.schema(list(types.items()))), backend)

@@ -52,18 +52,18 @@ import pandas as pd
 import pyarrow as pa
 
 from imgcurate import progress
-from imgcurate._dask import Shard
+from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import (
+    backend_of,
     embedding_matrix,
-    host_index,
+    from_arrow,
     is_embedding_type,
     on_gpu,
     to_pandas,
-    with_columns,
 )
 from imgcurate.errors import ShardError
 from imgcurate.steps.base import ColumnError, ShardIO, Step
-from imgcurate.steps.grouped import ROW, SHARD, back_to_shards, by_group, host, place, positions
+from imgcurate.steps.grouped import GROUP, ROW, SHARD, group_count, group_of, grouped, host, per_shard, positions
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -602,38 +602,29 @@ class SemanticDeduplicator(Step):
         frame = df[self.input_columns(dataset.id_col)]
         io = ShardIO(id_col, dataset.storage_options)
         counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
-        offsets = counts["n"].cumsum() - counts["n"]
-        total = counts["n"].sum(split_every=16)
+        total = counts.reduction(chunk=_count_total, combine=_sum_all, aggregate=_sum_all, split_every=16, meta=int)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
             fitted = self._fit_on_workers(dataset, frame, total)
         else:
-            sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
+            sample = map_with_shard(_sample_shard, frame, counts, self, total, meta=_SAMPLE_META)
             # a tree reduction inside the same graph: the embedder's output is shared, not computed again
             fitted = sample.reduction(
                 chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
                 aggregate_kwargs={"step": self, "backend": backend},
             )  # fmt: skip
+        # Only the random rule seeds each cluster's shuffle with its first member's global index (as find does),
+        # which needs a running count over the shards; the other rules order rows by shard and row alone.
+        offsets = (counts["n"].cumsum() - counts["n"]).to_frame("offset") if self.which_to_keep == "random" else None
+        # Several clusters share a group partition (about 8), and every 16 shards at least one.
+        groups = group_count(dataset.num_shards, -(-self.n_clusters // 8))
         rows = dd.map_partitions(
-            _assign_shard, frame, dataset.shards, offsets.to_frame("offset"), fitted, self, io,
-            meta=_rows_meta(self.keep_by), align_dataframes=False, enforce_metadata=False,
+            _assign_shard, frame, counts, offsets, fitted, self, io, groups, meta=_rows_meta(self.keep_by),
+            align_dataframes=False, enforce_metadata=False,
         )  # fmt: skip
-        # Under a distributed client (p2p shuffle) several clusters go to one task: fewer, larger pieces. The local
-        # schedulers' shuffles first merge input partitions down to the output count, which would put many shards
-        # in one task, so there the output keeps one partition per shard.
-        groups = dataset.num_shards
-        if progress.distributed_client() is not None:
-            groups = max(1, min(dataset.num_shards, -(-self.n_clusters // 8)))
-        found = by_group(rows, "cluster", _dedup_clusters, self, meta=_found_meta(self.eps), npartitions=groups)
-        back = back_to_shards(found, dataset.num_shards)
-        defaults = {"cluster": -1, "distance": np.nan, "similarity": np.nan, "of": None,
-                    **{f"flag{i}": False for i in range(len(self.eps))}}  # fmt: skip
-        types = {"cluster": pa.int64(), "distance": pa.float32(), "similarity": pa.float32(), "of": pa.string(),
-                 **{f"flag{i}": pa.bool_() for i in range(len(self.eps))}}  # fmt: skip
-        placed = place(df[[dataset.id_col]], back, defaults, types, meta=_placed_meta(self.eps))
-        return dd.map_partitions(_output_columns, df[[dataset.id_col]], placed, self, meta=self.output_meta(df._meta),
-                                 align_dataframes=False, enforce_metadata=False)  # fmt: skip
+        found = grouped(rows, _dedup_clusters, self, meta=_found_meta(self.eps), groups=groups)
+        return per_shard(_output_columns, found, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
 
     def _fit_on_workers(self, dataset: ImageTextPairDataset, frame: Any, total: Any) -> np.ndarray:
         """cuML's Dask KMeans across the workers' GPUs, fitted on a sample that stays on the workers (one block per
@@ -666,7 +657,9 @@ class SemanticDeduplicator(Step):
 
 
 # ---------------------------------------------------------------------------------------------------- on the workers
-_COUNT_META = pd.DataFrame({"n": pd.Series([], dtype="int64")})
+_COUNT_META = pd.DataFrame(
+    {"n": pd.Series([], dtype="int64"), "shard": pd.Series([], dtype="int64"), "tar": pd.Series([], dtype=object)}
+)
 _SAMPLE_META = pd.DataFrame(
     {
         "embedding": pd.Series([], dtype=object),  # the shard's drawn rows, normalised, as float32 bytes
@@ -683,8 +676,8 @@ def _identity(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     """L2-normalises the rows of a float32 matrix in place (and returns it)."""
-    if len(x):
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if len(x):  # the squared norms without an N x D temporary (np.linalg.norm makes one): ~20x faster
+        x /= np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
     return x
 
 
@@ -696,7 +689,21 @@ def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[n
 
 
 def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
-    return pd.DataFrame({"n": [int(to_pandas(part[[column]])[column].notna().sum())]}, dtype="int64")
+    """The shard's non-null embeddings, and the shard itself (so that later passes need no shard frame of their
+    own: one pass reading the shard frame has it fused into its tasks)."""
+    n = int(to_pandas(part[[column]])[column].notna().sum())
+    return pd.DataFrame({"n": pd.Series([n], dtype="int64"), "shard": pd.Series([shard.index], dtype="int64"),
+                         "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
+
+
+def _count_total(counts: pd.DataFrame) -> int:
+    """A shard's count, as a reduction's chunk: one plain task per shard (a projection first would be fused with it,
+    which costs more to build at 10^5 shards)."""
+    return int(counts["n"].sum())
+
+
+def _sum_all(values: Any) -> int:
+    return int(np.sum(np.asarray(values, dtype=np.int64)))
 
 
 def _sample_size(step: SemanticDeduplicator, total: int) -> int:
@@ -779,14 +786,19 @@ def _rows_meta(keep_by: list[str]) -> pd.DataFrame:
         "embedding": pd.Series([], dtype=object),
     }
     columns.update({f"_rank{i}": pd.Series([], dtype="float64") for i in range(len(keep_by))})
+    columns[GROUP] = pd.Series([], dtype="int64")
     return pd.DataFrame(columns)
 
 
 def _assign_shard(
-    part: Any, shard_part: pd.DataFrame, offset: pd.DataFrame, centroids: np.ndarray, step: SemanticDeduplicator,
-    io: ShardIO,
+    part: Any, shard_part: pd.DataFrame, offset: pd.DataFrame | None, centroids: np.ndarray,
+    step: SemanticDeduplicator, io: ShardIO, groups: int,
 ) -> pd.DataFrame:  # fmt: skip
-    """This shard's non-null rows with their position, global index, nearest centroid, distance and embedding."""
+    """Every row of this shard with its position, global order, nearest centroid (-1 without an embedding),
+    distance, embedding and group partition.
+
+    ``_gidx`` orders rows as :meth:`SemanticDeduplicator.find` does: the global index of the row among the non-null
+    ones when ``offset`` (this shard's first such index) is given, else the row id (the same order)."""
     shard = Shard(int(shard_part["shard"].iloc[0]), str(shard_part["tar"].iloc[0]))
     valid, x = _valid_matrix(part, step.embedding_column, shard)
     x = _normalize(np.array(x, dtype=np.float32))
@@ -794,19 +806,29 @@ def _assign_shard(
         raise ShardError(shard.tar, f"column {step.embedding_column!r} holds {x.shape[1]}-d embeddings, the KMeans "
                                     f"centroids are {centroids.shape[1]}-d")  # fmt: skip
     labels, dist = _assign(x, centroids) if len(x) else (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    n = len(valid)
     rows = np.flatnonzero(valid)
     meta = host(part, [io.id_col, *step.keep_by])
-    out = positions(rows, shard.index)
-    out[ROW] = rows
-    out.index = np.asarray(host_index(part.index))[rows]
-    out["_gidx"] = int(offset["offset"].iloc[0]) + np.arange(len(rows), dtype=np.int64)
-    out["key"] = np.asarray(meta[io.id_col].to_numpy(dtype=object)[rows], dtype=object)
-    out["cluster"] = labels.astype(np.int64)
-    out["distance"] = dist.astype(np.float32)
-    out["embedding"] = _embedding_column(x)
+    out = positions(valid, shard.index)
+    if offset is None:
+        out["_gidx"] = (np.int64(shard.index) << 40) + np.arange(n, dtype=np.int64)
+    else:
+        out["_gidx"] = int(offset["offset"].iloc[0]) + np.cumsum(valid, dtype=np.int64) - 1
+    out["key"] = meta[io.id_col].to_numpy(dtype=object)
+    cluster = np.full(n, -1, dtype=np.int64)
+    cluster[rows] = labels
+    out["cluster"] = cluster
+    distance = np.full(n, np.nan, dtype=np.float32)
+    distance[rows] = dist
+    out["distance"] = distance
+    embedding = np.full(n, b"", dtype=object)
+    embedding[rows] = _embedding_column(x)
+    out["embedding"] = embedding
     for i, column in enumerate(step.keep_by):
         ranks = pd.to_numeric(meta[column], errors="coerce")
-        out[f"_rank{i}"] = ranks.to_numpy(dtype=np.float64, na_value=np.nan)[rows]
+        out[f"_rank{i}"] = ranks.to_numpy(dtype=np.float64, na_value=np.nan)
+    # a cluster's rows meet in one group partition; rows without an embedding stay with their shard's group
+    out[GROUP] = group_of(np.where(cluster >= 0, cluster, shard.index), groups)
     return out
 
 
@@ -824,30 +846,34 @@ def _found_meta(eps: list[float]) -> pd.DataFrame:
 
 
 def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFrame:
-    """The answers for every cluster in this partition (each cluster is whole here, after the shuffle)."""
-    if not len(part):
-        return _found_meta(step.eps)
-    part = part.sort_values("_gidx", kind="stable").reset_index(drop=True)
-    x = _embedding_rows(part["embedding"])
-    labels = part["cluster"].to_numpy()
-    dist = part["distance"].to_numpy(dtype=np.float32)
-    gidx = part["_gidx"].to_numpy()
-    keys = part["key"].to_numpy(dtype=object)
-    values = part[[f"_rank{i}" for i in range(len(step.keep_by))]].to_numpy(dtype=np.float64) if step.keep_by else None
-    device = step._resolved_device()
+    """The answers for every row in this partition: each cluster is whole here, after the shuffle; rows without an
+    embedding (cluster -1) get the empty answer."""
+    out = part[[SHARD, ROW, "cluster", "distance"]].copy()
     similarity = np.full(len(part), np.nan, dtype=np.float32)
     of = np.full(len(part), None, dtype=object)
     flags = [np.zeros(len(part), dtype=bool) for _ in step.eps]
-    order = np.argsort(labels, kind="stable")  # within a cluster: global order
-    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
-    for begin, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
-        members = step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]]))
-        found = step._cluster_result(x[members], device)
-        similarity[members] = np.where(np.isinf(found.best), np.nan, found.best)
-        of[members] = step._partners(found, keys[members], None)
-        for i, e in enumerate(step.eps):
-            flags[i][members] = found.flags[e]
-    out = part[[SHARD, ROW, "cluster", "distance"]].copy()
+    labels = part["cluster"].to_numpy()
+    inside = np.flatnonzero(labels >= 0)
+    if len(inside):
+        inside = inside[np.argsort(part["_gidx"].to_numpy()[inside], kind="stable")]  # global order
+        x = _embedding_rows(part["embedding"].to_numpy()[inside])
+        labels = labels[inside]
+        dist = part["distance"].to_numpy(dtype=np.float32)[inside]
+        gidx = part["_gidx"].to_numpy()[inside]
+        keys = part["key"].to_numpy(dtype=object)[inside]
+        values = (part[[f"_rank{i}" for i in range(len(step.keep_by))]].to_numpy(dtype=np.float64)[inside]
+                  if step.keep_by else None)  # fmt: skip
+        device = step._resolved_device()
+        order = np.argsort(labels, kind="stable")  # within a cluster: global order
+        starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+        for begin, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+            members = step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]]))
+            found = step._cluster_result(x[members], device)
+            at = inside[members]
+            similarity[at] = np.where(np.isinf(found.best), np.nan, found.best)
+            of[at] = step._partners(found, keys[members], None)
+            for i, e in enumerate(step.eps):
+                flags[i][at] = found.flags[e]
     out["similarity"] = similarity
     out["of"] = of
     for i, flag in enumerate(flags):
@@ -855,24 +881,21 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
     return out
 
 
-def _placed_meta(eps: list[float]) -> pd.DataFrame:
-    return _found_meta(eps).drop(columns=[SHARD, ROW]).rename(columns={})
-
-
-def _output_columns(part: Any, placed: pd.DataFrame, step: SemanticDeduplicator) -> Any:
-    """The step's columns for one partition, in the partition's own backend."""
-    cluster = placed["cluster"].to_numpy(dtype=np.int64)
+def _output_columns(found: pd.DataFrame, shard: int, step: SemanticDeduplicator, backend: str) -> Any:
+    """The step's columns for one shard's rows (in row order), in the dataset's backend."""
+    cluster = found["cluster"].to_numpy(dtype=np.int64)
     values: dict[str, Any] = {
         "cluster": pa.array(cluster, pa.int64(), mask=cluster < 0),
-        "distance_to_centroid": placed["distance"].to_numpy(dtype=np.float32),
-        "max_similarity": placed["similarity"].to_numpy(dtype=np.float32),
-        "duplicate_of": pa.array(placed["of"].tolist(), pa.string(), from_pandas=True),
-        "is_duplicate": placed["flag0"].to_numpy(dtype=bool),
+        "distance_to_centroid": pa.array(found["distance"].to_numpy(dtype=np.float32)),
+        "max_similarity": pa.array(found["similarity"].to_numpy(dtype=np.float32)),
+        "duplicate_of": pa.array(found["of"].tolist(), pa.string(), from_pandas=True),
+        "is_duplicate": pa.array(found["flag0"].to_numpy(dtype=bool)),
     }
     if len(step.eps) > 1:
-        values.update({f"is_duplicate_eps{e}": placed[f"flag{i}"].to_numpy(dtype=bool) for i, e in enumerate(step.eps)})
+        values.update({f"is_duplicate_eps{e}": pa.array(found[f"flag{i}"].to_numpy(dtype=bool))
+                       for i, e in enumerate(step.eps)})  # fmt: skip
     types = step.output_columns()
-    return with_columns(part[[]], values, types)[list(types)]
+    return from_arrow(pa.table(values, schema=pa.schema(list(types.items()))), backend)
 
 
 def _save_npz(path: str, **arrays: Any) -> None:

@@ -2,75 +2,105 @@
 
 The shape of every such step:
 
-1. a per-shard pass gives each row its group key (a hash, a cluster) plus its position: ``_shard`` and ``_row``;
-2. :func:`by_group` shuffles those rows so that each group lands whole in one partition, and runs a function on
-   each partition there (on a worker);
-3. :func:`back_to_shards` shuffles the per-row results back to the partition of the shard they came from, in row
-   order;
-4. :func:`place` spreads them over the shard's rows (rows without a result get the defaults).
+1. a per-shard pass gives *every* row of its shard its position (``_shard``, ``_row``), what the grouped function
+   needs (a hash, a cluster, an embedding) and the group partition it goes to (``_partitions``, from
+   :func:`group_of`; rows that need no partner go anywhere, e.g. to their shard's own group);
+2. :func:`grouped` concatenates every :data:`MERGE` neighbouring shards' rows (a bounded task; not under p2p, which
+   sends each shard's rows on its own), shuffles the rows to ``groups`` partitions so that each group lands whole in
+   one, runs a function there (on a worker) that answers every row it holds, and shuffles the answers straight back
+   to one partition per shard;
+3. :func:`per_shard` turns each shard's answers (all of its rows, put back in row order) into the step's columns.
 
-No task carries anything whose size grows with the dataset, and the client holds only the graph.
+Tasks per shard: the per-shard pass, one task that collects the shard's answers from the shuffle and one that
+builds its columns (and under p2p the task that sends the shard's rows); the merging, the grouped function and the
+shuffle's splitting run on ``groups`` partitions, about one per :data:`MERGE` shards. No task carries anything whose
+size grows with the dataset, and the client holds only the graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from imgcurate._dask import to_partitions
-from imgcurate.backends import to_pandas, with_columns
+from imgcurate._dask import PARTITION_COLUMN, row_ids, to_partitions, with_shard_divisions
+from imgcurate.backends import to_pandas
 
-__all__ = ["SHARD", "ROW", "by_group", "back_to_shards", "place"]
+__all__ = ["SHARD", "ROW", "GROUP", "MERGE", "group_count", "group_of", "grouped", "per_shard", "positions", "host"]
 
 #: The columns that carry a row's origin through the shuffles.
 SHARD, ROW = "_shard", "_row"
+#: The column that names the group partition a row is shuffled to.
+GROUP = PARTITION_COLUMN
+#: How many neighbouring shards' rows one task concatenates before the shuffle to the groups. It bounds what such a
+#: task holds (``MERGE`` shards) and divides the shuffle's per-shard splitting tasks by as much.
+MERGE = 16
 
 
-def by_group(rows: dd.DataFrame, key: str, func: Callable[..., pd.DataFrame], *args: Any, meta: Any,
-             npartitions: int | None = None) -> dd.DataFrame:  # fmt: skip
-    """Shuffles ``rows`` on ``key`` so every group is whole in one partition, then maps ``func(partition, *args)``."""
-    shuffled = rows.shuffle(on=key, npartitions=npartitions or rows.npartitions)
-    return shuffled.map_partitions(func, *args, meta=meta, enforce_metadata=False)
+def group_count(nshards: int, wanted: int = 1) -> int:
+    """The number of group partitions: ``wanted``, but at least one per :data:`MERGE` shards and at most one per
+    shard, so that a group partition holds about as much as :data:`MERGE` shards (or its largest group)."""
+    return max(1, min(nshards, max(wanted, -(-nshards // MERGE))))
 
 
-def _sorted_by_row(part: pd.DataFrame) -> pd.DataFrame:
-    return part.sort_values(ROW, kind="stable")
+def group_of(codes: np.ndarray, groups: int) -> np.ndarray:
+    """The group partition (int64) of each non-negative integer group code."""
+    return np.asarray(codes, dtype=np.int64) % groups
 
 
-def back_to_shards(results: dd.DataFrame, nshards: int) -> dd.DataFrame:
-    """Per-row results (with ``_shard`` and ``_row``) moved to partition ``_shard``, sorted by ``_row``."""
-    moved = to_partitions(results, SHARD, nshards)
-    return moved.map_partitions(_sorted_by_row, meta=moved._meta, enforce_metadata=False)
+def _answer(part: pd.DataFrame, func: Callable[..., pd.DataFrame], *args: Any) -> pd.DataFrame:
+    out = func(part.drop(columns=[GROUP], errors="ignore").reset_index(drop=True), *args)
+    out[GROUP] = out[SHARD].to_numpy(dtype=np.int64)  # the way back: the partition of the row's shard
+    return out
 
 
-def _place(part: Any, results: pd.DataFrame, defaults: Mapping[str, Any], types: Mapping[str, pa.DataType]) -> Any:
-    n = len(part)
-    base = pd.DataFrame(index=pd.RangeIndex(n))
-    rows = results[ROW].to_numpy(dtype=np.int64)
-    columns = {}
-    for name, default in defaults.items():
-        values = np.full(n, default, dtype=object if default is None or isinstance(default, str) else None)
-        if len(rows):
-            got = results[name]
-            values[rows] = got.to_numpy(dtype=values.dtype, na_value=default) if got.dtype != object else got.to_numpy()
-        columns[name] = values
-    return with_columns(base, columns, types)[list(defaults)]
+def grouped(rows: dd.DataFrame, func: Callable[..., pd.DataFrame], *args: Any, meta: pd.DataFrame,
+            groups: int) -> dd.DataFrame:  # fmt: skip
+    """``func(partition, *args)`` on the rows of whole groups, its answers moved back to their shards.
+
+    Args:
+        rows: one partition per shard, every row with ``_shard``, ``_row`` and its group partition in ``_partitions``
+            (``0 <= _partitions < groups``); rows of one group must share that value.
+        func: answers every row of a pandas partition that holds whole groups: one row per input row with its
+            ``_shard`` and ``_row`` and the answer's columns (``meta``).
+        groups: the group partitions (see :func:`group_count`; at least one per :data:`MERGE` shards).
+
+    Returns:
+        One partition per shard holding the answers for its rows, in no particular order (see :func:`per_shard`).
+    """
+    from dask.utils import get_default_shuffle_method
+
+    nshards = rows.npartitions
+    # p2p (a distributed client) sends each shard's rows as soon as they are made: merging first would hold MERGE
+    # shards' rows in one place (measured: 2x the worker memory, and slower). The disk and tasks methods merge
+    # input partitions down to the output count themselves; merging MERGE neighbours first keeps that bounded.
+    p2p = get_default_shuffle_method() == "p2p"
+    merged = rows.repartition(npartitions=-(-nshards // MERGE)) if nshards > MERGE and not p2p else rows
+    together = to_partitions(merged, groups if p2p else max(groups, merged.npartitions))
+    answers = together.map_partitions(_answer, func, *args, meta=meta.assign(**{GROUP: np.int64(0)}).iloc[:0],
+                                      enforce_metadata=False)  # fmt: skip
+    return to_partitions(answers, nshards)
 
 
-def place(frame: dd.DataFrame, results: dd.DataFrame, defaults: Mapping[str, Any],
-          types: Mapping[str, pa.DataType], meta: Any) -> dd.DataFrame:  # fmt: skip
-    """For each partition of ``frame``, the columns ``defaults`` names, filled from ``results`` (one partition per
-    shard, rows sorted by ``_row``) where a row has a result, else the default. The result is on the host (pandas)
-    whatever the backend of ``frame``, whose rows it only counts."""
-    return dd.map_partitions(
-        _place, frame, results, dict(defaults), dict(types), meta=meta, align_dataframes=False,
-        enforce_metadata=False,
-    )  # fmt: skip
+def _call_per_shard(answers: pd.DataFrame, func: Callable, *args: Any, partition_info: dict) -> Any:
+    index = partition_info["number"]  # the shard: one output partition per shard, in order
+    answers = answers.drop(columns=[GROUP], errors="ignore").sort_values(ROW, kind="stable").reset_index(drop=True)
+    if not np.array_equal(answers[ROW].to_numpy(), np.arange(len(answers))):  # pragma: no cover - a broken pass
+        raise RuntimeError(f"shard {index}: the answers do not cover its rows 0..{len(answers) - 1} once each")
+    out = func(answers, index, *args)
+    out.index = row_ids(index, len(out))
+    return out
+
+
+def per_shard(func: Callable[..., Any], answers: dd.DataFrame, *args: Any, meta: Any) -> dd.DataFrame:
+    """``func(answers, shard, *args)`` for each shard: its answers from :func:`grouped` in row order (a pandas frame
+    with a fresh range index) and its index. ``func`` returns one row per answer; the result has the metadata's row
+    ids and divisions."""
+    out = answers.map_partitions(_call_per_shard, func, *args, meta=meta, enforce_metadata=False)
+    return with_shard_divisions(out)
 
 
 def positions(part: Any, shard: int) -> pd.DataFrame:
