@@ -83,6 +83,7 @@ def child(way: str, n: int) -> None:
     from imgcurate.dedup import ExactDuplicates
     from imgcurate.dedup.exact import _HASH_META, _hash_shard
     from imgcurate.steps.base import ShardIO
+    from imgcurate.steps.grouped import group_count
 
     src = make_input(n)
     dask.config.set({"imgcurate.progress": False})
@@ -93,7 +94,8 @@ def child(way: str, n: int) -> None:
         assert hash_loop(src) == n
     elif way == "hash":
         io = ShardIO(ds.id_col, ds.storage_options)
-        hashes = ds.map_shards(_hash_shard, io, "bytes", meta=_HASH_META, frame=ds.metadata[[ds.id_col]])
+        groups = group_count(ds.num_shards)
+        hashes = ds.map_shards(_hash_shard, io, "bytes", groups, meta=_HASH_META, frame=ds.metadata[[ds.id_col]])
         assert int(hashes["digest"].notnull().sum().compute()) == n
     else:
         copies = int(ExactDuplicates()(ds).metadata["exact_duplicate"].sum().compute())
