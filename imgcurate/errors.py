@@ -7,11 +7,11 @@ class ImgcurateError(Exception):
     """Base class of imgcurate's errors."""
 
 
-class ShardError(ImgcurateError, ValueError):
-    """A shard (tar or parquet) is unreadable or inconsistent.
+class FileError(ImgcurateError, ValueError):
+    """A file is unreadable or holds something other than expected; the message names the file, then the problem.
 
     Args:
-        path: the shard file at fault.
+        path: the file at fault.
         problem: what is wrong with it.
     """
 
@@ -22,6 +22,15 @@ class ShardError(ImgcurateError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.problem))
+
+
+class ShardError(FileError):
+    """A shard (tar or parquet) is unreadable or inconsistent.
+
+    Args:
+        path: the shard file at fault.
+        problem: what is wrong with it.
+    """
 
 
 class AlignmentError(ImgcurateError, ValueError):
@@ -43,21 +52,13 @@ class ConfigError(ImgcurateError, ValueError):
     """
 
 
-class WeightFileError(ImgcurateError, ValueError):
+class WeightFileError(FileError):
     """A weight file is unreadable, or holds something other than the model expected.
 
     Args:
         path: the file (or the member of a zip) at fault.
         problem: what is wrong with it; names the layer where one is at fault.
     """
-
-    def __init__(self, path: str, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.problem))
 
 
 class MissingWeightsError(ImgcurateError, RuntimeError):
