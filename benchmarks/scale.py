@@ -47,6 +47,7 @@ def graph_one(shards: int) -> dict:
     from imgcurate.dedup import ExactDuplicates, SemanticDeduplicator
     from imgcurate.embedders import TimmImageEmbedder
     from imgcurate.filters import SampleFilter
+    from imgcurate.progress import GraphGC
     from imgcurate.synthetic import synthetic_dataset
 
     embedder = TimmImageEmbedder("vit_large_patch14_clip_224.openai")
@@ -70,7 +71,8 @@ def graph_one(shards: int) -> dict:
         frame = step.added(ds)
         total_build += time.perf_counter() - started
         started, cpu = time.perf_counter(), time.process_time()
-        graph = dict(frame.optimize().__dask_graph__())  # what compute() hands the scheduler
+        with GraphGC():  # as imgcurate's compute and persist build a graph
+            graph = dict(frame.optimize().__dask_graph__())  # what compute() hands the scheduler
         total_graph += time.perf_counter() - started
         total_graph_cpu += time.process_time() - cpu
         keys = [k for k in graph if "barrier-" not in str(k)]  # Dask's shuffle barriers (disk and p2p)

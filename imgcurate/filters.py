@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from imgcurate import progress
 from imgcurate._dask import Shard
 from imgcurate.backends import to_pandas
 from imgcurate.io.schema import is_error_column
@@ -184,12 +185,11 @@ class SampleFilter(ShardStep):
 
 def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason") -> pd.Series:
     """How many samples each reason dropped (a sample dropped for two reasons counts under both), plus totals."""
-    import dask
 
     df = dataset.metadata
     column = df[reason_column]
-    reasons, total, dropped = dask.compute(column.dropna().str.split(";").explode().value_counts(), column.size,
-                                           column.notnull().sum())  # fmt: skip
+    reasons, total, dropped = progress.compute([column.dropna().str.split(";").explode().value_counts(), column.size,
+                                                column.notnull().sum()], desc="drop report")  # fmt: skip
     reasons, total, dropped = to_pandas(reasons), int(total), int(dropped)
     summary = pd.Series({"total": total, "kept": total - dropped, "dropped": dropped})
     return pd.concat([summary, reasons.astype("int64")])

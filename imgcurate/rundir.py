@@ -192,7 +192,6 @@ def fingerprint_chain(parts: Sequence[str]) -> str:
 def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep_column: str | None) -> dict:
     """The run summary: samples in and kept, drops by reason, duplicates by kind, and per step the shards computed
     and reused and the seconds spent. Small Dask reductions over the written results, in one pass."""
-    import dask
 
     df = dataset.metadata
     columns = set(map(str, df.columns))
@@ -206,7 +205,7 @@ def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep
             wanted[f"duplicates_{kind}"] = df[column].fillna(False).astype(bool).sum()
     for column in sorted(c for c in columns if is_error_column(c)):
         wanted[f"errors:{column}"] = df[column].notnull().sum()
-    got = dict(zip(wanted, dask.compute(*wanted.values()), strict=True))
+    got = dict(zip(wanted, progress.compute(list(wanted.values()), desc="run summary"), strict=True))
     summary: dict[str, Any] = {"samples_in": int(got["samples"])}
     if "kept" in got:
         summary["samples_kept"] = int(got["kept"])

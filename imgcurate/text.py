@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from imgcurate import progress
 from imgcurate._dask import Shard
 from imgcurate.backends import to_pandas
 from imgcurate.filters import SampleFilter
@@ -141,18 +142,17 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
     ``Series.quantile`` merges per-partition percentiles: 2% rank error at ``q=0.1`` on 50 partitions of uniform
     values.)
     """
-    import dask
     import dask.array as da
 
     values = df[column].dropna().astype("float64")
-    lo, hi, n = dask.compute(values.min(), values.max(), values.count())
+    lo, hi, n = progress.compute([values.min(), values.max(), values.count()], desc=f"{column}: range")
     if not n:
         raise ValueError(f"column {column!r} has no values to take a quantile of")
     lo, hi = float(lo), float(hi)
     if hi == lo:
         return lo
     counts, edges = da.histogram(values.to_dask_array(), bins=bins, range=(lo, hi))
-    counts = counts.compute()
+    (counts,) = progress.compute([counts], desc=f"{column}: histogram")
     cumulative = np.cumsum(counts)
     target = q * (int(n) - 1) + 1  # the rank (1-based) of the quantile, as numpy's linear method places it
     index = int(np.searchsorted(cumulative, target))

@@ -47,3 +47,57 @@ def test_persist_counts_partitions_and_a_single_task_graph_counts_tasks(sample_d
     assert bars("persisting") == [(n, n, "shard")]
     progress.compute([dask.delayed(sum)([1, 2])], desc="one task", unit="shard")
     assert bars("one task") == [(1, 1, "task")]
+
+
+def test_the_collector_waits_while_a_graph_is_built_and_gets_its_thresholds_back_before_tasks_run():
+    import gc
+
+    import dask.dataframe as dd
+    import pandas as pd
+
+    before = gc.get_threshold()
+    seen_in_graph_build, seen_in_tasks = [], []
+
+    def in_task(part):
+        seen_in_tasks.append(gc.get_threshold())
+        return part
+
+    class Watch(dask.callbacks.Callback):
+        def _start(self, dsk):  # the graph is built; ordering and the scheduler's state come next
+            seen_in_graph_build.append(gc.get_threshold())
+
+    frame = dd.from_pandas(pd.DataFrame({"a": range(40)}), npartitions=4).map_partitions(in_task)
+    with Watch():
+        (total,) = progress.compute([frame["a"].sum()], desc="sum")
+    assert int(total) == sum(range(40))
+    assert seen_in_graph_build == [(100_000, max(before[1], 50), max(before[2], 100))]
+    assert seen_in_tasks and set(seen_in_tasks) == {before}
+    assert gc.get_threshold() == before
+
+    # nested contexts restore only when the outermost ends; persist takes the same path; 0 turns it off
+    with progress.GraphGC():
+        with progress.GraphGC() as inner:
+            inner.release()
+            inner.release()
+            assert gc.get_threshold()[0] == 100_000
+        assert gc.get_threshold()[0] == 100_000
+    assert gc.get_threshold() == before
+    seen_in_tasks.clear()
+    progress.persist(frame, desc="persist")
+    assert seen_in_tasks and set(seen_in_tasks) == {before}
+    with dask.config.set({"imgcurate.graph-gc-threshold": 0}), progress.GraphGC():
+        assert gc.get_threshold() == before
+
+
+def test_the_collector_thresholds_come_back_when_a_graph_fails_to_build():
+    import gc
+
+    before = gc.get_threshold()
+
+    class Broken:
+        def __dask_graph__(self):
+            raise RuntimeError("cannot build")
+
+    with pytest.raises(RuntimeError, match="cannot build"):
+        progress.compute([dask.delayed(lambda: 1)(), Broken()], desc="broken")
+    assert gc.get_threshold() == before
