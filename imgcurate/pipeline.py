@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from imgcurate import progress
 from imgcurate.config_check import bind, check_value, unknown_key
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, MissingDependencyError
@@ -244,13 +245,18 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
             yield client
         return
     kind = spec.pop("type", "local")
+    tasks_here = False
     if kind == "cuda":
         from dask_cuda import LocalCUDACluster
 
         cluster = LocalCUDACluster(**cuda_cluster_options(spec))
     else:
-        cluster = LocalCluster(**local_cluster_kwargs(spec))  # one 1-thread worker per core, malloc settings
-    with cluster, Client(cluster) as client:
+        kwargs = local_cluster_kwargs(spec)  # one 1-thread worker per core, malloc settings
+        tasks_here = kwargs.get("processes", True) is False
+        cluster = LocalCluster(**kwargs)
+    # The scheduler builds each graph in this process; with the tasks in worker processes, this process does only
+    # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
+    with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:
         yield client
 
 

@@ -69,7 +69,8 @@ class GraphGC:
     (``imgcurate.graph-gc-threshold``; 0 leaves the collector alone), as ``dask scheduler`` and ``dask worker``
     raise theirs for the same reason; the previous thresholds come back when the outermost context ends or
     :meth:`release` is called (once the graph is built, before its tasks run). The thresholds are the process's:
-    other threads see them changed meanwhile, nothing else is.
+    other threads see them changed meanwhile, nothing else is. A pipeline that starts its own LocalCluster with
+    worker processes holds it for the cluster's lifetime, since its scheduler builds the graphs in this process.
     """
 
     _lock = threading.Lock()

@@ -101,3 +101,18 @@ def test_the_collector_thresholds_come_back_when_a_graph_fails_to_build():
     with pytest.raises(RuntimeError, match="cannot build"):
         progress.compute([dask.delayed(lambda: 1)(), Broken()], desc="broken")
     assert gc.get_threshold() == before
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_a_pipeline_cluster_with_worker_processes_holds_the_collector_thresholds_for_its_lifetime(processes):
+    import gc
+
+    from imgcurate.pipeline import _cluster
+
+    before = gc.get_threshold()
+    with _cluster({"n_workers": 1, "threads_per_worker": 1, "processes": processes}) as client:
+        during = gc.get_threshold()
+        assert client.submit(lambda x: x + 1, 1).result() == 2
+    # worker processes: this process only builds graphs and schedules; in-process workers run tasks here: unchanged
+    assert during == ((100_000, max(before[1], 50), max(before[2], 100)) if processes else before)
+    assert gc.get_threshold() == before
