@@ -134,22 +134,17 @@ class _State:
 
 
 #: Measured end-to-end embedding throughput, img/s per worker: device -> timm model (no pretrained tag) ->
-#: (img/s, GFLOP per image, where the figure comes from). A model not listed is scaled from the listed one closest
-#: in GFLOP per image (rate x its GFLOP / the model's GFLOP). No GPU figure exists yet: benchmarks/RESULTS.md has
-#: none (no GPU was lent to this project); add ``"cuda"`` rows from ``benchmarks/embed.py --device cuda``.
+#: (img/s, GFLOP per image, where the figure comes from). CPU figures: the images per CPU second of the process
+#: times the 2 cores of the machine they were measured on (wall-clock rates on a shared box say more about its load).
+#: A model not listed is scaled from the listed one closest in GFLOP per image (rate x its GFLOP / the model's
+#: GFLOP). No GPU figure exists yet: benchmarks/RESULTS.md has none (no GPU was lent to this project); add
+#: ``"cuda"`` rows from ``benchmarks/embed.py --device cuda``.
+_EMBED_CPU = "benchmarks/RESULTS.md, embed.py CPU 2026-11-24, 'ours' images per CPU second x 2 cores"
 THROUGHPUT: dict[str, dict[str, tuple[float, float, str]]] = {
     "cpu": {
-        "resnet50": (39.6, 8.17, "benchmarks/RESULTS.md, embed.py CPU 2026-11-23, 'ours e2e' (2 shared cores)"),
-        "vit_base_patch32_clip_224": (
-            32.4,
-            8.72,
-            "benchmarks/RESULTS.md, embed.py CPU 2026-11-23, 'ours e2e' (2 shared cores)",
-        ),
-        "efficientnet_lite0": (
-            134.9,
-            0.77,
-            "benchmarks/RESULTS.md, embed.py CPU 2026-11-23, 'ours e2e' (2 shared cores)",
-        ),
+        "resnet50": (47.0, 8.17, f"{_EMBED_CPU} (23.5 x 2; wall 29.4 on a loaded box)"),
+        "vit_base_patch32_clip_224": (39.4, 8.72, f"{_EMBED_CPU} (19.7 x 2; wall 11.7 on a loaded box)"),
+        "efficientnet_lite0": (205.4, 0.77, f"{_EMBED_CPU} (102.7 x 2; wall 82.0 on a loaded box)"),
     },
     "cuda": {},
 }

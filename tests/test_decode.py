@@ -218,3 +218,17 @@ def test_a_drafted_jpeg_is_resized_to_the_full_decodes_size():
         assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= 0.9995
         unsized = resize_crop(spec, drafted)  # what sizing from the drafted image gives: visibly off
         assert unsized.shape == got.shape
+
+
+def test_a_batch_normalised_at_once_gives_each_images_own_floats():
+    """The ``cpu`` loader hands uint8 crops from its threads and normalises the batch in one go: bit for bit what
+    :func:`resize_crop` gives image by image."""
+    from imgcurate.embedders.loaders import CpuLoader, normalize, resize_crop_uint8
+
+    spec = TimmImageEmbedder("vit_base_patch32_clip_224.openai", device="cpu").tensor_preprocessing()
+    images = [decode_tensor(data) for _, data in _sample_images()]
+    batch = normalize(spec, torch.stack([resize_crop_uint8(spec, im) for im in images]))
+    for image, got in zip(images, batch, strict=True):
+        assert torch.equal(got, resize_crop(spec, image))
+    loader = CpuLoader(spec, batch_size=4, num_threads=2)
+    assert torch.equal(loader.collate([loader.convert(data) for _, data in _sample_images()[:3]]), batch[:3])

@@ -183,3 +183,18 @@ def test_cpu_settings():
     assert "env" not in cpu.local_cluster_kwargs({"processes": False})
     assert cpu.model_threads(calls=1) == cpu.cpu_count()
     assert cpu.model_threads(calls=10**6) == 1
+
+
+@needs_openvino
+def test_openvino_requests_are_shared_by_threads_made_after_the_preparation():
+    """The infer requests are pooled (made and run once per stream when the model is prepared): threads that the
+    scheduler starts later take one each and get the same embeddings as one call at a time."""
+    import concurrent.futures
+
+    emb = TimmImageEmbedder("test_resnet", device="cpu", engine="openvino", precision="fp32")
+    model = emb.model("cpu")
+    x = engines.probe_batch(emb.preprocess)
+    want = model(x)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: model(x), range(16)):
+            assert torch.equal(got, want)

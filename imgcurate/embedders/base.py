@@ -172,6 +172,10 @@ class ImageEmbedder(ShardStep):
             return self.load_model(device)
         import torch
 
+        warm_up = getattr(self.loader(device), "warm_up", None)
+        if warm_up is not None:  # the decoders' imports and first calls: once per process, not in the first shard
+            warm_up()
+
         from imgcurate import config, cpu
         from imgcurate.embedders import engines
 

@@ -22,6 +22,7 @@ decoder; ``exif_transpose=True`` applies it (PIL's ``ImageOps.exif_transpose``, 
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from collections.abc import Callable
@@ -183,3 +184,19 @@ def _oriented(full_size: tuple[int, int], tensor: torch.Tensor) -> tuple[int, in
 def _orientation(image: Image.Image) -> int | None:
     """The EXIF orientation ``ImageOps.exif_transpose`` would act on (PIL reads it from EXIF, or else XMP)."""
     return image.getexif().get(ExifTags.Base.Orientation)
+
+
+@functools.cache
+def warm_up_samples() -> tuple[bytes, ...]:
+    """A tiny image in each common format (JPEG, PNG, WebP, and BMP or TIFF: the last two make PIL load its
+    plugins for every format), for the loaders' ``warm_up``."""
+    image = Image.new("RGB", (32, 24), (90, 120, 150))
+    out = []
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        try:
+            image.save(buf, fmt)
+        except (KeyError, OSError):  # a Pillow built without that format
+            continue
+        out.append(buf.getvalue())
+    return tuple(out)
