@@ -63,7 +63,22 @@ from imgcurate.backends import (
 )
 from imgcurate.errors import ShardError
 from imgcurate.steps.base import ColumnError, ShardIO, Step
-from imgcurate.steps.grouped import GROUP, ROW, SHARD, group_count, group_of, grouped, host, per_shard, positions
+from imgcurate.steps.grouped import (
+    GROUP,
+    ROW,
+    SHARD,
+    arrow_column,
+    group_count,
+    group_of,
+    grouped,
+    host,
+    per_shard,
+    positions,
+    rows_column,
+    rows_matrix,
+    take_text,
+    text_column,
+)
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -760,30 +775,15 @@ def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) 
     return np.asarray(centroids, dtype=np.float32)
 
 
-def _embedding_column(x: np.ndarray) -> np.ndarray:
-    """Rows of a float32 matrix as raw bytes, one object per row: the form in which embeddings travel through the
-    cluster shuffle (every shuffle method, p2p included, carries bytes; it cannot rebuild arrow list dtypes)."""
-    column = np.empty(len(x), dtype=object)
-    column[:] = [row.tobytes() for row in np.ascontiguousarray(x, dtype=np.float32)]
-    return column
-
-
-def _embedding_rows(column: pd.Series) -> np.ndarray:
-    """The matrix back from :func:`_embedding_column`."""
-    if not len(column):
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.frombuffer(b"".join(column), dtype=np.float32).reshape(len(column), -1)
-
-
 def _rows_meta(keep_by: list[str]) -> pd.DataFrame:
     columns = {
         SHARD: pd.Series([], dtype="int64"),
         ROW: pd.Series([], dtype="int64"),
         "_gidx": pd.Series([], dtype="int64"),
-        "key": pd.Series([], dtype=object),
+        "key": pd.Series(text_column(pa.array([], pa.string()))),
         "cluster": pd.Series([], dtype="int64"),
         "distance": pd.Series([], dtype="float32"),
-        "embedding": pd.Series([], dtype=object),
+        "embedding": pd.Series(rows_column(np.zeros((0, 0), dtype=np.float32))),  # normalised, as float32 bytes
     }
     columns.update({f"_rank{i}": pd.Series([], dtype="float64") for i in range(len(keep_by))})
     columns[GROUP] = pd.Series([], dtype="int64")
@@ -814,16 +814,14 @@ def _assign_shard(
         out["_gidx"] = (np.int64(shard.index) << 40) + np.arange(n, dtype=np.int64)
     else:
         out["_gidx"] = int(offset["offset"].iloc[0]) + np.cumsum(valid, dtype=np.int64) - 1
-    out["key"] = meta[io.id_col].to_numpy(dtype=object)
+    out["key"] = text_column(meta[io.id_col])
     cluster = np.full(n, -1, dtype=np.int64)
     cluster[rows] = labels
     out["cluster"] = cluster
     distance = np.full(n, np.nan, dtype=np.float32)
     distance[rows] = dist
     out["distance"] = distance
-    embedding = np.full(n, b"", dtype=object)
-    embedding[rows] = _embedding_column(x)
-    out["embedding"] = embedding
+    out["embedding"] = rows_column(x, valid)
     for i, column in enumerate(step.keep_by):
         ranks = pd.to_numeric(meta[column], errors="coerce")
         out[f"_rank{i}"] = ranks.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -839,7 +837,7 @@ def _found_meta(eps: list[float]) -> pd.DataFrame:
         "cluster": pd.Series([], dtype="int64"),
         "distance": pd.Series([], dtype="float32"),
         "similarity": pd.Series([], dtype="float32"),
-        "of": pd.Series([], dtype=object),
+        "of": pd.Series(text_column(pa.array([], pa.string()))),
     }
     columns.update({f"flag{i}": pd.Series([], dtype=bool) for i in range(len(eps))})
     return pd.DataFrame(columns)
@@ -850,17 +848,16 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
     embedding (cluster -1) get the empty answer."""
     out = part[[SHARD, ROW, "cluster", "distance"]].copy()
     similarity = np.full(len(part), np.nan, dtype=np.float32)
-    of = np.full(len(part), None, dtype=object)
+    of = np.full(len(part), -1, dtype=np.int64)  # the position in ``part`` of each row's duplicate_of
     flags = [np.zeros(len(part), dtype=bool) for _ in step.eps]
     labels = part["cluster"].to_numpy()
     inside = np.flatnonzero(labels >= 0)
     if len(inside):
         inside = inside[np.argsort(part["_gidx"].to_numpy()[inside], kind="stable")]  # global order
-        x = _embedding_rows(part["embedding"].to_numpy()[inside])
+        x = rows_matrix(part["embedding"], inside)
         labels = labels[inside]
         dist = part["distance"].to_numpy(dtype=np.float32)[inside]
         gidx = part["_gidx"].to_numpy()[inside]
-        keys = part["key"].to_numpy(dtype=object)[inside]
         values = (part[[f"_rank{i}" for i in range(len(step.keep_by))]].to_numpy(dtype=np.float64)[inside]
                   if step.keep_by else None)  # fmt: skip
         device = step._resolved_device()
@@ -871,11 +868,11 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
             found = step._cluster_result(x[members], device)
             at = inside[members]
             similarity[at] = np.where(np.isinf(found.best), np.nan, found.best)
-            of[at] = step._partners(found, keys[members], None)
+            of[at] = step._partners(found, at, -1)
             for i, e in enumerate(step.eps):
                 flags[i][at] = found.flags[e]
     out["similarity"] = similarity
-    out["of"] = of
+    out["of"] = take_text(part["key"], of)
     for i, flag in enumerate(flags):
         out[f"flag{i}"] = flag
     return out
@@ -888,7 +885,7 @@ def _output_columns(found: pd.DataFrame, shard: int, step: SemanticDeduplicator,
         "cluster": pa.array(cluster, pa.int64(), mask=cluster < 0),
         "distance_to_centroid": pa.array(found["distance"].to_numpy(dtype=np.float32)),
         "max_similarity": pa.array(found["similarity"].to_numpy(dtype=np.float32)),
-        "duplicate_of": pa.array(found["of"].tolist(), pa.string(), from_pandas=True),
+        "duplicate_of": arrow_column(found["of"]).combine_chunks().cast(pa.string()),
         "is_duplicate": pa.array(found["flag0"].to_numpy(dtype=bool)),
     }
     if len(step.eps) > 1:
