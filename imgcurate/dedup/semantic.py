@@ -771,7 +771,15 @@ def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) 
             raise ValueError(f"{len(x)} samples with embeddings is fewer than n_clusters={step.n_clusters}")
         raise ValueError(f"the KMeans sample holds {len(x)} rows, fewer than n_clusters={step.n_clusters}: raise "
                          "fit_sample")  # fmt: skip
-    centroids, _ = step._kmeans(x, backend)
+    from threadpoolctl import threadpool_limits
+
+    from imgcurate.cpu import cpu_count
+
+    # Every later task of the graph waits for these centroids, so nothing else can run while the fit does: it uses
+    # the cores of its machine, as find does in one process, not the one thread that distributed's nanny gives each
+    # worker (OMP_NUM_THREADS=1), which left the other workers idle for the longest task of the step.
+    with threadpool_limits(cpu_count()):
+        centroids, _ = step._kmeans(x, backend)
     return np.asarray(centroids, dtype=np.float32)
 
 
