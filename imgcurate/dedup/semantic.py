@@ -25,6 +25,11 @@ On a dataset everything runs on the workers, as Dask work, and the client holds 
 4. the rows are shuffled by cluster, so each cluster is compared inside one task (CuPy tiles where a GPU is usable);
 5. the answers are shuffled back to their shards by position.
 
+In one graph (:meth:`SemanticDeduplicator.added`) the workers hold every shard's input from step 1 to step 3, since
+KMeans needs a sample from every shard first; that spares computing a lazy input (an embedder's output) twice. For
+stored input, as in a pipeline with a run directory, :meth:`SemanticDeduplicator.fit` runs steps 1-2 in passes of
+their own and the input is read again for step 3, so a worker holds only the shards it is working on.
+
 Given the same centroids the result is exactly that of :meth:`SemanticDeduplicator.find` on the gathered array.
 :meth:`find` keeps ``cache_dir`` to resume an array run; a pipeline resumes dataset runs from its run directory.
 
@@ -610,25 +615,26 @@ class SemanticDeduplicator(Step):
         return name
 
     def added(self, dataset: ImageTextPairDataset, centroids: np.ndarray | None = None) -> dd.DataFrame:
-        """The output columns, computed lazily on the workers (see the module docs); ``centroids`` skips the fit."""
+        """The output columns, computed lazily on the workers (see the module docs); ``centroids`` skips the fit.
+
+        Without ``centroids`` the fit is part of the same graph, which holds every shard's input on the workers from
+        its sample draw until its assignment (KMeans needs a sample from every shard first): the right choice when
+        the input is expensive to compute again, such as an embedder's lazy output. See :meth:`fit` for input that
+        is cheap to read again.
+        """
         df = dataset.metadata
         id_col = self._id(dataset.id_col)
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]
         io = ShardIO(id_col, dataset.storage_options)
         counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
-        total = counts.reduction(chunk=_count_total, combine=_sum_all, aggregate=_sum_all, split_every=16, meta=int)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
-            fitted = self._fit_on_workers(dataset, frame, total)
+            fitted = self._fit_on_workers(dataset, frame, _total(counts))
         else:
-            sample = map_with_shard(_sample_shard, frame, counts, self, total, meta=_SAMPLE_META)
             # a tree reduction inside the same graph: the embedder's output is shared, not computed again
-            fitted = sample.reduction(
-                chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
-                aggregate_kwargs={"step": self, "backend": backend},
-            )  # fmt: skip
+            fitted = self._fit_in_graph(frame, counts, _total(counts), backend)
         # Only the random rule seeds each cluster's shuffle with its first member's global index (as find does),
         # which needs a running count over the shards; the other rules order rows by shard and row alone.
         offsets = (counts["n"].cumsum() - counts["n"]).to_frame("offset") if self.which_to_keep == "random" else None
@@ -640,6 +646,44 @@ class SemanticDeduplicator(Step):
         )  # fmt: skip
         found = grouped(rows, _dedup_clusters, self, meta=_found_meta(self.eps), groups=groups)
         return per_shard(_output_columns, found, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
+
+    def fit(self, dataset: ImageTextPairDataset) -> np.ndarray:
+        """The KMeans centroids for ``dataset``, computed now, on the workers; the client receives the centroids only.
+
+        Two passes of their own: one counts each shard's embeddings, one draws the sample and fits. Each task reads
+        its shard and lets it go, so the workers never hold the whole input, where :meth:`added` without centroids
+        holds it from the sample draw to the assignment. ``added(dataset, centroids=step.fit(dataset))`` reads the
+        input three times instead of once: the better trade when it is stored (what :meth:`added_from_storage`
+        does, and so a pipeline with a run directory), not when it is an embedder's lazy output.
+
+        Example:
+            >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
+            >>> dedup = SemanticDeduplicator(n_clusters=1000)  # doctest: +SKIP
+            >>> ds = ds.with_columns(dedup.added(ds, centroids=dedup.fit(ds)))  # doctest: +SKIP
+        """
+        df = dataset.metadata
+        backend = self.kmeans_backend_for(df._meta)
+        frame = df[self.input_columns(dataset.id_col)]
+        counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
+        total = int(progress.compute([_total(counts)], desc="semantic dedup: counting embeddings")[0])
+        if backend == "cuml-dask":
+            return self._fit_on_workers(dataset, frame, total)
+        # the count pass again, as the shard frame of the sample pass: fused with it, one read per shard
+        fitted = self._fit_in_graph(frame, counts, total, backend)
+        return np.asarray(progress.compute([fitted], desc="semantic dedup: KMeans")[0], dtype=np.float32)
+
+    def added_from_storage(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
+        """The output columns with the centroids fitted first (:meth:`fit`), for input that is cheap to read again."""
+        return self.added(dataset, centroids=self.fit(dataset))
+
+    def _fit_in_graph(self, frame: Any, counts: dd.DataFrame, total: Any, backend: str) -> Any:
+        """The centroids as a lazy Dask scalar: a seeded draw per shard, then KMeans at the root of a tree reduction.
+        ``total`` (the embeddings counted) may be lazy too."""
+        sample = map_with_shard(_sample_shard, frame, counts, self, total, meta=_SAMPLE_META)
+        return sample.reduction(
+            chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
+            aggregate_kwargs={"step": self, "backend": backend},
+        )  # fmt: skip
 
     def _fit_on_workers(self, dataset: ImageTextPairDataset, frame: Any, total: Any) -> np.ndarray:
         """cuML's Dask KMeans across the workers' GPUs, fitted on a sample that stays on the workers (one block per
@@ -709,6 +753,11 @@ def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
     n = int(to_pandas(part[[column]])[column].notna().sum())
     return pd.DataFrame({"n": pd.Series([n], dtype="int64"), "shard": pd.Series([shard.index], dtype="int64"),
                          "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
+
+
+def _total(counts: dd.DataFrame) -> Any:
+    """The embeddings counted over all shards, as a lazy Dask scalar (a tree reduction)."""
+    return counts.reduction(chunk=_count_total, combine=_sum_all, aggregate=_sum_all, split_every=16, meta=int)
 
 
 def _count_total(counts: pd.DataFrame) -> int:
