@@ -911,7 +911,6 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
     inside = np.flatnonzero(labels >= 0)
     if len(inside):
         inside = inside[np.argsort(part["_gidx"].to_numpy()[inside], kind="stable")]  # global order
-        x = rows_matrix(part["embedding"], inside)
         labels = labels[inside]
         dist = part["distance"].to_numpy(dtype=np.float32)[inside]
         gidx = part["_gidx"].to_numpy()[inside]
@@ -920,9 +919,12 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
         device = step._resolved_device()
         order = np.argsort(labels, kind="stable")  # within a cluster: global order
         starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
-        for begin, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
-            members = step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]]))
-            found = step._cluster_result(x[members], device)
+        bounds = list(zip(starts, np.r_[starts[1:], len(order)], strict=True))
+        ranked = [step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]])) for begin, end in bounds]
+        # every cluster's embeddings in rank order, one cluster after the other: one gather from the shuffled rows
+        x = rows_matrix(part["embedding"], inside[np.concatenate(ranked)])
+        for (begin, end), members in zip(bounds, ranked, strict=True):
+            found = step._cluster_result(x[begin:end], device)
             at = inside[members]
             similarity[at] = np.where(np.isinf(found.best), np.nan, found.best)
             of[at] = step._partners(found, at, -1)
