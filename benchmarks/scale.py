@@ -12,12 +12,15 @@ which list every input partition's key by design), and the client's peak RSS.
 ``dedup``: semantic dedup plus the selection pass of an export over synthetic embeddings (N rows x D) on a
 2-worker LocalCluster (exact dedup hashes image bytes, which synthetic shards do not have; its shuffles are the
 same machinery and its graph is in the ``graph`` part), against :meth:`SemanticDeduplicator.find` on the same
-array in one process. The dataset's input is generated and persisted on the workers first (``input_s``), as
-``find`` gets its array in memory, so both timings cover the same work. Prints the seconds of each, the peak RSS
-of the client and of the workers, and the workers' RSS with the input alone held.
+array in one process. Two dataset paths: ``cluster`` generates the input and persists it on the workers first
+(``input_s``), as ``find`` gets its array in memory, so both timings cover the same work; ``stored`` writes the input
+as one parquet file per shard first and runs the step as a pipeline with a run directory does (input read lazily,
+shard by shard; centroids fitted first; results written per shard), the case that bounds worker memory. Prints the
+seconds and CPU seconds (client and workers together) of each, the load average at the start, the peak RSS of the
+client and of the workers during the dedup, and the workers' RSS before it.
 
     python benchmarks/scale.py graph --shards 1000 10000 100000
-    python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512
+    python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512 [--modes find cluster stored]
 """
 
 from __future__ import annotations
