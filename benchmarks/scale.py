@@ -12,12 +12,15 @@ which list every input partition's key by design), and the client's peak RSS.
 ``dedup``: semantic dedup plus the selection pass of an export over synthetic embeddings (N rows x D) on a
 2-worker LocalCluster (exact dedup hashes image bytes, which synthetic shards do not have; its shuffles are the
 same machinery and its graph is in the ``graph`` part), against :meth:`SemanticDeduplicator.find` on the same
-array in one process. The dataset's input is generated and persisted on the workers first (``input_s``), as
-``find`` gets its array in memory, so both timings cover the same work. Prints the seconds of each, the peak RSS
-of the client and of the workers, and the workers' RSS with the input alone held.
+array in one process. Two dataset paths: ``cluster`` generates the input and persists it on the workers first
+(``input_s``), as ``find`` gets its array in memory, so both timings cover the same work; ``stored`` writes the input
+as one parquet file per shard first and runs the step as a pipeline with a run directory does (input read lazily,
+shard by shard; centroids fitted first; results written per shard), the case that bounds worker memory. Prints the
+seconds and CPU seconds (client and workers together) of each, the load average at the start, the peak RSS of the
+client and of the workers during the dedup, and the workers' RSS before it.
 
     python benchmarks/scale.py graph --shards 1000 10000 100000
-    python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512
+    python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512 [--modes find cluster stored]
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ import sys
 import time
 
 os.environ.setdefault("DASK_IMGCURATE__PROGRESS", "false")
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process so far, all its threads."""
+    return time.process_time()
+
+
+def _reset_peak_rss() -> None:
+    """Resets this process's peak RSS to its current RSS (Linux: ``/proc/self/clear_refs``), so that a later
+    :func:`_peak_rss_since_reset_mb` covers what ran in between."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_since_reset_mb() -> float:
+    """The peak RSS since :func:`_reset_peak_rss` (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _peak_rss_mb() -> float:
@@ -88,8 +109,57 @@ def graph_one(shards: int) -> dict:
     return out
 
 
+def _write_input(shard: int, rows: int, dim: int, folder: str) -> int:
+    """Shard ``shard``'s synthetic metadata as a parquet file (on a worker)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcurate.synthetic import synthetic_partition
+
+    table = pa.Table.from_pandas(synthetic_partition(shard, rows, dim), preserve_index=False)
+    pq.write_table(table, os.path.join(folder, f"{shard:06d}.parquet"))
+    return table.num_rows
+
+
+def _read_input(shard: int, folder: str, meta):
+    """Shard ``shard``'s metadata read back, with the row ids as its index (what a dataset's reader gives)."""
+    import pyarrow.parquet as pq
+
+    from imgcurate._dask import row_ids
+    from imgcurate.backends import from_arrow
+
+    frame = from_arrow(pq.read_table(os.path.join(folder, f"{shard:06d}.parquet")), "pandas")[list(meta.columns)]
+    frame.index = row_ids(shard, len(frame))
+    return frame
+
+
+def _nbytes(part) -> int:
+    return int(part.memory_usage(deep=False).sum())
+
+
+def _stored_dataset(folder: str, shards: int, dim: int):
+    """A dataset over per-shard parquet files, read lazily, one task per shard (as a pipeline reads its input and
+    the results of earlier steps back from disk)."""
+    import dask
+    import dask.dataframe as dd
+
+    from imgcurate._dask import shard_divisions
+    from imgcurate.dataset import ImageTextPairDataset
+    from imgcurate.synthetic import synthetic_partition
+
+    meta = synthetic_partition(0, 0, dim)
+    with dask.config.set({"dataframe.convert-string": False}):
+        metadata = dd.from_map(
+            _read_input, list(range(shards)), args=[folder, meta], meta=meta, divisions=shard_divisions(shards),
+            label="stored-input", enforce_metadata=False,
+        )  # fmt: skip
+    return ImageTextPairDataset(folder, metadata, [f"{folder}/{i:06d}.tar" for i in range(shards)])
+
+
 def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
-    """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster."""
+    """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster, its input held in
+    the workers' memory (``cluster``) or stored as parquet and run the way a pipeline with a run directory runs a
+    step (``stored``)."""
     import numpy as np
 
     from imgcurate.dedup import SemanticDeduplicator
@@ -97,40 +167,68 @@ def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
 
     n_clusters = max(10, rows // 1000)
     per_shard = rows // shards
-    out: dict = {"mode": mode, "rows": rows, "dim": dim, "shards": shards, "n_clusters": n_clusters}
+    out: dict = {"mode": mode, "rows": rows, "dim": dim, "shards": shards, "n_clusters": n_clusters,
+                 "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+    step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0)
     if mode == "find":
         x = np.concatenate([np.stack(synthetic_partition(i, per_shard, dim)["image_embedding"]) for i in range(shards)])
         x = x.astype(np.float32)
-        started = time.perf_counter()
-        found = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0).find(x, copy=False)
+        started, cpu = time.perf_counter(), time.process_time()
+        found = step.find(x, copy=False)
         out["seconds"] = round(time.perf_counter() - started, 2)
+        out["cpu_s"] = round(time.process_time() - cpu, 2)
         out["flagged"] = int(found["is_duplicate_0.01"].sum())
         out["client_peak_rss_mb"] = round(_peak_rss_mb())
         return out
+    import tempfile
+
     import psutil
     from distributed import Client, LocalCluster
 
     from imgcurate.io.export import selection
+    from imgcurate.rundir import RunDir
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      memory_limit=0) as cluster, Client(cluster) as client:  # fmt: skip
-        ds = synthetic_dataset(shards, rows_per_shard=per_shard, dim=dim)
-        # the input in the workers' memory first, as find gets its array in memory: the timings compare the same work
+    def rss_mb() -> float:
+        return psutil.Process().memory_info().rss / 2**20
+
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp, LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
+    ) as cluster, Client(cluster) as client:  # fmt: skip
         started = time.perf_counter()
-        ds = ds.persist()
-        out["input_s"] = round(time.perf_counter() - started, 2)
-        held = client.run(lambda: psutil.Process().memory_info().rss / 2**20)
-        out["worker_rss_with_input_mb"] = round(max(held.values()))
-        started = time.perf_counter()
-        deduped = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0)(ds)
-        out["flagged"] = int(deduped.metadata["is_duplicate"].sum().compute())
+        if mode == "stored":
+            # the input on disk, one parquet per shard; every pass reads it shard by shard
+            os.makedirs(os.path.join(tmp, "input"))
+            client.gather(client.map(_write_input, range(shards), rows=per_shard, dim=dim,
+                                     folder=os.path.join(tmp, "input")))  # fmt: skip
+            ds = _stored_dataset(os.path.join(tmp, "input"), shards, dim)
+            out["input_s"] = round(time.perf_counter() - started, 2)
+            started = time.perf_counter()
+            ds.metadata.map_partitions(_nbytes, meta=(None, "int64")).sum().compute()  # one read of every shard
+            out["read_s"] = round(time.perf_counter() - started, 2)
+        else:
+            # the input in the workers' memory first, as find gets its array in memory: the timings compare the same
+            # work
+            ds = synthetic_dataset(shards, rows_per_shard=per_shard, dim=dim).persist()
+            out["input_s"] = round(time.perf_counter() - started, 2)
+        out["worker_rss_before_mb"] = round(max(client.run(rss_mb).values()))
+        client.run(_reset_peak_rss)
+        started, cpu, workers_cpu = time.perf_counter(), time.process_time(), client.run(_cpu_s)
+        if mode == "stored":  # as a pipeline with a run directory runs the step: fit first, results written per shard
+            columns, _ = RunDir(os.path.join(tmp, "run")).compute_step(ds, step, 0, "bench")
+            deduped = ds.with_columns(columns)
+        else:
+            deduped = step(ds)
+            columns = deduped.metadata
+        out["flagged"] = int(columns["is_duplicate"].sum().compute())
         out["seconds"] = round(time.perf_counter() - started, 2)
+        # CPU seconds of the client and the worker processes together (steadier than wall seconds on a shared box)
+        spent = sum(client.run(_cpu_s).values()) - sum(workers_cpu.values())
+        out["cpu_s"] = round(time.process_time() - cpu + spent, 2)
+        out["worker_peak_rss_mb"] = round(max(client.run(_peak_rss_since_reset_mb).values()))
         started = time.perf_counter()
         select = selection(deduped.metadata, ds.shards, "memory://scale-bench/stage", "is_duplicate", {})
         select["count"].sum().compute()
         out["export_select_s"] = round(time.perf_counter() - started, 2)
-        worker_rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        out["worker_peak_rss_mb"] = round(max(worker_rss.values()))
     out["client_peak_rss_mb"] = round(_peak_rss_mb())
     return out
 
@@ -143,6 +241,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dedup-shards", type=int, default=100)
     parser.add_argument("--mode", default="find")
+    parser.add_argument("--modes", nargs="+", default=["find", "cluster", "stored"], help="the dedup part's paths")
     parser.add_argument("--shuffle", default=None, help="dask's shuffle method for the graph part (p2p on a cluster)")
     args = parser.parse_args()
     if args.part == "_graph_one":
@@ -160,7 +259,7 @@ def main() -> None:
          for n in args.shards]
         if args.part == "graph"
         else [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards", str(args.dedup_shards),
-               "--mode", mode] for n in args.rows for mode in ("find", "cluster")]
+               "--mode", mode] for n in args.rows for mode in args.modes]
     )  # fmt: skip
     for run in runs:
         done = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)

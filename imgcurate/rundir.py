@@ -118,7 +118,7 @@ class RunDir:
         types = step.output_columns()
         if todo:
             self.fs.makedirs(posixpath.join(self.root, "steps", folder), exist_ok=True)
-            added = step.added(dataset)
+            added = step.added_from_storage(dataset)  # the input is read from disk: it may be read twice
             frame = dataset.metadata[[dataset.id_col]]
             written = dd.map_partitions(
                 _write_shard, frame.partitions[todo], added.partitions[todo], dataset.shards.partitions[todo],

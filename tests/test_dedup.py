@@ -350,6 +350,30 @@ def test_cuml_dask_kmeans_on_a_cudf_dataset_finds_the_copies(sample_dir, tmp_pat
     _assert_one_survivor_per_photo(df)
 
 
+def test_rows_and_text_travel_as_arrow_columns_through_the_shuffles():
+    """Embeddings and ids cross the shuffles as arrow columns (no Python object per row) and come back as they were,
+    whatever chunks the shuffle leaves them in; rows without an embedding are empty entries, missing ids nulls."""
+    import pandas as pd
+    import pyarrow as pa
+    from distributed.shuffle._arrow import convert_shards
+
+    from imgcurate.steps.grouped import rows_column, rows_matrix, take_text, text_column
+
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    valid = np.array([True, False, True, True, False, True, True])
+    frame = pd.DataFrame({"embedding": rows_column(x, valid), "key": text_column(pa.array(list("abcdefg"))),
+                          "_partitions": np.arange(7) % 2})  # fmt: skip
+    assert frame["embedding"].dtype == pd.ArrowDtype(pa.large_binary())
+    # p2p's own way back from arrow, from two pieces: the columns keep their types
+    table = pa.Table.from_pandas(frame, preserve_index=True)
+    table = table.append_column("__input_partition_id__", pa.array(np.zeros(7, np.uint32)))
+    back = convert_shards([table.slice(0, 3), table.slice(3)], frame.iloc[:0], "_partitions", False)
+    assert back.dtypes.to_dict() == frame.dtypes.to_dict()
+    np.testing.assert_array_equal(rows_matrix(back["embedding"], np.array([6, 0, 3])), x[[4, 0, 2]])
+    assert rows_matrix(back["embedding"], np.array([], dtype=np.int64)).shape == (0, 0)
+    assert take_text(back["key"], np.array([2, -1, 0])).tolist() == ["c", pd.NA, "a"]
+
+
 def test_assign_nearest_centroid():
     x = np.eye(3, dtype=np.float32)
     labels, dist = _assign(x, np.eye(3, dtype=np.float32) * 2)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -197,6 +198,25 @@ def test_semantic_dedup_over_more_shards_than_one_task_merges_equals_find(two_wo
     ]
     assert (got["is_duplicate"].to_numpy() == want["is_duplicate_0.3"]).all()
     assert got.index.tolist() == local.index.tolist()
+
+
+@pytest.mark.parametrize("keep", ["random", ["score"]])
+def test_semantic_dedup_fitted_first_equals_the_fit_inside_the_graph(two_worker_processes, keep):
+    """fit() then added(centroids=...) (stored input: what a pipeline with a run directory runs) draws the same sample
+    and gives the same columns as the fit inside one graph."""
+    from imgcurate.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(9, rows_per_shard=40, dim=16, seed=3)
+    df = ds.metadata
+    ds = ds.with_metadata(df.assign(score=(df["width"] % 5).astype("float64")))
+    dedup = SemanticDeduplicator(n_clusters=4, eps=0.2, which_to_keep=keep, fit_sample=100, max_iter=5)
+    with two_worker_processes.as_current():
+        centroids = dedup.fit(ds)
+        first = ds.with_columns(dedup.added_from_storage(ds)).metadata.compute()
+        inside = ds.with_columns(dedup.added(ds)).metadata.compute()
+    assert centroids.shape == (4, 16) and centroids.dtype == np.float32
+    assert first["is_duplicate"].sum() > 0
+    pd.testing.assert_frame_equal(first, inside)
 
 
 def test_an_export_run_on_memory_storage(sample_dir):

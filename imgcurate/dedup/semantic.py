@@ -25,6 +25,11 @@ On a dataset everything runs on the workers, as Dask work, and the client holds 
 4. the rows are shuffled by cluster, so each cluster is compared inside one task (CuPy tiles where a GPU is usable);
 5. the answers are shuffled back to their shards by position.
 
+In one graph (:meth:`SemanticDeduplicator.added`) the workers hold every shard's input from step 1 to step 3, since
+KMeans needs a sample from every shard first; that spares computing a lazy input (an embedder's output) twice. For
+stored input, as in a pipeline with a run directory, :meth:`SemanticDeduplicator.fit` runs steps 1-2 in passes of
+their own and the input is read again for step 3, so a worker holds only the shards it is working on.
+
 Given the same centroids the result is exactly that of :meth:`SemanticDeduplicator.find` on the gathered array.
 :meth:`find` keeps ``cache_dir`` to resume an array run; a pipeline resumes dataset runs from its run directory.
 
@@ -63,7 +68,22 @@ from imgcurate.backends import (
 )
 from imgcurate.errors import ShardError
 from imgcurate.steps.base import ColumnError, ShardIO, Step
-from imgcurate.steps.grouped import GROUP, ROW, SHARD, group_count, group_of, grouped, host, per_shard, positions
+from imgcurate.steps.grouped import (
+    GROUP,
+    ROW,
+    SHARD,
+    arrow_column,
+    group_count,
+    group_of,
+    grouped,
+    host,
+    per_shard,
+    positions,
+    rows_column,
+    rows_matrix,
+    take_text,
+    text_column,
+)
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -595,25 +615,26 @@ class SemanticDeduplicator(Step):
         return name
 
     def added(self, dataset: ImageTextPairDataset, centroids: np.ndarray | None = None) -> dd.DataFrame:
-        """The output columns, computed lazily on the workers (see the module docs); ``centroids`` skips the fit."""
+        """The output columns, computed lazily on the workers (see the module docs); ``centroids`` skips the fit.
+
+        Without ``centroids`` the fit is part of the same graph, which holds every shard's input on the workers from
+        its sample draw until its assignment (KMeans needs a sample from every shard first): the right choice when
+        the input is expensive to compute again, such as an embedder's lazy output. See :meth:`fit` for input that
+        is cheap to read again.
+        """
         df = dataset.metadata
         id_col = self._id(dataset.id_col)
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]
         io = ShardIO(id_col, dataset.storage_options)
         counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
-        total = counts.reduction(chunk=_count_total, combine=_sum_all, aggregate=_sum_all, split_every=16, meta=int)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
-            fitted = self._fit_on_workers(dataset, frame, total)
+            fitted = self._fit_on_workers(dataset, frame, _total(counts))
         else:
-            sample = map_with_shard(_sample_shard, frame, counts, self, total, meta=_SAMPLE_META)
             # a tree reduction inside the same graph: the embedder's output is shared, not computed again
-            fitted = sample.reduction(
-                chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
-                aggregate_kwargs={"step": self, "backend": backend},
-            )  # fmt: skip
+            fitted = self._fit_in_graph(frame, counts, _total(counts), backend)
         # Only the random rule seeds each cluster's shuffle with its first member's global index (as find does),
         # which needs a running count over the shards; the other rules order rows by shard and row alone.
         offsets = (counts["n"].cumsum() - counts["n"]).to_frame("offset") if self.which_to_keep == "random" else None
@@ -625,6 +646,44 @@ class SemanticDeduplicator(Step):
         )  # fmt: skip
         found = grouped(rows, _dedup_clusters, self, meta=_found_meta(self.eps), groups=groups)
         return per_shard(_output_columns, found, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
+
+    def fit(self, dataset: ImageTextPairDataset) -> np.ndarray:
+        """The KMeans centroids for ``dataset``, computed now, on the workers; the client receives the centroids only.
+
+        Two passes of their own: one counts each shard's embeddings, one draws the sample and fits. Each task reads
+        its shard and lets it go, so the workers never hold the whole input, where :meth:`added` without centroids
+        holds it from the sample draw to the assignment. ``added(dataset, centroids=step.fit(dataset))`` reads the
+        input three times instead of once: the better trade when it is stored (what :meth:`added_from_storage`
+        does, and so a pipeline with a run directory), not when it is an embedder's lazy output.
+
+        Example:
+            >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
+            >>> dedup = SemanticDeduplicator(n_clusters=1000)  # doctest: +SKIP
+            >>> ds = ds.with_columns(dedup.added(ds, centroids=dedup.fit(ds)))  # doctest: +SKIP
+        """
+        df = dataset.metadata
+        backend = self.kmeans_backend_for(df._meta)
+        frame = df[self.input_columns(dataset.id_col)]
+        counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
+        total = int(progress.compute([_total(counts)], desc="semantic dedup: counting embeddings")[0])
+        if backend == "cuml-dask":
+            return self._fit_on_workers(dataset, frame, total)
+        # the count pass again, as the shard frame of the sample pass: fused with it, one read per shard
+        fitted = self._fit_in_graph(frame, counts, total, backend)
+        return np.asarray(progress.compute([fitted], desc="semantic dedup: KMeans")[0], dtype=np.float32)
+
+    def added_from_storage(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
+        """The output columns with the centroids fitted first (:meth:`fit`), for input that is cheap to read again."""
+        return self.added(dataset, centroids=self.fit(dataset))
+
+    def _fit_in_graph(self, frame: Any, counts: dd.DataFrame, total: Any, backend: str) -> Any:
+        """The centroids as a lazy Dask scalar: a seeded draw per shard, then KMeans at the root of a tree reduction.
+        ``total`` (the embeddings counted) may be lazy too."""
+        sample = map_with_shard(_sample_shard, frame, counts, self, total, meta=_SAMPLE_META)
+        return sample.reduction(
+            chunk=_identity, combine=_identity, aggregate=_fit_sample, split_every=16, meta=object,
+            aggregate_kwargs={"step": self, "backend": backend},
+        )  # fmt: skip
 
     def _fit_on_workers(self, dataset: ImageTextPairDataset, frame: Any, total: Any) -> np.ndarray:
         """cuML's Dask KMeans across the workers' GPUs, fitted on a sample that stays on the workers (one block per
@@ -696,6 +755,11 @@ def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
                          "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
 
 
+def _total(counts: dd.DataFrame) -> Any:
+    """The embeddings counted over all shards, as a lazy Dask scalar (a tree reduction)."""
+    return counts.reduction(chunk=_count_total, combine=_sum_all, aggregate=_sum_all, split_every=16, meta=int)
+
+
 def _count_total(counts: pd.DataFrame) -> int:
     """A shard's count, as a reduction's chunk: one plain task per shard (a projection first would be fused with it,
     which costs more to build at 10^5 shards)."""
@@ -756,23 +820,16 @@ def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) 
             raise ValueError(f"{len(x)} samples with embeddings is fewer than n_clusters={step.n_clusters}")
         raise ValueError(f"the KMeans sample holds {len(x)} rows, fewer than n_clusters={step.n_clusters}: raise "
                          "fit_sample")  # fmt: skip
-    centroids, _ = step._kmeans(x, backend)
+    from threadpoolctl import threadpool_limits
+
+    from imgcurate.cpu import cpu_count
+
+    # Every later task of the graph waits for these centroids, so nothing else can run while the fit does: it uses
+    # the cores of its machine, as find does in one process, not the one thread that distributed's nanny gives each
+    # worker (OMP_NUM_THREADS=1), which left the other workers idle for the longest task of the step.
+    with threadpool_limits(cpu_count()):
+        centroids, _ = step._kmeans(x, backend)
     return np.asarray(centroids, dtype=np.float32)
-
-
-def _embedding_column(x: np.ndarray) -> np.ndarray:
-    """Rows of a float32 matrix as raw bytes, one object per row: the form in which embeddings travel through the
-    cluster shuffle (every shuffle method, p2p included, carries bytes; it cannot rebuild arrow list dtypes)."""
-    column = np.empty(len(x), dtype=object)
-    column[:] = [row.tobytes() for row in np.ascontiguousarray(x, dtype=np.float32)]
-    return column
-
-
-def _embedding_rows(column: pd.Series) -> np.ndarray:
-    """The matrix back from :func:`_embedding_column`."""
-    if not len(column):
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.frombuffer(b"".join(column), dtype=np.float32).reshape(len(column), -1)
 
 
 def _rows_meta(keep_by: list[str]) -> pd.DataFrame:
@@ -780,10 +837,10 @@ def _rows_meta(keep_by: list[str]) -> pd.DataFrame:
         SHARD: pd.Series([], dtype="int64"),
         ROW: pd.Series([], dtype="int64"),
         "_gidx": pd.Series([], dtype="int64"),
-        "key": pd.Series([], dtype=object),
+        "key": pd.Series(text_column(pa.array([], pa.string()))),
         "cluster": pd.Series([], dtype="int64"),
         "distance": pd.Series([], dtype="float32"),
-        "embedding": pd.Series([], dtype=object),
+        "embedding": pd.Series(rows_column(np.zeros((0, 0), dtype=np.float32))),  # normalised, as float32 bytes
     }
     columns.update({f"_rank{i}": pd.Series([], dtype="float64") for i in range(len(keep_by))})
     columns[GROUP] = pd.Series([], dtype="int64")
@@ -814,16 +871,14 @@ def _assign_shard(
         out["_gidx"] = (np.int64(shard.index) << 40) + np.arange(n, dtype=np.int64)
     else:
         out["_gidx"] = int(offset["offset"].iloc[0]) + np.cumsum(valid, dtype=np.int64) - 1
-    out["key"] = meta[io.id_col].to_numpy(dtype=object)
+    out["key"] = text_column(meta[io.id_col])
     cluster = np.full(n, -1, dtype=np.int64)
     cluster[rows] = labels
     out["cluster"] = cluster
     distance = np.full(n, np.nan, dtype=np.float32)
     distance[rows] = dist
     out["distance"] = distance
-    embedding = np.full(n, b"", dtype=object)
-    embedding[rows] = _embedding_column(x)
-    out["embedding"] = embedding
+    out["embedding"] = rows_column(x, valid)
     for i, column in enumerate(step.keep_by):
         ranks = pd.to_numeric(meta[column], errors="coerce")
         out[f"_rank{i}"] = ranks.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -839,7 +894,7 @@ def _found_meta(eps: list[float]) -> pd.DataFrame:
         "cluster": pd.Series([], dtype="int64"),
         "distance": pd.Series([], dtype="float32"),
         "similarity": pd.Series([], dtype="float32"),
-        "of": pd.Series([], dtype=object),
+        "of": pd.Series(text_column(pa.array([], pa.string()))),
     }
     columns.update({f"flag{i}": pd.Series([], dtype=bool) for i in range(len(eps))})
     return pd.DataFrame(columns)
@@ -850,32 +905,33 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
     embedding (cluster -1) get the empty answer."""
     out = part[[SHARD, ROW, "cluster", "distance"]].copy()
     similarity = np.full(len(part), np.nan, dtype=np.float32)
-    of = np.full(len(part), None, dtype=object)
+    of = np.full(len(part), -1, dtype=np.int64)  # the position in ``part`` of each row's duplicate_of
     flags = [np.zeros(len(part), dtype=bool) for _ in step.eps]
     labels = part["cluster"].to_numpy()
     inside = np.flatnonzero(labels >= 0)
     if len(inside):
         inside = inside[np.argsort(part["_gidx"].to_numpy()[inside], kind="stable")]  # global order
-        x = _embedding_rows(part["embedding"].to_numpy()[inside])
         labels = labels[inside]
         dist = part["distance"].to_numpy(dtype=np.float32)[inside]
         gidx = part["_gidx"].to_numpy()[inside]
-        keys = part["key"].to_numpy(dtype=object)[inside]
         values = (part[[f"_rank{i}" for i in range(len(step.keep_by))]].to_numpy(dtype=np.float64)[inside]
                   if step.keep_by else None)  # fmt: skip
         device = step._resolved_device()
         order = np.argsort(labels, kind="stable")  # within a cluster: global order
         starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
-        for begin, end in zip(starts, np.r_[starts[1:], len(order)], strict=True):
-            members = step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]]))
-            found = step._cluster_result(x[members], device)
+        bounds = list(zip(starts, np.r_[starts[1:], len(order)], strict=True))
+        ranked = [step._rank(order[begin:end], dist, values, first=int(gidx[order[begin]])) for begin, end in bounds]
+        # every cluster's embeddings in rank order, one cluster after the other: one gather from the shuffled rows
+        x = rows_matrix(part["embedding"], inside[np.concatenate(ranked)])
+        for (begin, end), members in zip(bounds, ranked, strict=True):
+            found = step._cluster_result(x[begin:end], device)
             at = inside[members]
             similarity[at] = np.where(np.isinf(found.best), np.nan, found.best)
-            of[at] = step._partners(found, keys[members], None)
+            of[at] = step._partners(found, at, -1)
             for i, e in enumerate(step.eps):
                 flags[i][at] = found.flags[e]
     out["similarity"] = similarity
-    out["of"] = of
+    out["of"] = take_text(part["key"], of)
     for i, flag in enumerate(flags):
         out[f"flag{i}"] = flag
     return out
@@ -888,7 +944,7 @@ def _output_columns(found: pd.DataFrame, shard: int, step: SemanticDeduplicator,
         "cluster": pa.array(cluster, pa.int64(), mask=cluster < 0),
         "distance_to_centroid": pa.array(found["distance"].to_numpy(dtype=np.float32)),
         "max_similarity": pa.array(found["similarity"].to_numpy(dtype=np.float32)),
-        "duplicate_of": pa.array(found["of"].tolist(), pa.string(), from_pandas=True),
+        "duplicate_of": arrow_column(found["of"]).combine_chunks().cast(pa.string()),
         "is_duplicate": pa.array(found["flag0"].to_numpy(dtype=bool)),
     }
     if len(step.eps) > 1:

@@ -198,6 +198,14 @@ class Step(abc.ABC):
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         """This step's new columns for ``dataset``: a lazy frame, one partition per shard, rows as the metadata's."""
 
+    def added_from_storage(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
+        """:meth:`added` for a dataset whose metadata is read from storage, as a pipeline with a run directory has it
+        (the input's own files and each earlier step's results read back from disk), so that reading it again costs
+        a read, not a recomputation. A step that needs a global answer before its per-shard pass (KMeans centroids)
+        may compute that answer first, in passes of its own, instead of holding every shard in memory until it is
+        known. Default: :meth:`added`."""
+        return self.added(dataset)
+
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Adds this step's columns to the dataset's metadata (lazily: nothing is computed here)."""
         self.check(dataset.metadata._meta, dataset.id_col)

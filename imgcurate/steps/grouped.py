@@ -25,11 +25,29 @@ from typing import Any
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from imgcurate._dask import PARTITION_COLUMN, row_ids, to_partitions, with_shard_divisions
 from imgcurate.backends import to_pandas
 
-__all__ = ["SHARD", "ROW", "GROUP", "MERGE", "group_count", "group_of", "grouped", "per_shard", "positions", "host"]
+__all__ = [
+    "SHARD",
+    "ROW",
+    "GROUP",
+    "MERGE",
+    "group_count",
+    "group_of",
+    "grouped",
+    "per_shard",
+    "positions",
+    "host",
+    "rows_column",
+    "rows_matrix",
+    "text_column",
+    "take_text",
+    "arrow_column",
+]
 
 #: The columns that carry a row's origin through the shuffles.
 SHARD, ROW = "_shard", "_row"
@@ -111,3 +129,56 @@ def positions(part: Any, shard: int) -> pd.DataFrame:
 def host(part: Any, columns: list[str]) -> pd.DataFrame:
     """Some columns of a partition, on the host, with a fresh range index."""
     return to_pandas(part[columns]).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------- columns that travel
+# The rows that travel through the shuffles are host pandas frames, and every shuffle method turns them into arrow
+# tables and back. Dask rebuilds a column's pandas type from its name, which fails for parameterised arrow types (a
+# fixed-size list of 512 float32 is not a name it can parse) and turns them into one Python object per row. So a
+# matrix travels as one large-binary column (each row's float32 bytes) and text as pandas' arrow string type: both
+# are built and read back with one vectorised arrow call, with no Python object per row.
+_TEXT = pd.StringDtype("pyarrow")
+
+
+def rows_column(x: np.ndarray, valid: np.ndarray | None = None) -> pd.api.extensions.ExtensionArray:
+    """The rows of a float32 ``(valid rows, dim)`` matrix as a large-binary column, one entry per row; rows where
+    ``valid`` is false get an empty entry. No copy of ``x`` (a C-ordered float32 matrix) is made."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x) if valid is None else len(valid)
+    width = np.int64(x.shape[1] * 4) if x.ndim == 2 else np.int64(0)
+    lengths = np.full(n, width) if valid is None else np.where(valid, width, np.int64(0))
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    array = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(x)])
+    return pd.arrays.ArrowExtensionArray(array)
+
+
+def rows_matrix(column: pd.Series, rows: np.ndarray) -> np.ndarray:
+    """The float32 matrix of the entries ``rows`` (positions) of a :func:`rows_column` column, in that order; every
+    one of them must hold a row of the same length. One gather, no Python object per row."""
+    if not len(rows):
+        return np.zeros((0, 0), dtype=np.float32)
+    taken = pc.take(arrow_column(column), pa.array(np.asarray(rows, dtype=np.int64)))
+    array = taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.view(np.float32).reshape(len(array), -1)
+
+
+def text_column(values: Any) -> pd.api.extensions.ExtensionArray:
+    """Text (a pandas or arrow column of strings) as pandas' arrow string column, without a Python object per row
+    when it is arrow already."""
+    array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, from_pandas=True)
+    return pd.array(array.cast(pa.large_string()), dtype=_TEXT)
+
+
+def take_text(column: pd.Series, rows: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """The entries ``rows`` (positions; -1 gives null) of a text column, as a :func:`text_column`."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return text_column(pc.take(arrow_column(column), pa.array(rows, mask=rows < 0)))
+
+
+def arrow_column(column: pd.Series) -> pa.ChunkedArray:
+    """An arrow-backed column's data, without a copy (a chunked array, as pandas keeps it)."""
+    array = pa.array(column.array)
+    return array if isinstance(array, pa.ChunkedArray) else pa.chunked_array([array])
