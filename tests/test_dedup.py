@@ -441,3 +441,40 @@ def test_a_pipeline_embeds_each_shard_once(sample_ds, tmp_path, embedded_shards,
         flagged = ds.metadata.compute()  # persisted on the cluster's workers, so read it while they are up
     assert len(exported) == int(flagged.is_duplicate.sum()) > 0
     assert exported.image_embedding.map(len).eq(flagged.image_embedding.map(len).iloc[0]).all()
+
+
+_FIT_THREADS_PROBE = """
+import sys
+import numpy as np
+import pandas as pd
+from imgcurate.dedup import semantic
+assert "faiss" not in sys.modules  # as in a fresh worker process: faiss is imported by the fit itself
+seen = []
+def recording(self, x, backend):
+    import faiss
+    seen.append(faiss.omp_get_max_threads())
+    return np.asarray(x[: self.n_clusters]), 0
+semantic.SemanticDeduplicator._kmeans = recording
+x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+sample = pd.DataFrame({"embedding": [x.tobytes()], "n": [40], "dim": [8], "tar": ["s.tar"]})
+semantic._fit_sample(sample, semantic.SemanticDeduplicator(n_clusters=4), "faiss")
+print(seen[0])
+"""
+
+
+def test_the_kmeans_fit_uses_every_core_in_a_worker_that_limits_openmp_to_one_thread():
+    """Distributed's nanny starts workers with OMP_NUM_THREADS=1; the fit is a barrier, so it takes all the cores:
+    faiss's OpenMP runtime too, which is loaded only when the fit imports faiss (threadpoolctl changes only the
+    pools of libraries already loaded)."""
+    import os
+    import subprocess
+    import sys
+
+    from imgcurate.cpu import cpu_count
+
+    if cpu_count() < 2:
+        pytest.skip("needs 2 or more cores to tell one thread from all")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _FIT_THREADS_PROBE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == cpu_count()

@@ -826,7 +826,10 @@ def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) 
 
     # Every later task of the graph waits for these centroids, so nothing else can run while the fit does: it uses
     # the cores of its machine, as find does in one process, not the one thread that distributed's nanny gives each
-    # worker (OMP_NUM_THREADS=1), which left the other workers idle for the longest task of the step.
+    # worker (OMP_NUM_THREADS=1), which left the other workers idle for the longest task of the step. threadpoolctl
+    # changes only the thread pools of libraries already loaded: faiss's OpenMP runtime is loaded by importing it.
+    for module in _KMEANS[backend].modules if backend in _KMEANS else ():
+        importlib.import_module(module)
     with threadpool_limits(cpu_count()):
         centroids, _ = step._kmeans(x, backend)
     return np.asarray(centroids, dtype=np.float32)
