@@ -219,6 +219,30 @@ def test_semantic_dedup_fitted_first_equals_the_fit_inside_the_graph(two_worker_
     pd.testing.assert_frame_equal(first, inside)
 
 
+def test_a_run_directory_fits_semantic_dedup_in_passes_of_its_own_and_writes_the_in_graph_answer(tmp_path, monkeypatch):
+    """A step computed into a run directory reads its input from storage: semantic dedup fits the centroids first,
+    once, in passes of their own, and the written columns equal the one-graph answer."""
+    from imgcurate.rundir import RunDir
+    from imgcurate.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(6, rows_per_shard=40, dim=16, seed=5)
+    dedup = SemanticDeduplicator(n_clusters=4, eps=0.2, fit_sample=100, max_iter=5)
+    fits = []
+    original = SemanticDeduplicator.fit
+
+    def counted(self, dataset):
+        fits.append(dataset.num_shards)
+        return original(self, dataset)
+
+    monkeypatch.setattr(SemanticDeduplicator, "fit", counted)
+    written, record = RunDir(str(tmp_path / "run")).compute_step(ds, dedup, 0, "e" * 64)
+    assert fits == [6] and record.computed == 6
+    got = written.compute()
+    want = dedup.added(ds).compute()
+    assert got["is_duplicate"].sum() > 0
+    pd.testing.assert_frame_equal(got[list(want.columns)], want, check_dtype=False)
+
+
 def test_an_export_run_on_memory_storage(sample_dir):
     ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
     pipeline = Pipeline(steps=[], export={"path": "memory://exported/out"}, run_dir="memory://exported/run")
