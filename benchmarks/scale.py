@@ -17,10 +17,14 @@ array in one process. Two dataset paths: ``cluster`` generates the input and per
 as one parquet file per shard first and runs the step as a pipeline with a run directory does (input read lazily,
 shard by shard; centroids fitted first; results written per shard), the case that bounds worker memory. Prints the
 seconds and CPU seconds (client and workers together) of each, the load average at the start, the peak RSS of the
-client and of the workers during the dedup, and the workers' RSS before it.
+client and of the workers during the dedup, the workers' RSS before it, and the largest cluster's size.
+``--clusters`` fixes the cluster count (default one per 1,000 rows), ``--fit-sample`` the KMeans sample and
+``--rows-per-shard`` the shard size (default: ``--dedup-shards`` shards whatever the rows).
 
     python benchmarks/scale.py graph --shards 1000 10000 100000
     python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512 [--modes find cluster stored]
+    python benchmarks/scale.py dedup --rows 100000 1000000 2000000 --modes stored --rows-per-shard 10000 \\
+        --fit-sample 100000   # worker memory as the rows grow, the sample fixed
 """
 
 from __future__ import annotations
@@ -156,7 +160,9 @@ def _stored_dataset(folder: str, shards: int, dim: int):
     return ImageTextPairDataset(folder, metadata, [f"{folder}/{i:06d}.tar" for i in range(shards)])
 
 
-def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
+def dedup_one(
+    rows: int, dim: int, shards: int, mode: str, clusters: int | None = None, fit_sample: int | None = None
+) -> dict:
     """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster, its input held in
     the workers' memory (``cluster``) or stored as parquet and run the way a pipeline with a run directory runs a
     step (``stored``)."""
@@ -165,12 +171,13 @@ def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
     from imgcurate.dedup import SemanticDeduplicator
     from imgcurate.synthetic import synthetic_dataset, synthetic_partition
 
-    n_clusters = max(10, rows // 1000)
+    n_clusters = clusters or max(10, rows // 1000)
     per_shard = rows // shards
     out: dict = {"mode": mode, "rows": rows, "dim": dim, "shards": shards, "n_clusters": n_clusters,
-                 "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
-    step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0)
+                 "fit_sample": fit_sample, "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+    step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0, fit_sample=fit_sample)
     if mode == "find":
+        out["fit_sample"] = None  # find fits on faiss's own sample (256 rows per cluster)
         x = np.concatenate([np.stack(synthetic_partition(i, per_shard, dim)["image_embedding"]) for i in range(shards)])
         x = x.astype(np.float32)
         started, cpu = time.perf_counter(), time.process_time()
@@ -178,10 +185,12 @@ def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
         out["seconds"] = round(time.perf_counter() - started, 2)
         out["cpu_s"] = round(time.process_time() - cpu, 2)
         out["flagged"] = int(found["is_duplicate_0.01"].sum())
+        out["largest_cluster"] = step.stats_["largest_cluster"]
         out["client_peak_rss_mb"] = round(_peak_rss_mb())
         return out
     import tempfile
 
+    import dask
     import psutil
     from distributed import Client, LocalCluster
 
@@ -219,7 +228,9 @@ def dedup_one(rows: int, dim: int, shards: int, mode: str) -> dict:
         else:
             deduped = step(ds)
             columns = deduped.metadata
-        out["flagged"] = int(columns["is_duplicate"].sum().compute())
+        # one graph for both answers (the cluster path's columns are lazy: a second compute would run it again)
+        flagged, largest = dask.compute(columns["is_duplicate"].sum(), columns["cluster"].value_counts().max())
+        out["flagged"], out["largest_cluster"] = int(flagged), int(largest)
         out["seconds"] = round(time.perf_counter() - started, 2)
         # CPU seconds of the client and the worker processes together (steadier than wall seconds on a shared box)
         spent = sum(client.run(_cpu_s).values()) - sum(workers_cpu.values())
@@ -240,8 +251,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dedup-shards", type=int, default=100)
+    parser.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=None,
+        help="the dedup part's shard size (then the shard count grows with the rows)",
+    )
     parser.add_argument("--mode", default="find")
     parser.add_argument("--modes", nargs="+", default=["find", "cluster", "stored"], help="the dedup part's paths")
+    parser.add_argument("--clusters", type=int, default=None, help="KMeans clusters (default: one per 1,000 rows)")
+    parser.add_argument("--fit-sample", type=int, default=None, help="fit_sample (default: 256 rows per cluster)")
     parser.add_argument("--shuffle", default=None, help="dask's shuffle method for the graph part (p2p on a cluster)")
     args = parser.parse_args()
     if args.part == "_graph_one":
@@ -252,14 +271,18 @@ def main() -> None:
         print(json.dumps({"shuffle": args.shuffle or "default", **result}))
         return
     if args.part == "_dedup_one":
-        print(json.dumps(dedup_one(args.rows[0], args.dim, args.dedup_shards, args.mode)))
+        found = dedup_one(args.rows[0], args.dim, args.dedup_shards, args.mode, args.clusters, args.fit_sample)
+        print(json.dumps(found))
         return
     runs = (
         [["_graph_one", "--shards", str(n), *(["--shuffle", args.shuffle] if args.shuffle else [])]
          for n in args.shards]
         if args.part == "graph"
-        else [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards", str(args.dedup_shards),
-               "--mode", mode] for n in args.rows for mode in args.modes]
+        else [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards",
+               str(-(-n // args.rows_per_shard) if args.rows_per_shard else args.dedup_shards),
+               "--mode", mode, *(["--clusters", str(args.clusters)] if args.clusters else []),
+               *(["--fit-sample", str(args.fit_sample)] if args.fit_sample else [])]
+              for n in args.rows for mode in args.modes]
     )  # fmt: skip
     for run in runs:
         done = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)

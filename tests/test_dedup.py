@@ -380,6 +380,33 @@ def test_assign_nearest_centroid():
     assert labels.tolist() == [0, 1, 2] and np.allclose(dist, 0)
 
 
+def test_assign_blocks_are_bounded_by_values_not_rows(monkeypatch):
+    """Each block's similarity matrix holds a bounded number of values whatever the cluster count (but at least 256
+    rows), and the blocks together give the answer of one full product."""
+    import imgcurate.dedup.semantic as semantic
+
+    class Rows(np.ndarray):  # records the row count of every slice _assign takes
+        taken: list[int] = []
+
+        def __getitem__(self, item):
+            out = super().__getitem__(item)
+            if isinstance(item, slice):
+                Rows.taken.append(len(out))
+            return out
+
+    rng = np.random.default_rng(0)
+    x = semantic._normalize(rng.standard_normal((1000, 16)).astype(np.float32))
+    centroids = rng.standard_normal((40, 16)).astype(np.float32)
+    sims = x @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T
+    for values, rows in [(300 * 40, 300), (10 * 40, 256)]:  # the floor of 256 rows per block
+        monkeypatch.setattr(semantic, "_ASSIGN_BLOCK_VALUES", values)
+        Rows.taken = []
+        labels, dist = semantic._assign(x.view(Rows), centroids)
+        assert Rows.taken == [rows] * (1000 // rows) + ([1000 % rows] if 1000 % rows else [])
+        np.testing.assert_array_equal(np.asarray(labels), sims.argmax(axis=1))
+        np.testing.assert_allclose(np.asarray(dist), 1 - sims.max(axis=1), atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["greedy", "connected"])
 def test_end_to_end_on_real_photos_finds_the_reencoded_and_resized_copies(sample_ds, tmp_path, mode):
     from imgcurate.embedders import TimmImageEmbedder

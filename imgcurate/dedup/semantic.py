@@ -193,9 +193,18 @@ def _check_kmeans_backend(name: str) -> None:
         raise MissingDependencyError(f"kmeans_backend {name!r}", _KMEANS[name].package, extra=_KMEANS[name].extra)
 
 
-def _assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by cosine similarity, and the cosine distance to it."""
+#: The most similarities (float32) one block of the assignment holds: 64 MiB, whatever the number of clusters.
+_ASSIGN_BLOCK_VALUES = 2**24
+
+
+def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine similarity, and the cosine distance to it.
+
+    Rows go in blocks whose similarity matrix (rows x clusters) holds at most :data:`_ASSIGN_BLOCK_VALUES` values, so
+    memory does not grow with the number of clusters (at 10^5 clusters a fixed 65,536-row block would be 26 GB).
+    """
     unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    block = max(256, _ASSIGN_BLOCK_VALUES // max(len(unit), 1))
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), block):
@@ -627,7 +636,14 @@ class SemanticDeduplicator(Step):
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]
         io = ShardIO(id_col, dataset.storage_options)
-        counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
+        # Only the random rule seeds each cluster's shuffle with its first member's global index (as find does),
+        # which needs a running count over the shards; the other rules order rows by shard and row alone. So with
+        # centroids given and another rule nothing is counted: a count pass would read each shard apart from its
+        # assignment, and the scheduler may run those cheap tasks far ahead, holding every shard it has read.
+        random = self.which_to_keep == "random"
+        counts = None
+        if centroids is None or random:
+            counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
         if centroids is not None:
             fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
@@ -635,15 +651,17 @@ class SemanticDeduplicator(Step):
         else:
             # a tree reduction inside the same graph: the embedder's output is shared, not computed again
             fitted = self._fit_in_graph(frame, counts, _total(counts), backend)
-        # Only the random rule seeds each cluster's shuffle with its first member's global index (as find does),
-        # which needs a running count over the shards; the other rules order rows by shard and row alone.
-        offsets = (counts["n"].cumsum() - counts["n"]).to_frame("offset") if self.which_to_keep == "random" else None
         # Several clusters share a group partition (about 8), and every 16 shards at least one.
         groups = group_count(dataset.num_shards, -(-self.n_clusters // 8))
-        rows = dd.map_partitions(
-            _assign_shard, frame, counts, offsets, fitted, self, io, groups, meta=_rows_meta(self.keep_by),
-            align_dataframes=False, enforce_metadata=False,
-        )  # fmt: skip
+        meta = _rows_meta(self.keep_by)
+        if counts is None:
+            rows = dataset.map_shards(_assign_shard, None, fitted, self, io, groups, meta=meta, frame=frame)
+        else:  # the count pass carries each partition's shard too: no shard frame of its own
+            offsets = (counts["n"].cumsum() - counts["n"]).to_frame("offset") if random else None
+            rows = dd.map_partitions(
+                _assign_counted_shard, frame, counts, offsets, fitted, self, io, groups, meta=meta,
+                align_dataframes=False, enforce_metadata=False,
+            )  # fmt: skip
         found = grouped(rows, _dedup_clusters, self, meta=_found_meta(self.eps), groups=groups)
         return per_shard(_output_columns, found, self, backend_of(df._meta).name, meta=self.output_meta(df._meta))
 
@@ -850,16 +868,30 @@ def _rows_meta(keep_by: list[str]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _assign_shard(
+def _assign_counted_shard(
     part: Any, shard_part: pd.DataFrame, offset: pd.DataFrame | None, centroids: np.ndarray,
     step: SemanticDeduplicator, io: ShardIO, groups: int,
 ) -> pd.DataFrame:  # fmt: skip
+    """:func:`_assign_shard`, the shard taken from its count pass partition, ``offset`` from the running count."""
+    shard = Shard(int(shard_part["shard"].iloc[0]), str(shard_part["tar"].iloc[0]))
+    first = None if offset is None else int(offset["offset"].iloc[0])
+    return _assign_shard(part, shard, first, centroids, step, io, groups)
+
+
+def _assign_shard(
+    part: Any,
+    shard: Shard,
+    offset: int | None,
+    centroids: np.ndarray,
+    step: SemanticDeduplicator,
+    io: ShardIO,
+    groups: int,
+) -> pd.DataFrame:
     """Every row of this shard with its position, global order, nearest centroid (-1 without an embedding),
     distance, embedding and group partition.
 
     ``_gidx`` orders rows as :meth:`SemanticDeduplicator.find` does: the global index of the row among the non-null
     ones when ``offset`` (this shard's first such index) is given, else the row id (the same order)."""
-    shard = Shard(int(shard_part["shard"].iloc[0]), str(shard_part["tar"].iloc[0]))
     valid, x = _valid_matrix(part, step.embedding_column, shard)
     x = _normalize(np.array(x, dtype=np.float32))
     if len(x) and x.shape[1] != centroids.shape[1]:
@@ -873,7 +905,7 @@ def _assign_shard(
     if offset is None:
         out["_gidx"] = (np.int64(shard.index) << 40) + np.arange(n, dtype=np.int64)
     else:
-        out["_gidx"] = int(offset["offset"].iloc[0]) + np.cumsum(valid, dtype=np.int64) - 1
+        out["_gidx"] = offset + np.cumsum(valid, dtype=np.int64) - 1
     out["key"] = text_column(meta[io.id_col])
     cluster = np.full(n, -1, dtype=np.int64)
     cluster[rows] = labels
