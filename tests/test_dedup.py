@@ -119,10 +119,61 @@ def test_greedy_vs_connected_on_a_chain():
     assert ranked.tolist() == [0, 1, 2]
     sims, arg, pairs = in_cluster_duplicates(x, threshold=1 - eps)
     assert (sims >= 1 - eps).tolist() == [False, True, True]
-    from imgcurate.dedup.semantic import _group_representatives
-
-    assert _group_representatives(3, pairs.earlier, pairs.later).tolist() == [0, 0, 0]
+    assert _all_pairs_groups(3, pairs.earlier, pairs.later).tolist() == [0, 0, 0]
+    found = SemanticDeduplicator(n_clusters=1, eps=eps, mode="connected")._cluster_result(x, "cpu")
+    assert found.representative.tolist() == [0, 0, 0] and found.flags[eps].tolist() == [False, True, True]
     assert labels.sum() == 0
+
+
+def _all_pairs_groups(m, earlier, later):
+    """Reference: each row's group's first row, from every linked pair at once."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(earlier), dtype=np.int8), (earlier, later)), shape=(m, m))
+    _, group = connected_components(graph, directed=False)
+    _, first = np.unique(group, return_index=True)
+    return first[group]
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 4096])
+def test_connected_groups_merged_tile_by_tile_equal_all_pairs(block_size):
+    """Groups merged tile by tile (one tile's links held at a time) equal the components of every linked pair, for
+    each eps, with chains that cross tiles."""
+    from imgcurate.dedup.semantic import _Groups, _scan
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((60, 24)).astype(np.float32)
+    rows = [base[rng.integers(0, 60)] + rng.normal(0, s, 24).astype(np.float32)
+            for s in rng.choice([0.01, 0.05, 0.2, 1.0], 300)]  # fmt: skip
+    x = np.stack(rows).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    thresholds = [0.999, 0.99, 0.95]
+    groups = _Groups(len(x), thresholds)
+    best, _ = _scan(x, block_size, groups.add)
+    for i, t in enumerate(thresholds):
+        _, _, pairs = in_cluster_duplicates(x, threshold=t, block_size=block_size)
+        expected = _all_pairs_groups(len(x), pairs.earlier, pairs.later)
+        np.testing.assert_array_equal(groups.first[i], expected)
+        assert (expected != np.arange(len(x))).sum() > 20  # linked rows exist at every threshold
+    np.testing.assert_array_equal(best, in_cluster_duplicates(x, block_size=block_size)[0])
+
+
+def test_connected_mode_memory_is_one_tile_not_every_pair():
+    """4,000 copies of one embedding link 8 million pairs (160 MB as index and similarity arrays); the connected
+    rule holds one 256 x 256 tile's links at a time."""
+    import tracemalloc
+
+    x = np.tile(np.array([[0.6, 0.8, 0.0, 0.0]], dtype=np.float32), (4000, 1))
+    step = SemanticDeduplicator(n_clusters=1, eps=[0.01, 0.001], mode="connected", block_size=256)
+    tracemalloc.start()
+    try:
+        found = step._cluster_result(x, "cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (found.representative == 0).all() and found.flags[0.01].sum() == 3999
+    assert peak < 20 * 2**20, peak
 
 
 def test_cache_dir_resumes(tmp_path, monkeypatch):
@@ -136,7 +187,7 @@ def test_cache_dir_resumes(tmp_path, monkeypatch):
         raise AssertionError("recomputed instead of resuming")
 
     monkeypatch.setattr(sem, "kmeans", boom)
-    monkeypatch.setattr(sem, "in_cluster_duplicates", boom)
+    monkeypatch.setattr(sem, "_scan", boom)
     again = dd.find(x)
     for key in first:
         np.testing.assert_array_equal(first[key], again[key])

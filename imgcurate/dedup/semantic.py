@@ -228,15 +228,36 @@ def in_cluster_duplicates(
     """For rows of ``x`` in rank order: each row's maximum cosine similarity to an earlier row and that row's index.
 
     Row 0 gets similarity ``-inf`` and index -1. With ``threshold``, also returns the pairs whose similarity is
-    >= threshold (for grouping). Memory: one ``block_size`` x ``block_size`` tile at a time; only tiles on or below
-    the diagonal are computed. ``x`` may be a NumPy array or a CuPy array on the GPU: the same lines run on either
-    (CuPy mirrors NumPy's API), and the results are arrays of the same kind.
+    >= threshold; these are every linked pair of the rows, up to ``m * (m - 1) / 2`` for rows that are all near-copies
+    (the step itself merges them into groups tile by tile instead). Memory otherwise: one ``block_size`` x
+    ``block_size`` tile at a time; only tiles on or below the diagonal are computed. ``x`` may be a NumPy array or a
+    CuPy array on the GPU: the same lines run on either (CuPy mirrors NumPy's API), and the results are arrays of the
+    same kind.
     """
+    if threshold is None:
+        return (*_scan(x, block_size), None)
+    xp = _array_module(x)
+    found: list[tuple[Any, Any, Any]] = []
+
+    def collect(a: int, b: int, tile: Any) -> None:
+        r, c = xp.nonzero(tile >= threshold)
+        found.append((b + c, a + r, tile[r, c]))
+
+    best, arg = _scan(x, block_size, collect)
+    if not found:
+        empty = xp.zeros(0, dtype=np.int64)
+        return best, arg, Pairs(empty, empty, xp.zeros(0, dtype=np.float32))
+    return best, arg, Pairs(*(xp.concatenate(parts) for parts in zip(*found, strict=True)))
+
+
+def _scan(x: Any, block_size: int, on_tile: Callable[[int, int, Any], None] | None = None) -> tuple[Any, Any]:
+    """Each row's best similarity to an earlier row and that row's index, over the tiles on or below the diagonal;
+    ``on_tile(a, b, tile)`` sees every tile (rows ``a..`` against columns ``b..``; on the diagonal the entries of a
+    row against itself and later rows are ``-inf``)."""
     xp = _array_module(x)
     m = len(x)
     best = xp.full(m, -np.inf, dtype=np.float32)
     arg = xp.full(m, -1, dtype=np.int64)
-    found: list[tuple[Any, Any, Any]] = []
     for a in range(0, m, block_size):
         rows = x[a : a + block_size]
         here = slice(a, a + len(rows))
@@ -249,15 +270,57 @@ def in_cluster_duplicates(
             better = value > best[here]
             best[here] = xp.where(better, value, best[here])
             arg[here] = xp.where(better, b + j, arg[here])
-            if threshold is not None:
-                r, c = xp.nonzero(tile >= threshold)
-                found.append((b + c, a + r, tile[r, c]))
-    if threshold is None:
-        return best, arg, None
-    if not found:
-        empty = xp.zeros(0, dtype=np.int64)
-        return best, arg, Pairs(empty, empty, xp.zeros(0, dtype=np.float32))
-    return best, arg, Pairs(*(xp.concatenate(parts) for parts in zip(*found, strict=True)))
+            if on_tile is not None:
+                on_tile(a, b, tile)
+    return best, arg
+
+
+class _Groups:
+    """Connected groups of ranked rows, linked by similarities >= each threshold, merged tile by tile.
+
+    ``first[i][r]`` is the first-ranked (smallest) row of row ``r``'s group under ``thresholds[i]``. Each tile's links
+    are merged and let go, so memory is one tile's links and one label per row and threshold: never every linked pair
+    of a cluster, which for a cluster of near-copies (a meme seen 10^4 times) is ``m^2 / 2`` pairs.
+    """
+
+    def __init__(self, m: int, thresholds: Sequence[float]):
+        self.thresholds = list(thresholds)
+        self.low = min(self.thresholds)
+        self.first = [np.arange(m, dtype=np.int64) for _ in self.thresholds]
+
+    def add(self, a: int, b: int, tile: Any) -> None:
+        xp = _array_module(tile)
+        r, c = xp.nonzero(tile >= self.low)
+        if not len(r):
+            return
+        similarity = _to_host(tile[r, c])
+        later, earlier = _to_host(r) + a, _to_host(c) + b
+        for threshold, first in zip(self.thresholds, self.first, strict=True):
+            keep = similarity >= threshold
+            if keep.any():
+                _merge_groups(first, earlier[keep], later[keep])
+
+
+def _merge_groups(first: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
+    """Merges the groups linked by the pairs ``(u, v)`` in ``first`` (each row's group label: the group's smallest
+    row), in place."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    fu, fv = first[u], first[v]
+    linked = fu != fv
+    if not linked.any():
+        return
+    fu, fv = fu[linked], fv[linked]
+    labels, index = np.unique(np.concatenate([fu, fv]), return_inverse=True)  # the groups involved, ascending
+    k = len(fu)
+    graph = coo_matrix((np.ones(k, dtype=np.int8), (index[:k], index[k:])), shape=(len(labels), len(labels)))
+    _, component = connected_components(graph, directed=False)
+    _, lowest = np.unique(component, return_index=True)  # labels ascend: a component's first label is its smallest
+    at = np.searchsorted(labels, first)
+    hit = at < len(labels)
+    hit[hit] = labels[at[hit]] == first[hit]
+    first[hit] = labels[lowest[component[at[hit]]]]
 
 
 def _array_module(x: Any) -> Any:
@@ -273,17 +336,6 @@ def _to_host(a: Any) -> np.ndarray:
 def _upper_triangle(n: int, module: str) -> Any:
     xp = importlib.import_module(module)
     return xp.triu(xp.ones((n, n), dtype=bool))
-
-
-def _group_representatives(m: int, earlier: np.ndarray, later: np.ndarray) -> np.ndarray:
-    """For each of ``m`` ranked rows, the first-ranked row of its connected group (itself when alone)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(earlier), dtype=np.int8), (earlier, later)), shape=(m, m))
-    _, group = connected_components(graph, directed=False)
-    _, first = np.unique(group, return_index=True)  # rows are in rank order, so the first row is the smallest rank
-    return first[group]
 
 
 class _ClusterResult(NamedTuple):
@@ -537,18 +589,17 @@ class SemanticDeduplicator(Step):
             import cupy
 
             rows = cupy.asarray(rows)
-        sims, arg, pairs = in_cluster_duplicates(rows, min(thresholds) if connected else None, self.block_size)
+        groups = _Groups(len(rows), thresholds) if connected else None
+        sims, arg = _scan(rows, self.block_size, None if groups is None else groups.add)
         sims, arg = _to_host(sims), _to_host(arg)
-        pairs = None if pairs is None else Pairs(*(_to_host(p) for p in pairs))
         rank = np.arange(len(sims))
         flags: dict[float, np.ndarray] = {}
         representative = None
-        for e, t in zip(self.eps, thresholds, strict=True):
-            if not connected:
+        for i, (e, t) in enumerate(zip(self.eps, thresholds, strict=True)):
+            if groups is None:
                 flags[e] = sims >= t
                 continue
-            keep = pairs.similarity >= t
-            rep = _group_representatives(len(sims), pairs.earlier[keep], pairs.later[keep])
+            rep = groups.first[i]
             flags[e] = rep != rank
             if e == self.eps[0]:
                 representative = rep
