@@ -12,7 +12,9 @@ point at it in ``duplicate_of``.
 is ranked first in its cluster and kept, e.g. ``["aesthetic_score"]`` keeps the best-looking copy.
 
 Similarities are computed blockwise (``block_size`` x ``block_size`` tiles), so memory stays bounded whatever the
-cluster size.
+cluster size: connected mode merges each tile's links into its groups and lets them go (a cluster of ``m``
+near-copies links ``m^2 / 2`` pairs), and the assignment to centroids holds at most 2^24 similarities at a time
+whatever ``n_clusters``.
 
 On a dataset everything runs on the workers, as Dask work, and the client holds the centroids and nothing of size N:
 
