@@ -42,6 +42,17 @@ def test_a_step_task_does_not_grow_with_the_shard_count(name):
     assert sizes[8000] <= sizes[1000] + 64, sizes
 
 
+def test_given_centroids_are_one_key_of_the_graph_not_a_copy_in_every_task():
+    """The run-directory path passes fitted centroids to the assignment: they are one key that each worker fetches
+    once, not an argument copied into every task (the workers hold the specs of the tasks queued on them)."""
+    ds = synthetic_dataset(50, rows_per_shard=10, dim=256)
+    step = SemanticDeduplicator(n_clusters=64)
+    centroids = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    graph = dict(step.added(ds, centroids=centroids).optimize().__dask_graph__())
+    holding = [key for key, task in graph.items() if len(dumps(task)) > centroids.nbytes]
+    assert len(holding) == 1, holding
+
+
 def test_export_tasks_do_not_grow_with_the_shard_count():
     sizes = {}
     for n in (1000, 8000):
