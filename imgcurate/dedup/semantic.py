@@ -691,22 +691,23 @@ class SemanticDeduplicator(Step):
         io = ShardIO(id_col, dataset.storage_options)
         # Only the random rule seeds each cluster's shuffle with its first member's global index (as find does),
         # which needs a running count over the shards; the other rules order rows by shard and row alone. So with
-        # centroids given and another rule nothing is counted: a count pass would read each shard apart from its
-        # assignment, and the scheduler may run those cheap tasks far ahead, holding every shard it has read.
+        # centroids given and another rule nothing is counted: one task per shard fewer.
         random = self.which_to_keep == "random"
         counts = None
         if centroids is None or random:
             counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
         if centroids is not None:
-            # one key of the graph, so each worker fetches the centroids once: as a plain argument every task's spec
-            # would carry its own copy to the workers, which hold the specs of the tasks queued on them (measured:
-            # 263 copies, 368 MB, of 2,000 x 512 centroids on one worker; at 10^5 clusters one copy is 200 MB)
-            fitted: Any = dask.delayed(np.asarray(centroids, dtype=np.float32), pure=True)
+            fitted: Any = np.asarray(centroids, dtype=np.float32)
         elif backend == "cuml-dask":
             fitted = self._fit_on_workers(dataset, frame, _total(counts))
         else:
             # a tree reduction inside the same graph: the embedder's output is shared, not computed again
             fitted = self._fit_in_graph(frame, counts, _total(counts), backend)
+        if isinstance(fitted, np.ndarray):
+            # one key of the graph, so each worker fetches the centroids once: as a plain argument every task's spec
+            # would carry its own copy to the workers, which hold the specs of the tasks queued on them (measured:
+            # 263 copies, 368 MB, of 2,000 x 512 centroids on one worker; at 10^5 clusters one copy is 200 MB)
+            fitted = dask.delayed(fitted, pure=True)
         # Several clusters share a group partition (about 8), and every 16 shards at least one.
         groups = group_count(dataset.num_shards, -(-self.n_clusters // 8))
         meta = _rows_meta(self.keep_by)
