@@ -53,6 +53,19 @@ def test_given_centroids_are_one_key_of_the_graph_not_a_copy_in_every_task():
     assert len(holding) == 1, holding
 
 
+def test_given_centroids_skip_the_count_pass_unless_the_random_rule_needs_it():
+    """With centroids given, only ``which_to_keep="random"`` (seeded by each cluster's first global index) counts the
+    shards' embeddings; the other rules assign each shard straight away (one task per shard fewer)."""
+    ds = synthetic_dataset(6, rows_per_shard=10, dim=16)
+    centroids = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    counting = {}
+    for keep in ("hard", "random"):
+        graph = dict(SemanticDeduplicator(n_clusters=4, which_to_keep=keep).added(ds, centroids=centroids)
+                     .optimize().__dask_graph__())  # fmt: skip
+        counting[keep] = sum(b"_count_valid" in dumps(task) for task in graph.values())
+    assert counting == {"hard": 0, "random": 6}, counting
+
+
 def test_export_tasks_do_not_grow_with_the_shard_count():
     sizes = {}
     for n in (1000, 8000):
