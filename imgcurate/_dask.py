@@ -3,8 +3,8 @@
 Every per-shard task must carry only its own shard: a mapped function never closes over the list of all tar paths
 or over results whose size grows with the dataset. The pieces here keep it so:
 
-- :func:`shard_frame` is a tiny Dask frame with one row per shard (its index and tar path), built with
-  ``dd.from_map`` so that each of its tasks holds one ``(index, tar)`` pair.
+- :func:`shard_frame` is a tiny Dask frame with one row per shard (its index and tar path), built like
+  ``dd.from_map`` so that each of its tasks holds one ``(index, tar)`` pair (but not marked as reading input).
 - :func:`map_with_shard` maps a function over a metadata frame zipped partition by partition with that frame: the
   function receives its partition and a :class:`Shard`, nothing else that grows with the shard count.
 - :func:`to_partitions` shuffles rows to the partition that their ``_partitions`` column names.
@@ -24,11 +24,13 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from dask._task_spec import Task
+from dask.dataframe.dask_expr._collection import new_collection
 from dask.dataframe.dask_expr._expr import MapPartitions, SetDivisions
+from dask.dataframe.dask_expr.io import FromMap
 
 from imgcurate.backends import host_index
 
@@ -81,18 +83,36 @@ _SHARD_META = pd.DataFrame(
 )
 
 
+class _ShardRows(FromMap):
+    """Dask's ``from_map`` expression whose tasks are not marked as data producers.
+
+    Dask marks every ``from_map`` task as one, and a fused task as one when any of its parts is; the distributed
+    scheduler places such tasks like the roots of a graph, on whichever worker has a free thread, without looking at
+    where their other inputs are. The shard frame is fused into per-shard passes, so that mark made a pass over a
+    frame already held on the workers (a persisted frame, an embedder's output) fetch about half of its partitions
+    from the other worker (measured: 47 of a semantic dedup count pass's 100 partitions, at 100k x 512 on two
+    workers). Without it, such a pass runs where its partitions are; a pass that reads its input (parquet, tars) is
+    still a data producer through that reader, queued like a root.
+    """
+
+    def _filtered_task(self, name: Any, index: int) -> Task:
+        return Task(name, self.func, *[v[index] for v in self.iterables], *self.args, **self.kwargs)
+
+
 def shard_frame(tar_files: Sequence[str], label: str = "imgcurate-shards") -> dd.DataFrame:
     """One row per shard (``shard``, ``tar``), one partition per shard; each task holds its own pair only.
 
     Frames with different ``label``s are different frames to Dask: a frame that only one pass uses is fused into
-    that pass's tasks (no task of its own), where one frame shared by several passes is a task per shard.
+    that pass's tasks (no task of its own), where one frame shared by several passes is a task per shard. Its tasks
+    are not data producers (see :class:`_ShardRows`), so a pass fused with it is placed by its other inputs.
     """
-    # read as it is: dask's string conversion would add a step to every task for a path that is only passed on
-    with dask.config.set({"dataframe.convert-string": False}):
-        return dd.from_map(
-            _shard_row, list(enumerate(tar_files)), meta=_SHARD_META, divisions=shard_divisions(len(tar_files)),
-            label=label, enforce_metadata=False,
-        )  # fmt: skip
+    # read as it is (no string conversion, which would add a step to every task for a path that is only passed on)
+    items = list(enumerate(tar_files))
+    if not items:
+        raise ValueError("a shard frame needs at least one shard")
+    return new_collection(
+        _ShardRows(_shard_row, [items], [], {}, _SHARD_META, False, shard_divisions(len(items)), label)
+    )
 
 
 def _call_with_shard(part: Any, shard: pd.DataFrame, func: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -132,8 +152,6 @@ def map_with_shard(
 
 def _with_divisions(frame: dd.DataFrame, divisions: tuple) -> dd.DataFrame:
     """``frame`` declared to have ``divisions`` (its partitions' index values must lie within them)."""
-    from dask.dataframe.dask_expr._collection import new_collection
-
     return new_collection(_DeclaredDivisions(frame.expr, divisions))
 
 
@@ -157,8 +175,6 @@ def with_shard_divisions(frame: dd.DataFrame) -> dd.DataFrame:
     divisions are the shards' (no added step, which Dask would fuse into every task at a cost when it builds the
     graph). Any other frame gets a pass-through step that declares them.
     """
-    from dask.dataframe.dask_expr._collection import new_collection
-
     if type(frame.expr) is MapPartitions:
         return new_collection(_ShardMapPartitions(*frame.expr.operands))
     return _with_divisions(frame, shard_divisions(frame.npartitions))
@@ -181,7 +197,6 @@ def to_partitions(frame: dd.DataFrame, npartitions: int) -> dd.DataFrame:
     the columns they need. With fewer output than input partitions, the disk and tasks methods first concatenate
     neighbouring input partitions (dask's own rule), so callers merge them to a bounded count first.
     """
-    from dask.dataframe.dask_expr._collection import new_collection
     from dask.dataframe.dask_expr._shuffle import Shuffle
 
     return new_collection(Shuffle(frame.expr, PARTITION_COLUMN, npartitions, True, None, None))
