@@ -17,7 +17,9 @@ array in one process. Two dataset paths: ``cluster`` generates the input and per
 as one parquet file per shard first and runs the step as a pipeline with a run directory does (input read lazily,
 shard by shard; centroids fitted first; results written per shard), the case that bounds worker memory. Prints the
 seconds and CPU seconds (client and workers together) of each, the load average at the start, the peak RSS of the
-client and of the workers during the dedup, the workers' RSS before it, and the largest cluster's size.
+client and of the workers during the dedup, the workers' RSS before it, the megabytes that tasks fetched from the
+other worker (``fetched_mb``: input partitions of a pass placed away from them, small results; the shuffles move
+their rows on their own) and the largest cluster's size.
 ``--clusters`` fixes the cluster count (default one per 1,000 rows), ``--fit-sample`` the KMeans sample and
 ``--rows-per-shard`` the shard size (default: ``--dedup-shards`` shards whatever the rows).
 
@@ -57,6 +59,17 @@ def _peak_rss_since_reset_mb() -> float:
     """The peak RSS since :func:`_reset_peak_rss` (``VmHWM``)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _clear_fetch_log(dask_worker) -> None:
+    dask_worker.transfer_incoming_log.clear()
+
+
+def _fetched(dask_worker) -> tuple[int, int]:
+    """Bytes this worker fetched from other workers (task inputs, not the shuffles' own transfers) since the log was
+    cleared, and the log's length (it keeps the last 1,000 fetches: a full log means at least that many bytes)."""
+    log = dask_worker.transfer_incoming_log
+    return sum(entry["total"] for entry in log), len(log)
 
 
 def _peak_rss_mb() -> float:
@@ -220,6 +233,7 @@ def dedup_one(
             out["input_s"] = round(time.perf_counter() - started, 2)
         out["worker_rss_before_mb"] = round(max(client.run(rss_mb).values()))
         client.run(_reset_peak_rss)
+        client.run(_clear_fetch_log)
         started, cpu, workers_cpu = time.perf_counter(), time.process_time(), client.run(_cpu_s)
         if mode == "stored":  # as a pipeline with a run directory runs the step: fit first, results written per shard
             columns, _ = RunDir(os.path.join(tmp, "run")).compute_step(ds, step, 0, "bench")
@@ -236,6 +250,10 @@ def dedup_one(
         spent = sum(client.run(_cpu_s).values()) - sum(workers_cpu.values())
         out["cpu_s"] = round(time.process_time() - cpu + spent, 2)
         out["worker_peak_rss_mb"] = round(max(client.run(_peak_rss_since_reset_mb).values()))
+        # partitions (and small results) that a task fetched from another worker: a pass placed away from its input
+        fetched = client.run(_fetched).values()
+        out["fetched_mb"] = round(sum(size for size, _ in fetched) / 1e6)
+        out["fetch_log_full"] = any(length >= 1000 for _, length in fetched)
         out["largest_cluster"] = int(answers["cluster"].value_counts().max().compute())
         started = time.perf_counter()
         select = selection(deduped.metadata, ds.shards, "memory://scale-bench/stage", "is_duplicate", {})
