@@ -103,7 +103,8 @@ def shard_frame(tar_files: Sequence[str], label: str = "imgcurate-shards") -> dd
     """One row per shard (``shard``, ``tar``), one partition per shard; each task holds its own pair only.
 
     Frames with different ``label``s are different frames to Dask: a frame that only one pass uses is fused into
-    that pass's tasks (no task of its own), where one frame shared by several passes is a task per shard. Its tasks
+    that pass's tasks (no task of its own) when the graph is fused (a frame's own ``persist`` or ``optimize``, and
+    :func:`imgcurate.progress.compute`), where one frame shared by several passes is a task per shard. Its tasks
     are not data producers (see :class:`_ShardRows`), so a pass fused with it is placed by its other inputs.
     """
     # read as it is (no string conversion, which would add a step to every task for a path that is only passed on)

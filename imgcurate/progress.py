@@ -134,6 +134,21 @@ def distributed_client() -> Any | None:
         return None
 
 
+def _fused(collection: T) -> T:
+    """A Dask DataFrame collection (frame, series, scalar) with its per-partition chains fused; anything else as it is.
+
+    Dask fuses the chain of per-partition expressions (a read, a projection, a per-shard pass zipped with the shard
+    frame) into one task when a frame's own ``persist`` or ``optimize`` builds the graph, but not under
+    ``dask.compute``, ``Client.compute`` or ``Client.persist`` (dask 2026.7): there every link is a task, and a
+    per-shard pass has two inputs, its partition and its shard frame row (a task of its own, placed like a root on
+    any free worker), so the scheduler may run it on the worker that does not hold its partition and fetch the
+    partition instead. Fused, the pass is one task whose only input is its partition.
+    """
+    from dask.dataframe.dask_expr._collection import FrameBase
+
+    return collection.optimize() if isinstance(collection, FrameBase) else collection
+
+
 def compute(tasks: Sequence[Any], *, desc: str, unit: str = "task") -> list[Any]:
     """Computes Dask collections or delayed objects with a progress bar (count, rate and ETA), on the active scheduler.
 
@@ -144,6 +159,7 @@ def compute(tasks: Sequence[Any], *, desc: str, unit: str = "task") -> list[Any]
     """
     if not tasks:
         return []
+    tasks = [_fused(task) for task in tasks]
     client = distributed_client()
     if client is None:
         with GraphGC() as held, _ReleaseGC(held), _TaskBar(desc, unit):
@@ -168,6 +184,7 @@ def persist(collection: T, *, desc: str) -> T:
     schedulers they are held in this process. Later work on the returned collection starts from those partitions
     instead of running the collection's tasks again.
     """
+    collection = _fused(collection)
     client = distributed_client()
     if client is None:
         with GraphGC() as held, _ReleaseGC(held), _TaskBar(desc, "shard"):

@@ -116,3 +116,43 @@ def test_a_pipeline_cluster_with_worker_processes_holds_the_collector_thresholds
     # worker processes: this process only builds graphs and schedules; in-process workers run tasks here: unchanged
     assert during == ((100_000, max(before[1], 50), max(before[2], 100)) if processes else before)
     assert gc.get_threshold() == before
+
+
+def _shard_rows(part, shard):
+    import pandas as pd
+
+    return pd.DataFrame({"n": [len(part)], "shard": [shard.index]})
+
+
+@pytest.mark.parametrize("unit", ["task", "shard"])
+def test_a_per_shard_pass_runs_as_one_task_per_shard_on_a_cluster(unit):
+    """Dask's client does not fuse a frame's per-partition chains itself; unfused, the shard frame row is a task of
+    its own (placed like a root, on any free worker) and the pass may run away from the partition it reads. compute
+    and persist hand the client fused graphs: one task per shard for the projection, the shard row and the pass."""
+    from distributed import Client, LocalCluster, wait
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from imgcurate.synthetic import synthetic_dataset
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            ds = synthetic_dataset(6, rows_per_shard=20, dim=8).persist()
+            wait(ds.metadata)
+            ran: list[str] = []
+
+            class Recorder(SchedulerPlugin):
+                def transition(self, key, start, finish, *args, **kwargs):
+                    if finish == "processing":
+                        ran.append(key[0] if isinstance(key, tuple) else key)
+
+            cluster.scheduler.add_plugin(Recorder(), name="recorder")
+            meta = {"n": "int64", "shard": "int64"}
+            passes = ds.map_shards(_shard_rows, meta=meta, frame=ds.metadata[["key", "image_embedding"]])
+            (got,) = progress.compute([passes], desc="pass", unit=unit)
+            assert got["n"].tolist() == [20] * 6 and got["shard"].tolist() == list(range(6))
+            assert not [name for name in ran if name.startswith(("imgcurate-shards-", "getitem-"))]
+            ran.clear()
+            held = progress.persist(passes, desc="pass")
+            wait(held)
+            assert not [name for name in ran if name.startswith(("imgcurate-shards-", "getitem-"))]
+            assert int(held["n"].sum().compute()) == 120
