@@ -143,6 +143,9 @@ def _fused(collection: T) -> T:
     per-shard pass has two inputs, its partition and its shard frame row (a task of its own, placed like a root on
     any free worker), so the scheduler may run it on the worker that does not hold its partition and fetch the
     partition instead. Fused, the pass is one task whose only input is its partition.
+
+    Only for one collection at a time: collections computed together are left as they are, because each one fused
+    on its own would take in, and compute again, the inputs that they share.
     """
     from dask.dataframe.dask_expr._collection import FrameBase
 
@@ -159,7 +162,8 @@ def compute(tasks: Sequence[Any], *, desc: str, unit: str = "task") -> list[Any]
     """
     if not tasks:
         return []
-    tasks = [_fused(task) for task in tasks]
+    if len(tasks) == 1:  # several share their inputs only unfused (see _fused)
+        tasks = [_fused(tasks[0])]
     client = distributed_client()
     if client is None:
         with GraphGC() as held, _ReleaseGC(held), _TaskBar(desc, unit):

@@ -156,3 +156,22 @@ def test_a_per_shard_pass_runs_as_one_task_per_shard_on_a_cluster(unit):
             wait(held)
             assert not [name for name in ran if name.startswith(("imgcurate-shards-", "getitem-"))]
             assert int(held["n"].sum().compute()) == 120
+
+
+_CALLS: list[int] = []
+
+
+def _counted(part):
+    _CALLS.append(len(part))
+    return part
+
+
+def test_several_collections_computed_together_share_their_inputs(sample_ds):
+    """Collections computed in one call share the work they have in common (each partition computed once), as they
+    would under dask.compute: fusing each collection on its own would run their shared input once per collection."""
+    _CALLS.clear()
+    frame = sample_ds.metadata.map_partitions(_counted, meta=sample_ds.metadata._meta)
+    lo, hi, n = progress.compute([frame["width"].min(), frame["width"].max(), frame["width"].count()], desc="range")
+    expected = sample_ds.metadata.compute()["width"]
+    assert (lo, hi, n) == (expected.min(), expected.max(), expected.count())
+    assert len(_CALLS) == sample_ds.num_shards
