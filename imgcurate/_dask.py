@@ -107,7 +107,8 @@ def shard_frame(tar_files: Sequence[str], label: str = "imgcurate-shards") -> dd
     :func:`imgcurate.progress.compute`), where one frame shared by several passes is a task per shard. Its tasks
     are not data producers (see :class:`_ShardRows`), so a pass fused with it is placed by its other inputs.
     """
-    # read as it is (no string conversion, which would add a step to every task for a path that is only passed on)
+    # the expression itself, not dd.from_map: that would also wrap it in dask's string conversion, a step in every
+    # task for a path that is only passed on
     items = list(enumerate(tar_files))
     if not items:
         raise ValueError("a shard frame needs at least one shard")
