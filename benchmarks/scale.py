@@ -1,6 +1,6 @@
 """How the pipeline's graphs and dedup scale: metadata only, synthetic shards (nothing read from disk).
 
-Two parts, each configuration in a fresh process so that peak RSS means that configuration alone:
+Three parts, each configuration in a fresh process so that peak RSS means that configuration alone:
 
 ``graph``: for N synthetic shards, build each step's lazy frame (embedder, classifier, exact dedup, semantic dedup,
 filter) the way a pipeline with a run directory does (each step over the results read back from the step before),
@@ -20,11 +20,18 @@ seconds and CPU seconds (client and workers together) of each, the load average 
 client and of the workers during the dedup, the workers' RSS before it, the megabytes that tasks fetched from the
 other worker (``fetched_mb``: input partitions of a pass placed away from them, small results; the shuffles move
 their rows on their own) and the largest cluster's size.
+
+``shuffle``: ``find`` on N x D in one process, then only the shuffle that the dataset path runs (the same rows:
+positions, key, cluster, the packed float32 embedding) on a 2-worker LocalCluster with Dask's p2p and tasks methods,
+each timed after a warm-up run: what moving the rows to their clusters costs by itself, as a ratio to ``find``.
+
+The dedup part runs a small warm-up through the same path first (``--cold`` leaves it out).
 ``--clusters`` fixes the cluster count (default one per 1,000 rows), ``--fit-sample`` the KMeans sample and
 ``--rows-per-shard`` the shard size (default: ``--dedup-shards`` shards whatever the rows).
 
     python benchmarks/scale.py graph --shards 1000 10000 100000
     python benchmarks/scale.py dedup --rows 100000 1000000 --dim 512 [--modes find cluster stored]
+    python benchmarks/scale.py shuffle --rows 100000 1000000 --rows-per-shard 10000
     python benchmarks/scale.py dedup --rows 100000 1000000 2000000 --modes stored --rows-per-shard 10000 \\
         --fit-sample 100000   # worker memory as the rows grow, the sample fixed
 """
@@ -173,12 +180,52 @@ def _stored_dataset(folder: str, shards: int, dim: int):
     return ImageTextPairDataset(folder, metadata, [f"{folder}/{i:06d}.tar" for i in range(shards)])
 
 
+#: The warm-up run's size: 2 shards of 2,000 rows, 10 clusters (a few tenths of a second).
+_WARM_SHARDS, _WARM_ROWS, _WARM_CLUSTERS = 2, 2000, 10
+
+
+def _run_stored(ds, step, folder: str):
+    """The step run the way a pipeline with a run directory runs it (fit first, results written per shard); returns
+    the step's columns, read back lazily."""
+    from imgcurate.rundir import RunDir
+
+    columns, _ = RunDir(folder).compute_step(ds, step, 0, "bench")
+    return columns
+
+
+def _warm_up(mode: str, dim: int, client=None, folder: str | None = None) -> None:
+    """One small run of the same path before the timed one, so that neither side's timing holds first-use costs:
+    the workers' imports of the library and its dependencies (unpickling the first task imports them, about 1 s
+    here, where ``find``'s process imported them before its timing), Dask's shuffle extension starting, the first
+    BLAS and faiss calls."""
+    import numpy as np
+
+    from imgcurate.dedup import SemanticDeduplicator
+    from imgcurate.synthetic import synthetic_dataset, synthetic_partition
+
+    step = SemanticDeduplicator(n_clusters=_WARM_CLUSTERS, max_iter=10, tol=-1.0, random_state=1)
+    if mode == "find":
+        parts = [synthetic_partition(i, _WARM_ROWS, dim, seed=1) for i in range(_WARM_SHARDS)]
+        step.find(np.concatenate([np.stack(p["image_embedding"]) for p in parts]).astype(np.float32))
+        return
+    if mode == "stored":
+        os.makedirs(os.path.join(folder, "input"))
+        client.gather(client.map(_write_input, range(_WARM_SHARDS), rows=_WARM_ROWS, dim=dim,
+                                 folder=os.path.join(folder, "input")))  # fmt: skip
+        ds = _stored_dataset(os.path.join(folder, "input"), _WARM_SHARDS, dim)
+        columns = _run_stored(ds, step, os.path.join(folder, "run"))
+    else:
+        columns = step(synthetic_dataset(_WARM_SHARDS, rows_per_shard=_WARM_ROWS, dim=dim, seed=1)).metadata
+    columns[["is_duplicate"]].persist()["is_duplicate"].sum().compute()
+
+
 def dedup_one(
-    rows: int, dim: int, shards: int, mode: str, clusters: int | None = None, fit_sample: int | None = None
-) -> dict:
+    rows: int, dim: int, shards: int, mode: str, clusters: int | None = None, fit_sample: int | None = None,
+    warm_up: bool = True,
+) -> dict:  # fmt: skip
     """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster, its input held in
     the workers' memory (``cluster``) or stored as parquet and run the way a pipeline with a run directory runs a
-    step (``stored``)."""
+    step (``stored``). With ``warm_up``, a small run of the same path comes first (:func:`_warm_up`)."""
     import numpy as np
 
     from imgcurate.dedup import SemanticDeduplicator
@@ -187,12 +234,14 @@ def dedup_one(
     n_clusters = clusters or max(10, rows // 1000)
     per_shard = rows // shards
     out: dict = {"mode": mode, "rows": rows, "dim": dim, "shards": shards, "n_clusters": n_clusters,
-                 "fit_sample": fit_sample, "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+                 "fit_sample": fit_sample, "warm_up": warm_up, "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
     step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0, fit_sample=fit_sample)
     if mode == "find":
         out["fit_sample"] = None  # find fits on faiss's own sample (256 rows per cluster)
         x = np.concatenate([np.stack(synthetic_partition(i, per_shard, dim)["image_embedding"]) for i in range(shards)])
         x = x.astype(np.float32)
+        if warm_up:
+            _warm_up(mode, dim)
         started, cpu = time.perf_counter(), time.process_time()
         found = step.find(x, copy=False)
         out["seconds"] = round(time.perf_counter() - started, 2)
@@ -207,7 +256,6 @@ def dedup_one(
     from distributed import Client, LocalCluster
 
     from imgcurate.io.export import selection
-    from imgcurate.rundir import RunDir
 
     def rss_mb() -> float:
         return psutil.Process().memory_info().rss / 2**20
@@ -215,6 +263,9 @@ def dedup_one(
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp, LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
     ) as cluster, Client(cluster) as client:  # fmt: skip
+        if warm_up:
+            os.makedirs(os.path.join(tmp, "warm-up"))
+            _warm_up(mode, dim, client, os.path.join(tmp, "warm-up"))
         started = time.perf_counter()
         if mode == "stored":
             # the input on disk, one parquet per shard; every pass reads it shard by shard
@@ -236,7 +287,7 @@ def dedup_one(
         client.run(_clear_fetch_log)
         started, cpu, workers_cpu = time.perf_counter(), time.process_time(), client.run(_cpu_s)
         if mode == "stored":  # as a pipeline with a run directory runs the step: fit first, results written per shard
-            columns, _ = RunDir(os.path.join(tmp, "run")).compute_step(ds, step, 0, "bench")
+            columns = _run_stored(ds, step, os.path.join(tmp, "run"))
             deduped = ds.with_columns(columns)
         else:
             deduped = step(ds)
@@ -263,9 +314,80 @@ def dedup_one(
     return out
 
 
+def _shuffle_rows(shard: int, rows: int, dim: int, clusters: int, groups: int):
+    """Shard ``shard``'s rows as semantic dedup's assignment sends them to the shuffle: position, order, key,
+    cluster, distance, the packed float32 embedding and the group partition (a cluster's rows share one)."""
+    import numpy as np
+
+    from imgcurate.steps.grouped import GROUP, group_of, positions, rows_column, text_column
+    from imgcurate.synthetic import synthetic_partition
+
+    part = synthetic_partition(shard, rows, dim)
+    cluster = np.random.default_rng([1, shard]).integers(0, clusters, rows)
+    out = positions(part, shard)
+    out["_gidx"] = (np.int64(shard) << 40) + np.arange(rows, dtype=np.int64)
+    out["key"] = text_column(part["key"].array._pa_array)
+    out["cluster"] = cluster
+    out["distance"] = np.zeros(rows, dtype=np.float32)
+    x = np.stack(part["image_embedding"]) if rows else np.zeros((0, dim))
+    out["embedding"] = rows_column(x.astype(np.float32))
+    out[GROUP] = group_of(cluster, groups)
+    return out
+
+
+def shuffle_one(rows: int, dim: int, shards: int) -> dict:
+    """``find`` on N x D in this process, then the rows that semantic dedup shuffles (N rows of D float32 and a few
+    columns) moved to their group partitions alone on a 2-worker LocalCluster, with Dask's p2p and tasks methods:
+    the part of the dataset path's time that the shuffle the issue asks for costs by itself. Each timing follows a
+    warm-up run of the same thing."""
+    import dask
+    import dask.dataframe as dd
+    import numpy as np
+    from distributed import Client, LocalCluster, wait
+
+    from imgcurate._dask import to_partitions
+    from imgcurate.dedup import SemanticDeduplicator
+    from imgcurate.steps.grouped import group_count
+    from imgcurate.synthetic import synthetic_partition
+
+    n_clusters = max(10, rows // 1000)
+    groups = group_count(shards, -(-n_clusters // 8))  # as the step chooses them
+    per_shard = rows // shards
+    out: dict = {"rows": rows, "dim": dim, "shards": shards, "groups": groups,
+                 "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+    x = np.concatenate([np.stack(synthetic_partition(i, per_shard, dim)["image_embedding"]) for i in range(shards)])
+    x = x.astype(np.float32)
+    for timed in (False, True):  # a warm-up run (on a copy), then the timed one
+        step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0)
+        started = time.perf_counter()
+        step.find(x if timed else x.copy(), copy=False)
+        out["find_s"] = round(time.perf_counter() - started, 2)
+    meta = _shuffle_rows(0, 0, dim, n_clusters, groups)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
+    ) as cluster, Client(cluster):  # fmt: skip
+        for method in ("p2p", "tasks"):
+            for timed in (False, True):
+                first = 0 if timed else shards  # the warm-up moves other rows: nothing is reused
+                source = dd.from_map(_shuffle_rows, list(range(first, first + shards)), rows=per_shard, dim=dim,
+                                     clusters=n_clusters, groups=groups, meta=meta, enforce_metadata=False)  # fmt: skip
+                source = source.persist()
+                wait(source)
+                with dask.config.set({"dataframe.shuffle.method": method}):
+                    started = time.perf_counter()
+                    moved = to_partitions(source, groups).map_partitions(len, meta=(None, "int64")).sum().compute()
+                    seconds = time.perf_counter() - started
+                if moved != rows:  # pragma: no cover - a broken shuffle
+                    raise RuntimeError(f"the {method} shuffle moved {moved} of {rows} rows")
+                del source
+            out[f"{method}_s"] = round(seconds, 2)
+            out[f"{method}_over_find"] = round(seconds / out["find_s"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["graph", "dedup", "_graph_one", "_dedup_one"])
+    parser.add_argument("part", choices=["graph", "dedup", "shuffle", "_graph_one", "_dedup_one", "_shuffle_one"])
     parser.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--rows", type=int, nargs="+", default=[100000])
     parser.add_argument("--dim", type=int, default=512)
@@ -281,6 +403,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=None, help="KMeans clusters (default: one per 1,000 rows)")
     parser.add_argument("--fit-sample", type=int, default=None, help="fit_sample (default: 256 rows per cluster)")
     parser.add_argument("--shuffle", default=None, help="dask's shuffle method for the graph part (p2p on a cluster)")
+    parser.add_argument("--cold", action="store_true", help="the dedup part without its warm-up run")
     args = parser.parse_args()
     if args.part == "_graph_one":
         import dask
@@ -290,19 +413,28 @@ def main() -> None:
         print(json.dumps({"shuffle": args.shuffle or "default", **result}))
         return
     if args.part == "_dedup_one":
-        found = dedup_one(args.rows[0], args.dim, args.dedup_shards, args.mode, args.clusters, args.fit_sample)
+        found = dedup_one(
+            args.rows[0], args.dim, args.dedup_shards, args.mode, args.clusters, args.fit_sample, warm_up=not args.cold
+        )
         print(json.dumps(found))
         return
-    runs = (
-        [["_graph_one", "--shards", str(n), *(["--shuffle", args.shuffle] if args.shuffle else [])]
-         for n in args.shards]
-        if args.part == "graph"
-        else [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards",
-               str(-(-n // args.rows_per_shard) if args.rows_per_shard else args.dedup_shards),
-               "--mode", mode, *(["--clusters", str(args.clusters)] if args.clusters else []),
-               *(["--fit-sample", str(args.fit_sample)] if args.fit_sample else [])]
-              for n in args.rows for mode in args.modes]
-    )  # fmt: skip
+    if args.part == "_shuffle_one":
+        print(json.dumps(shuffle_one(args.rows[0], args.dim, args.dedup_shards)))
+        return
+    if args.part == "shuffle":
+        runs = [["_shuffle_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards",
+                 str(-(-n // args.rows_per_shard) if args.rows_per_shard else args.dedup_shards)]
+                for n in args.rows]  # fmt: skip
+    elif args.part == "graph":
+        runs = [["_graph_one", "--shards", str(n), *(["--shuffle", args.shuffle] if args.shuffle else [])]
+                for n in args.shards]  # fmt: skip
+    else:
+        runs = [["_dedup_one", "--rows", str(n), "--dim", str(args.dim), "--dedup-shards",
+                 str(-(-n // args.rows_per_shard) if args.rows_per_shard else args.dedup_shards),
+                 "--mode", mode, *(["--clusters", str(args.clusters)] if args.clusters else []),
+                 *(["--fit-sample", str(args.fit_sample)] if args.fit_sample else []),
+                 *(["--cold"] if args.cold else [])]
+                for n in args.rows for mode in args.modes]  # fmt: skip
     for run in runs:
         done = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)
         if done.returncode:
