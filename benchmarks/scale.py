@@ -195,9 +195,8 @@ def _run_stored(ds, step, folder: str):
 
 def _warm_up(mode: str, dim: int, client=None, folder: str | None = None) -> None:
     """One small run of the same path before the timed one, so that neither side's timing holds first-use costs:
-    the workers' imports of the library and its dependencies (unpickling the first task imports them, about 1 s
-    here, where ``find``'s process imported them before its timing), Dask's shuffle extension starting, the first
-    BLAS and faiss calls."""
+    Dask's shuffle extension starting on the workers, the first faiss and BLAS calls, the first large allocations
+    (the workers have imported the library already, persisting or writing the input)."""
     import numpy as np
 
     from imgcurate.dedup import SemanticDeduplicator
@@ -319,14 +318,14 @@ def _shuffle_rows(shard: int, rows: int, dim: int, clusters: int, groups: int):
     cluster, distance, the packed float32 embedding and the group partition (a cluster's rows share one)."""
     import numpy as np
 
-    from imgcurate.steps.grouped import GROUP, group_of, positions, rows_column, text_column
+    from imgcurate.steps.grouped import GROUP, arrow_column, group_of, positions, rows_column, text_column
     from imgcurate.synthetic import synthetic_partition
 
     part = synthetic_partition(shard, rows, dim)
     cluster = np.random.default_rng([1, shard]).integers(0, clusters, rows)
     out = positions(part, shard)
     out["_gidx"] = (np.int64(shard) << 40) + np.arange(rows, dtype=np.int64)
-    out["key"] = text_column(part["key"].array._pa_array)
+    out["key"] = text_column(arrow_column(part["key"]))
     out["cluster"] = cluster
     out["distance"] = np.zeros(rows, dtype=np.float32)
     x = np.stack(part["image_embedding"]) if rows else np.zeros((0, dim))
@@ -357,11 +356,10 @@ def shuffle_one(rows: int, dim: int, shards: int) -> dict:
                  "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
     x = np.concatenate([np.stack(synthetic_partition(i, per_shard, dim)["image_embedding"]) for i in range(shards)])
     x = x.astype(np.float32)
-    for timed in (False, True):  # a warm-up run (on a copy), then the timed one
-        step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0)
-        started = time.perf_counter()
-        step.find(x if timed else x.copy(), copy=False)
-        out["find_s"] = round(time.perf_counter() - started, 2)
+    _warm_up("find", dim)
+    started = time.perf_counter()
+    SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0).find(x, copy=False)
+    out["find_s"] = round(time.perf_counter() - started, 2)
     meta = _shuffle_rows(0, 0, dim, n_clusters, groups)
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
