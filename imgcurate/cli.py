@@ -58,14 +58,13 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    import posixpath
-
     import fsspec
 
+    from imgcurate.io._fs import files_in
     from imgcurate.io.index import write_indexes
 
     fs, root = fsspec.core.url_to_fs(args.folder)
-    tars = sorted(fs.glob(posixpath.join(root, "*.tar")))
+    tars = files_in(fs, root, "*.tar")
     if not tars:
         raise FileNotFoundError(f"{args.folder}: no .tar shards")
     tars = [t if "://" not in args.folder else fs.unstrip_protocol(t) for t in tars]
@@ -302,10 +301,9 @@ def _clusters_for(input_path: str) -> int:
 
 
 def _has_shards(path: str) -> bool:
-    import glob
     import os
 
-    return "://" not in path and os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.tar")))
+    return "://" not in path and os.path.isdir(path) and any(name.endswith(".tar") for name in os.listdir(path))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from imgcurate import progress
 from imgcurate._dask import map_with_shard, row_ids, shard_divisions, shard_frame, zip_columns
 from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
-from imgcurate.io._fs import write_parquet
+from imgcurate.io._fs import files_in, write_parquet
 from imgcurate.io.export import check_export_complete
 from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
@@ -138,10 +138,14 @@ class ImageTextPairDataset:
         backend = resolve_backend_name(backend)
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
         check_export_complete(fs, root, path)
-        tars = sorted(p for p in fs.glob(posixpath.join(root, "*.tar")) if fs.isfile(p))
+        tars = files_in(fs, root, "*.tar")
         if not tars:
+            if not fs.exists(root):
+                raise FileNotFoundError(f"{path}: no such folder")
+            if fs.isfile(root):
+                raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
             raise FileNotFoundError(f"{path}: no .tar shards in this folder")
-        existing = set(fs.glob(posixpath.join(root, "*.parquet")))
+        existing = set(files_in(fs, root, "*.parquet"))
 
         def prepare(tar: str) -> tuple[_Part, pa.Schema]:
             full_tar = _full_path(fs, tar)

@@ -38,7 +38,7 @@ from imgcurate import progress
 from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
-from imgcurate.io._fs import atomic_open
+from imgcurate.io._fs import atomic_open, files_in
 from imgcurate.io.schema import conform, is_error_column
 
 __all__ = ["ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
@@ -100,7 +100,7 @@ class RunDir:
 
     def done_shards(self, folder: str) -> set[int]:
         """The shards whose results in ``folder`` are complete (their ``.done`` marker exists)."""
-        found = self.fs.glob(posixpath.join(self.root, "steps", folder, "*.done"))
+        found = files_in(self.fs, posixpath.join(self.root, "steps", folder), "*.done")
         return {int(posixpath.basename(p)[: -len(".done")]) for p in found}
 
     def compute_step(

@@ -133,6 +133,71 @@ def test_parquet_without_key_column_is_named(sample_dir):
         _open(sample_dir)
 
 
+@pytest.mark.parametrize(
+    ("column", "values", "problem"),
+    [
+        ("key", [1, 2], r"column 'key' holds int64, not text"),
+        ("key", [b"a", b"b"], r"column 'key' holds binary, not text"),
+        ("key", [["a"], ["b"]], r"column 'key' holds list<element: string>, not text"),
+        ("status", [["success"], ["success"]], r"column 'status' holds list<element: string>, not text"),
+    ],
+)
+@pytest.mark.parametrize("validate", [True, False])
+def test_parquet_columns_that_cannot_describe_the_tar_are_named(tmp_path, jpeg, column, values, problem, validate):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("1.jpg", jpeg), ("2.jpg", jpeg)])
+    table = pa.table({"key": ["1", "2"], "caption": ["x", "y"]})
+    table = table.append_column(column, pa.array(values)) if column != "key" else table.set_column(0, "key", [values])
+    pq.write_table(table, tmp_path / "00000.parquet")
+    with pytest.raises(ShardError, match=r"00000\.parquet: " + problem):
+        ImageTextPairDataset.from_webdataset(str(tmp_path), validate=validate)
+
+
+def test_parquet_with_a_column_twice_is_named(tmp_path, jpeg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg)])
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["x"]), pa.array(["y"])], ["key", "caption", "caption"])
+    pq.write_table(table, tmp_path / "00000.parquet")
+    with pytest.raises(ShardError, match=r"00000\.parquet: has two columns named 'caption'"):
+        _open(tmp_path)
+
+
+def test_parquet_listing_a_key_twice_fails_at_open(tmp_path, jpeg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("b.jpg", jpeg), ("c.jpg", jpeg)])
+    # the second 'b' records a failure, so that the key comparison alone would let it through
+    table = pa.table({"key": ["a", "b", "b", "c"], "error": [None, None, "failed", None]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    with pytest.raises(ShardError, match=r"00000\.parquet: lists the key 'b' twice"):
+        _open(tmp_path)
+
+
+def test_folder_names_with_glob_characters_are_taken_literally(tmp_path, jpeg):
+    for name in ("data[2024]", "data?x", "data*x", "dataAx"):
+        (tmp_path / name).mkdir()
+    write_tar(tmp_path / "data[2024]" / "00000.tar", [("a.jpg", jpeg)])
+    write_tar(tmp_path / "data?x" / "00000.tar", [("b.jpg", jpeg)])
+    write_tar(tmp_path / "data*x" / "00000.tar", [("c.jpg", jpeg)])
+    write_tar(tmp_path / "dataAx" / "00000.tar", [("d.jpg", jpeg)])
+    assert _open(tmp_path / "data[2024]").metadata.compute()["key"].tolist() == ["a"]
+    assert _open(tmp_path / "data?x").metadata.compute()["key"].tolist() == ["b"]
+    assert _open(tmp_path / "data*x").metadata.compute()["key"].tolist() == ["c"]
+
+
+def test_a_wrong_path_says_what_it_is(tmp_path, jpeg):
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg)])
+    with pytest.raises(FileNotFoundError, match=r"missing: no such folder"):
+        _open(tmp_path / "missing")
+    with pytest.raises(NotADirectoryError, match=r"00000\.tar: a file, not a folder of \.tar shards"):
+        _open(tmp_path / "00000.tar")
+
+
 # ---------------------------------------------------------------------------------------------- damaged archives
 def _four_sample_tar(path, jpeg):
     write_tar(path, [(f"s{i}.{ext}", jpeg if ext == "jpg" else b"cap") for i in range(4) for ext in ("jpg", "txt")])
@@ -187,6 +252,25 @@ def test_tar_ending_in_zero_padding_or_garbage_after_the_end_blocks_opens(tmp_pa
         for leftover in tmp_path.glob("*.parquet"):
             leftover.unlink()
         assert len(_open(tmp_path).metadata) == 4
+
+
+def test_tar_members_after_a_zeroed_stretch_or_a_second_tar_are_named(tmp_path, jpeg):
+    data = bytearray(_four_sample_tar(tmp_path / "00000.tar", jpeg))
+    at = _header_offsets(tmp_path / "00000.tar")[2]  # s1.jpg's header and its first data block zeroed, as a crash can
+    data[at : at + 1024] = bytes(1024)
+    (tmp_path / "00000.tar").write_bytes(bytes(data))
+    with tarfile.open(tmp_path / "00000.tar") as tar:  # what python's tarfile makes of it: one sample, no error
+        assert [m.name for m in tar.getmembers()] == ["s0.jpg", "s0.txt"]
+    with pytest.raises(ShardError, match=r"00000\.tar: corrupt tar: zeros end the archive after 1 samples, but a"):
+        _open(tmp_path)
+    # two tars joined end to end: the second one's samples would be lost the same way
+    first = _four_sample_tar(tmp_path / "a.tar", jpeg)
+    write_tar(tmp_path / "b.tar", [("t0.jpg", jpeg)])
+    (tmp_path / "00000.tar").write_bytes(first + (tmp_path / "b.tar").read_bytes())
+    for other in ("a.tar", "b.tar"):
+        (tmp_path / other).unlink()
+    with pytest.raises(ShardError, match=rf"00000\.tar: .*a member header follows at byte {len(first)} "):
+        _open(tmp_path)
 
 
 def test_member_name_not_utf8_is_a_shard_error(tmp_path, jpeg):

@@ -117,6 +117,44 @@ def test_max_shards_and_existing_output(sample_ds, tmp_path):
     assert len(again.metadata) == 36
 
 
+def test_export_folders_with_glob_characters_touch_only_their_own_files(sample_ds, tmp_path):
+    # a sibling whose name the output's would match as a glob pattern: its files must survive an overwrite
+    sibling = tmp_path / "outAx"
+    sibling.mkdir()
+    (sibling / "00007.tar").write_bytes(b"not ours")
+    (sibling / "00007.tar.tmp-abc").write_bytes(b"not ours either")
+    for name in ("out?x", "out[1]"):
+        out = sample_ds.to_webdataset(str(tmp_path / name), samples_per_shard=10)
+        assert len(out.metadata) == 36 and len(out.tar_files) == 4
+        with pytest.raises(FileExistsError):
+            sample_ds.to_webdataset(str(tmp_path / name), samples_per_shard=30)
+        again = sample_ds.to_webdataset(str(tmp_path / name), samples_per_shard=30, overwrite=True)
+        assert len(again.tar_files) == 2
+        assert sorted(os.listdir(tmp_path / name)) == [
+            "00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "_imgcurate_export.json"
+        ]  # fmt: skip
+    assert sorted(os.listdir(sibling)) == ["00007.tar", "00007.tar.tmp-abc"]
+
+
+def test_overwriting_an_img2dataset_folder_removes_its_statistics(sample_ds, tmp_path):
+    out = tmp_path / "o"
+    sample_ds.to_webdataset(str(out), samples_per_shard=10)
+    for i in range(4):  # what img2dataset leaves beside each shard it downloaded
+        (out / f"{i:05d}_stats.json").write_text('{"count": 10, "successes": 10}')
+    again = sample_ds.to_webdataset(str(out), samples_per_shard=30, overwrite=True)
+    assert len(again.metadata) == 36
+    assert not [name for name in os.listdir(out) if name.endswith("_stats.json")]
+
+
+def test_exporting_onto_the_input_through_a_symlink_is_refused(sample_ds, tmp_path):
+    alias = tmp_path / "alias"
+    alias.symlink_to(sample_ds.path, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in sorted(alias.iterdir())}
+    with pytest.raises(ValueError, match="must differ"):
+        sample_ds.to_webdataset(str(alias), samples_per_shard=10, overwrite=True)
+    assert {p.name: p.read_bytes() for p in sorted(alias.iterdir())} == before
+
+
 def test_bad_export_arguments(sample_ds, tmp_path):
     with pytest.raises(ValueError, match="not a metadata column"):
         sample_ds.to_webdataset(str(tmp_path / "o"), filter_column="nope")

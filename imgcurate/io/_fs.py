@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import posixpath
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,12 +15,42 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_open", "write_parquet", "temp_name", "open_input", "open_output"]
+__all__ = ["atomic_open", "write_parquet", "temp_name", "open_input", "open_output", "files_in", "same_folder"]
 
 
 def temp_name(path: str) -> str:
     """A temporary name beside ``path`` that no other writer picks (``<path>.tmp-<random>``)."""
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:
+    """The files directly inside ``folder`` whose names match one of the glob ``patterns`` (``"*.tar"``), sorted;
+    none when the folder does not exist.
+
+    The folder's own path is taken literally: ``fs.glob`` would read ``[``, ``]``, ``?`` and ``*`` in it as patterns,
+    and so list a sibling folder's files (``data?x`` matching ``dataAx``) or none of its own (``data[2024]``).
+    """
+    try:
+        entries = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        path = entry["name"].rstrip("/")
+        if path == folder.rstrip("/"):  # ``folder`` is a file: ls lists the file itself
+            continue
+        name = posixpath.basename(path)
+        if entry.get("type") == "file" and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            found.append(entry["name"])
+    return sorted(found)
+
+
+def same_folder(fs: fsspec.AbstractFileSystem, a: str, b: str) -> bool:
+    """Whether two folder paths on ``fs`` name one folder: equal once normalised, or on the local filesystem the
+    same folder after following symbolic links."""
+    if posixpath.normpath(a) == posixpath.normpath(b):
+        return True
+    return isinstance(fs, LocalFileSystem) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def open_input(path: str, storage_options: dict | None = None, buffering: int = -1) -> IO[bytes]:

@@ -42,7 +42,7 @@ from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import to_arrow, to_pandas
 from imgcurate.errors import ShardError
-from imgcurate.io._fs import atomic_open, temp_name
+from imgcurate.io._fs import atomic_open, files_in, same_folder, temp_name
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
@@ -56,6 +56,7 @@ INCOMPLETE_MARKER = "_imgcurate_export_incomplete.json"
 #: The staging folder inside the output folder.
 STAGING = ".imgcurate-staging"
 _SHARD_EXTS = ("tar", "parquet", "idx")
+_SHARD_FILES = tuple(f"*.{ext}" for ext in _SHARD_EXTS)
 
 
 def check_export_complete(fs: fsspec.AbstractFileSystem, root: str, path: str) -> None:
@@ -231,7 +232,7 @@ def _check_arguments(
 
 def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """Removes what killed writers left in the output folder: ``*.tmp-*`` files."""
-    for stale in fs.glob(posixpath.join(root, "*.tmp-*")):
+    for stale in files_in(fs, root, "*.tmp-*"):
         fs.rm(stale)
 
 
@@ -278,11 +279,11 @@ def export_webdataset(
     so = dict(storage_options or {})
     _check_arguments(metadata, filter_column, samples_per_shard, max_shards, old_id_col)
     fs, out_root = fsspec.core.url_to_fs(path, **so)
-    src_root = fsspec.core.url_to_fs(source, **so)[1]
-    if posixpath.normpath(out_root) == posixpath.normpath(src_root):
+    src_fs, src_root = fsspec.core.url_to_fs(source, **so)
+    if type(src_fs) is type(fs) and same_folder(fs, out_root, src_root):
         raise ValueError(f"{path}: the output folder must differ from the input folder")
     unfinished = fs.exists(posixpath.join(out_root, INCOMPLETE_MARKER))
-    existing = [f for ext in _SHARD_EXTS for f in fs.glob(posixpath.join(out_root, f"*.{ext}"))]
+    existing = files_in(fs, out_root, *_SHARD_FILES)
     if existing and not overwrite and not unfinished:
         raise FileExistsError(f"{path}: already holds shards; pass overwrite=True to replace them")
     fs.makedirs(out_root, exist_ok=True)
@@ -328,15 +329,15 @@ def _staged_shards(
         with fs.open(marker, "rb") as f:
             same = json.loads(f.read()).get("fingerprint") == fingerprint
     if not same:
-        for stale in [f for ext in _SHARD_EXTS for f in fs.glob(posixpath.join(stage_root, f"*.{ext}"))]:
+        for stale in files_in(fs, stage_root, *_SHARD_FILES):
             fs.rm(stale)
         with fs.open(marker, "wb") as f:
             f.write(json.dumps({"fingerprint": fingerprint}).encode())
         return set()
-    for stale in fs.glob(posixpath.join(stage_root, "*.tmp-*")):
+    for stale in files_in(fs, stage_root, "*.tmp-*"):
         fs.rm(stale)
     exts = _SHARD_EXTS if index_files else _SHARD_EXTS[:2]
-    present = set(fs.glob(posixpath.join(stage_root, "*.*")))
+    present = set(files_in(fs, stage_root, "*.*"))
     return {s for s in range(n_out) if all(posixpath.join(stage_root, f"{s:05d}.{e}") in present for e in exts)}
 
 
@@ -351,7 +352,8 @@ def _publish(fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: 
     manifest = posixpath.join(root, MANIFEST)
     if fs.exists(manifest):
         fs.rm(manifest)
-    for old in [f for ext in _SHARD_EXTS for f in fs.glob(posixpath.join(root, f"*.{ext}"))]:
+    # the old shards, and img2dataset's statistics files, which describe the old shards, not the new ones
+    for old in files_in(fs, root, *_SHARD_FILES, "*_stats.json"):
         if posixpath.basename(old) not in new:
             fs.rm(old)
     shards = []

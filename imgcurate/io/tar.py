@@ -231,6 +231,52 @@ def _check_end(path: str, fileobj: IO[bytes], offset: int, samples: int) -> None
         raise ShardError(path, f"truncated tar: it ends after {samples} samples without the end-of-archive blocks")
     if tail.strip(b"\0"):
         raise ShardError(path, f"truncated or corrupt tar: unreadable header at byte {offset} after {samples} samples")
+    more = _next_header(fileobj, offset + len(tail))
+    if more is not None:
+        raise ShardError(path, f"corrupt tar: zeros end the archive after {samples} samples, but a member header "
+                               f"follows at byte {more} (a zeroed stretch, or two tars joined): its samples would be "
+                               "lost")  # fmt: skip
+
+
+#: How much of a tar's tail :func:`_next_header` reads at a time (whole blocks).
+_TAIL_CHUNK = 1 << 20
+
+
+def _header_at(chunk: bytes, at: int) -> bool:
+    try:
+        tarfile.TarInfo.frombuf(chunk[at : at + tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _next_header(fileobj: IO[bytes], offset: int) -> int | None:
+    """The offset of a valid tar header after the end-of-archive blocks at ``offset`` (block-aligned), if any.
+
+    The tail of a sound tar is zeros (the end blocks padded to the record size, usually under 10 KiB), sometimes
+    followed by bytes that are not tar (left alone). A header with a valid checksum there is more archive: a stretch
+    of the tar zeroed by a crash, or a second tar appended, whose members tarfile never reaches. Headers are found by
+    their ustar magic (every format Python, GNU and webdataset write), plus the first block that is not zeros (an
+    old v7 header has no magic); the rest of a file is read only where it is not zeros up to its end.
+    """
+    fileobj.seek(offset)
+    at = offset
+    first = True
+    while chunk := fileobj.read(_TAIL_CHUNK):
+        if first and chunk.strip(b"\0"):
+            lead = len(chunk) - len(chunk.lstrip(b"\0"))
+            block = lead - lead % tarfile.BLOCKSIZE
+            if _header_at(chunk, block):
+                return at + block
+            first = False
+        found = chunk.find(b"ustar", 257)
+        while found >= 0:
+            block = found - 257
+            if block % tarfile.BLOCKSIZE == 0 and _header_at(chunk, block):
+                return at + block
+            found = chunk.find(b"ustar", found + 1)
+        at += len(chunk)
+    return None
 
 
 def _sample_member(name: str) -> tuple[str, str] | None:

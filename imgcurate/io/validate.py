@@ -2,12 +2,15 @@
 
 Per shard (:func:`check_shard`, run in the opening thread pool):
 
-- the parquet footer is readable and has the key column; with ``validate=True`` every column chunk of every row
+- the parquet footer is readable, its column names are unique, its key column holds text (the tar's member names
+  are text: integer or binary keys would match none of them) and img2dataset's ``status``/``error_message``, when
+  present, hold text; with ``validate=True`` every column chunk of every row
   group is decoded once (one column chunk in memory at a time), so a corrupt chunk of any column is found now. On a
   remote store that reads the whole parquet once (a range request per column chunk), which is why it belongs to
   ``validate``;
 - with ``validate=True`` the tar is read to its end-of-archive blocks (headers only; see :mod:`imgcurate.io.tar`)
-  and its keys are compared with the parquet's: the tar's keys must be the parquet's keys in the same order, except
+  and its keys are compared with the parquet's: no key may be listed twice in the parquet, and the tar's keys must
+  be the parquet's keys in the same order, except
   that a parquet row may have no sample in the tar when it records a failure (img2dataset's ``status`` other than
   ``success``, or an ``error``), which is how img2dataset lists failed downloads;
 - img2dataset's ``NNNNN_stats.json`` beside the tar, when present, must agree: ``count`` parquet rows and, with
@@ -119,6 +122,31 @@ def _check_stats(tar: str, storage_options: dict, rows: int, samples: int | None
         raise ShardError(path, f"says {successes} samples were written, the tar has {samples}")
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _check_columns(parquet: str, schema: pa.Schema, id_col: str) -> None:
+    """The parquet's columns can describe a shard: unique names, a text key column (the tar's member names are
+    text: a number or bytes would not match them), and img2dataset's status and message as text when present."""
+    names = schema.names
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ShardError(parquet, f"has two columns named {twice!r}")
+    if id_col not in names:
+        raise ShardError(parquet, f"has no {id_col!r} column (columns: {', '.join(names)})")
+    kind = schema.field(id_col).type
+    if not _is_text(kind):
+        raise ShardError(parquet, f"column {id_col!r} holds {kind}, not text: keys name the tar's members")
+    for name in (STATUS_COLUMN, STATUS_MESSAGE_COLUMN):
+        if name in names:
+            kind = schema.field(name).type
+            if not (_is_text(kind) or pa.types.is_null(kind)):
+                raise ShardError(parquet, f"column {name!r} holds {kind}, not text")
+
+
 def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, validate: bool) -> pa.Schema:
     """Checks one shard's parquet (and with ``validate`` its tar) and returns the parquet's arrow schema.
 
@@ -136,8 +164,7 @@ def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, vali
         with fsspec.open(parquet, "rb", **storage_options) as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
-            if id_col not in schema.names:
-                raise ShardError(parquet, f"has no {id_col!r} column (columns: {', '.join(schema.names)})")
+            _check_columns(parquet, schema, id_col)
             rows = pf.metadata.num_rows
             table = _read_columns(pf, parquet, id_col) if validate else None
     except (OSError, pa.ArrowException) as err:
@@ -145,6 +172,9 @@ def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, vali
     samples = None
     if table is not None:
         pq_keys = table.column(id_col).cast(pa.string()).to_pylist()
+        if len(set(pq_keys)) < len(pq_keys):
+            twice = pd.Series(pq_keys)[pd.Series(pq_keys).duplicated()].iloc[0]
+            raise ShardError(parquet, f"lists the key {twice!r} twice: each row describes one sample of the tar")
         tar_keys = read_keys(tar, storage_options=storage_options)
         _compare_keys(tar, pq_keys, _failed_rows(table), tar_keys)
         samples = len(tar_keys)
