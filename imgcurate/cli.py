@@ -37,7 +37,7 @@ export:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from imgcurate.testing import make_sample_shards
 
-    paths = make_sample_shards(args.out, samples_per_shard=args.samples_per_shard)
+    paths = make_sample_shards(args.out, samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     print(f"wrote {len(paths)} sample shards to {args.out}")
     return 0
 
@@ -52,6 +52,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         path_col=args.path_col,
         caption_col=args.caption_col,
         index_files=args.index_files,
+        overwrite=args.overwrite,
     )
     print(f"wrote {len(paths)} shards to {args.out}")
     return 0
@@ -374,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write the bundled sample shards (real photos shipped by scikit-image)")
     p.add_argument("out")
     p.add_argument("--samples-per-shard", type=int, default=10)
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("shard", help="turn a folder of images (or a CSV/parquet list) into shards")
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-col", default=None)
     p.add_argument("--caption-col", default=None)
     p.add_argument("--index-files", action="store_true", help="also write each shard's DALI index (.idx)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("index", help="write the DALI index (.idx) of each shard in a folder that lacks one")

@@ -99,8 +99,9 @@ def sample_records(seed: int = 0) -> list[Record]:
     return records
 
 
-def make_sample_shards(out: str, samples_per_shard: int = 10, seed: int = 0) -> list[str]:
-    """Writes the bundled sample as shards into ``out`` (4 shards of 10 samples by default).
+def make_sample_shards(out: str, samples_per_shard: int = 10, seed: int = 0, overwrite: bool = False) -> list[str]:
+    """Writes the bundled sample as shards into ``out`` (4 shards of 10 samples by default); ``overwrite`` replaces
+    shards already there (otherwise they are an error).
 
     Example:
         >>> from imgcurate import ImageTextPairDataset
@@ -109,4 +110,4 @@ def make_sample_shards(out: str, samples_per_shard: int = 10, seed: int = 0) -> 
         >>> ImageTextPairDataset.from_webdataset("/tmp/imgcurate-sample").metadata.compute()  # doctest: +SKIP
     """
     records = sample_records(seed)
-    return write_shards(records, out, samples_per_shard=samples_per_shard, total=len(records))
+    return write_shards(records, out, samples_per_shard=samples_per_shard, total=len(records), overwrite=overwrite)

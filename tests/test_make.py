@@ -87,3 +87,79 @@ def test_a_shard_whose_sizes_are_all_unknown_still_opens_with_the_others(tmp_pat
     assert df.width.dtype == pd.Int64Dtype() and df.width.tolist()[0] == 40 and df.width.isna().tolist()[1:] == [1, 1]
     out = ds.to_webdataset(str(tmp_path / "out"), samples_per_shard=1).metadata.compute()  # one shard per sample
     assert out.width.dtype == pd.Int64Dtype() and out.width.isna().sum() == 2
+
+
+def test_sidecar_fields_named_like_the_columns_are_kept_beside_them(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
+    (folder / "a.jpg").write_bytes(photo)
+    (folder / "a.txt").write_text("the txt caption")
+    (folder / "a.json").write_text(json.dumps({"key": "0042", "caption": "the json caption", "error": None}))
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "b.json").write_text(json.dumps({"caption": "only in the json", "error": "upstream said so"}))
+    make_shards(str(folder), str(tmp_path / "shards"))
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().set_index("source_path")
+    a, b = df.loc["a.jpg"], df.loc["b.jpg"]
+    assert a["key"] == "000000000" and a["source_key"] == "0042"
+    assert a["caption"] == "the txt caption" and a["source_caption"] == "the json caption" and pd.isna(a["error"])
+    assert b["caption"] == "only in the json"  # no txt beside it: the json's caption is the caption
+    assert b["error"] == "image header is unreadable" and b["source_error"] == "upstream said so"
+
+
+def test_unreadable_image_files_are_error_samples(tmp_path):
+    folder, files = _photo_folder(tmp_path, n=3)
+    (folder / "gone.jpg").symlink_to(folder / "nowhere.jpg")  # a broken link: listed, not readable
+    make_shards(str(folder), str(tmp_path / "shards"))
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().set_index("source_path")
+    assert sorted(df.index) == sorted([*files, "gone.jpg"])
+    assert df.loc["gone.jpg", "error"] == "cannot read image file 'gone.jpg' (No such file or directory)"
+    assert df.drop(index="gone.jpg")["error"].isna().all()
+
+
+def test_making_shards_never_mixes_old_and_new_ones(tmp_path):
+    from imgcurate.io.make import Record, write_shards
+
+    folder, _ = _photo_folder(tmp_path, n=5)
+    out = tmp_path / "shards"
+    make_shards(str(folder), str(out), samples_per_shard=1)  # 5 shards
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    try:
+        make_shards(str(folder), str(out), samples_per_shard=2)
+    except FileExistsError as err:
+        assert str(err) == f"{out}: already holds shards; pass overwrite=True to replace them"
+    else:
+        raise AssertionError("shards were written over older ones without overwrite")
+
+    def stopped():  # a run that stops after two samples: the folder keeps its shards as they were
+        photo = next(iter(sorted(folder.glob("*.jpg")))).read_bytes()
+        yield Record({"jpg": photo})
+        yield Record({"jpg": photo})
+        raise KeyboardInterrupt
+
+    try:
+        write_shards(stopped(), str(out), samples_per_shard=1, overwrite=True)
+    except KeyboardInterrupt:
+        pass
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()} == before
+    assert len(ImageTextPairDataset.from_webdataset(str(out)).metadata) == 5
+    make_shards(str(folder), str(out), samples_per_shard=2, overwrite=True)  # 3 shards, and only those
+    assert sorted(p.name for p in out.iterdir()) == [
+        *[f"0000{i}.{ext}" for i in range(3) for ext in ("parquet", "tar")], "_imgcurate_export.json"
+    ]  # fmt: skip
+    assert len(ImageTextPairDataset.from_webdataset(str(out)).metadata) == 5
+
+
+def test_a_member_with_an_empty_extension_stays_with_its_sample(tmp_path):
+    from PIL import Image
+
+    from imgcurate.io.make import Record, write_shards
+
+    photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
+    write_shards([Record({"jpg": photo, "": b"no extension"})], str(tmp_path / "in"))
+    assert tar_members(str(tmp_path / "in" / "00000.tar"))["000000000."] == b"no extension"
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
+    out = ds.to_webdataset(str(tmp_path / "out"))
+    assert tar_members(out.tar_files[0])["000000000."] == b"no extension"

@@ -47,7 +47,8 @@ from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
 
-__all__ = ["export_webdataset", "check_export_complete", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]
+__all__ = ["export_webdataset", "check_export_complete", "existing_shards", "publish", "MANIFEST", "INCOMPLETE_MARKER",
+           "STAGING"]  # fmt: skip
 
 #: Written last by a finished export: the shards and their sample counts.
 MANIFEST = "_imgcurate_export.json"
@@ -230,6 +231,15 @@ def _check_arguments(
         raise ValueError(f"old_id_col {old_id_col!r} is already a metadata column")
 
 
+def existing_shards(fs: fsspec.AbstractFileSystem, root: str, path: str, overwrite: bool) -> None:
+    """Raises :class:`FileExistsError` when the folder ``root`` already holds shards and ``overwrite`` is false, unless
+    a write into it was stopped while publishing (rerunning it finishes that)."""
+    if overwrite or fs.exists(posixpath.join(root, INCOMPLETE_MARKER)):
+        return
+    if files_in(fs, root, *_SHARD_FILES):
+        raise FileExistsError(f"{path}: already holds shards; pass overwrite=True to replace them")
+
+
 def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """Removes what killed writers left in the output folder: ``*.tmp-*`` files."""
     for stale in files_in(fs, root, "*.tmp-*"):
@@ -282,10 +292,7 @@ def export_webdataset(
     src_fs, src_root = fsspec.core.url_to_fs(source, **so)
     if type(src_fs) is type(fs) and same_folder(fs, out_root, src_root):
         raise ValueError(f"{path}: the output folder must differ from the input folder")
-    unfinished = fs.exists(posixpath.join(out_root, INCOMPLETE_MARKER))
-    existing = files_in(fs, out_root, *_SHARD_FILES)
-    if existing and not overwrite and not unfinished:
-        raise FileExistsError(f"{path}: already holds shards; pass overwrite=True to replace them")
+    existing_shards(fs, out_root, path, overwrite)
     fs.makedirs(out_root, exist_ok=True)
     _remove_temporaries(fs, out_root)
     out_dir = path.rstrip("/")
@@ -315,7 +322,7 @@ def export_webdataset(
     todo = [s for s in range(len(plan)) if s not in staged]
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
     progress.compute(tasks, desc="export: writing shards", unit="shard")
-    _publish(fs, out_root, len(plan), index_files)
+    publish(fs, out_root, len(plan), index_files)
     return sum(b - a for slices in plan for _, a, b in slices)
 
 
@@ -341,7 +348,7 @@ def _staged_shards(
     return {s for s in range(n_out) if all(posixpath.join(stage_root, f"{s:05d}.{e}") in present for e in exts)}
 
 
-def _publish(fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool) -> None:
+def publish(fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool) -> None:
     """Replaces the shards in ``root`` by the staged ones, behind the incomplete-export marker (see module docs)."""
     stage_root = posixpath.join(root, STAGING)
     marker = posixpath.join(root, INCOMPLETE_MARKER)

@@ -16,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from imgcurate import progress
+from imgcurate.io.export import STAGING, existing_shards, publish
 from imgcurate.io.shards import CAPTION_COLUMN, ERROR_COLUMN, KEY_COLUMN, ShardWriter, columns_to_table, new_key
 from imgcurate.io.tar import IMAGE_EXTENSIONS
 
@@ -47,6 +48,12 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def _own_fields(fields: dict[str, Any], reserved: tuple[str, ...]) -> dict[str, Any]:
+    """A record's fields with those named like the columns the writer fills (key, caption, error) renamed
+    ``source_<name>``, so that they neither replace the sample's own values nor are lost."""
+    return {(f"source_{name}" if name in reserved else name): value for name, value in fields.items()}
+
+
 def write_shards(
     records: Iterable[Record],
     out: str,
@@ -56,19 +63,34 @@ def write_shards(
     total: int | None = None,
     storage_options: dict | None = None,
     index_files: bool = False,
+    overwrite: bool = False,
 ) -> list[str]:
     """Writes records into ``out/00000.tar`` (+ ``.parquet``), ... with keys from :func:`new_key`.
 
     Each record's json member holds its fields (plus width/height read from the image header); the parquet has the
-    key, the caption, the error and the same fields. ``index_files`` also writes each shard's DALI index.
+    key, the caption, the error and the same fields. A field named like one of those three is kept as
+    ``source_<name>``. ``index_files`` also writes each shard's DALI index.
+
+    The shards are written into a staging folder inside ``out`` and published when all are done, as an export is
+    (:mod:`imgcurate.io.export`): a run that stops leaves ``out`` as it was (or, stopped while publishing, a folder
+    that does not open until a rerun finishes), never old and new shards side by side.
+
+    Raises:
+        FileExistsError: ``out`` already holds shards and ``overwrite`` is false.
 
     Returns:
         The tar paths written.
     """
     so = storage_options or {}
     fs, root = fsspec.core.url_to_fs(out, **so)
-    fs.makedirs(root, exist_ok=True)
-    paths: list[str] = []
+    existing_shards(fs, root, out, overwrite)
+    stage_root = posixpath.join(root, STAGING)
+    if fs.exists(stage_root):  # what a stopped run staged: it is written again from the records
+        fs.rm(stage_root, recursive=True)
+    fs.makedirs(stage_root, exist_ok=True)
+    stage_dir = posixpath.join(out.rstrip("/"), STAGING)
+    reserved = (id_col, CAPTION_COLUMN, ERROR_COLUMN)
+    written = 0
     writer: ShardWriter | None = None
     rows: list[dict[str, Any]] = []
 
@@ -78,7 +100,6 @@ def write_shards(
             names.extend(k for k in row if k not in names)
         writer.set_metadata(columns_to_table({n: [r.get(n) for r in rows] for n in names}))
         writer.close()
-        paths.append(writer.tar_path)
 
     try:
         for index, record in enumerate(progress.bar(records, desc="writing shards", total=total, unit="sample")):
@@ -86,11 +107,11 @@ def write_shards(
             if position == 0:
                 if writer is not None:
                     finish()
-                tar = posixpath.join(out.rstrip("/"), f"{shard:05d}.tar")
+                tar = posixpath.join(stage_dir, f"{shard:05d}.tar")
                 writer = ShardWriter(tar, storage_options=so, index=index_files)
-                rows = []
+                written, rows = shard + 1, []
             key = new_key(shard, position, samples_per_shard)
-            fields = dict(record.fields)
+            fields = _own_fields(record.fields, reserved)
             image = next((data for ext, data in record.members.items() if ext.lower() in IMAGE_EXTENSIONS), None)
             size = image_size(image) if image is not None else None
             error = record.error
@@ -110,7 +131,8 @@ def write_shards(
     finally:
         if writer is not None:
             writer.abort()
-    return paths
+    publish(fs, root, written, index_files)
+    return [posixpath.join(out.rstrip("/"), f"{s:05d}.tar") for s in range(written)]
 
 
 def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Record]:
@@ -122,10 +144,14 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
             continue
         caption = error = None
         fields: dict[str, Any] = {"source_path": posixpath.relpath(path, folder)}
+        name = posixpath.relpath(path, folder)
         if f"{stem}.txt" in present:
-            raw = fs.cat_file(f"{stem}.txt")
             try:
-                caption = raw.decode("utf-8").strip()
+                raw = fs.cat_file(f"{stem}.txt")
+            except OSError as err:
+                raw, error = b"", f"cannot read the caption file of {name!r} ({_reason(err)})"
+            try:
+                caption = raw.decode("utf-8").strip() if raw else None
             except UnicodeDecodeError:
                 caption, error = raw.decode("utf-8", errors="replace").strip(), "caption is not valid UTF-8"
         if f"{stem}.json" in present:
@@ -133,11 +159,25 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
                 extra = json.loads(fs.cat_file(f"{stem}.json"))
                 if isinstance(extra, dict):
                     fields = {**extra, **fields}
+                    if caption is None and isinstance(extra.get(CAPTION_COLUMN), str):
+                        caption = extra[CAPTION_COLUMN]  # no txt beside the image: the json's caption is the caption
                 else:
                     error = error or "sidecar json is not an object"
+            except OSError as err:
+                error = error or f"cannot read the sidecar json of {name!r} ({_reason(err)})"
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 error = error or f"sidecar json is not valid JSON ({err})"
-        yield Record({ext.lower(): fs.cat_file(path)}, fields, caption, error)
+        try:
+            data = fs.cat_file(path)
+        except OSError as err:
+            yield Record({}, fields, caption, error or f"cannot read image file {name!r} ({_reason(err)})")
+            continue
+        yield Record({ext.lower(): data}, fields, caption, error)
+
+
+def _reason(err: OSError) -> str:
+    """An OS error's reason without the path it names (the message names the file itself)."""
+    return err.strerror or type(err).__name__
 
 
 def _table_records(table: pd.DataFrame, base: str, path_col: str | None, caption_col: str | None) -> Iterator[Record]:
@@ -158,7 +198,7 @@ def _table_records(table: pd.DataFrame, base: str, path_col: str | None, caption
             with fsspec.open(path, "rb") as f:
                 data = f.read()
         except OSError as err:
-            yield Record({}, fields, caption, f"cannot read image file {source!r} ({err})")
+            yield Record({}, fields, caption, f"cannot read image file {source!r} ({_reason(err)})")
             continue
         if ext not in IMAGE_EXTENSIONS:
             yield Record({"bin": data}, fields, caption, f"{source!r} has no image extension")
@@ -180,6 +220,7 @@ def make_shards(
     path_col: str | None = None,
     caption_col: str | None = None,
     index_files: bool = False,
+    overwrite: bool = False,
 ) -> list[str]:
     """Turns images into WebDataset shards with their parquet (and their DALI indexes with ``index_files``).
 
@@ -192,6 +233,7 @@ def make_shards(
         samples_per_shard: samples per shard.
         path_col: the column of image paths in a list (default: the first of path, image_path, filepath, file, image).
         caption_col: the caption column in a list (default: the first of caption, text, txt).
+        overwrite: replace the shards already in ``out``; otherwise a folder with shards in it is an error.
 
     Returns:
         The tar paths written. Image bytes are copied unchanged; an unreadable file becomes a sample with an error.
@@ -209,4 +251,5 @@ def make_shards(
         total = len(table)
     else:
         raise ValueError(f"{source}: expected a folder of images or a .csv/.parquet list of image paths")
-    return write_shards(records, out, samples_per_shard=samples_per_shard, total=total, index_files=index_files)
+    return write_shards(records, out, samples_per_shard=samples_per_shard, total=total, index_files=index_files,
+                        overwrite=overwrite)  # fmt: skip

@@ -102,10 +102,11 @@ class ShardWriter:
         self.count = 0
 
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
-        """Adds one sample: each member is written as ``<key>.<ext>`` (``<key>`` for an empty extension)."""
+        """Adds one sample: each member is written as ``<key>.<ext>`` (``<key>.`` for an empty extension, which reads
+        back as the same sample's member)."""
         write = self._file.write
         for ext, data in members.items():
-            name = f"{key}.{ext}" if ext else key
+            name = f"{key}.{ext}"
             size = len(data)
             header = _header(name, size)
             if self._index is not None:  # the data follows the header, whose size the name decides (long names)
