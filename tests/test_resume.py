@@ -248,3 +248,44 @@ def test_an_export_run_on_memory_storage(sample_dir):
     pipeline = Pipeline(steps=[], export={"path": "memory://exported/out"}, run_dir="memory://exported/run")
     out = pipeline.run(ds)
     assert out.num_shards == 1 and len(out.metadata) == 36
+
+
+def test_new_weights_at_the_same_path_recompute_the_embedder(sample_dir, tmp_path):
+    import numpy as np
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+
+    def save(seed):
+        torch.manual_seed(seed)
+        save_file(timm.create_model("test_resnet").state_dict(), str(weights))
+
+    config = {
+        "input": str(sample_dir),
+        "run_dir": str(tmp_path / "run"),
+        "steps": [{"TimmImageEmbedder": {"model_name": "test_resnet", "checkpoint_path": str(weights),
+                                         "batch_size": 8, "device": "cpu"}}],
+    }  # fmt: skip
+    save(0)
+    facts = {}
+    first = Pipeline.from_config(config).run(summary=facts.update).metadata.compute()
+    assert [s["shards_computed"] for s in facts["steps"]] == [4]
+    Pipeline.from_config(config).run(summary=facts.update)
+    assert [(s["shards_computed"], s["shards_reused"]) for s in facts["steps"]] == [(0, 4)]
+    save(1)  # other weights, same file name
+    second = Pipeline.from_config(config).run(summary=facts.update).metadata.compute()
+    assert [(s["shards_computed"], s["shards_reused"]) for s in facts["steps"]] == [(4, 0)]
+    a, b = np.stack(first["image_embedding"]), np.stack(second["image_embedding"])
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_if_available_weights_that_appear_later_recompute_the_embedder(monkeypatch):
+    import imgcurate.embedders.timm as timm_module
+    from imgcurate.embedders import TimmImageEmbedder
+
+    monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name: False)
+    random_weights = TimmImageEmbedder("test_resnet", pretrained="if-available").fingerprint()
+    monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name: True)
+    assert TimmImageEmbedder("test_resnet", pretrained="if-available").fingerprint() != random_weights

@@ -154,7 +154,7 @@ class NsfwClassifier(ImageClassifier):
         super().check_dimension(dim, source)
 
     def cache_key(self) -> tuple:
-        return ("nsfw", self.model_path, self.embedding_size)
+        return ("nsfw", self.model_path, self.embedding_size, tuple(self.loaded_files().items()))
 
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file

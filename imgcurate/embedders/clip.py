@@ -182,7 +182,7 @@ class ClipEmbedder(ImageEmbedder):
         self._transform = None
 
     def cache_key(self) -> tuple:
-        return ("open_clip", self.model_name, self.pretrained, self.checkpoint_path)
+        return ("open_clip", self.model_name, self.pretrained, self.checkpoint_path, tuple(self.loaded_files().items()))
 
     # ------------------------------------------------------------------ model
     def load_model(self, device: str) -> _Towers:

@@ -152,8 +152,20 @@ class TimmImageEmbedder(ImageEmbedder):
         self._transform = None
         self._data_config: dict[str, Any] | None = None
 
+    def describe(self) -> dict[str, Any]:
+        """As :meth:`Step.describe`; with ``pretrained="if-available"`` also whether the weights are there now, since
+        that decides between pretrained and seeded random weights."""
+        out = super().describe()
+        if self.pretrained == IF_AVAILABLE and self.checkpoint_path is None:
+            out["pretrained_weights_cached"] = pretrained_weights_cached(self.model_name)
+        return out
+
     def cache_key(self) -> tuple:
-        return ("timm", self.model_name, self.pretrained, self.checkpoint_path, self.output, repr(self.model_kwargs))
+        # the weights' content and, for "if-available", whether they are cached: a worker that loaded other weights
+        # (rewritten at the same path, or random before the download) does not reuse that model
+        weights = (tuple(self.loaded_files().items()), self.describe().get("pretrained_weights_cached"))
+        return ("timm", self.model_name, self.pretrained, self.checkpoint_path, self.output, repr(self.model_kwargs),
+                weights)  # fmt: skip
 
     # ------------------------------------------------------------------ model
     def _create(self) -> torch.nn.Module:

@@ -41,6 +41,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -103,6 +104,31 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def content_digest(path: str) -> str:
+    """The sha256 of a file's bytes, or of a folder's files (their relative paths and digests, in order); cached in
+    this process while the file's size and modification time stay the same."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                digest.update(f"{os.path.relpath(full, path)}\0{content_digest(full)}\n".encode())
+        return digest.hexdigest()
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 class Step(abc.ABC):
     """Base class of all steps. See the module docs for the contract.
 
@@ -140,9 +166,24 @@ class Step(abc.ABC):
         return dict(getattr(self, "_config", {}))
 
     def describe(self) -> dict[str, Any]:
-        """The step's class and configuration, as plain JSON values."""
+        """The step's class and configuration, as plain JSON values, and the content digests of the local files it
+        loads (:meth:`loaded_files`)."""
         cls = type(self)
-        return {"step": f"{cls.__module__}:{cls.__qualname__}", "config": _jsonable(self.config)}
+        out = {"step": f"{cls.__module__}:{cls.__qualname__}", "config": _jsonable(self.config)}
+        files = self.loaded_files()
+        if files:
+            out["files"] = files
+        return out
+
+    def loaded_files(self) -> dict[str, str]:
+        """The sha256 of each local file (or folder) that an argument ending in ``_path`` names (weights:
+        ``checkpoint_path``, ``model_path``), by argument: new weights at the same path are a new step. Remote paths
+        are left out."""
+        found = {}
+        for name, value in sorted(self.config.items()):
+            if name.endswith("_path") and isinstance(value, str) and "://" not in value and os.path.exists(value):
+                found[name] = content_digest(value)
+        return found
 
     def fingerprint(self) -> str:
         """A digest of :meth:`describe`: two steps with the same fingerprint compute the same columns."""
