@@ -29,11 +29,20 @@ def unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
 
 
 def _hints(func: Callable) -> dict[str, Any]:
+    """The parameters' annotations, resolved. A name imported for type checking only (not there at run time) stands
+    for ``Any``, so the other parameters are still checked."""
     target = func.__init__ if isinstance(func, type) else func
-    try:
-        return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - an annotation we cannot resolve is not checked
-        return {}
+    unknown: dict[str, Any] = {}
+    for _ in range(32):
+        try:
+            return typing.get_type_hints(target, localns=unknown)
+        except NameError as err:
+            if not err.name or err.name in unknown:
+                break
+            unknown[err.name] = Any
+        except Exception:  # noqa: BLE001 - an annotation we cannot resolve is not checked
+            break
+    return {}
 
 
 def bind(func: Callable, kwargs: Mapping[str, Any], where: str, skip: int = 0) -> dict[str, Any]:

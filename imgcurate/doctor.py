@@ -284,17 +284,9 @@ def main(config_path: str | None = None) -> int:
     """Prints the report; returns 1 when the config at ``config_path`` asks for something that would not work."""
     config = None
     if config_path:
-        import yaml
+        from imgcurate.pipeline import read_config
 
-        from imgcurate.errors import ConfigError
-
-        with open(config_path) as f:
-            try:
-                config = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{config_path}: not valid YAML ({' '.join(str(err).split())})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{config_path}: a pipeline config is a mapping of sections")
+        config = read_config(config_path)
     report = diagnose(config)
     print(render(report))
     return report.exit_code

@@ -14,6 +14,7 @@ A sample whose value is null for a rule (a failed decode gives null scores) fail
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +112,36 @@ class SampleFilter(ShardStep):
     def __post_init__(self):
         if isinstance(self.drop_duplicates, str):
             self.drop_duplicates = (self.drop_duplicates,)
-        self.rules = tuple(Rule(**r) if isinstance(r, dict) else r for r in self.rules)
+        if self.keep_column == self.reason_column:
+            raise ValueError(f"keep_column and reason_column are both {self.keep_column!r}: give them different names")
+        rules = []
+        for i, rule in enumerate(self.rules):
+            if isinstance(rule, dict):
+                unknown = sorted(set(rule) - {f.name for f in dataclasses.fields(Rule)})
+                if unknown:
+                    raise ValueError(f"rules[{i}]: unknown key {unknown[0]!r} (a rule has column, op, value, reason)")
+                try:
+                    rule = Rule(**rule)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"rules[{i}]: {err}") from None
+            rules.append(rule)
+        self.rules = tuple(rules)
+
+    def check(self, meta: Any, id_col: str) -> None:
+        """As :meth:`Step.check`; also that each comparison rule's value can be compared with its column (a number
+        with a numeric column, text with a text one)."""
+        super().check(meta, id_col)
+        for i, rule in enumerate(self.rules):
+            if rule.op in ("isnull", "notnull") or rule.column not in meta.columns:
+                continue
+            kind = to_pandas(meta[[rule.column]])[rule.column].dtype
+            numeric = pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind)
+            text = pd.api.types.is_string_dtype(kind) and not pd.api.types.is_object_dtype(kind)
+            value = rule.value
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if (numeric and not number) or (text and not isinstance(value, str) and rule.op not in ("==", "!=")):
+                raise ValueError(f"rules[{i}]: column {rule.column!r} holds {kind}, which cannot be compared with "
+                                 f"{value!r} ({rule.op})")  # fmt: skip
 
     def _rules(self, columns: list[str]) -> list[tuple[str, Any]]:
         """(reason, predicate on the frame) pairs; predicates return True where the sample passes."""

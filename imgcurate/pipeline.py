@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from imgcurate import progress
+from imgcurate.backends import to_pandas
 from imgcurate.config_check import bind, check_value, unknown_key
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, MissingDependencyError
@@ -212,6 +214,9 @@ def check_cluster(spec: Any) -> dict[str, Any] | None:
     for key, expected in (("n_workers", int), ("threads_per_worker", int), ("processes", bool)):
         if key in spec and (not isinstance(spec[key], expected) or isinstance(spec[key], bool) != (expected is bool)):
             raise ConfigError(f"cluster.{key}: {check_value(spec[key], expected)}, got {spec[key]!r}")
+    for key in ("n_workers", "threads_per_worker"):
+        if key in spec and spec[key] < 1:
+            raise ConfigError(f"cluster.{key}: expected at least 1, got {spec[key]!r}")
     return spec
 
 
@@ -309,7 +314,7 @@ class Pipeline:
     def __post_init__(self):
         self.cluster = check_cluster(self.cluster)
         for name, kwargs in self.reports.items():  # an unknown report or argument is an error before any work
-            if "path" not in kwargs:
+            if not isinstance(kwargs.get("path"), str) or not kwargs["path"]:
                 raise ConfigError(f"reports.{name}: give the file to write as 'path'")
             bind(_load(REPORTS, "report", name), kwargs, f"reports.{name}", skip=1)
         if self.export is not None:
@@ -341,9 +346,14 @@ class Pipeline:
         if config.get("backend") not in (None, "auto", "pandas", "cudf"):
             raise ConfigError(f"backend: expected auto, pandas or cudf, got {config['backend']!r}")
         reports = config.get("reports") or {}
+        for name, value in reports.items():
+            if not (isinstance(value, dict) or (isinstance(value, str) and value)):
+                raise ConfigError(f"reports.{name}: give the file to write (a path, or path: ...), got {value!r}")
         export = dict(config.get("export") or {})
         if config.get("output"):
             export.setdefault("path", config["output"])
+        if export and not export.get("path"):
+            raise ConfigError("export: give the folder to write as 'path' (or a top-level 'output')")
         return cls(
             steps=[build_step(s, f"steps[{i}]") for i, s in enumerate(config.get("steps") or [])],
             export=export if export.get("path") else None,
@@ -359,12 +369,12 @@ class Pipeline:
 
     @classmethod
     def from_yaml(cls, path: str) -> Pipeline:
-        with open(path) as f:
-            try:
-                config = yaml.safe_load(f)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-        return cls.from_config(config or {})
+        """:meth:`from_config` on a YAML file; its errors name the file."""
+        config = read_config(path)
+        try:
+            return cls.from_config(config)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def open_input(self) -> ImageTextPairDataset:
         """Opens the ``input`` folder (reads the parquet footers and tar headers, no image)."""
@@ -382,20 +392,60 @@ class Pipeline:
             ConfigError: naming the step (or export key) and the column.
         """
         meta, id_col = dataset.metadata._meta, dataset.id_col
+        written: dict[str, str] = {}  # column -> the step that writes it
         for i, step in enumerate(self.steps):
             if not isinstance(step, Step):
                 continue
+            where = f"steps[{i}].{step.name}"
             try:
                 step.check(meta, id_col)
             except ValueError as err:
-                raise ConfigError(f"steps[{i}].{step.name}: {err}") from None
+                raise ConfigError(f"{where}: {err}") from None
+            for column in step.output_columns():
+                if column == id_col:
+                    raise ConfigError(f"{where}: writes the key column {id_col!r}: give its output another name")
+                if column in written:
+                    raise ConfigError(f"{where}: writes the column {column!r}, which {written[column]} writes too, "
+                                      "so the earlier result would be lost: give one of them another name")  # fmt: skip
+                written[column] = where
             meta = zip_columns_meta(meta, step.output_meta(meta))
+        columns = list(map(str, meta.columns))
         column = (self.export or {}).get("filter_column")
         if column is not None:
-            columns = list(map(str, meta.columns))
             if column not in columns:
                 raise ConfigError(f"export.filter_column: no column {column!r} at the end of the steps "
                                   f"(columns: {', '.join(columns)})")  # fmt: skip
+            kind = to_pandas(meta[[column]])[column].dtype
+            if not pd.api.types.is_bool_dtype(kind):
+                raise ConfigError(f"export.filter_column: {column!r} holds {kind} at the end of the steps, not "
+                                  "booleans")  # fmt: skip
+        if "duplicates" in self.reports and not self.reports["duplicates"].get("columns"):
+            from imgcurate.reports.duplicates import find_dedup_columns
+
+            try:
+                find_dedup_columns(columns)
+            except ValueError as err:
+                raise ConfigError(f"reports.duplicates: {err}") from None
+
+    def _check_outputs(self) -> None:
+        """Before any work: the export folder may be written (no shards there unless ``overwrite``), and each report
+        file's folder exists (local files)."""
+        import os
+
+        import fsspec
+
+        from imgcurate.io.export import existing_shards
+
+        if self.export:
+            path = str(self.export["path"])
+            fs, root = fsspec.core.url_to_fs(path, **(self.export.get("storage_options") or {}))
+            if fs.isfile(root):
+                raise ConfigError(f"export.path: {path} is a file, not a folder")
+            existing_shards(fs, root, path, bool(self.export.get("overwrite")))
+        for name, kwargs in self.reports.items():
+            folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
+            if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
+                raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
 
     def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """The steps applied to ``dataset``, lazily (nothing is computed)."""
@@ -462,6 +512,7 @@ class Pipeline:
         for step in self.steps:
             if isinstance(step, Step):
                 step.check_resources()
+        self._check_outputs()
         with _cluster(self.cluster):
             started = time.perf_counter()
             result, records = self.compute_steps(dataset)
@@ -487,6 +538,49 @@ class Pipeline:
             if summary is not None:
                 summary(facts)
             return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader with a key given twice in one mapping an error: the plain loader keeps the last value, so a
+    second ``steps:`` would silently drop the first list."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            twice = key in seen
+        except TypeError:  # an unhashable key: yaml's own error follows
+            continue
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_config(path: str) -> dict:
+    """A pipeline config file as a mapping (an empty file is an empty one).
+
+    Raises:
+        ConfigError: naming the file: it is not YAML, gives a key twice, or is not a mapping.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader that also refuses twice-given keys
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a pipeline config file") from None
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a pipeline config is a mapping of sections, got {type(config).__name__}")
+    return config
 
 
 def _absolute_url(path: str, storage_options: dict | None) -> str:

@@ -87,6 +87,14 @@ class ImageEmbedder(ShardStep):
         self.num_threads_per_worker = max(1, num_threads_per_worker)
         self.normalize_embeddings = normalize_embeddings
         self.classifiers = list(classifiers)
+        from imgcurate.classifiers.base import ImageClassifier
+
+        for i, clf in enumerate(self.classifiers):
+            if not isinstance(clf, ImageClassifier):
+                raise TypeError(f"classifiers[{i}]: expected a classifier (in YAML: '- AestheticClassifier: {{}}'), "
+                                f"got {clf!r}")  # fmt: skip
+        if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
         self.device = device
         self.autocast = autocast
         self.error_column = error_column or f"{image_embedding_column}_error"

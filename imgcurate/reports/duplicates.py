@@ -16,7 +16,7 @@ from imgcurate.backends import to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.reports._html import card, png, thumbnails, write_page
 
-__all__ = ["duplicate_groups", "DuplicateFacts", "collect_duplicates", "dedup_column_sets"]
+__all__ = ["duplicate_groups", "DuplicateFacts", "collect_duplicates", "dedup_column_sets", "find_dedup_columns"]
 
 # (flag column, duplicate-of column, similarity column or None) of the dedup steps, looked up in this order
 _DEDUP_COLUMNS = (
@@ -202,7 +202,7 @@ def duplicate_groups(
         >>> duplicate_groups(ds, "duplicates.html")  # doctest: +SKIP
     """
     facts = collect_duplicates(
-        dataset, columns or _find_dedup_columns(dataset.metadata.columns), max_groups=max_groups,
+        dataset, columns or find_dedup_columns(dataset.metadata.columns), max_groups=max_groups,
         max_per_group=max_per_group, borderline=borderline, thumb_size=thumb_size, caption_column=caption_column,
     )  # fmt: skip
     return write_page(path, "imgcurate duplicates", render_duplicates(facts), thumb_size, dataset.storage_options)
@@ -214,7 +214,7 @@ def _report_rows(part: Any, shard: Any, wanted: list[str], flag_col: str, of_col
     return frame.assign(_flag=flag, _shard=shard.index, _row=np.arange(len(frame)))
 
 
-def _find_dedup_columns(present: Sequence[str]) -> tuple[str, str, str | None]:
+def find_dedup_columns(present: Sequence[str]) -> tuple[str, str, str | None]:
     for flag, of, sim in _DEDUP_COLUMNS:
         if flag in present and of in present:
             return flag, of, (sim if sim in present else None)
