@@ -438,7 +438,7 @@ class Pipeline:
 
         if self.export:
             path = str(self.export["path"])
-            fs, root = fsspec.core.url_to_fs(path, **(self.export.get("storage_options") or {}))
+            fs, root = fsspec.core.url_to_fs(path, **(self.storage_options or {}))
             if fs.isfile(root):
                 raise ConfigError(f"export.path: {path} is a file, not a folder")
             existing_shards(fs, root, path, bool(self.export.get("overwrite")))

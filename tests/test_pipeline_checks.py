@@ -59,6 +59,63 @@ MISTAKES = {
         lambda c: c["steps"].append({"imgcurate.dataset:ImageTextPairDataset": {}}),
         "is not a subclass of imgcurate.steps.Step",
     ),
+    "two steps writing one column": (
+        lambda c: c["steps"].append({"SampleFilter": {"min_height": 100}}),
+        "steps[3].SampleFilter: writes the column 'keep', which steps[2].SampleFilter writes too",
+    ),
+    "a step writing the key column": (
+        lambda c: c["steps"][2]["SampleFilter"].update(keep_column="key"),
+        "steps[2].SampleFilter: writes the key column 'key'",
+    ),
+    "keep and reason in one column": (
+        lambda c: c["steps"][2]["SampleFilter"].update(reason_column="keep"),
+        "steps[2].SampleFilter: keep_column and reason_column are both 'keep'",
+    ),
+    "a rule compared with the wrong type": (
+        lambda c: c["steps"][2]["SampleFilter"].update(rules=[{"column": "width", "op": ">", "value": "abc"}]),
+        "steps[2].SampleFilter: rules[0]: column 'width' holds",
+    ),
+    "a misspelled rule key": (
+        lambda c: c["steps"][2]["SampleFilter"].update(rules=[{"column": "width", "opp": ">", "value": 3}]),
+        "rules[0]: unknown key 'opp'",
+    ),
+    "text for a flag of an embedder whose hints name type-checking imports": (
+        lambda c: c["steps"][0]["TimmImageEmbedder"].update(normalize_embeddings="no"),
+        "steps[0].TimmImageEmbedder.normalize_embeddings: expected",
+    ),
+    "a classifier given as a bare name": (
+        lambda c: c["steps"][0]["TimmImageEmbedder"].update(classifiers=["AestheticClassifier"]),
+        "steps[0].TimmImageEmbedder: classifiers[0]: expected a classifier",
+    ),
+    "an unknown device": (
+        lambda c: c["steps"][0]["TimmImageEmbedder"].update(device="gpu"),
+        "device must be auto, cpu, cuda or cuda:N, got 'gpu'",
+    ),
+    "no workers": (lambda c: c.update(cluster={"n_workers": 0}), "cluster.n_workers: expected at least 1, got 0"),
+    "an export section without a folder": (
+        lambda c: c.pop("output"),
+        "export: give the folder to write as 'path'",
+    ),
+    "a report without a file": (
+        lambda c: c.update(reports={"duplicates": None}),
+        "reports.duplicates: give the file to write",
+    ),
+    "a filter column that is not boolean": (
+        lambda c: c["export"].update(filter_column="drop_reason"),
+        "export.filter_column: 'drop_reason' holds",
+    ),
+    "a duplicates report with no dedup step": (
+        lambda c: (
+            c["steps"].pop(1),
+            c["steps"][1]["SampleFilter"].pop("drop_duplicates"),
+            c.update(reports={"duplicates": "d.html"}),
+        ),
+        "reports.duplicates: the metadata has no dedup columns",
+    ),  # fmt: skip
+    "a report into a folder that does not exist": (
+        lambda c: c.update(reports={"scores": "/nonexistent-folder/s.html"}),
+        "reports.scores.path: the folder /nonexistent-folder does not exist",
+    ),
 }
 
 
@@ -80,6 +137,27 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_any_partition_is_compute
     assert message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_config_file_mistakes_name_the_file(sample_dir, tmp_path, capsys):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"input: {sample_dir}\nsteps:\n  - ExactDuplicates: {{}}\nsteps:\n  - SampleFilter: {{}}\n")
+    assert main(["run", str(config)]) == 2  # the plain YAML loader would run the second list alone
+    assert f"{config}: not valid YAML (the key 'steps' is given twice" in capsys.readouterr().err
+    config.write_text(f"input: {sample_dir}\nsteps:\n  - SampleFilter: {{min_widht: 3}}\n")
+    assert main(["run", str(config)]) == 2
+    assert f"{config}: steps[0].SampleFilter: unknown key 'min_widht'" in capsys.readouterr().err
+
+
+def test_an_export_folder_that_holds_shards_is_refused_before_any_step_runs(sample_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "00000.tar").write_bytes(b"an older export")
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", lambda *a, **k: pytest.fail("a step ran before the check"))
+    config = _base(sample_dir, tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) != 0
+    assert "already holds shards" in capsys.readouterr().err
+    assert (tmp_path / "out" / "00000.tar").read_bytes() == b"an older export"
 
 
 def test_without_an_export_each_step_runs_once_per_shard(sample_ds, embedded_shards):

@@ -87,10 +87,8 @@ class ImageEmbedder(ShardStep):
         self.num_threads_per_worker = max(1, num_threads_per_worker)
         self.normalize_embeddings = normalize_embeddings
         self.classifiers = list(classifiers)
-        from imgcurate.classifiers.base import ImageClassifier
-
-        for i, clf in enumerate(self.classifiers):
-            if not isinstance(clf, ImageClassifier):
+        for i, clf in enumerate(self.classifiers):  # the fused-classifier protocol, not a class: duck typing
+            if not all(hasattr(clf, a) for a in ("embedding_column", "pred_column", "output_columns", "predict_rows")):
                 raise TypeError(f"classifiers[{i}]: expected a classifier (in YAML: '- AestheticClassifier: {{}}'), "
                                 f"got {clf!r}")  # fmt: skip
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):

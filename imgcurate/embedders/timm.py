@@ -156,14 +156,21 @@ class TimmImageEmbedder(ImageEmbedder):
         """As :meth:`Step.describe`; with ``pretrained="if-available"`` also whether the weights are there now, since
         that decides between pretrained and seeded random weights."""
         out = super().describe()
-        if self.pretrained == IF_AVAILABLE and self.checkpoint_path is None:
-            out["pretrained_weights_cached"] = pretrained_weights_cached(self.model_name)
+        cached = self._if_available_cached()
+        if cached is not None:
+            out["pretrained_weights_cached"] = cached
         return out
+
+    def _if_available_cached(self) -> bool | None:
+        """With ``pretrained="if-available"``, whether the weights are cached now; None otherwise."""
+        if self.pretrained == IF_AVAILABLE and self.checkpoint_path is None:
+            return pretrained_weights_cached(self.model_name)
+        return None
 
     def cache_key(self) -> tuple:
         # the weights' content and, for "if-available", whether they are cached: a worker that loaded other weights
         # (rewritten at the same path, or random before the download) does not reuse that model
-        weights = (tuple(self.loaded_files().items()), self.describe().get("pretrained_weights_cached"))
+        weights = (tuple(self.loaded_files().items()), self._if_available_cached())
         return ("timm", self.model_name, self.pretrained, self.checkpoint_path, self.output, repr(self.model_kwargs),
                 weights)  # fmt: skip
 

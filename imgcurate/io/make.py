@@ -143,8 +143,8 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
         if ext.lower() not in IMAGE_EXTENSIONS:
             continue
         caption = error = None
-        fields: dict[str, Any] = {"source_path": posixpath.relpath(path, folder)}
         name = posixpath.relpath(path, folder)
+        fields: dict[str, Any] = {"source_path": name}
         if f"{stem}.txt" in present:
             try:
                 raw = fs.cat_file(f"{stem}.txt")
