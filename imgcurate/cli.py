@@ -61,14 +61,14 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     import fsspec
 
-    from imgcurate.io._fs import files_in
+    from imgcurate.io._fs import files_in, task_url
     from imgcurate.io.index import write_indexes
 
     fs, root = fsspec.core.url_to_fs(args.folder)
     tars = files_in(fs, root, "*.tar")
     if not tars:
         raise FileNotFoundError(f"{args.folder}: no .tar shards")
-    tars = [t if "://" not in args.folder else fs.unstrip_protocol(t) for t in tars]
+    tars = [task_url(fs, t) for t in tars]
     written = write_indexes(tars, overwrite=args.overwrite)
     print(f"wrote {len(written)} DALI index files ({len(tars) - len(written)} shards skipped: indexed or empty)")
     return 0
@@ -111,6 +111,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from imgcurate.reports import report_run_dir
 
+    if args.output:
+        _check_folder_of("--output", args.output)
     print(f"wrote {report_run_dir(args.run_dir, args.output)}")
     return 0
 
@@ -310,6 +312,7 @@ def _has_shards(path: str) -> bool:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
+    _check_folder_of("--output-file", args.output_file)
     if args.aesthetic_threshold is not None and args.aesthetic_threshold < 1 and not args.no_aesthetic:
         print(f"imgcurate: warning: --aesthetic-threshold {args.aesthetic_threshold} keeps nearly everything: the "
               "aesthetic score is on a 0-10 scale (thresholds of 0.5 or 0.9 are for 0-1 scores); 5.0 is a common "
@@ -342,6 +345,20 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return _write_text(args.output_file, text, args.force)
 
 
+def _check_folder_of(option: str, path: str) -> None:
+    """Before any work: the folder that ``option``'s file goes into exists (local files; '-' is stdout).
+
+    Raises:
+        FileNotFoundError: naming the option and the missing folder (which is not created: a typo in a path would
+            otherwise make folders far from where the user meant).
+    """
+    from imgcurate.io._fs import missing_folder
+
+    folder = None if path == "-" else missing_folder(path)
+    if folder is not None:
+        raise FileNotFoundError(f"{option}: the folder {folder} does not exist (create it first)")
+
+
 def _write_text(path: str, text: str, force: bool) -> int:
     """Writes a generated config to ``path`` ('-' is stdout); an existing file is kept unless ``force``."""
     import os
@@ -359,6 +376,7 @@ def _write_text(path: str, text: str, force: bool) -> int:
 
 
 def _cmd_init_config(args: argparse.Namespace) -> int:
+    _check_folder_of("OUT", args.out)
     return _write_text(args.out, EXAMPLE_CONFIG, args.force)
 
 
@@ -368,20 +386,31 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(args.config)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (a count or a size), so 0 and -1 are refused at parsing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgcurate", description="Curate image-text datasets in WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="write the bundled sample shards (real photos shipped by scikit-image)")
     p.add_argument("out")
-    p.add_argument("--samples-per-shard", type=int, default=10)
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("shard", help="turn a folder of images (or a CSV/parquet list) into shards")
     p.add_argument("src", help="folder of images with optional .txt/.json sidecars, or a .csv/.parquet list")
     p.add_argument("out")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10000)
     p.add_argument("--path-col", default=None)
     p.add_argument("--caption-col", default=None)
     p.add_argument("--index-files", action="store_true", help="also write each shard's DALI index (.idx)")
@@ -430,11 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-aesthetic", action="store_true", help="no aesthetic head and no aesthetic rule")
     p.add_argument("--no-nsfw", action="store_true", help="no NSFW head and no NSFW rule")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="exact and semantic dedup")
-    p.add_argument("--batch-size", type=int, default=None, help="embedder batch size (default: per device)")
-    p.add_argument("--images-per-tar", type=int, default=10000, help="samples per exported shard")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="embedder batch size (default: per device)")
+    p.add_argument("--images-per-tar", type=_positive_int, default=10000, help="samples per exported shard")
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm image tower (default: CLIP ViT-L/14)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load its weights")
-    p.add_argument("--n-clusters", type=int, default=None, help="semantic dedup clusters (default: samples / 1000)")
+    p.add_argument(
+        "--n-clusters", type=_positive_int, default=None, help="semantic dedup clusters (default: samples / 1000)"
+    )
     p.add_argument("--clip-model", default=None, help="open_clip model (e.g. ViT-L-14): both towers and clip_score, "
                    "instead of the timm image tower")  # fmt: skip
     p.add_argument("--clip-pretrained", default="openai", help="the open_clip weights' tag (default: openai)")
@@ -443,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-preset", default=None, help="a published filter: datacomp_clip_l14_top30, "
                    "datacomp_clip_b32, laion2b (these need --clip-model), datacomp_basic")  # fmt: skip
     p.add_argument("--languages", default=None, help="keep captions in these languages (comma-separated ISO 639-1)")
-    p.add_argument("--min-caption-words", type=int, default=None, help="drop captions with fewer words")
+    p.add_argument("--min-caption-words", type=_positive_int, default=None, help="drop captions with fewer words")
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     p.set_defaults(func=_cmd_config)
 

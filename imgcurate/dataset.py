@@ -22,23 +22,18 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from imgcurate import progress
 from imgcurate._dask import map_with_shard, row_ids, shard_divisions, shard_frame, zip_columns
 from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
-from imgcurate.io._fs import files_in, write_parquet
+from imgcurate.io._fs import files_in, task_url, write_parquet
 from imgcurate.io.export import check_export_complete
 from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
 from imgcurate.io.validate import check_shard, check_unique_keys, unify_schemas, with_status_errors
 
 __all__ = ["ImageTextPairDataset"]
-
-
-def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 @dataclass(frozen=True)
@@ -148,9 +143,9 @@ class ImageTextPairDataset:
         existing = set(files_in(fs, root, "*.parquet"))
 
         def prepare(tar: str) -> tuple[_Part, pa.Schema]:
-            full_tar = _full_path(fs, tar)
+            full_tar = task_url(fs, tar)
             pq_path = parquet_path_for(tar)
-            full_pq = _full_path(fs, pq_path)
+            full_pq = task_url(fs, pq_path)
             if pq_path not in existing:
                 table = scan_shard(full_tar, id_col, storage_options)
                 try:
@@ -291,6 +286,7 @@ class ImageTextPairDataset:
         if path is not None:
             fs, root = fsspec.core.url_to_fs(path, **self.storage_options)
             fs.makedirs(root, exist_ok=True)
+            path = task_url(fs, root)
         written = self.map_shards(_save_partition, path, self.storage_options, meta=pd.Series([], dtype=object),
                                   frame=df)  # fmt: skip
         return progress.compute([written], desc="saving metadata")[0].tolist()

@@ -24,7 +24,7 @@ from typing import Any
 
 from imgcurate import device
 
-__all__ = ["Check", "Report", "COMPONENTS", "diagnose", "requirements", "render", "main"]
+__all__ = ["Check", "Report", "COMPONENTS", "check_config", "diagnose", "requirements", "render", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,13 +280,60 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
+def check_config(path: str) -> tuple[list[str], list[str]]:
+    """The checks ``imgcurate run`` makes of the config at ``path`` before any work, without an image or a cluster
+    (:meth:`~imgcurate.pipeline.Pipeline.check_config`), and whether what its steps load is here
+    (:meth:`~imgcurate.steps.Step.check_resources`).
+
+    Returns:
+        (what would not work here: a missing package or missing weights; notes: a check that could not be made).
+
+    Raises:
+        ConfigError: the config is wrong, with the message ``run`` gives.
+    """
+    from imgcurate.errors import ImgcurateError, MissingDependencyError
+    from imgcurate.pipeline import Pipeline
+    from imgcurate.steps.base import Step
+
+    try:
+        pipeline = Pipeline.from_yaml(path)
+    except MissingDependencyError as err:  # the components above say which; the steps after it are not checked
+        return [str(err)], []
+    notes = []
+    try:
+        dataset = pipeline.open_input()
+    except OSError as err:  # the input is not reachable from this machine: the column flow is not checked
+        dataset = None
+        notes.append(f"column flow not checked: the input cannot be read here ({err})")
+    pipeline.check_config(dataset)
+    problems = []
+    for step in pipeline.steps:
+        if isinstance(step, Step):
+            try:
+                step.check_resources()
+            except ImgcurateError as err:
+                problems.append(str(err))
+    return problems, notes
+
+
 def main(config_path: str | None = None) -> int:
-    """Prints the report; returns 1 when the config at ``config_path`` asks for something that would not work."""
+    """Prints the report; returns 1 when the config at ``config_path`` asks for something that would not work.
+
+    Raises:
+        ConfigError: the config is one that ``imgcurate run`` refuses (see :func:`check_config`).
+    """
     config = None
+    problems: list[str] = []
+    notes: list[str] = []
     if config_path:
         from imgcurate.pipeline import read_config
 
         config = read_config(config_path)
+        problems, notes = check_config(config_path)
     report = diagnose(config)
     print(render(report))
-    return report.exit_code
+    for line in notes:
+        print(line)
+    for line in problems:
+        print(f"would not work here: {line}")
+    return 1 if problems else report.exit_code

@@ -358,7 +358,8 @@ def estimate_config(path: str, measure: bool = False, input_path: str | None = N
 
     Raises:
         FileNotFoundError: the input folder holds no shards.
-        ValueError: the config is invalid.
+        ValueError: the config is invalid: every check that ``imgcurate run`` makes before any work and that needs
+            neither an image nor a cluster (:meth:`~imgcurate.pipeline.Pipeline.check_config`), with run's message.
     """
     from imgcurate.pipeline import Pipeline
 
@@ -367,6 +368,7 @@ def estimate_config(path: str, measure: bool = False, input_path: str | None = N
         pipeline.input = input_path
     if not pipeline.input:
         raise ValueError(f"{path}: the config has no 'input' folder (or pass --input-path)")
+    pipeline.check_config(pipeline.open_input())
     shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.storage_options)
     st = _State(samples, tar_bytes, measure)
     steps = []

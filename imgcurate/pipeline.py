@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -319,8 +320,13 @@ class Pipeline:
             bind(_load(REPORTS, "report", name), kwargs, f"reports.{name}", skip=1)
         if self.export is not None:
             from imgcurate.dataset import ImageTextPairDataset
+            from imgcurate.io.export import check_sizes
 
             bind(ImageTextPairDataset.to_webdataset, self.export, "export", skip=1)
+            try:
+                check_sizes(self.export.get("samples_per_shard", 1), self.export.get("max_shards"))
+            except ValueError as err:
+                raise ConfigError(f"export: {err}") from None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -427,11 +433,43 @@ class Pipeline:
             except ValueError as err:
                 raise ConfigError(f"reports.duplicates: {err}") from None
 
-    def _check_outputs(self) -> None:
-        """Before any work: the export folder may be written (no shards there unless ``overwrite``), and each report
+    def check_config(self, dataset: ImageTextPairDataset | None) -> None:
+        """The checks of the config that need neither an image nor a cluster, as :meth:`run` makes them before any
+        work: the column flow on the dataset's ``meta`` (:meth:`check`; skipped when ``dataset`` is None, an input
+        that cannot be read here) and the places it writes (:meth:`_check_paths`). ``imgcurate estimate`` and
+        ``imgcurate doctor`` make these same checks, so a config they accept is one that ``run`` accepts.
+
+        Raises:
+            ConfigError: naming the key, step or column at fault.
+        """
+        if dataset is not None:
+            self.check(dataset)
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """The export folder and the run directory are folders (no part of their paths is a file), and each report
         file's folder exists (local files)."""
         import os
 
+        import fsspec
+
+        so = self.storage_options or {}
+        for key, folder in (("export.path", (self.export or {}).get("path")), ("run_dir", self.resolved_run_dir())):
+            if folder:
+                fs, root = fsspec.core.url_to_fs(str(folder), **so)
+                blocked = _file_in_the_way(fs, root)
+                if blocked == root.rstrip("/"):
+                    raise ConfigError(f"{key}: {folder} is a file, not a folder")
+                if blocked is not None:
+                    raise ConfigError(f"{key}: {folder} cannot be made: {blocked} is a file, not a folder")
+        for name, kwargs in self.reports.items():
+            folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
+            if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
+                raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
+
+    def _check_export_folder(self) -> None:
+        """The export folder holds no shards, unless the export may overwrite them (a run's own state, not the
+        config's: ``run --overwrite`` changes the answer)."""
         import fsspec
 
         from imgcurate.io.export import existing_shards
@@ -439,13 +477,7 @@ class Pipeline:
         if self.export:
             path = str(self.export["path"])
             fs, root = fsspec.core.url_to_fs(path, **(self.storage_options or {}))
-            if fs.isfile(root):
-                raise ConfigError(f"export.path: {path} is a file, not a folder")
             existing_shards(fs, root, path, bool(self.export.get("overwrite")))
-        for name, kwargs in self.reports.items():
-            folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
-            if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
-                raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
 
     def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """The steps applied to ``dataset``, lazily (nothing is computed)."""
@@ -478,7 +510,7 @@ class Pipeline:
             "fingerprint": fingerprint,
             "steps": [s.describe() for s in self.steps if isinstance(s, Step)],
         }
-        run.write_json("run.json", described)
+        run.begin(described)
         records = []
         for position, step in enumerate(self.steps):
             if not isinstance(step, Step):  # a plain callable: applied lazily, recomputed where read
@@ -508,11 +540,11 @@ class Pipeline:
 
         if dataset is None:
             dataset = self.open_input()
-        self.check(dataset)
+        self.check_config(dataset)
         for step in self.steps:
             if isinstance(step, Step):
                 step.check_resources()
-        self._check_outputs()
+        self._check_export_folder()
         with _cluster(self.cluster):
             started = time.perf_counter()
             result, records = self.compute_steps(dataset)
@@ -581,6 +613,18 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a pipeline config is a mapping of sections, got {type(config).__name__}")
     return config
+
+
+def _file_in_the_way(fs: Any, path: str) -> str | None:
+    """The file that keeps ``path`` from being a folder on ``fs``: ``path`` itself or its nearest existing parent,
+    when that is a file; None when the folder is there or can be made."""
+    path = path.rstrip("/")
+    while path and not fs.exists(path):
+        parent = posixpath.dirname(path)
+        if not parent or parent == path:
+            return None
+        path = parent
+    return path if path and fs.isfile(path) else None
 
 
 def _absolute_url(path: str, storage_options: dict | None) -> str:

@@ -41,9 +41,14 @@ from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.io._fs import atomic_open, files_in
 from imgcurate.io.schema import conform, is_error_column
 
-__all__ = ["ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
+__all__ = ["FINISHED", "ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
 
 ROW_ID = "_row_id"
+
+#: What only a finished run leaves in its run directory (the report is ``imgcurate.reports.run.REPORT_NAME``). A run
+#: of another input or config removes them when it starts (:meth:`RunDir.begin`), so that a rerun that fails leaves
+#: no summary or report of the earlier run beside the new ``run.json``.
+FINISHED = ("summary.json", "report.html")
 
 
 def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
@@ -145,6 +150,24 @@ class RunDir:
             meta=meta, divisions=shard_divisions(dataset.num_shards), label="imgcurate-step-results",
             enforce_metadata=False,
         )  # fmt: skip
+
+    def begin(self, described: dict[str, Any]) -> None:
+        """Starts a run: writes ``run.json``; when it describes another run than the last one (the input or a step
+        changed), first removes what that run left (:data:`FINISHED`).
+
+        So a rerun on a changed input or config that fails leaves a folder that reads as a run that did not finish,
+        not one whose summary describes other results. A rerun of the same input and steps keeps them: they still
+        describe its results. Each removal is one file's deletion, atomic on any filesystem, and ``run.json`` is
+        written atomically after them.
+        """
+        same = json.loads(json.dumps(described, default=str))
+        if not self.exists("run.json") or self.read_json("run.json") != same:
+            for name in FINISHED:
+                try:
+                    self.fs.rm(posixpath.join(self.root, name))
+                except FileNotFoundError:
+                    pass
+        self.write_json("run.json", described)
 
     def write_json(self, name: str, value: Any) -> None:
         with atomic_open(self.url(name), "wb", self.storage_options) as f:

@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 
     from imgcurate.dataset import ImageTextPairDataset
 
-__all__ = ["CaptionFeatures", "ClipTextFilter", "PRESETS", "detect_languages", "global_quantile"]
+__all__ = [
+    "CaptionFeatures",
+    "ClipTextFilter",
+    "PRESETS",
+    "check_languages",
+    "detect_languages",
+    "global_quantile",
+    "language_codes",
+]
 
 _LANGID = Requirement("py3langid", "py3langid", extra="text")
 
@@ -53,6 +61,27 @@ def _identifier() -> Any:
     from py3langid import langid
 
     return langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+
+
+def language_codes() -> frozenset[str] | None:
+    """The codes :func:`detect_languages` gives (py3langid's model's languages: ISO 639-1, or 639-3 where a
+    language has no two-letter code), or None where py3langid is not installed."""
+    return frozenset(map(str, _identifier().nb_classes)) if _LANGID.installed() else None
+
+
+def check_languages(languages: tuple[str, ...]) -> None:
+    """Raises ValueError naming the first entry that is not a code :func:`detect_languages` gives, and the valid
+    form (``'en'``, not ``'english'``); without py3langid, entries that are not 2-3 lowercase letters."""
+    known = language_codes()
+    for language in languages:
+        if known is not None and language in known:
+            continue
+        if known is None and isinstance(language, str) and language.isascii() and language.isalpha() \
+                and language.islower() and 2 <= len(language) <= 3:  # fmt: skip
+            continue
+        hint = f"one of {', '.join(sorted(known))}" if known is not None else "2-3 lowercase letters"
+        raise ValueError(f"languages: {language!r} is not a language code; give the ISO 639 codes that py3langid "
+                         f"identifies, such as 'en' or 'de' ({hint})")  # fmt: skip
 
 
 def detect_languages(texts: list[str | None]) -> tuple[list[str | None], np.ndarray]:
@@ -179,7 +208,8 @@ class ClipTextFilter(SampleFilter):
             step is applied; ``threshold`` holds it afterwards.
         min_words: drop captions with fewer words (``caption_words`` of :class:`CaptionFeatures`).
         min_chars: drop captions with fewer characters (``caption_chars``).
-        languages: keep only captions identified as one of these ISO 639-1 codes (``caption_language``).
+        languages: keep only captions identified as one of these ISO 639-1 codes (``caption_language``): ``en``,
+            not ``english`` (:func:`language_codes` lists them; another value is a ``ValueError`` here).
         min_language_confidence: with ``languages``, also drop identifications less confident than this.
         min_side: drop images whose smaller side is below this (``width``/``height``).
 
@@ -214,6 +244,7 @@ class ClipTextFilter(SampleFilter):
         if isinstance(self.languages, str):
             self.languages = (self.languages,)
         self.languages = tuple(self.languages)
+        check_languages(self.languages)
         if self.clip_top_fraction is not None and not 0 < self.clip_top_fraction <= 1:
             raise ValueError(f"clip_top_fraction must be in (0, 1], got {self.clip_top_fraction}")
         self.threshold: float | None = None

@@ -251,7 +251,8 @@ def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
     assert main(base + ["--aesthetic-threshold", "50"]) == 2
     assert "the aesthetic score is 0-10" in capsys.readouterr().err
     assert main(base + ["--nsfw-threshold", "1.5"]) == 2
-    assert main(base + ["--images-per-tar", "0"]) == 2
+    with pytest.raises(SystemExit, match="2"):  # refused by the argument parser
+        main(base + ["--images-per-tar", "0"])
     assert main(base + ["--model", "no_such_model_xyz"]) == 2
     assert "unknown timm model" in capsys.readouterr().err
     assert not (tmp_path / "c.yaml").exists()
@@ -272,7 +273,8 @@ def test_estimate_from_the_input_alone_and_with_a_config_flag(sample_dir, tmp_pa
     config = {
         "input": str(tmp_path / "elsewhere"),  # replaced by --input-path
         "steps": [{"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cuda"}},
-                  {"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cpu"}}],
+                  {"TimmImageEmbedder": {"model_name": "resnet50", "batch_size": 8, "device": "cpu",
+                                         "image_embedding_column": "cpu_embedding"}}],
     }  # fmt: skip
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert main(["estimate", "--config", str(tmp_path / "p.yaml"), "--input-path", str(sample_dir)]) == 0
@@ -387,6 +389,10 @@ def test_config_clip_and_caption_flags_round_trip(sample_dir, tmp_path, capsys):
                          (["--filter-preset", "nope"], "unknown preset 'nope'"),
                          (["--min-caption-words", "0"], "positive integer")):  # fmt: skip
         argv = ["config", "--input-path", "in", "--output-path", "o", "--output-file", str(tmp_path / "x.yaml"), *bad]
-        assert main([*argv, "--clip-model", "ViT-B-32"]) == 2
+        if bad[0] == "--min-caption-words":  # refused by the argument parser
+            with pytest.raises(SystemExit, match="2"):
+                main([*argv, "--clip-model", "ViT-B-32"])
+        else:
+            assert main([*argv, "--clip-model", "ViT-B-32"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()

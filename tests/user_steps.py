@@ -24,3 +24,13 @@ class CaptionLength(ShardStep):
     def process(self, part, shard, io):
         type(self).calls.append(shard.index)
         return {self.column: part["caption"].str.len().fillna(0).astype("int64").to_numpy()}
+
+
+class Fails(ShardStep):
+    """Fails on every shard: a run that stops part way, after its run directory was started."""
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {"never": pa.int64()}
+
+    def process(self, part, shard, io):
+        raise RuntimeError(f"shard {shard.index}: this step always fails")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from imgcurate.classifiers.base import ImageClassifier, head_size, pick_head
 from imgcurate.classifiers.weights import WeightFile, cached_weights
+from imgcurate.steps.base import local_path
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,7 @@ class AestheticClassifier(ImageClassifier):
     ):
         size = head_size(HEADS, head, "AestheticClassifier")
         super().__init__(embedding_column, pred_column, "float32", batch_size, size, device)
-        self.model_path = model_path
+        self.model_path = local_path(model_path)
         self.head = head
 
     def check_dimension(self, dim: int, source: str | None = None) -> None:

@@ -14,7 +14,18 @@ from imgcurate._dask import Shard
 from imgcurate.backends import backend_of, from_arrow
 from imgcurate.io.tar import aligned_images
 from imgcurate.steps.base import ShardIO, Step
-from imgcurate.steps.grouped import GROUP, ROW, SHARD, group_count, group_of, grouped, host, per_shard, positions
+from imgcurate.steps.grouped import (
+    GROUP,
+    ROW,
+    SHARD,
+    group_count,
+    group_of,
+    grouped,
+    host,
+    per_shard,
+    positions,
+    text_column,
+)
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -34,23 +45,31 @@ def _pixel_digest(data: bytes) -> str:
 
 
 def _hash_shard(part: Any, shard: Shard, io: ShardIO, by: str, groups: int) -> pd.DataFrame:
-    """Each row's position, key, digest (None without a readable image) and group partition, read from its tar."""
+    """Each row's position, key, digest (None without a readable image, with the reason in ``error``) and group
+    partition, read from its tar."""
     frame = host(part, [io.id_col])
     keys = frame[io.id_col].tolist()
     digests: list[str | None] = []
-    for data, _ in aligned_images(shard.tar, keys, io.storage_options):
+    errors: list[str | None] = []
+    for data, error in aligned_images(shard.tar, keys, io.storage_options):
+        digest = None
         if data is None:
-            digests.append(None)
+            error = error or "no image"
         elif by == "bytes":
-            digests.append(hashlib.sha256(data).hexdigest())
+            digest = hashlib.sha256(data).hexdigest()
         else:
             try:
-                digests.append(_pixel_digest(data))
-            except Exception:  # noqa: BLE001 - undecodable: no pixel hash, recorded as null
-                digests.append(None)
+                digest = _pixel_digest(data)
+            except Exception as err:  # noqa: BLE001 - undecodable: no pixel hash; the reason is the row's error
+                from imgcurate.embedders.decode import error_text
+
+                error = f"cannot decode image: {error_text(err)}"  # as the embedders word it
+        digests.append(digest)
+        errors.append(None if digest is not None else error)
     out = positions(frame, shard.index)
     out["key"] = pd.array(keys, dtype=object)
     out["digest"] = pd.array(digests, dtype=object)
+    out["error"] = text_column(errors)  # mostly null: one arrow string type in every shard, through the shuffle
     # the digest's leading 60 bits pick its group; rows without one stay with their shard's group
     codes = [shard.index if d is None else int(d[:15], 16) for d in digests]
     out[GROUP] = group_of(np.asarray(codes, dtype=np.int64), groups)
@@ -63,6 +82,7 @@ _HASH_META = pd.DataFrame(
         ROW: pd.Series([], dtype="int64"),
         "key": pd.Series([], dtype=object),
         "digest": pd.Series([], dtype=object),
+        "error": pd.Series(text_column([])),
         GROUP: pd.Series([], dtype="int64"),
     }
 )
@@ -71,6 +91,7 @@ _MARK_META = pd.DataFrame(
         SHARD: pd.Series([], dtype="int64"),
         ROW: pd.Series([], dtype="int64"),
         "digest": pd.Series([], dtype=object),
+        "error": pd.Series(text_column([])),
         "of": pd.Series([], dtype=object),
     }
 )
@@ -86,7 +107,8 @@ def _mark_copies(part: pd.DataFrame) -> pd.DataFrame:
     copies = groups.cumcount().to_numpy() > 0
     of[np.flatnonzero(hashed)[copies]] = groups["key"].transform("first").to_numpy()[copies]
     return pd.DataFrame({SHARD: part[SHARD].to_numpy(), ROW: part[ROW].to_numpy(),
-                         "digest": part["digest"].to_numpy(dtype=object), "of": of})  # fmt: skip
+                         "digest": part["digest"].to_numpy(dtype=object),
+                         "error": part["error"].array, "of": of})  # fmt: skip
 
 
 class ExactDuplicates(Step):
@@ -102,6 +124,11 @@ class ExactDuplicates(Step):
         hash_column: output column with the sha256 hex digest (null when the sample has no readable image).
         duplicate_column: output bool column, true for every copy after the first.
         duplicate_of_column: output column with the id of the first copy (null for firsts and uniques).
+        error_column: output column with why a sample could not be hashed (no sample or no image in the tar, or
+            with ``by="pixels"`` an image that does not decode); null for hashed samples. Default
+            ``<hash_column>_error``. Such a sample is compared with no other (its ``duplicate_column`` is false, as
+            a null there would fail a filter's duplicate rule and name the wrong reason); a
+            :class:`~imgcurate.filters.SampleFilter` with ``drop_errors`` drops it for this error.
 
     Example:
         >>> ds = ExactDuplicates()(ds)  # doctest: +SKIP
@@ -114,6 +141,7 @@ class ExactDuplicates(Step):
         hash_column: str = "image_sha256",
         duplicate_column: str = "exact_duplicate",
         duplicate_of_column: str = "exact_duplicate_of",
+        error_column: str | None = None,
     ):
         if by not in _BY:
             raise ValueError(f"by must be one of {', '.join(_BY)}, got {by!r}")
@@ -121,9 +149,11 @@ class ExactDuplicates(Step):
         self.hash_column = hash_column
         self.duplicate_column = duplicate_column
         self.duplicate_of_column = duplicate_of_column
+        self.error_column = error_column or f"{hash_column}_error"
 
     def output_columns(self) -> dict[str, pa.DataType]:
-        return {self.hash_column: pa.string(), self.duplicate_column: pa.bool_(), self.duplicate_of_column: pa.string()}
+        return {self.hash_column: pa.string(), self.duplicate_column: pa.bool_(), self.duplicate_of_column: pa.string(),
+                self.error_column: pa.string()}  # fmt: skip
 
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         df = dataset.metadata
@@ -142,5 +172,6 @@ def _columns(found: pd.DataFrame, shard: int, step: ExactDuplicates, backend: st
         step.hash_column: pa.array(found["digest"].tolist(), pa.string(), from_pandas=True),
         step.duplicate_column: pa.array(of.notna().to_numpy(dtype=bool), pa.bool_()),
         step.duplicate_of_column: pa.array(of.tolist(), pa.string(), from_pandas=True),
+        step.error_column: pa.array(found["error"].tolist(), pa.string(), from_pandas=True),
     }
     return from_arrow(pa.table(values, schema=pa.schema(list(types.items()))), backend)

@@ -20,7 +20,7 @@ from imgcurate._models import hf_offline, in_hf_cache
 from imgcurate.backends import embedding_array, embedding_type, to_pandas
 from imgcurate.embedders.base import ImageEmbedder
 from imgcurate.errors import MissingWeightsError
-from imgcurate.steps.base import Requirement, ShardIO
+from imgcurate.steps.base import Requirement, ShardIO, local_path
 
 if TYPE_CHECKING:
     import torch
@@ -168,9 +168,11 @@ class ClipEmbedder(ImageEmbedder):
             precision=precision,
             model_threads=model_threads,
         )
+        if model_name.startswith("local-dir:"):
+            model_name = "local-dir:" + local_path(model_name.removeprefix("local-dir:"))
         self.model_name = model_name
         self.pretrained = pretrained
-        self.checkpoint_path = checkpoint_path
+        self.checkpoint_path = local_path(checkpoint_path)
         self.caption_column = caption_column
         self.text_embedding_column = text_embedding_column
         self.score_column = score_column

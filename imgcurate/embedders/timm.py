@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from imgcurate._models import hf_offline, in_hf_cache
 from imgcurate.embedders.base import ImageEmbedder
 from imgcurate.errors import MissingWeightsError
+from imgcurate.steps.base import local_path
 
 if TYPE_CHECKING:
     import torch
@@ -145,7 +146,7 @@ class TimmImageEmbedder(ImageEmbedder):
         )
         self.model_name = model_name
         self.pretrained = pretrained
-        self.checkpoint_path = checkpoint_path
+        self.checkpoint_path = local_path(checkpoint_path)
         self.output = _auto_output(model_name) if output == "auto" else output
         self.use_jpeg_draft = use_jpeg_draft
         self.model_kwargs = dict(model_kwargs or {})

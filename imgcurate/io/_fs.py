@@ -15,12 +15,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_open", "write_parquet", "temp_name", "open_input", "open_output", "files_in", "same_folder"]
+__all__ = [
+    "atomic_open",
+    "write_parquet",
+    "temp_name",
+    "open_input",
+    "open_output",
+    "files_in",
+    "same_folder",
+    "missing_folder",
+    "task_url",
+]
 
 
 def temp_name(path: str) -> str:
     """A temporary name beside ``path`` that no other writer picks (``<path>.tmp-<random>``)."""
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def task_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` (as ``url_to_fs`` gives it) in the form a task opens on any worker: an absolute local path, or the
+    URL with its protocol. A worker of a running scheduler has its own working directory, so a relative local path
+    handed to a task would name another folder there.
+    """
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:
@@ -77,13 +95,34 @@ def open_output(fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
     return fs.open(path, "wb")
 
 
+def missing_folder(path: str, storage_options: dict | None = None) -> str | None:
+    """The folder that would hold the file ``path`` when it is not there, on a filesystem whose folders must exist
+    before a file is written into them (the local one, unless fsspec creates them); None otherwise. Object stores
+    have no folders to be missing."""
+    fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if not isinstance(fs, LocalFileSystem) or fs.auto_mkdir:
+        return None
+    parent = os.path.dirname(fs_path)
+    return None if os.path.isdir(parent) else parent
+
+
 @contextmanager
 def atomic_open(path: str, mode: str = "wb", storage_options: dict | None = None) -> Iterator[IO]:
-    """Opens a temporary file beside ``path`` and renames it to ``path`` only when the block succeeds."""
+    """Opens a temporary file beside ``path`` and renames it to ``path`` only when the block succeeds.
+
+    Raises:
+        FileNotFoundError: the folder that would hold ``path`` does not exist; the message names ``path`` and that
+            folder, never the temporary name.
+    """
     fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
     tmp = temp_name(fs_path)
     try:
-        with fs.open(tmp, mode) as f:
+        handle = fs.open(tmp, mode)
+    except (FileNotFoundError, NotADirectoryError):
+        folder = posixpath.dirname(path.rstrip("/")) or "."
+        raise FileNotFoundError(f"{path}: cannot write it: the folder {folder} does not exist") from None
+    try:
+        with handle as f:
             yield f
         fs.mv(tmp, fs_path)
     except BaseException:

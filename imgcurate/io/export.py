@@ -42,13 +42,13 @@ from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import to_arrow, to_pandas
 from imgcurate.errors import ShardError
-from imgcurate.io._fs import atomic_open, files_in, same_folder, temp_name
+from imgcurate.io._fs import atomic_open, files_in, same_folder, task_url, temp_name
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
 
-__all__ = ["export_webdataset", "check_export_complete", "existing_shards", "publish", "MANIFEST", "INCOMPLETE_MARKER",
-           "STAGING"]  # fmt: skip
+__all__ = ["export_webdataset", "check_export_complete", "check_sizes", "existing_shards", "publish", "MANIFEST",
+           "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
 
 #: Written last by a finished export: the shards and their sample counts.
 MANIFEST = "_imgcurate_export.json"
@@ -210,6 +210,15 @@ def write_tasks(
     ]
 
 
+def check_sizes(samples_per_shard: Any, max_shards: Any) -> None:
+    """Raises :class:`ValueError` unless ``samples_per_shard`` is an integer of at least 1 and ``max_shards`` None or
+    an integer of at least 0 (checked by pipelines before any work, too)."""
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be an integer of at least 1, got {samples_per_shard!r}")
+    if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 0):
+        raise ValueError(f"max_shards must be None or an integer >= 0, got {max_shards!r}")
+
+
 def _check_arguments(
     metadata: dd.DataFrame,
     filter_column: str | None,
@@ -217,10 +226,7 @@ def _check_arguments(
     max_shards: int | None,
     old_id_col: str | None,
 ) -> None:
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be an integer of at least 1, got {samples_per_shard!r}")
-    if max_shards is not None and (not isinstance(max_shards, int) or max_shards < 0):
-        raise ValueError(f"max_shards must be None or an integer >= 0, got {max_shards!r}")
+    check_sizes(samples_per_shard, max_shards)
     if filter_column is not None:
         if filter_column not in metadata.columns:
             columns = ", ".join(map(str, metadata.columns))
@@ -295,7 +301,7 @@ def export_webdataset(
     existing_shards(fs, out_root, path, overwrite)
     fs.makedirs(out_root, exist_ok=True)
     _remove_temporaries(fs, out_root)
-    out_dir = path.rstrip("/")
+    out_dir = task_url(fs, out_root)
     stage_dir = posixpath.join(out_dir, STAGING)
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
 

@@ -76,11 +76,14 @@ def write_shards(
     that does not open until a rerun finishes), never old and new shards side by side.
 
     Raises:
+        ValueError: ``samples_per_shard`` is not a positive integer.
         FileExistsError: ``out`` already holds shards and ``overwrite`` is false.
 
     Returns:
         The tar paths written.
     """
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard: expected a positive integer, got {samples_per_shard!r}")
     so = storage_options or {}
     fs, root = fsspec.core.url_to_fs(out, **so)
     existing_shards(fs, root, out, overwrite)

@@ -107,6 +107,14 @@ def _jsonable(value: Any) -> Any:
 _DIGESTS: dict[tuple, str] = {}
 
 
+def local_path(path: str | None) -> str | None:
+    """A local file argument made absolute on the client (``~`` expanded), so that every worker opens the same file:
+    a worker of a running scheduler has its own working directory. Paths with a protocol are left as they are."""
+    if path is None or "://" in str(path):
+        return path
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def content_digest(path: str) -> str:
     """The sha256 of a file's bytes, or of a folder's files (their relative paths and digests, in order); cached in
     this process while the file's size and modification time stay the same."""

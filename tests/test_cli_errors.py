@@ -1,0 +1,216 @@
+"""Wrong paths, counts and configs are one-line errors (exit 2) before any work, the same from run, estimate and
+doctor; a failed rerun leaves no stale summary; a sample that cannot be hashed says why."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from imgcurate.cli import main
+from imgcurate.io.make import Record, write_shards
+from imgcurate.reports import report_run_dir
+from imgcurate.testing import encode_image
+
+
+def _config(sample_dir, tmp_path, name="p.yaml", **changes) -> str:
+    config = {
+        "input": str(sample_dir),
+        "output": str(tmp_path / "out"),
+        "backend": "pandas",
+        "steps": [{"ExactDuplicates": {}}, {"SampleFilter": {"drop_duplicates": ["exact_duplicate"]}}],
+        "export": {"filter_column": "keep"},
+        **changes,
+    }
+    (tmp_path / name).write_text(yaml.safe_dump(config))
+    return str(tmp_path / name)
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and ".tmp-" not in err, err
+    assert err.startswith("imgcurate: error: "), err
+    return err[len("imgcurate: error: ") : -1]
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_any_work(sample_dir, tmp_path, capsys):
+    config = _config(sample_dir, tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["run", config, "--run-dir", str(tmp_path / "afile")]) == 2
+    assert _one_error(capsys) == f"run_dir: {tmp_path / 'afile'} is a file, not a folder"
+    assert main(["run", config, "--run-dir", str(tmp_path / "afile" / "run")]) == 2
+    afile = tmp_path / "afile"
+    assert _one_error(capsys) == f"run_dir: {afile / 'run'} cannot be made: {afile} is a file, not a folder"
+    assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command", [["run"], ["estimate"], ["doctor", "--config"]])
+def test_a_folder_given_as_the_config_is_a_clear_error(tmp_path, capsys, command):
+    assert main([*command, str(tmp_path)]) == 2
+    assert _one_error(capsys) == f"{tmp_path}: a folder, not a pipeline config file"
+
+
+COUNTS = {
+    "sample 0": ["sample", "{out}", "--samples-per-shard", "0"],
+    "sample -1": ["sample", "{out}", "--samples-per-shard", "-1"],
+    "shard 0": ["shard", "{src}", "{out}", "--samples-per-shard", "0"],
+    "config batch": ["config", "--input-path", "{src}", "--output-path", "{out}", "--output-file", "{out}.yaml",
+                     "--batch-size", "0"],
+    "config images per tar": ["config", "--input-path", "{src}", "--output-path", "{out}", "--output-file",
+                              "{out}.yaml", "--images-per-tar", "-1"],
+    "config clusters": ["config", "--input-path", "{src}", "--output-path", "{out}", "--output-file", "{out}.yaml",
+                        "--n-clusters", "0"],
+    "config words": ["config", "--input-path", "{src}", "--output-path", "{out}", "--output-file", "{out}.yaml",
+                     "--min-caption-words", "0"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(COUNTS))
+def test_counts_and_sizes_must_be_positive_integers_at_parsing(tmp_path, capsys, case):
+    (tmp_path / "src").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "a.png")
+    argv = [a.format(src=tmp_path / "src", out=tmp_path / "out") for a in COUNTS[case]]
+    option, value = argv[-2:]
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"imgcurate {argv[0]}: error: argument {option}: expected a positive integer, got {value!r}"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.yaml").exists()
+
+
+def test_the_python_api_refuses_a_shard_size_below_one(tmp_path):
+    with pytest.raises(ValueError, match="samples_per_shard: expected a positive integer, got 0"):
+        write_shards([Record({"txt": b"x"})], str(tmp_path / "out"), samples_per_shard=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_files_into_a_missing_folder_name_the_folder(sample_dir, tmp_path, capsys):
+    missing = tmp_path / "no" / "such"
+    argv = ["config", "--input-path", str(sample_dir), "--output-path", "o", "--no-dedup", "--no-aesthetic",
+            "--no-nsfw"]  # fmt: skip
+    assert main([*argv, "--output-file", str(missing / "c.yaml")]) == 2
+    assert _one_error(capsys) == f"--output-file: the folder {missing} does not exist (create it first)"
+    assert main(["init-config", str(missing / "c.yaml")]) == 2
+    assert _one_error(capsys) == f"OUT: the folder {missing} does not exist (create it first)"
+    assert main(["run", _config(sample_dir, tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out.run"), "--output", str(missing / "r.html")]) == 2
+    assert _one_error(capsys) == f"--output: the folder {missing} does not exist (create it first)"
+    assert not (tmp_path / "no").exists()
+    # the library's own error names the file asked for, not the temporary one it writes first
+    with pytest.raises(FileNotFoundError) as err:
+        report_run_dir(str(tmp_path / "out.run"), str(missing / "r.html"))
+    assert str(err.value) == f"{missing / 'r.html'}: cannot write it: the folder {missing} does not exist"
+    assert not (tmp_path / "no").exists()
+
+
+MISTAKES = {
+    "a column no step makes": (
+        lambda c: c["steps"][1]["SampleFilter"].update(drop_duplicates=["exact_duplicat"]),
+        "steps[1].SampleFilter: SampleFilter reads column(s) 'exact_duplicat' that the metadata does not have",
+    ),
+    "a report into a missing folder": (
+        lambda c: c.update(reports={"scores": "/nonexistent-folder/s.png"}),
+        "reports.scores.path: the folder /nonexistent-folder does not exist",
+    ),
+    "a run directory that is a file": (lambda c: c.update(run_dir="{tmp}/afile"), "run_dir: {tmp}/afile is a file"),
+    "a filter column that is not boolean": (
+        lambda c: c["export"].update(filter_column="drop_reason"),
+        "export.filter_column: 'drop_reason' holds",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_estimate_and_doctor_refuse_what_run_refuses_with_its_message(sample_dir, tmp_path, capsys, mistake):
+    (tmp_path / "afile").write_text("")
+    config = yaml.safe_load(open(_config(sample_dir, tmp_path)))
+    change, message = MISTAKES[mistake]
+    change(config)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config).replace("{tmp}", str(tmp_path)))
+    errors = []
+    for command in (["run"], ["estimate"], ["doctor", "--config"]):
+        assert main([*command, str(tmp_path / "p.yaml")]) == 2, command
+        errors.append(_one_error(capsys))
+    assert errors[0] == errors[1] == errors[2] and message.replace("{tmp}", str(tmp_path)) in errors[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_a_language_filter_takes_language_codes(sample_dir, tmp_path, capsys):
+    pytest.importorskip("py3langid")
+    steps = [{"CaptionFeatures": {}}, {"ClipTextFilter": {"languages": ["en", "english"]}}]
+    assert main(["run", _config(sample_dir, tmp_path, steps=steps)]) == 2
+    err = _one_error(capsys)
+    assert err.startswith(
+        f"{tmp_path / 'p.yaml'}: steps[1].ClipTextFilter: languages: 'english' is not a language "
+        "code; give the ISO 639 codes that py3langid identifies, such as 'en' or 'de' (one of "
+    )
+    assert ", en, " in err and ", zh, " in err
+    argv = ["config", "--input-path", str(sample_dir), "--output-path", "o", "--output-file", str(tmp_path / "c.yaml")]
+    assert main([*argv, "--no-dedup", "--no-aesthetic", "--no-nsfw", "--languages", "en,German"]) == 2
+    assert "languages: 'German' is not a language code" in _one_error(capsys)
+    assert not (tmp_path / "c.yaml").exists() and not (tmp_path / "out").exists()
+    from imgcurate.text import ClipTextFilter, language_codes
+
+    assert {"en", "de", "zh"} <= language_codes() and ClipTextFilter(languages=["en", "de"]).languages == ("en", "de")
+
+
+def test_a_failed_rerun_leaves_no_summary_of_the_earlier_run(sample_dir, tmp_path, capsys):
+    config = _config(sample_dir, tmp_path)
+    run_dir = tmp_path / "out.run"
+    assert main(["run", config]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["samples_in"] == 36
+    assert main(["report", str(run_dir)]) == 0
+    # the input changes, and the rerun stops part way: after it wrote the new run.json
+    for name in ("00003.tar", "00003.parquet"):
+        (sample_dir / name).unlink()
+    steps = [{"ExactDuplicates": {}}, {"user_steps:Fails": {}}, {"SampleFilter": {}}]
+    failing = _config(sample_dir, tmp_path, name="q.yaml", steps=steps)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="this step always fails"):
+        main(["run", failing, "--overwrite"])
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "report.html").exists()
+    assert main(["report", str(run_dir)]) == 2
+    assert _one_error(capsys) == f"{run_dir}: no summary.json; not a finished run (rerun the pipeline to finish it)"
+    assert main(["run", config, "--overwrite"]) == 0  # a rerun that finishes reports the new input
+    assert json.loads((run_dir / "summary.json").read_text())["samples_in"] == 30
+
+
+def test_a_sample_that_cannot_be_hashed_gets_its_reason_and_is_neither_copy_nor_unique(tmp_path, capsys):
+    photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
+    broken = b"\xff\xd8 not really a jpeg"
+    records = [Record({"jpg": photo}, caption="first"), Record({"jpg": photo}, caption="copy"),
+               Record({"json": b"{}"}, caption="no image"), Record({"jpg": broken}),
+               Record({"jpg": broken})]  # fmt: skip
+    write_shards(records, str(tmp_path / "in"), samples_per_shard=2)
+    config = {
+        "input": str(tmp_path / "in"),
+        "output": str(tmp_path / "out"),
+        "steps": [{"ExactDuplicates": {"by": "pixels"}},
+                  {"SampleFilter": {"drop_errors": True, "drop_duplicates": ["exact_duplicate"]}}],
+        "export": {"filter_column": "keep"},
+    }  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    summary = json.loads((tmp_path / "out.run" / "summary.json").read_text())
+    assert summary["errors"]["image_sha256_error"] == 3 and summary["duplicates"] == {"exact": 1}
+    assert summary["drops_by_reason"]["image_sha256_error set"] == 3 and summary["samples_kept"] == 1
+    (folder,) = (tmp_path / "out.run" / "steps").glob("00-ExactDuplicates-*")
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]).to_pydict()
+    assert rows["image_sha256_error"] == [
+        None,
+        None,
+        "sample has no image member",
+        "cannot decode image: UnidentifiedImageError: cannot identify image file (image bytes)",
+        "cannot decode image: UnidentifiedImageError: cannot identify image file (image bytes)",
+    ]
+    assert [h is None for h in rows["image_sha256"]] == [False, False, True, True, True]
+    assert rows["exact_duplicate"] == [False, True, False, False, False]

@@ -1,0 +1,134 @@
+"""A run on a scheduler the user started: its workers are other processes, started in another working directory.
+
+Every path a task opens must name the same file there as on the client: relative paths in a config (input, output,
+run directory, weights) are the client's, so they must reach the workers made absolute.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from distributed import Client
+from safetensors.torch import save_file
+
+from imgcurate import ImageTextPairDataset
+from imgcurate.cli import main
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """A ``dask scheduler`` and two ``dask worker`` processes, all started in a folder of their own."""
+    home = tmp_path_factory.mktemp("elsewhere")
+    address_file = str(home / "scheduler.json")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    common = ["--no-dashboard", "--scheduler-file", address_file]
+    procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--port", "0", *common], cwd=home, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(address_file):
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.2)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dask", "worker", "--nworkers", "2", "--nthreads", "1", *common],
+                cwd=home,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        )
+        with Client(scheduler_file=address_file, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            address = client.scheduler.address
+        yield address, home
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _weights(path, seed):
+    import timm
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(timm.create_model("test_resnet").state_dict(), str(path))
+
+
+def _config(cluster):
+    return {
+        "input": "shards",
+        "output": "out",
+        **({"cluster": cluster} if cluster else {}),
+        "steps": [
+            {
+                "TimmImageEmbedder": {
+                    "model_name": "test_resnet",
+                    "checkpoint_path": "weights/ckpt.safetensors",
+                    "batch_size": 8,
+                }
+            },  # fmt: skip
+            {"ExactDuplicates": {}},
+            {"SemanticDeduplicator": {"n_clusters": 4, "eps": 1e-4}},
+            {"SampleFilter": {"drop_duplicates": ["exact_duplicate", "is_duplicate"], "drop_errors": False}},
+        ],
+        "reports": {"duplicates": "dups.html"},
+        "export": {"filter_column": "keep"},
+    }
+
+
+def _outputs(folder):
+    return {name: (folder / "out" / name).read_bytes() for name in sorted(os.listdir(folder / "out"))}
+
+
+def test_relative_paths_of_a_config_name_the_clients_files_on_the_workers(sample_dir, tmp_path, scheduler,
+                                                                          monkeypatch):  # fmt: skip
+    """The workers' folder holds a different checkpoint under the config's relative name: a worker that opened
+    the relative path would embed with it (and write the export's parts into its own folder)."""
+    address, home = scheduler
+    _weights(home / "weights" / "ckpt.safetensors", seed=1)
+    before = sorted(p.relative_to(home) for p in home.rglob("*"))
+    runs = {}
+    for name, cluster in [("local", None), ("remote", {"address": address})]:
+        project = tmp_path / name
+        shutil.copytree(sample_dir, project / "shards")
+        _weights(project / "weights" / "ckpt.safetensors", seed=0)
+        (project / "p.yaml").write_text(yaml.safe_dump(_config(cluster)))
+        monkeypatch.chdir(project)
+        assert main(["run", "p.yaml"]) == 0
+        runs[name] = project
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == before  # nothing written in the workers' folder
+    assert _outputs(runs["remote"]) == _outputs(runs["local"])
+    emb = {name: ImageTextPairDataset.from_webdataset(str(p / "out")).metadata.compute() for name, p in runs.items()}
+    pd.testing.assert_frame_equal(emb["remote"], emb["local"])
+    assert len(emb["remote"]) > 0 and "samples flagged ('is_duplicate')" in (runs["remote"] / "dups.html").read_text()
+
+
+def test_save_metadata_to_a_relative_folder_writes_on_the_clients_side(sample_dir, tmp_path, scheduler, monkeypatch):
+    address, home = scheduler
+    monkeypatch.chdir(tmp_path)
+    with Client(address):
+        ds = ImageTextPairDataset.from_webdataset("shards")
+        df = ds.metadata
+        ds = ds.with_metadata(df.assign(big=df.width >= 256))
+        written = ds.save_metadata("meta", columns=["big"])
+    assert not (home / "meta").exists()
+    assert [os.path.dirname(p) for p in written] == [str(tmp_path / "meta")] * len(ds.tar_files)
+    back = pd.concat([pd.read_parquet(p) for p in written], ignore_index=True)
+    src = ds.metadata.compute().reset_index(drop=True)
+    assert back["key"].tolist() == src["key"].tolist()
+    assert np.array_equal(back["big"].to_numpy(), src["big"].to_numpy())
