@@ -25,7 +25,10 @@ their rows on their own) and the largest cluster's size.
 positions, key, cluster, the packed float32 embedding) on a 2-worker LocalCluster with Dask's p2p and tasks methods,
 each timed after a warm-up run: what moving the rows to their clusters costs by itself, as a ratio to ``find``.
 
-The dedup part runs a small warm-up through the same path first (``--cold`` leaves it out).
+The dedup part runs a small warm-up through the same path first (``--cold`` leaves it out). ``--threads`` runs the
+two workers as threads of the benchmark's own process instead of processes (as ``LocalCluster(processes=False)`` in
+a notebook): the rows then move between workers without leaving the process, and the client's and the workers'
+peak RSS are one figure.
 ``--clusters`` fixes the cluster count (default one per 1,000 rows), ``--fit-sample`` the KMeans sample and
 ``--rows-per-shard`` the shard size (default: ``--dedup-shards`` shards whatever the rows).
 
@@ -220,7 +223,7 @@ def _warm_up(mode: str, dim: int, client=None, folder: str | None = None) -> Non
 
 def dedup_one(
     rows: int, dim: int, shards: int, mode: str, clusters: int | None = None, fit_sample: int | None = None,
-    warm_up: bool = True,
+    warm_up: bool = True, threads: bool = False,
 ) -> dict:  # fmt: skip
     """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster, its input held in
     the workers' memory (``cluster``) or stored as parquet and run the way a pipeline with a run directory runs a
@@ -260,7 +263,8 @@ def dedup_one(
         return psutil.Process().memory_info().rss / 2**20
 
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp, LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
+        n_workers=2, threads_per_worker=1, processes=not threads,
+        dashboard_address=None, memory_limit=0
     ) as cluster, Client(cluster) as client:  # fmt: skip
         if warm_up:
             os.makedirs(os.path.join(tmp, "warm-up"))
@@ -297,8 +301,9 @@ def dedup_one(
         out["flagged"] = int(answers["is_duplicate"].sum().compute())
         out["seconds"] = round(time.perf_counter() - started, 2)
         # CPU seconds of the client and the worker processes together (steadier than wall seconds on a shared box)
-        spent = sum(client.run(_cpu_s).values()) - sum(workers_cpu.values())
+        spent = 0.0 if threads else sum(client.run(_cpu_s).values()) - sum(workers_cpu.values())
         out["cpu_s"] = round(time.process_time() - cpu + spent, 2)
+        out["workers"] = "threads" if threads else "processes"
         out["worker_peak_rss_mb"] = round(max(client.run(_peak_rss_since_reset_mb).values()))
         # partitions (and small results) that a task fetched from another worker: a pass placed away from its input
         fetched = client.run(_fetched).values()
@@ -402,6 +407,7 @@ def main() -> None:
     parser.add_argument("--fit-sample", type=int, default=None, help="fit_sample (default: 256 rows per cluster)")
     parser.add_argument("--shuffle", default=None, help="dask's shuffle method for the graph part (p2p on a cluster)")
     parser.add_argument("--cold", action="store_true", help="the dedup part without its warm-up run")
+    parser.add_argument("--threads", action="store_true", help="the dedup part's workers as threads, not processes")
     args = parser.parse_args()
     if args.part == "_graph_one":
         import dask
@@ -412,7 +418,14 @@ def main() -> None:
         return
     if args.part == "_dedup_one":
         found = dedup_one(
-            args.rows[0], args.dim, args.dedup_shards, args.mode, args.clusters, args.fit_sample, warm_up=not args.cold
+            args.rows[0],
+            args.dim,
+            args.dedup_shards,
+            args.mode,
+            args.clusters,
+            args.fit_sample,
+            warm_up=not args.cold,
+            threads=args.threads,
         )
         print(json.dumps(found))
         return
@@ -431,7 +444,7 @@ def main() -> None:
                  str(-(-n // args.rows_per_shard) if args.rows_per_shard else args.dedup_shards),
                  "--mode", mode, *(["--clusters", str(args.clusters)] if args.clusters else []),
                  *(["--fit-sample", str(args.fit_sample)] if args.fit_sample else []),
-                 *(["--cold"] if args.cold else [])]
+                 *(["--cold"] if args.cold else []), *(["--threads"] if args.threads else [])]
                 for n in args.rows for mode in args.modes]  # fmt: skip
     for run in runs:
         done = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)
