@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from imgcurate import config
 from imgcurate.dataset import ImageTextPairDataset
-from imgcurate.errors import AlignmentError, ConfigError, ImgcurateError, MissingDependencyError, ShardError
+from imgcurate.errors import (
+    AlignmentError,
+    ClusterError,
+    ConfigError,
+    ImgcurateError,
+    MissingDependencyError,
+    ShardError,
+)
 from imgcurate.io.make import make_shards
 from imgcurate.io.shards import new_key
 
@@ -12,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentError",
+    "ClusterError",
     "ConfigError",
     "ImageTextPairDataset",
     "ImgcurateError",

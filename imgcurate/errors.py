@@ -64,3 +64,9 @@ class WeightFileError(FileError):
 class MissingWeightsError(ImgcurateError, RuntimeError):
     """A model's pretrained weights cannot be loaded here (not in the caches, no network); the message says how to
     provide them."""
+
+
+class ClusterError(ImgcurateError, RuntimeError):
+    """The workers of a running cluster cannot run the pipeline: a module or package that a step needs does not import
+    there, or what a step loads (weights) is not there. Raised before any work, naming what is missing and on how
+    many workers."""

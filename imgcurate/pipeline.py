@@ -237,7 +237,7 @@ def cuda_cluster_options(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _cluster(spec: dict | None) -> Iterator[Any]:
+def _cluster(spec: dict | None, steps: list[Any] = ()) -> Iterator[Any]:
     if not spec:
         yield None
         return
@@ -248,6 +248,7 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
     spec = dict(spec)
     if "address" in spec:
         with Client(spec["address"]) as client:
+            check_workers(client, steps)
             yield client
         return
     kind = spec.pop("type", "local")
@@ -264,6 +265,61 @@ def _cluster(spec: dict | None) -> Iterator[Any]:
     # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
     with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:
         yield client
+
+
+def _missing_modules(modules: list[str]) -> list[str]:
+    """On a worker: the modules of ``modules`` that do not import there."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - missing, or broken on import: either way the worker cannot run the step
+            missing.append(module)
+    return missing
+
+
+def _resource_problems(steps: list[Any]) -> list[str]:
+    """On a worker: what each step's :meth:`~imgcurate.steps.Step.check_resources` finds missing there."""
+    from imgcurate.errors import ImgcurateError
+
+    problems = []
+    for step in steps:
+        try:
+            step.check_resources()
+        except ImgcurateError as err:
+            problems.append(str(err))
+    return problems
+
+
+def check_workers(client: Any, steps: list[Any]) -> None:
+    """Before any work on a cluster that the pipeline did not start (``cluster: {address: ...}``): every worker imports
+    each step's module and the packages it requires, and finds what it loads (:meth:`Step.check_resources`). Its
+    workers run elsewhere, maybe in another environment: without this check a missing package or weights file is a
+    task's error in the middle of the first pass.
+
+    Raises:
+        ClusterError: naming the module or the missing resource and on how many of the workers.
+    """
+    from imgcurate.errors import ClusterError
+
+    steps = [s for s in steps if isinstance(s, Step)]
+    needed: dict[str, str] = {}
+    for step in steps:
+        needed.setdefault(type(step).__module__, f"the step {step.name}")
+        for requirement in step.requires:
+            needed.setdefault(requirement.module, f"{step.name} (pip install {requirement.package})")
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    if not needed or not workers:
+        return
+    found = client.run(_missing_modules, sorted(needed))
+    for module in sorted({m for missing in found.values() for m in missing}):
+        count = sum(module in missing for missing in found.values())
+        raise ClusterError(f"cluster: {count} of {workers} workers cannot import {module!r}, which {needed[module]} "
+                           "needs: install it where the workers run (or put it on their PYTHONPATH)")  # fmt: skip
+    found = client.run(_resource_problems, steps)
+    for problem in sorted({p for problems in found.values() for p in problems}):
+        count = sum(problem in problems for problems in found.values())
+        raise ClusterError(f"cluster: on {count} of {workers} workers: {problem}")
 
 
 _KNOWN_KEYS = {
@@ -545,7 +601,7 @@ class Pipeline:
             if isinstance(step, Step):
                 step.check_resources()
         self._check_export_folder()
-        with _cluster(self.cluster):
+        with _cluster(self.cluster, self.steps):
             started = time.perf_counter()
             result, records = self.compute_steps(dataset)
             for name, kwargs in self.reports.items():

@@ -26,10 +26,13 @@ from imgcurate.cli import main
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    """A ``dask scheduler`` and two ``dask worker`` processes, all started in a folder of their own."""
+    """A ``dask scheduler`` and two ``dask worker`` processes, all started in a folder of their own (so the tests'
+    own modules do not import there) with a Hugging Face cache of their own."""
     home = tmp_path_factory.mktemp("elsewhere")
     address_file = str(home / "scheduler.json")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # the workers' Hugging Face cache is an empty folder of their own
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               HF_HUB_CACHE=str(home / "hub"))  # fmt: skip
     common = ["--no-dashboard", "--scheduler-file", address_file]
     procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--port", "0", *common], cwd=home, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
@@ -132,3 +135,46 @@ def test_save_metadata_to_a_relative_folder_writes_on_the_clients_side(sample_di
     src = ds.metadata.compute().reset_index(drop=True)
     assert back["key"].tolist() == src["key"].tolist()
     assert np.array_equal(back["big"].to_numpy(), src["big"].to_numpy())
+
+
+def _pipeline(tmp_path, sample_dir, address, steps):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "input": str(sample_dir), "output": str(tmp_path / "out"), "cluster": {"address": address}, "steps": steps,
+    }))  # fmt: skip
+    return str(tmp_path / "p.yaml")
+
+
+def test_a_step_module_the_workers_cannot_import_is_an_error_before_any_work(sample_dir, tmp_path, scheduler, capsys):
+    """``user_steps`` imports here (the tests' folder is on this process's path), not in the workers' folder."""
+    address, _ = scheduler
+    config = _pipeline(tmp_path, sample_dir, address, [{"ExactDuplicates": {}}, {"user_steps:CaptionLength": {}}])
+    assert main(["run", config]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "imgcurate: error: cluster: 2 of 2 workers cannot import 'user_steps', which the step CaptionLength needs: "
+        "install it where the workers run (or put it on their PYTHONPATH)"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_weights_cached_here_but_not_on_the_workers_are_an_error_before_any_work(sample_dir, tmp_path, scheduler,
+                                                                                 monkeypatch, capsys):  # fmt: skip
+    """Offline, pretrained weights must be in every worker's cache: here they are in this process's only."""
+    import huggingface_hub.constants as hc
+    import timm
+
+    address, _ = scheduler
+    repo = timm.create_model("test_resnet").pretrained_cfg["hf_hub_id"]
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    _weights(folder / "snapshots" / commit / "model.safetensors", seed=0)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    config = _pipeline(tmp_path, sample_dir, address, [{"TimmImageEmbedder": {"model_name": "test_resnet",
+                                                                              "pretrained": True}}])  # fmt: skip
+    assert main(["run", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("imgcurate: error: cluster: on 2 of 2 workers: ") and "not available offline" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
