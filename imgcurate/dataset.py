@@ -27,7 +27,7 @@ from imgcurate import progress
 from imgcurate._dask import map_with_shard, row_ids, shard_divisions, shard_frame, zip_columns
 from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
-from imgcurate.io._fs import files_in, task_url, write_parquet
+from imgcurate.io._fs import check_reachable, files_in, task_url, write_parquet
 from imgcurate.io.export import check_export_complete
 from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
@@ -132,6 +132,7 @@ class ImageTextPairDataset:
         storage_options = dict(storage_options or {})
         backend = resolve_backend_name(backend)
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        check_reachable(fs, path)
         check_export_complete(fs, root, path)
         tars = files_in(fs, root, "*.tar")
         if not tars:
@@ -285,6 +286,7 @@ class ImageTextPairDataset:
             df = df[[self.id_col, *[c for c in columns if c != self.id_col]]]
         if path is not None:
             fs, root = fsspec.core.url_to_fs(path, **self.storage_options)
+            check_reachable(fs, path)
             fs.makedirs(root, exist_ok=True)
             path = task_url(fs, root)
         written = self.map_shards(_save_partition, path, self.storage_options, meta=pd.Series([], dtype=object),

@@ -522,6 +522,16 @@ class Pipeline:
             folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
             if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
                 raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
+        if _worker_processes(self.cluster):
+            from imgcurate.io._fs import process_local
+
+            paths = [("input", self.input), ("export.path", (self.export or {}).get("path")),
+                     ("run_dir", self.resolved_run_dir())]  # fmt: skip
+            for key, path in paths:
+                if path and process_local(fsspec.core.url_to_fs(str(path), **so)[0]):
+                    raise ConfigError(f"{key}: {path} is in this process's memory, which the cluster's worker "
+                                      "processes do not share: use a filesystem they all reach, or a cluster with "
+                                      "processes: false")  # fmt: skip
 
     def _check_export_folder(self) -> None:
         """The export folder holds no shards, unless the export may overwrite them (a run's own state, not the
@@ -669,6 +679,15 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a pipeline config is a mapping of sections, got {type(config).__name__}")
     return config
+
+
+def _worker_processes(spec: dict | None) -> bool:
+    """Whether a ``cluster`` section runs its tasks in processes other than this one."""
+    if not spec:
+        return False
+    if "address" in spec or spec.get("type") == "cuda":
+        return True
+    return bool(spec.get("processes", True))
 
 
 def _file_in_the_way(fs: Any, path: str) -> str | None:

@@ -38,7 +38,7 @@ from imgcurate import progress
 from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
-from imgcurate.io._fs import atomic_open, files_in
+from imgcurate.io._fs import atomic_open, check_reachable, files_in
 from imgcurate.io.schema import conform, is_error_column
 
 __all__ = ["FINISHED", "ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
@@ -93,6 +93,7 @@ class RunDir:
 
     def __post_init__(self):
         self.fs, self.root = fsspec.core.url_to_fs(self.path, **self.storage_options)
+        check_reachable(self.fs, self.path)
         if self.create:
             self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
 

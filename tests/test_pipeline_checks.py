@@ -120,6 +120,14 @@ MISTAKES = {
         ),
         "reports.duplicates: the metadata has no dedup columns",
     ),  # fmt: skip
+    "a run directory in memory with worker processes": (
+        lambda c: c.update(cluster={"n_workers": 1, "processes": True}, run_dir="memory://run"),
+        "run_dir: memory://run is in this process's memory, which the cluster's worker processes do not share",
+    ),
+    "an export in memory on a running scheduler": (
+        lambda c: c.update(cluster={"address": "tcp://127.0.0.1:1"}, output="memory://out"),
+        "export.path: memory://out is in this process's memory, which the cluster's worker processes do not share",
+    ),
     "a report into a folder that does not exist": (
         lambda c: c.update(reports={"scores": "/nonexistent-folder/s.html"}),
         "reports.scores.path: the folder /nonexistent-folder does not exist",

@@ -178,3 +178,23 @@ def test_weights_cached_here_but_not_on_the_workers_are_an_error_before_any_work
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("imgcurate: error: cluster: on 2 of 2 workers: ") and "not available offline" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_memory_paths_are_refused_while_tasks_run_in_worker_processes(sample_ds, scheduler):
+    """``memory://`` is private to a process: with a client of worker processes, a call that would hand such a path
+    to tasks says so at once instead of failing (or writing nowhere) mid-job; with threads it works."""
+    from imgcurate.rundir import RunDir
+
+    address, _ = scheduler
+    calls = {
+        "memory://x-export": lambda: sample_ds.to_webdataset("memory://x-export"),
+        "memory://x-meta": lambda: sample_ds.save_metadata("memory://x-meta"),
+        "memory://x-input": lambda: ImageTextPairDataset.from_webdataset("memory://x-input"),
+        "memory://x-run": lambda: RunDir("memory://x-run"),
+    }
+    with Client(address):
+        for path, call in calls.items():
+            with pytest.raises(ValueError, match=f"^{path}: this process's memory, which the worker processes"):
+                call()
+    out = sample_ds.to_webdataset("memory://x-export", old_id_col="old_key")  # the threaded scheduler: one process
+    assert out.metadata.compute()["old_key"].tolist() == sample_ds.metadata.compute()["key"].tolist()

@@ -25,6 +25,8 @@ __all__ = [
     "same_folder",
     "missing_folder",
     "task_url",
+    "process_local",
+    "check_reachable",
 ]
 
 
@@ -39,6 +41,42 @@ def task_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     handed to a task would name another folder there.
     """
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def process_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` keeps its files in the memory of the process that writes them (``memory://``): other processes,
+    a cluster's workers among them, see none of them."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    return isinstance(fs, MemoryFileSystem)
+
+
+def _tasks_in_other_processes() -> bool:
+    """Whether Dask runs tasks in processes other than this one: the ``processes`` scheduler, or a distributed client
+    whose scheduler is not in this process (an ``inproc://`` address is ``LocalCluster(processes=False)``)."""
+    import dask
+
+    scheduler = dask.config.get("scheduler", None)
+    if scheduler in ("processes", "multiprocessing"):
+        return True
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed, or no client: the threaded or synchronous scheduler
+        return False
+    if scheduler in ("threads", "threading", "sync", "synchronous", "single-threaded"):
+        return False
+    return not str(client.scheduler.address).startswith("inproc://")
+
+
+def check_reachable(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Raises :class:`ValueError` when ``path`` is on a filesystem private to this process (:func:`process_local`)
+    while Dask runs the tasks in other processes, which would find nothing there or write where no one reads."""
+    if process_local(fs) and _tasks_in_other_processes():
+        raise ValueError(f"{path}: this process's memory, which the worker processes of the Dask scheduler in use do "
+                         "not share: use a filesystem they all reach, or a scheduler that runs tasks in this "
+                         "process")  # fmt: skip
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:

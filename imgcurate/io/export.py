@@ -42,7 +42,7 @@ from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import to_arrow, to_pandas
 from imgcurate.errors import ShardError
-from imgcurate.io._fs import atomic_open, files_in, same_folder, task_url, temp_name
+from imgcurate.io._fs import atomic_open, check_reachable, files_in, same_folder, task_url, temp_name
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
@@ -295,6 +295,7 @@ def export_webdataset(
     so = dict(storage_options or {})
     _check_arguments(metadata, filter_column, samples_per_shard, max_shards, old_id_col)
     fs, out_root = fsspec.core.url_to_fs(path, **so)
+    check_reachable(fs, path)
     src_fs, src_root = fsspec.core.url_to_fs(source, **so)
     if type(src_fs) is type(fs) and same_folder(fs, out_root, src_root):
         raise ValueError(f"{path}: the output folder must differ from the input folder")
