@@ -247,7 +247,7 @@ def _cluster(spec: dict | None, steps: list[Any] = ()) -> Iterator[Any]:
 
     spec = dict(spec)
     if "address" in spec:
-        with Client(spec["address"]) as client:
+        with _connect(spec["address"]) as client:
             check_workers(client, steps)
             yield client
         return
@@ -265,6 +265,25 @@ def _cluster(spec: dict | None, steps: list[Any] = ()) -> Iterator[Any]:
     # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
     with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:
         yield client
+
+
+def _connect(address: str) -> Any:
+    """A client of the running scheduler at ``address``.
+
+    Raises:
+        ClusterError: no scheduler answered there (within distributed's connect timeout).
+    """
+    import dask
+    from distributed import Client
+
+    from imgcurate.errors import ClusterError
+
+    try:
+        return Client(address)
+    except (OSError, TimeoutError) as err:  # distributed raises OSError after its connect timeout
+        timeout = dask.config.get("distributed.comm.timeouts.connect")
+        raise ClusterError(f"cluster.address: no Dask scheduler answered at {address} within {timeout} "
+                           f"({type(err).__name__})") from None  # fmt: skip
 
 
 def _missing_modules(modules: list[str]) -> list[str]:

@@ -214,3 +214,18 @@ def test_with_reports_and_an_export_each_step_still_runs_once_per_shard(sample_d
     pipeline.export["overwrite"] = True
     pipeline.run(sample_ds)
     assert embedded == [] and CaptionLength.calls == []
+
+
+def test_a_scheduler_address_where_none_answers_is_one_line(sample_dir, tmp_path, capsys):
+    import dask
+
+    config = _base(sample_dir, tmp_path)
+    config["cluster"] = {"address": "tcp://127.0.0.1:9"}  # the discard port: nothing listens there
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err == "imgcurate: error: cluster.address: no Dask scheduler answered at tcp://127.0.0.1:9 within 1s (OSError)"
+    )
+    assert not (tmp_path / "out").exists()
