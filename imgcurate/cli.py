@@ -366,10 +366,10 @@ def _write_text(path: str, text: str, force: bool) -> int:
     if path == "-":
         sys.stdout.write(text)
         return 0
-    if os.path.exists(path) and not force:
+    if os.path.exists(os.path.expanduser(path)) and not force:
         print(f"{path} exists; pass --force to overwrite", file=sys.stderr)
         return 1
-    with open(path, "w") as f:
+    with open(os.path.expanduser(path), "w") as f:  # '~' as the folder check (fsspec) reads it
         f.write(text)
     print(f"wrote {path}")
     return 0

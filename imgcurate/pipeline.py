@@ -24,7 +24,6 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
-import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -528,15 +527,19 @@ class Pipeline:
 
         import fsspec
 
+        from imgcurate.io._fs import task_url
+
         so = self.storage_options or {}
         for key, folder in (("export.path", (self.export or {}).get("path")), ("run_dir", self.resolved_run_dir())):
             if folder:
                 fs, root = fsspec.core.url_to_fs(str(folder), **so)
-                blocked = _file_in_the_way(fs, root)
-                if blocked == root.rstrip("/"):
-                    raise ConfigError(f"{key}: {folder} is a file, not a folder")
-                if blocked is not None:
-                    raise ConfigError(f"{key}: {folder} cannot be made: {blocked} is a file, not a folder")
+                found = _in_the_way(fs, root)
+                if found is not None:
+                    blocked, what = found
+                    if blocked == root.rstrip("/"):
+                        raise ConfigError(f"{key}: {folder} is {what}, not a folder")
+                    raise ConfigError(f"{key}: {folder} cannot be made: {task_url(fs, blocked)} is {what}, not a "
+                                      "folder")  # fmt: skip
         for name, kwargs in self.reports.items():
             folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
             if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
@@ -594,6 +597,9 @@ class Pipeline:
             "id_col": dataset.id_col,
             "fingerprint": fingerprint,
             "steps": [s.describe() for s in self.steps if isinstance(s, Step)],
+            # what the run writes after the steps: a rerun that changes only these must not keep the old summary
+            "reports": self.reports,
+            "export": self.export,
         }
         run.begin(described)
         records = []
@@ -709,16 +715,26 @@ def _worker_processes(spec: dict | None) -> bool:
     return bool(spec.get("processes", True))
 
 
-def _file_in_the_way(fs: Any, path: str) -> str | None:
-    """The file that keeps ``path`` from being a folder on ``fs``: ``path`` itself or its nearest existing parent,
-    when that is a file; None when the folder is there or can be made."""
+def _in_the_way(fs: Any, path: str) -> tuple[str, str] | None:
+    """What keeps the folder ``path`` from being made on ``fs``, as (its path, what it is): ``path`` itself or, on the
+    local filesystem, its nearest existing parent, when that is a file or a broken symbolic link; None when the folder
+    is there or can be made. On object stores a key and a prefix of the same name live side by side, so only
+    ``path`` itself is looked at there."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
     path = path.rstrip("/")
-    while path and not fs.exists(path):
-        parent = posixpath.dirname(path)
+    if not isinstance(fs, LocalFileSystem):
+        return (path, "a file") if fs.isfile(path) else None
+    while path and not os.path.lexists(path):
+        parent = os.path.dirname(path)
         if not parent or parent == path:
             return None
         path = parent
-    return path if path and fs.isfile(path) else None
+    if os.path.islink(path) and not os.path.exists(path):
+        return path, "a broken symbolic link"
+    return (path, "a file") if os.path.exists(path) and not os.path.isdir(path) else None
 
 
 def _absolute_url(path: str, storage_options: dict | None) -> str:

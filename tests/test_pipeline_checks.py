@@ -30,9 +30,9 @@ MISTAKES = {
         lambda c: c["export"].update(samples_per_shard=0),
         "export: samples_per_shard must be an integer of at least 1, got 0",
     ),
-    "negative max_shards": (
-        lambda c: c["export"].update(max_shards=-1),
-        "export: max_shards must be None or an integer >= 0, got -1",
+    "no shards at all": (
+        lambda c: c["export"].update(max_shards=0),
+        "export: max_shards must be None or an integer of at least 1, got 0",
     ),
     "unknown export key": (
         lambda c: c["export"].update(sampels_per_shard=10),

@@ -84,3 +84,24 @@ def test_damaged_shard_on_s3_is_named(sample_dir, s3):
     fs.pipe("data/bad/00000.tar", data[: len(data) // 2])
     with pytest.raises(ShardError, match=r"s3://data/bad/00000\.tar: truncated"):
         ImageTextPairDataset.from_webdataset("s3://data/bad", storage_options=s3)
+
+
+def test_an_export_under_a_key_of_the_same_name_is_accepted(sample_dir, s3):
+    """On S3 ``exports`` (an object) and ``exports/v2/...`` (objects under a prefix) live side by side, so a pipeline
+    may export there; ``exports`` itself is an object, not a folder."""
+    import s3fs
+
+    from imgcurate.errors import ConfigError
+    from imgcurate.pipeline import Pipeline
+
+    fs = s3fs.S3FileSystem(**s3)
+    fs.pipe("data/exports", b"an object")
+    fs.pipe("data/exports/v1/00000.tar", b"")
+    assert fs.isfile("data/exports") and fs.isfile("data/exports/v1/00000.tar")
+
+    def check(path):
+        Pipeline(steps=[], input=str(sample_dir), export={"path": path}, storage_options=s3).check_config(None)
+
+    check("s3://data/exports/v2")
+    with pytest.raises(ConfigError, match="^export.path: s3://data/exports is a file, not a folder$"):
+        check("s3://data/exports")

@@ -178,7 +178,7 @@ class ClipEmbedder(ImageEmbedder):
         self.score_column = score_column
         self.scale_score = scale_score
         self.text_batch_size = text_batch_size or batch_size or 64
-        if checkpoint_path is not None and not os.path.exists(checkpoint_path):
+        if checkpoint_path is not None and not os.path.exists(local_path(checkpoint_path)):
             raise FileNotFoundError(f"{checkpoint_path}: checkpoint file not found")
         self._model_cfg, self._preprocess_cfg = _configs(model_name, pretrained)
         self._transform = None
@@ -212,8 +212,15 @@ class ClipEmbedder(ImageEmbedder):
         return _Towers(model.eval().to(device), open_clip.get_tokenizer(self.model_name))
 
     def check_resources(self) -> None:
-        """Offline, a pretrained tag's weights must be in the Hugging Face cache: an error before any work."""
+        """Offline, a pretrained tag's weights must be in the Hugging Face cache: an error before any work; so must
+        the local files it loads (:meth:`Step.check_resources`, and a ``local-dir:`` model's folder)."""
         import open_clip
+
+        super().check_resources()
+        if self.model_name.startswith("local-dir:") and not os.path.isdir(self.model_name.removeprefix("local-dir:")):
+            from imgcurate.errors import FileError
+
+            raise FileError(self.model_name, "no such folder")
 
         tag = self.pretrained if self.checkpoint_path is None else None
         if not tag or not hf_offline():

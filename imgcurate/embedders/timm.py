@@ -127,7 +127,7 @@ class TimmImageEmbedder(ImageEmbedder):
             raise ValueError(f"unknown timm model {model_name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(_OUTPUTS)}, got {output!r}")
-        if checkpoint_path is not None and not os.path.exists(checkpoint_path):
+        if checkpoint_path is not None and not os.path.exists(local_path(checkpoint_path)):
             raise FileNotFoundError(f"{checkpoint_path}: checkpoint file not found")
         super().__init__(
             image_embedding_column=image_embedding_column,
@@ -217,7 +217,8 @@ class TimmImageEmbedder(ImageEmbedder):
 
     def check_resources(self) -> None:
         """Offline, the pretrained weights must be in the caches: a missing download is an error before any work,
-        not at the first shard."""
+        not at the first shard; so must the local files it loads (:meth:`Step.check_resources`)."""
+        super().check_resources()
         wanted = self.pretrained is True and self.checkpoint_path is None
         if wanted and hf_offline() and pretrained_weights_cached(self.model_name) is False:
             raise MissingWeightsError(self._missing_weights("are not available offline"))

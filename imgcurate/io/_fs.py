@@ -149,16 +149,28 @@ def atomic_open(path: str, mode: str = "wb", storage_options: dict | None = None
     """Opens a temporary file beside ``path`` and renames it to ``path`` only when the block succeeds.
 
     Raises:
-        FileNotFoundError: the folder that would hold ``path`` does not exist; the message names ``path`` and that
-            folder, never the temporary name.
+        OSError: the temporary file cannot be made (no such folder, a file where the folder should be, no
+            permission); of the same type as the filesystem's error, its message naming ``path`` and the problem,
+            never the temporary name.
     """
     fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
     tmp = temp_name(fs_path)
     try:
         handle = fs.open(tmp, mode)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError as err:
         folder = posixpath.dirname(path.rstrip("/")) or "."
-        raise FileNotFoundError(f"{path}: cannot write it: the folder {folder} does not exist") from None
+        parent = posixpath.dirname(fs_path)
+        if isinstance(err, FileNotFoundError | NotADirectoryError) and fs.isfile(parent):
+            problem = f"{folder} is a file, not a folder"
+        elif isinstance(err, FileNotFoundError | NotADirectoryError) and not fs.isdir(parent):
+            problem = f"the folder {folder} does not exist"
+        elif isinstance(err, PermissionError):
+            problem = f"no permission to write in {folder}"
+        else:
+            problem = err.strerror or type(err).__name__
+        error = type(err)(f"{path}: cannot write it: {problem}")
+        error.errno = err.errno
+        raise error from None
     try:
         with handle as f:
             yield f

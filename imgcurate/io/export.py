@@ -212,11 +212,11 @@ def write_tasks(
 
 def check_sizes(samples_per_shard: Any, max_shards: Any) -> None:
     """Raises :class:`ValueError` unless ``samples_per_shard`` is an integer of at least 1 and ``max_shards`` None or
-    an integer of at least 0 (checked by pipelines before any work, too)."""
+    an integer of at least 1 (no shard at all would export nothing); pipelines check them before any work, too."""
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be an integer of at least 1, got {samples_per_shard!r}")
-    if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 0):
-        raise ValueError(f"max_shards must be None or an integer >= 0, got {max_shards!r}")
+    if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1):
+        raise ValueError(f"max_shards must be None or an integer of at least 1, got {max_shards!r}")
 
 
 def _check_arguments(

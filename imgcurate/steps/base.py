@@ -187,10 +187,19 @@ class Step(abc.ABC):
         """The sha256 of each local file (or folder) that an argument ending in ``_path`` names (weights:
         ``checkpoint_path``, ``model_path``), by argument: new weights at the same path are a new step. Remote paths
         are left out."""
+        return {name: content_digest(path) for name, path in self.local_files().items() if os.path.exists(path)}
+
+    def local_files(self) -> dict[str, str]:
+        """The local files (or folders) that the arguments ending in ``_path`` name, by argument, as the step opens
+        them: the attribute of the same name where the constructor made it absolute on the client
+        (:func:`local_path`), so that a worker in another folder names the same file. Remote paths are left out."""
         found = {}
         for name, value in sorted(self.config.items()):
-            if name.endswith("_path") and isinstance(value, str) and "://" not in value and os.path.exists(value):
-                found[name] = content_digest(value)
+            if not name.endswith("_path"):
+                continue
+            resolved = getattr(self, name, value)
+            if isinstance(resolved, str) and "://" not in resolved:
+                found[name] = local_path(resolved)
         return found
 
     def fingerprint(self) -> str:
@@ -205,10 +214,22 @@ class Step(abc.ABC):
         """Checks, before a run does any work, that what the step loads at run time is here (weights in the caches
         when offline). Not part of :meth:`check`, so a config can be written and checked on a machine without them.
 
+        This base check finds the local files that the step's ``*_path`` arguments name (:meth:`local_files`), and
+        those of the steps among its arguments (an embedder's fused classifiers). Subclasses that check more call it.
+
         Raises:
             ImgcurateError: naming what is missing and how to provide it.
         """
-        return None
+        from imgcurate.errors import FileError
+
+        for name, path in self.local_files().items():
+            if not os.path.exists(path):
+                raise FileError(path, f"not found ({self.name}'s {name})")
+        for name, value in self.config.items():
+            value = getattr(self, name, value)  # as the constructor built it: an embedder's classifiers are objects
+            for inner in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(inner, Step):
+                    inner.check_resources()
 
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The numeric thresholds this step applies, ``column -> [(label, value)]``; the run report draws them on
