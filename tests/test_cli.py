@@ -304,9 +304,10 @@ def test_config_checks_the_column_flow_when_the_input_is_there(sample_dir, tmp_p
     assert "AestheticClassifier" in text and "NsfwClassifier" in text
 
 
-def test_the_readme_main_job_keeps_one_sample_per_photo(tmp_path, capsys):
+def test_the_readme_main_job_keeps_one_sample_per_photo(tmp_path, capsys, fresh_models):
     """examples/sample_pipeline.yaml, which the README's first command runs: embed, exact and semantic dedup,
-    filter, report and export on the bundled sample, offline (seeded random weights, with a warning)."""
+    filter, report and export on the bundled sample, offline (seeded random weights, with a warning: the model
+    cache starts empty, so the warning is not lost to a model an earlier test loaded in this process)."""
     import pathlib
     import warnings
 
