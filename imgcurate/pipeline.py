@@ -644,7 +644,14 @@ class Pipeline:
             keep = (self.export or {}).get("filter_column")
             facts = summarize(result, records, keep)
             out = result
-            if self.export:
+            nothing = None
+            if self.export and facts.get("samples_kept") == 0:
+                # every sample dropped: no export (it would be an error), but the summary and the report say why
+                nothing = (f"{self.export['path']}: no sample is selected for export (filter_column={keep!r}), so "
+                           "nothing was written there (what it held is left as it was); the run summary and report "
+                           "give the drops by reason")  # fmt: skip
+                facts["exported"] = {"path": str(self.export["path"]), "shards": 0, "error": "no sample is selected"}
+            elif self.export:
                 kwargs = dict(self.export)
                 export_started = time.perf_counter()
                 out = result.to_webdataset(kwargs.pop("path"), **kwargs)
@@ -660,6 +667,8 @@ class Pipeline:
                     run_report(result, run.url(REPORT_NAME), facts)
             if summary is not None:
                 summary(facts)
+            if nothing is not None:
+                raise ValueError(nothing)
             return out
 
 

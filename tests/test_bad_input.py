@@ -526,3 +526,31 @@ def test_aligned_samples_tells_missing_rows_from_reordered_ones(tmp_path, presen
     got = list(aligned_samples(tar, rows))
     assert [None if s is None else s.key for s in got] == [k if k in tar_keys else None for k in rows]
     assert [s.members["txt"] for s in got if s is not None] == [k.encode() for k in rows if k in tar_keys]
+
+
+def test_half_an_emoji_in_json_or_a_caption_becomes_the_replacement_character(tmp_path):
+    """JSON may escape a lone UTF-16 surrogate (an emoji cut in half); UTF-8 cannot hold it. Opening such a shard,
+    making shards from such a sidecar, or writing such a caption keeps the row, with U+FFFD in its place; an escaped
+    pair stays the emoji."""
+    from PIL import Image
+
+    from imgcurate.io.make import Record, make_shards, write_shards
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    (tmp_path / "in").mkdir()
+    half, pair = b'{"title": "cat \\ud83d", "ok": "\\ud83d\\ude00"}', b'{"title": "dog"}'
+    write_tar(tmp_path / "in" / "00000.tar", [("a.jpg", jpg), ("a.json", half), ("b.jpg", jpg), ("b.json", pair)])
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "in")).metadata.compute()
+    assert df["title"].tolist() == ["cat \ufffd", "dog"] and df["ok"].iloc[0] == "\U0001f600" and df["ok"].isna().iloc[1]
+    assert df["error"].isna().all()
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(jpg)
+    (tmp_path / "src" / "a.json").write_bytes(b'{"caption": "cat \\ud83d"}')
+    make_shards(str(tmp_path / "src"), str(tmp_path / "made"))
+    write_shards([Record({"jpg": jpg}, caption="half \ud83d")], str(tmp_path / "written"))
+    for folder, caption in (("made", "cat \ufffd"), ("written", "half \ufffd")):
+        (sample,) = iter_samples(str(tmp_path / folder / "00000.tar"))
+        assert sample.members["txt"].decode("utf-8") == caption
+        meta = ImageTextPairDataset.from_webdataset(str(tmp_path / folder)).metadata.compute()
+        assert meta["caption"].tolist() == [caption]

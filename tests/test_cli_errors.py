@@ -214,3 +214,23 @@ def test_a_sample_that_cannot_be_hashed_gets_its_reason_and_is_neither_copy_nor_
     ]
     assert [h is None for h in rows["image_sha256"]] == [False, False, True, True, True]
     assert rows["exact_duplicate"] == [False, True, False, False, False]
+
+
+def test_a_run_that_drops_every_sample_still_writes_its_summary_and_report(sample_dir, tmp_path, capsys):
+    """Nothing to export is an error (exit 2), after the summary and the report that say why were written; an
+    earlier export in the output folder is left as it was."""
+    config = _config(sample_dir, tmp_path, steps=[{"SampleFilter": {"min_width": 1}}])
+    assert main(["run", config]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    config = _config(sample_dir, tmp_path, steps=[{"SampleFilter": {"min_width": 100000}}])
+    capsys.readouterr()
+    assert main(["run", config, "--overwrite"]) == 2
+    assert _one_error(capsys) == (
+        f"{tmp_path / 'out'}: no sample is selected for export (filter_column='keep'), so nothing was written there "
+        "(what it held is left as it was); the run summary and report give the drops by reason"
+    )
+    summary = json.loads((tmp_path / "out.run" / "summary.json").read_text())
+    assert summary["samples_kept"] == 0 and summary["drops_by_reason"]["width < 100000"] == summary["samples_in"]
+    assert summary["exported"]["shards"] == 0
+    assert "width &lt; 100000" in (tmp_path / "out.run" / "report.html").read_text()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import seeded_checkpoint
 from hypothesis import given, settings
@@ -247,6 +248,53 @@ def test_semantic_on_a_dataset_with_a_null_embedding(sample_ds):
     got = out.metadata.compute().reset_index(drop=True)
     assert got["cluster"].isna().sum() == 4 and not got.loc[got.cluster.isna(), "is_duplicate"].any()
     assert got["is_duplicate"].sum() >= 4
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_an_embedding_with_nan_or_inf_is_an_error_row_and_the_others_are_as_if_it_were_null(sample_ds, bad):
+    """A non-finite value in one embedding (a model overflow) used to crash faiss's KMeans or, with centroids
+    given, win every comparison in its cluster. Now that row is skipped like a null embedding, with its reason, and
+    every other row gets what it gets when that embedding is null; ``find`` refuses such an array."""
+    from imgcurate.dedup.semantic import NOT_FINITE
+    from imgcurate.filters import SampleFilter
+
+    df = sample_ds.metadata
+
+    def emb(part, partition_info=None, value=None):
+        rng = np.random.default_rng(partition_info["number"])
+        x = rng.standard_normal((len(part), 16)).astype(np.float32)
+        x[1::3] = x[0::3][: len(x[1::3])] + 1e-4  # near copies to find
+        vecs = list(x)
+        if partition_info["number"] == 1:
+            vecs[2] = None if value is None else np.where(np.arange(16) == 5, value, vecs[2]).astype(np.float32)
+        return part.assign(image_embedding=vecs)
+
+    meta = {**df.dtypes.to_dict(), "image_embedding": object}
+    broken = sample_ds.with_metadata(df.map_partitions(emb, value=bad, meta=meta))
+    null = sample_ds.with_metadata(df.map_partitions(emb, meta=meta))
+    step = SemanticDeduplicator(n_clusters=3, eps=0.01, which_to_keep="random")
+    got = step(broken).metadata.compute().reset_index(drop=True)
+    want = step(null).metadata.compute().reset_index(drop=True)
+    row = got.index[got["key"] == null.metadata.partitions[1].compute()["key"].iloc[2]][0]
+    assert got.loc[row, "semantic_dedup_error"] == NOT_FINITE and pd.isna(got.loc[row, "cluster"])
+    assert not got.loc[row, "is_duplicate"] and got["semantic_dedup_error"].notna().sum() == 1
+    columns = ["cluster", "distance_to_centroid", "max_similarity", "duplicate_of", "is_duplicate"]
+    pd.testing.assert_frame_equal(got[columns], want[columns])
+    assert want["is_duplicate"].sum() > 0
+    kept = SampleFilter(drop_duplicates=["is_duplicate"])(step(broken)).metadata.compute()
+    assert kept.loc[kept["semantic_dedup_error"].notna(), "drop_reason"].tolist() == ["semantic_dedup_error set"]
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    x[7, 3] = bad
+    with pytest.raises(ValueError, match=r"^x has 1 rows with NaN or infinite values \(the first is row 7\)"):
+        step.find(x)
+
+
+def test_ranking_by_a_column_that_is_not_numbers_is_refused_before_work(sample_ds):
+    from imgcurate.steps.base import ColumnError
+
+    with pytest.raises(ColumnError, match="which_to_keep ranks by 'variant', which holds"):
+        step = SemanticDeduplicator(n_clusters=3, which_to_keep=["variant"], embedding_column="width")
+        step.check(sample_ds.metadata._meta, "key")  # the column check comes first: give it some column
 
 
 def _with_embeddings(ds, dims=(16,), null_rows=(2,)):

@@ -377,12 +377,17 @@ class SemanticDeduplicator(Step):
         fit_sample: how many samples KMeans is fitted on: an int (at most that many), a float in (0, 1] (that
             fraction), or None for ``256 * n_clusters`` (what faiss itself would draw). The sample is drawn on the
             workers, shard by shard, with a seeded draw.
+        error_column: output column with why a sample was left out although it has an embedding: one that holds NaN
+            or infinite values (a model overflow, say) is neither clustered nor compared, and gets
+            :data:`NOT_FINITE` here; null for every other sample.
 
     Output columns: ``cluster``, ``distance_to_centroid`` (cosine distance), ``max_similarity``, ``duplicate_of``,
     ``is_duplicate`` (and per-eps columns for a list). In greedy mode ``duplicate_of`` is the id of the most similar
     earlier-ranked sample, set for every sample but the first of its cluster (duplicate or not: it is the partner of
     ``max_similarity``); in connected mode a duplicate's ``duplicate_of`` is the sample kept for its group instead.
-    Samples with a null embedding are skipped; their outputs are null and ``is_duplicate`` is false.
+    Samples with a null embedding are skipped; their outputs are null and ``is_duplicate`` is false. So are samples
+    whose embedding holds NaN or infinite values, with the reason in ``error_column`` (which a
+    :class:`~imgcurate.filters.SampleFilter` with ``drop_errors`` drops). :meth:`find`, on an array, refuses them.
 
     Example:
         >>> ds = TimmImageEmbedder("vit_base_patch32_clip_224.openai", pretrained=True)(ds)  # doctest: +SKIP
@@ -408,6 +413,7 @@ class SemanticDeduplicator(Step):
         tol: float = 1e-4,
         device: str = "auto",
         fit_sample: int | float | None = None,
+        error_column: str = "semantic_dedup_error",
     ):
         if isinstance(which_to_keep, str):
             if which_to_keep not in _KEEP:
@@ -455,6 +461,7 @@ class SemanticDeduplicator(Step):
         self.tol = tol
         self.device = device
         self.fit_sample = fit_sample
+        self.error_column = error_column
         self.stats_: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ core, on arrays
@@ -521,6 +528,10 @@ class SemanticDeduplicator(Step):
         """:meth:`find`, with ``fit`` giving (centroids, iterations) for the normalised rows unless cached."""
         x = np.array(x, dtype=np.float32, order="C", copy=True if copy else None)
         n = len(x)
+        bad = np.flatnonzero(~_finite_rows(x))
+        if len(bad):
+            raise ValueError(f"x has {len(bad)} rows with NaN or infinite values (the first is row {bad[0]}): drop "
+                             "them, or run on a dataset, which records them as errors")  # fmt: skip
         if n < self.n_clusters:
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
         _normalize(x)
@@ -650,6 +661,7 @@ class SemanticDeduplicator(Step):
         }
         if len(self.eps) > 1:
             types.update({f"is_duplicate_eps{e}": pa.bool_() for e in self.eps})
+        types[self.error_column] = pa.string()
         return types
 
     def check(self, meta: Any, id_col: str) -> None:
@@ -657,6 +669,12 @@ class SemanticDeduplicator(Step):
         arrow_type = getattr(meta[self.embedding_column].dtype, "pyarrow_dtype", None)
         if arrow_type is not None and not is_embedding_type(arrow_type):
             raise ColumnError(f"{self.name} reads {self.embedding_column!r}, which holds {arrow_type}, not embeddings")
+        sample = to_pandas(meta[self.keep_by]) if self.keep_by else None
+        for column in self.keep_by:
+            kind = sample[column].dtype
+            if not (pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_bool_dtype(kind)):
+                raise ColumnError(f"{self.name}: which_to_keep ranks by {column!r}, which holds {kind}, not numbers "
+                                  "(rank by a score, a size or a boolean column)")  # fmt: skip
 
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The similarity above which a sample is a duplicate (``1 - eps``), drawn on the report's histogram."""
@@ -815,17 +833,36 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """Which rows of a float32 matrix hold only finite values (their squared norm is finite), in one pass without
+    an N x D temporary."""
+    if not len(x):
+        return np.zeros(0, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(np.einsum("ij,ij->i", x, x))
+
+
+def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(valid, x, unusable)``: the rows with a usable embedding, their float32 matrix, and the rows whose embedding
+    holds NaN or infinite values (neither clustered nor compared: they get :data:`NOT_FINITE` as their error)."""
     try:
-        return embedding_matrix(part[column], column)
+        valid, x = embedding_matrix(part[column], column)
     except ValueError as err:
         raise ShardError(shard.tar if shard else column, str(err)) from None
+    finite = _finite_rows(x)
+    unusable = np.zeros(len(valid), dtype=bool)
+    if not finite.all():
+        rows = np.flatnonzero(valid)
+        unusable[rows[~finite]] = True
+        valid = valid & ~unusable
+        x = x[finite]
+    return valid, x, unusable
 
 
 def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
     """The shard's non-null embeddings, and the shard itself (so that later passes need no shard frame of their
     own: one pass reading the shard frame has it fused into its tasks)."""
-    n = int(to_pandas(part[[column]])[column].notna().sum())
+    n = int(_valid_matrix(part, column, shard)[0].sum())  # as the sample and the assignment count them
     return pd.DataFrame({"n": pd.Series([n], dtype="int64"), "shard": pd.Series([shard.index], dtype="int64"),
                          "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
 
@@ -853,7 +890,7 @@ def _sample_size(step: SemanticDeduplicator, total: int) -> int:
 
 def _sample_shard(part: Any, shard: Shard, step: SemanticDeduplicator, total: int) -> pd.DataFrame:
     """A seeded draw of this shard's normalised embeddings, each row kept with probability sample / total."""
-    _, x = _valid_matrix(part, step.embedding_column, shard)
+    _, x, _ = _valid_matrix(part, step.embedding_column, shard)
     p = min(1.0, _sample_size(step, int(total)) / max(int(total), 1))
     if p < 1.0:
         x = x[np.random.default_rng([step.random_state, shard.index]).random(len(x)) < p]
@@ -949,7 +986,7 @@ def _assign_shard(
 
     ``_gidx`` orders rows as :meth:`SemanticDeduplicator.find` does: the global index of the row among the non-null
     ones when ``offset`` (this shard's first such index) is given, else the row id (the same order)."""
-    valid, x = _valid_matrix(part, step.embedding_column, shard)
+    valid, x, unusable = _valid_matrix(part, step.embedding_column, shard)
     x = _normalize(np.array(x, dtype=np.float32))
     if len(x) and x.shape[1] != centroids.shape[1]:
         raise ShardError(shard.tar, f"column {step.embedding_column!r} holds {x.shape[1]}-d embeddings, the KMeans "
@@ -966,6 +1003,7 @@ def _assign_shard(
     out["key"] = text_column(meta[io.id_col])
     cluster = np.full(n, -1, dtype=np.int64)
     cluster[rows] = labels
+    cluster[unusable] = _UNUSABLE  # travels with the row: its shard's columns record the error
     out["cluster"] = cluster
     distance = np.full(n, np.nan, dtype=np.float32)
     distance[rows] = dist
@@ -977,6 +1015,13 @@ def _assign_shard(
     # a cluster's rows meet in one group partition; rows without an embedding stay with their shard's group
     out[GROUP] = group_of(np.where(cluster >= 0, cluster, shard.index), groups)
     return out
+
+
+#: The cluster label that a row whose embedding holds NaN or infinite values carries through the shuffles (a row
+#: without an embedding carries -1).
+_UNUSABLE = -2
+#: The error recorded for such a row.
+NOT_FINITE = "embedding holds NaN or infinite values"
 
 
 def _found_meta(eps: list[float]) -> pd.DataFrame:
@@ -1032,6 +1077,7 @@ def _dedup_clusters(part: pd.DataFrame, step: SemanticDeduplicator) -> pd.DataFr
 def _output_columns(found: pd.DataFrame, shard: int, step: SemanticDeduplicator, backend: str) -> Any:
     """The step's columns for one shard's rows (in row order), in the dataset's backend."""
     cluster = found["cluster"].to_numpy(dtype=np.int64)
+    unusable = cluster == _UNUSABLE
     values: dict[str, Any] = {
         "cluster": pa.array(cluster, pa.int64(), mask=cluster < 0),
         "distance_to_centroid": pa.array(found["distance"].to_numpy(dtype=np.float32)),
@@ -1042,6 +1088,7 @@ def _output_columns(found: pd.DataFrame, shard: int, step: SemanticDeduplicator,
     if len(step.eps) > 1:
         values.update({f"is_duplicate_eps{e}": pa.array(found[f"flag{i}"].to_numpy(dtype=bool))
                        for i, e in enumerate(step.eps)})  # fmt: skip
+    values[step.error_column] = pa.array(np.where(unusable, NOT_FINITE, None), pa.string())
     types = step.output_columns()
     return from_arrow(pa.table(values, schema=pa.schema(list(types.items()))), backend)
 

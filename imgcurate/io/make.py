@@ -17,7 +17,16 @@ from PIL import Image
 
 from imgcurate import progress
 from imgcurate.io.export import STAGING, existing_shards, publish
-from imgcurate.io.shards import CAPTION_COLUMN, ERROR_COLUMN, KEY_COLUMN, ShardWriter, columns_to_table, new_key
+from imgcurate.io.shards import (
+    CAPTION_COLUMN,
+    ERROR_COLUMN,
+    KEY_COLUMN,
+    ShardWriter,
+    columns_to_table,
+    encodable,
+    load_json,
+    new_key,
+)
 from imgcurate.io.tar import IMAGE_EXTENSIONS
 
 __all__ = ["Record", "write_shards", "make_shards", "image_size"]
@@ -123,11 +132,13 @@ def write_shards(
             fields.setdefault("width", size[0] if size else None)
             fields.setdefault("height", size[1] if size else None)
             members = dict(record.members)
-            if record.caption is not None:
-                members["txt"] = record.caption.encode("utf-8")
+            caption = encodable(record.caption)  # a lone surrogate (half an emoji) becomes U+FFFD
+            fields = encodable(fields)
+            if caption is not None:
+                members["txt"] = caption.encode("utf-8")
             members["json"] = json.dumps({"key": key, **fields}, sort_keys=True).encode("utf-8")
             writer.write(key, members)
-            rows.append({id_col: key, CAPTION_COLUMN: record.caption, ERROR_COLUMN: error, **fields})
+            rows.append({id_col: key, CAPTION_COLUMN: caption, ERROR_COLUMN: error, **fields})
         if writer is not None:
             finish()
             writer = None
@@ -159,7 +170,7 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
                 caption, error = raw.decode("utf-8", errors="replace").strip(), "caption is not valid UTF-8"
         if f"{stem}.json" in present:
             try:
-                extra = json.loads(fs.cat_file(f"{stem}.json"))
+                extra = load_json(fs.cat_file(f"{stem}.json"))
                 if isinstance(extra, dict):
                     fields = {**extra, **fields}
                     if caption is None and isinstance(extra.get(CAPTION_COLUMN), str):

@@ -14,7 +14,16 @@ from imgcurate.io._fs import atomic_open, open_output, temp_name, write_parquet
 from imgcurate.io.index import format_index, save_index
 from imgcurate.io.tar import iter_samples
 
-__all__ = ["ShardWriter", "new_key", "scan_shard", "columns_to_table", "atomic_open", "write_parquet"]
+__all__ = [
+    "ShardWriter",
+    "new_key",
+    "scan_shard",
+    "columns_to_table",
+    "load_json",
+    "encodable",
+    "atomic_open",
+    "write_parquet",
+]
 
 #: Columns that every scanned shard has, besides the fields of its json members.
 KEY_COLUMN = "key"
@@ -195,9 +204,35 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+def load_json(data: bytes | str) -> Any:
+    """``json.loads``, with every string made encodable: JSON may escape a lone UTF-16 surrogate (``"\\ud83d"``, half
+    of an emoji cut short), which Python keeps and UTF-8 (arrow, parquet, tar) cannot hold. Such a half becomes
+    U+FFFD, the replacement character, as a decoder does with a broken byte; escaped pairs become their character.
+
+    Raises:
+        json.JSONDecodeError, UnicodeDecodeError: as ``json.loads``.
+    """
+    return encodable(json.loads(data))
+
+
+def encodable(value: Any) -> Any:
+    """``value`` with every string in it made UTF-8 encodable (see :func:`load_json`)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    return value
+
+
 def _json_fields(data: bytes) -> tuple[dict[str, Any], str | None]:
     try:
-        value = json.loads(data)
+        value = load_json(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         return {}, f"json member is not valid JSON ({err})"
     if not isinstance(value, dict):

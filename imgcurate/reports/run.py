@@ -180,7 +180,8 @@ def run_report(
         rows.append([f"rows with {column}", count])
     exported = summary.get("exported")
     if exported:
-        rows.append(["exported shards", f"{exported.get('shards')} ({exported.get('path')})"])
+        note = f"; {exported['error']}" if exported.get("error") else ""
+        rows.append(["exported shards", f"{exported.get('shards')} ({exported.get('path')}{note})"])
     body += ['<h2 id="counts">Counts</h2>', table(["", "value"], rows)]
 
     # ---- time per step
