@@ -9,7 +9,8 @@ Scales, so that thresholds mean what they say:
   samples the detector thinks more likely unsafe than not, lower values are stricter.
 - Width, height and aspect ratio are read from the metadata (``width``/``height`` columns).
 
-A sample whose value is null for a rule (a failed decode gives null scores) fails that rule.
+A sample whose value is null or NaN for a rule (a failed decode gives null scores) fails that rule, whatever its
+operator (``!=`` too). Reasons are joined with ``;`` in ``drop_reason``, so a reason may not contain one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from imgcurate import progress
 from imgcurate._dask import Shard
 from imgcurate.backends import to_pandas
 from imgcurate.io.schema import is_error_column
-from imgcurate.steps.base import ShardIO, ShardStep
+from imgcurate.steps.base import ColumnError, ShardIO, ShardStep
 
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
@@ -41,13 +42,29 @@ _OPS = {
     "==": lambda s, v: s == v,
     "!=": lambda s, v: s != v,
 }
+_ORDERING = (">=", ">", "<=", "<")
+_SEPARATOR = ";"  # between the reasons of one sample in drop_reason; drop_report splits on it
+
+
+def _check_reason(reason: str, what: str) -> None:
+    if _SEPARATOR in reason:
+        raise ValueError(f"{what}: its reason {reason!r} contains {_SEPARATOR!r}, which separates the reasons in "
+                         "drop_reason: give a reason without it")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Rule:
     """Keep a sample when ``column <op> value`` holds; otherwise it is dropped for ``reason``.
 
-    ``op`` is one of ``>= > <= < == !=``, or ``isnull``/``notnull`` (``value`` unused).
+    ``op`` is one of ``>= > <= < == !=``, or ``isnull``/``notnull`` (``value`` unused). A null or NaN value fails
+    every operator but ``isnull``. ``reason`` (by default ``"<column> <op> <value>"``) may not contain ``;``.
+
+    Raises:
+        ValueError: an unknown ``op``, or a reason with a ``;`` (naming the rule).
+
+    Example:
+        >>> Rule("clip_score", ">=", 0.28, reason="low CLIP score").name
+        'low CLIP score'
     """
 
     column: str
@@ -58,6 +75,7 @@ class Rule:
     def __post_init__(self):
         if self.op not in _OPS and self.op not in ("isnull", "notnull"):
             raise ValueError(f"unknown op {self.op!r}: choose one of {', '.join([*_OPS, 'isnull', 'notnull'])}")
+        _check_reason(self.name, f"rule {self.column} {self.op}" + ("" if self.value is None else f" {self.value!r}"))
 
     @property
     def name(self) -> str:
@@ -71,7 +89,7 @@ class Rule:
             return column.isnull()
         if self.op == "notnull":
             return column.notnull()
-        return _OPS[self.op](column, self.value).fillna(False).astype(bool)
+        return (_OPS[self.op](column, self.value) & column.notna()).fillna(False).astype(bool)
 
 
 @dataclass(repr=False)
@@ -85,7 +103,8 @@ class SampleFilter(ShardStep):
         min_aesthetic: drop samples whose ``aesthetic_column`` is below this (0-10 scale).
         max_nsfw: drop samples whose ``nsfw_column`` is at or above this (0-1 probability).
         drop_errors: drop samples whose ``error`` column (or any ``*_error`` column) is set.
-        drop_duplicates: boolean columns that mark duplicates (e.g. ``is_duplicate``); marked samples are dropped.
+        drop_duplicates: boolean columns that mark duplicates (e.g. ``is_duplicate``); marked samples are dropped,
+            and so are those with a null mark (a null fails its rule).
         rules: further :class:`Rule` objects.
         keep_column: the name of the boolean output column.
         reason_column: the name of the reason column.
@@ -112,6 +131,8 @@ class SampleFilter(ShardStep):
     def __post_init__(self):
         if isinstance(self.drop_duplicates, str):
             self.drop_duplicates = (self.drop_duplicates,)
+        for column in self.drop_duplicates:
+            _check_reason(str(column), f"drop_duplicates column {column!r}")
         if self.keep_column == self.reason_column:
             raise ValueError(f"keep_column and reason_column are both {self.keep_column!r}: give them different names")
         rules = []
@@ -128,20 +149,37 @@ class SampleFilter(ShardStep):
         self.rules = tuple(rules)
 
     def check(self, meta: Any, id_col: str) -> None:
-        """As :meth:`Step.check`; also that each comparison rule's value can be compared with its column (a number
-        with a numeric column, text with a text one)."""
+        """As :meth:`Step.check`; also the columns' types, on ``meta`` before any work: each ``drop_duplicates``
+        column holds booleans, each ``>= > <= <`` rule's column numbers (or booleans), and a numeric column's rules
+        compare it with a number (``==`` and ``!=`` compare a column of any other type with any value).
+
+        Raises:
+            ColumnError: naming the step, the rule or option, the column and its type.
+        """
         super().check(meta, id_col)
+        present = set(map(str, meta.columns))
+
+        def dtype(column: str) -> Any:
+            return to_pandas(meta[[column]])[column].dtype
+
+        for column in self.drop_duplicates:
+            if column in present and not pd.api.types.is_bool_dtype(kind := dtype(column)):
+                raise ColumnError(f"{self.name}'s drop_duplicates column {column!r} holds {kind}, not booleans: "
+                                  "give a column that marks duplicates, such as 'exact_duplicate'")  # fmt: skip
         for i, rule in enumerate(self.rules):
-            if rule.op in ("isnull", "notnull") or rule.column not in meta.columns:
+            if rule.op in ("isnull", "notnull") or rule.column not in present:
                 continue
-            kind = to_pandas(meta[[rule.column]])[rule.column].dtype
-            numeric = pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind)
-            text = pd.api.types.is_string_dtype(kind) and not pd.api.types.is_object_dtype(kind)
+            kind = dtype(rule.column)
+            boolean = pd.api.types.is_bool_dtype(kind)
+            numeric = pd.api.types.is_numeric_dtype(kind) and not boolean
+            where = f"{self.name}'s rules[{i}] ({rule.column} {rule.op} {rule.value!r}): column {rule.column!r}"
+            if rule.op in _ORDERING and not (numeric or boolean):
+                raise ColumnError(f"{where} holds {kind}, not numbers, so {rule.op} cannot order it (== and != "
+                                  "compare any type)")  # fmt: skip
             value = rule.value
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            if (numeric and not number) or (text and not isinstance(value, str) and rule.op not in ("==", "!=")):
-                raise ValueError(f"rules[{i}]: column {rule.column!r} holds {kind}, which cannot be compared with "
-                                 f"{value!r} ({rule.op})")  # fmt: skip
+            if numeric and not number:
+                raise ColumnError(f"{where} holds {kind}, which cannot be compared with {value!r} ({rule.op})")
 
     def _rules(self, columns: list[str]) -> list[tuple[str, Any]]:
         """(reason, predicate on the frame) pairs; predicates return True where the sample passes."""
@@ -209,7 +247,7 @@ class SampleFilter(ShardStep):
             keep &= ok
             for row in np.flatnonzero(~ok):
                 reasons[row].append(name)
-        text = [";".join(r) if r else None for r in reasons]
+        text = [_SEPARATOR.join(r) if r else None for r in reasons]
         return {self.keep_column: keep, self.reason_column: pa.array(text, pa.string())}
 
 
@@ -218,8 +256,8 @@ def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason
 
     df = dataset.metadata
     column = df[reason_column]
-    reasons, total, dropped = progress.compute([column.dropna().str.split(";").explode().value_counts(), column.size,
-                                                column.notnull().sum()], desc="drop report")  # fmt: skip
+    counts = column.dropna().str.split(_SEPARATOR).explode().value_counts()
+    reasons, total, dropped = progress.compute([counts, column.size, column.notnull().sum()], desc="drop report")
     reasons, total, dropped = to_pandas(reasons), int(total), int(dropped)
     summary = pd.Series({"total": total, "kept": total - dropped, "dropped": dropped})
     return pd.concat([summary, reasons.astype("int64")])

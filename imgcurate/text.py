@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -162,34 +163,74 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16) -> float:
-    """The ``q`` quantile of a column over the whole dataset, computed with Dask without gathering the column.
+    """The ``q`` quantile of a column over the whole dataset, exactly, computed with Dask without gathering the column.
 
-    Two passes of Dask reductions: the column's min and max, then a histogram of ``bins`` equal bins summed as a tree
-    (``dask.array.histogram``); each partition sends only its bin counts. The answer is interpolated inside the bin
-    that holds the quantile, so its error is at most one bin width, ``(max - min) / bins`` (3e-5 for cosines with the
-    default), and its rank error at most the share of samples in that bin. Nulls are ignored. (Dask's own
-    ``Series.quantile`` merges per-partition percentiles: 2% rank error at ``q=0.1`` on 50 partitions of uniform
-    values.)
+    The answer is a value of the column: with ``n`` finite values sorted ascending, the one at 0-based rank
+    ``floor(q * n)`` (the largest at ``q = 1``), so at most ``q * n`` values lie below it and every value at or above
+    it (ties included) makes up at least the top ``1 - q``. This is the cut of "keep the top fraction ``f``": the
+    ``ceil(f * n)``-th largest value, with ``q = 1 - f``. ``q`` is read as the decimal it prints as (``0.7``, not
+    the binary float just below it), so ``floor(q * n)`` does not move by one with the float's rounding.
+
+    Dask passes, each sending only small results to the client: the finite values' min, max and count; a histogram
+    of ``bins`` equal bins summed as a tree (``dask.array.histogram``), which finds the bin that holds the rank; then
+    the values inside that bin alone, of which the exact one is taken. Where that bin still holds more than ``bins``
+    values, its values' range is split again into ``bins`` bins (one more min/max pass and one more histogram) until
+    the bin holds at most ``bins`` values or only one distinct value. So at most ``bins`` values reach the client, and
+    the answer has no error. (Dask's own ``Series.quantile`` merges per-partition percentiles: 2% rank error at
+    ``q=0.1`` on 50 partitions of uniform values.)
+
+    Nulls, NaN and infinite values are left out of ``n`` and of the cut. A filter that keeps ``value >= cut``
+    (:class:`ClipTextFilter`'s ``clip_top_fraction``) so keeps ``+inf`` (above any cut) and drops ``-inf`` and NaN.
+
+    Args:
+        df: the metadata.
+        column: a numeric column.
+        q: the quantile, 0 to 1.
+        bins: bins per histogram; also the most values gathered on the client.
+
+    Returns:
+        The quantile, one of the column's finite values.
+
+    Raises:
+        ValueError: ``q`` is not in [0, 1], or the column has no finite value.
+
+    Example:
+        >>> import dask.dataframe as dd, pandas as pd
+        >>> df = dd.from_pandas(pd.DataFrame({"s": [0.1, 0.3, 0.4, 0.9, 0.5, 0.6]}), npartitions=2)
+        >>> global_quantile(df, "s", 0.5)  # top half: 0.9, 0.6 and 0.5
+        0.5
     """
     import dask.array as da
 
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be in [0, 1], got {q}")
     values = df[column].dropna().astype("float64")
+    values = values[values.abs() < np.inf]
     lo, hi, n = progress.compute([values.min(), values.max(), values.count()], desc=f"{column}: range")
     if not n:
-        raise ValueError(f"column {column!r} has no values to take a quantile of")
-    lo, hi = float(lo), float(hi)
-    if hi == lo:
-        return lo
-    counts, edges = da.histogram(values.to_dask_array(), bins=bins, range=(lo, hi))
-    (counts,) = progress.compute([counts], desc=f"{column}: histogram")
-    cumulative = np.cumsum(counts)
-    target = q * (int(n) - 1) + 1  # the rank (1-based) of the quantile, as numpy's linear method places it
-    index = int(np.searchsorted(cumulative, target))
-    index = min(index, bins - 1)
-    below = cumulative[index - 1] if index else 0
-    inside = max(int(counts[index]), 1)
-    fraction = min(max((target - below) / inside, 0.0), 1.0)
-    return float(edges[index] + fraction * (edges[index + 1] - edges[index]))
+        raise ValueError(f"column {column!r} has no finite values to take a quantile of")
+    lo, hi, n = float(lo), float(hi), int(n)
+    rank = min(int(Fraction(repr(float(q))) * n), n - 1)  # 0-based, ascending, among the finite values
+    while hi > lo:
+        edges = np.linspace(lo, hi, bins + 1)
+        counts, _ = da.histogram(values.to_dask_array(), bins=edges)
+        (counts,) = progress.compute([counts], desc=f"{column}: histogram")
+        cumulative = np.cumsum(counts)
+        index = int(np.searchsorted(cumulative, rank, side="right"))  # the bin of the rank-th value
+        rank -= int(cumulative[index - 1]) if index else 0
+        size = int(counts[index])
+        # np.histogram's bins: [edge, next edge), the last one closed
+        upper = values <= hi if index == bins - 1 else values < edges[index + 1]
+        values = values[(values >= edges[index]) & upper]
+        if size <= bins:
+            (inside,) = progress.compute([values.to_frame()], desc=f"{column}: the quantile's bin")
+            inside = to_pandas(inside)[column].to_numpy(dtype=np.float64)
+            return float(np.partition(inside, rank)[rank])
+        new_lo, new_hi = progress.compute([values.min(), values.max()], desc=f"{column}: the quantile's bin")
+        if (float(new_lo), float(new_hi)) == (lo, hi):  # cannot happen: one bin never spans both ends
+            raise RuntimeError(f"{column}: the quantile's bin did not narrow from [{lo!r}, {hi!r}]")
+        lo, hi = float(new_lo), float(new_hi)
+    return lo
 
 
 @dataclass(repr=False)
@@ -203,9 +244,12 @@ class ClipTextFilter(SampleFilter):
             docs); fields given explicitly override the preset's.
         min_clip_score: drop samples whose ``clip_score_column`` is below this (cosine, -1 to 1).
         clip_score_inclusive: keep a score equal to ``min_clip_score`` (``>=``); False keeps only ``>``.
-        clip_top_fraction: keep the best-scored fraction of the whole dataset: the threshold is the global
-            ``1 - clip_top_fraction`` quantile of the score (:func:`global_quantile`), computed with Dask when the
-            step is applied; ``threshold`` holds it afterwards.
+        clip_top_fraction: keep the best-scored fraction of the whole dataset: the threshold is the exact
+            ``ceil(clip_top_fraction * n)``-th largest of the ``n`` finite scores (the global ``1 - clip_top_fraction``
+            quantile, :func:`global_quantile`), computed with Dask when the step is applied; ``threshold`` holds it
+            afterwards. Every score at or above it is kept, so ties at the cut are all kept (and more than the
+            fraction may be); ``1.0`` keeps every finite score. A ``+inf`` score is kept and does not count in
+            ``n``; ``-inf``, NaN and null scores are dropped.
         min_words: drop captions with fewer words (``caption_words`` of :class:`CaptionFeatures`).
         min_chars: drop captions with fewer characters (``caption_chars``).
         languages: keep only captions identified as one of these ISO 639-1 codes (``caption_language``): ``en``,
@@ -315,7 +359,8 @@ class ClipTextFilter(SampleFilter):
 
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         if self.clip_top_fraction is not None:
-            self.threshold = global_quantile(dataset.metadata, self.clip_score_column, 1 - self.clip_top_fraction)
+            q = float(1 - Fraction(repr(float(self.clip_top_fraction))))  # 1 - 0.3 is 0.7, not 0.7000000000000001
+            self.threshold = global_quantile(dataset.metadata, self.clip_score_column, q)
         return super().added(dataset)
 
 

@@ -92,6 +92,28 @@ def tar_members(path):
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+def score_dataset(folder, scores, samples_per_shard: int = 3, column: str = "clip_score"):
+    """Shards of 8x8 images whose ``column`` holds ``scores`` in order (None: null); infinite scores, which JSON cannot
+    hold, are put in after reading."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.testing import encode_image
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    finite = [s is None or math.isfinite(s) for s in scores]
+    fields = [{column: s if ok else 0.0, "sign": 0 if ok else int(math.copysign(1, s))}
+              for s, ok in zip(scores, finite, strict=True)]  # fmt: skip
+    write_shards([Record({"jpg": jpg}, f) for f in fields], str(folder), samples_per_shard=samples_per_shard)
+    ds = imgcurate.ImageTextPairDataset.from_webdataset(str(folder))
+    df = ds.metadata
+    values = df[column].astype("float64").mask(df["sign"] == 1, np.inf).mask(df["sign"] == -1, -np.inf)
+    return ds.with_metadata(df.assign(**{column: values}).drop(columns="sign"))
+
+
 def seeded_checkpoint(folder, name: str, seed: int = 0) -> str:
     """A safetensors file of timm model ``name`` with seeded random weights: the same model in every process."""
     import timm

@@ -81,7 +81,21 @@ MISTAKES = {
     ),
     "a rule compared with the wrong type": (
         lambda c: c["steps"][2]["SampleFilter"].update(rules=[{"column": "width", "op": ">", "value": "abc"}]),
-        "steps[2].SampleFilter: rules[0]: column 'width' holds",
+        "steps[2].SampleFilter: SampleFilter's rules[0] (width > 'abc'): column 'width' holds",
+    ),
+    "text ordered by a rule": (
+        lambda c: c["steps"][2]["SampleFilter"].update(rules=[{"column": "caption", "op": ">=", "value": "m"}]),
+        "steps[2].SampleFilter: SampleFilter's rules[0] (caption >= 'm'): column 'caption' holds",
+    ),
+    "a text column as duplicate marks": (
+        lambda c: c["steps"][2]["SampleFilter"].update(drop_duplicates=["exact_duplicate_of"]),
+        "steps[2].SampleFilter: SampleFilter's drop_duplicates column 'exact_duplicate_of' holds",
+    ),
+    "a separator in a rule's reason": (
+        lambda c: c["steps"][2]["SampleFilter"].update(
+            rules=[{"column": "width", "op": ">", "value": 3, "reason": "narrow; small"}]
+        ),
+        "steps[2].SampleFilter: rules[0]: rule width > 3: its reason 'narrow; small' contains ';'",
     ),
     "a misspelled rule key": (
         lambda c: c["steps"][2]["SampleFilter"].update(rules=[{"column": "width", "opp": ">", "value": 3}]),

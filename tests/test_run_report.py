@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import seeded_checkpoint
+from conftest import score_dataset, seeded_checkpoint
 from PIL import Image
 
 from imgcurate.cli import main
@@ -186,6 +186,21 @@ def test_examples_and_histograms_are_bounded_reductions_equal_to_the_table(finis
     assert np.array_equal(h.kept, np.histogram(values[keep].dropna(), h.edges)[0])
     assert np.array_equal(h.dropped, np.histogram(values[~keep].dropna(), h.edges)[0])
     assert h.nulls == int(values.isna().sum()) and h.count == int(values.notna().sum())
+
+
+def test_infinite_scores_are_counted_apart_and_do_not_empty_the_histogram(tmp_path):
+    from matplotlib.figure import Figure
+
+    from imgcurate.reports.scores import draw_scores
+
+    ds = score_dataset(tmp_path / "s", [0.1, 0.3, np.inf, 0.4, None, 0.5, -np.inf, 0.6], column="score")
+    (h,) = collect_scores(ds, ["score"], bins=5)
+    assert (h.count, h.nulls, h.non_finite) == (5, 1, 2)
+    assert h.edges[0] == 0.1 and h.edges[-1] == 0.6  # the finite values' range
+    assert np.array_equal(h.kept, np.histogram([0.1, 0.3, 0.4, 0.5, 0.6], h.edges)[0])
+    ax = Figure().subplots()
+    draw_scores([h], {}, [ax])
+    assert ax.get_title() == "score (n=5, null=1, non-finite=2)"
 
 
 def test_report_false_writes_no_report(sample_dir, tmp_path):

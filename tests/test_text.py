@@ -6,6 +6,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import score_dataset
 
 from imgcurate.text import PRESETS, CaptionFeatures, ClipTextFilter, detect_languages, global_quantile
 
@@ -26,13 +27,42 @@ def test_caption_features(sample_ds):
     assert df["caption_language_confidence"].dtype == np.float32
 
 
-def test_global_quantile_error_is_small():
-    values = np.random.default_rng(0).random(100_000)
+def test_global_quantile_is_an_exact_order_statistic():
+    rng = np.random.default_rng(0)
+    values = rng.random(100_000)
     df = dd.from_pandas(pd.DataFrame({"s": values}), npartitions=50)
-    for q in (0.1, 0.5, 0.7, 0.95):
-        got = global_quantile(df, "s", q)
-        assert abs(got - np.quantile(values, q)) < 2e-5
-        assert abs((values < got).mean() - q) < 1e-4
+    ordered = np.sort(values)
+    for q, rank in [(0.0, 0), (0.1, 10_000), (0.5, 50_000), (0.7, 70_000), (0.95, 95_000), (1.0, 99_999)]:
+        assert global_quantile(df, "s", q) == ordered[rank]
+    # 8 bins over 2,000 values with many ties: the quantile's bin is split again until it is small, or one value
+    values = np.round(rng.normal(size=2_000), 1)
+    df = dd.from_pandas(pd.DataFrame({"s": values}), npartitions=7)
+    ordered = np.sort(values)
+    for q in (0.0, 0.05, 0.3, 0.5, 0.9, 0.999, 1.0):
+        assert global_quantile(df, "s", q, bins=8) == ordered[min(int(round(q * 2_000)), 1_999)], q
+    with pytest.raises(ValueError, match="no finite values"):
+        global_quantile(dd.from_pandas(pd.DataFrame({"s": [np.nan, np.inf]}), npartitions=1), "s", 0.5)
+
+
+def test_top_fraction_keeps_exactly_the_top_and_every_tie_at_the_cut(tmp_path):
+    ds = score_dataset(tmp_path / "a", [0.1, 0.3, 0.4, 0.9, 0.5, 0.6])
+    for fraction, threshold, kept in [(1.0, 0.1, 6), (0.5, 0.5, 3), (0.3, 0.6, 2), (0.01, 0.9, 1)]:
+        step = ClipTextFilter(clip_top_fraction=fraction)
+        df = step(ds).metadata.compute()
+        assert (step.threshold, int(df["keep"].sum())) == (threshold, kept), fraction
+    ties = score_dataset(tmp_path / "b", [0.2] * 5 + [0.25, 0.3, 0.35, 0.4, 0.45], samples_per_shard=4)
+    for fraction, kept in [(1.0, 10), (0.6, 10), (0.5, 5), (0.3, 3)]:  # the 6th best is 0.2: all five 0.2 kept
+        df = ClipTextFilter(clip_top_fraction=fraction)(ties).metadata.compute()
+        assert int(df["keep"].sum()) == kept, fraction
+
+
+def test_infinite_and_missing_scores_neither_break_nor_move_the_top_fraction(tmp_path):
+    ds = score_dataset(tmp_path / "s", [0.1, 0.3, np.inf, 0.4, None, 0.5, -np.inf, 0.6])
+    step = ClipTextFilter(clip_top_fraction=0.4)
+    df = step(ds).metadata.compute()
+    assert step.threshold == 0.5  # the 2nd best of the 5 finite scores (ceil(0.4 * 5) = 2)
+    assert sorted(df.loc[df["keep"], "clip_score"]) == [0.5, 0.6, np.inf]  # +inf is above any cut
+    assert df.loc[~df["keep"], "drop_reason"].eq("clip_score not in top 40%").all()  # so are -inf and null
 
 
 def test_top_fraction_is_global_not_per_shard(sample_ds):

@@ -19,14 +19,16 @@ __all__ = ["ScoreHistogram", "collect_scores", "draw_scores", "score_histograms"
 
 @dataclass
 class ScoreHistogram:
-    """One column's histogram: bin edges, counts of kept and of dropped samples (all in ``kept`` without a keep
-    column), and how many values are null."""
+    """One column's histogram of its finite values: bin edges, counts of kept and of dropped samples (all in ``kept``
+    without a keep column), how many values are null (or NaN), and how many are infinite (``non_finite``), which
+    no bin holds."""
 
     column: str
     edges: np.ndarray
     kept: np.ndarray
     dropped: np.ndarray
     nulls: int
+    non_finite: int = 0
 
     @property
     def count(self) -> int:
@@ -53,7 +55,8 @@ def _row(values: np.ndarray) -> pd.DataFrame:
 def collect_scores(
     dataset: ImageTextPairDataset, columns: Sequence[str], keep_column: str | None = None, bins: int = 40
 ) -> list[ScoreHistogram]:
-    """Histograms of ``columns`` in two Dask passes (the range, then per-partition counts summed).
+    """Histograms of ``columns`` in two Dask passes (the range of the finite values, then per-partition counts
+    summed). Infinite values are counted apart (``non_finite``), as nulls and NaN are (``nulls``).
 
     Args:
         dataset: the dataset.
@@ -68,11 +71,14 @@ def collect_scores(
     if not present:
         return []
     numbers = {c: df[c].astype("float64") for c in present}
-    flat = progress.compute([r for v in numbers.values() for r in (v.min(), v.max(), v.isna().sum())],
-                            desc="score histograms: ranges")  # fmt: skip
-    ranges = [flat[i : i + 3] for i in range(0, len(flat), 3)]
+    stats = []
+    for v in numbers.values():
+        finite, infinite = v.where(v.abs() < np.inf), v.abs() == np.inf
+        stats += [finite.min(), finite.max(), v.isna().sum(), infinite.sum()]
+    flat = progress.compute(stats, desc="score histograms: ranges")
+    ranges = [flat[i : i + 4] for i in range(0, len(flat), 4)]
     edges = []
-    for lo, hi, _ in ranges:
+    for lo, hi, _, _ in ranges:
         lo = float(lo) if pd.notna(lo) else 0.0
         hi = float(hi) if pd.notna(hi) else 1.0
         if hi <= lo:
@@ -84,7 +90,7 @@ def collect_scores(
     (total,) = progress.compute([counts.sum()], desc="score histograms: counts")
     total = to_pandas(total).to_numpy(dtype=np.int64).reshape(len(present), 2, bins)
     return [
-        ScoreHistogram(c, e, total[i, 0], total[i, 1], int(r[2]))
+        ScoreHistogram(c, e, total[i, 0], total[i, 1], int(r[2]), int(r[3]))
         for i, (c, e, r) in enumerate(zip(present, edges, ranges, strict=True))
     ]
 
@@ -100,7 +106,8 @@ def draw_scores(histograms: Sequence[ScoreHistogram], thresholds: Mapping[str, S
             stacked=stacked, color=["#4c72b0", "#c44e52"] if stacked else "#4c72b0",
             label=["kept", "dropped"] if stacked else None,
         )  # fmt: skip
-        ax.set_title(f"{h.column} (n={h.count}, null={h.nulls})")
+        infinite = f", non-finite={h.non_finite}" if h.non_finite else ""
+        ax.set_title(f"{h.column} (n={h.count}, null={h.nulls}{infinite})")
         for label, value in thresholds.get(h.column, ()):
             ax.axvline(value, color="#222222", linestyle="--", label=f"{label} {value:g}")
         if stacked or thresholds.get(h.column):
