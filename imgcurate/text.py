@@ -162,7 +162,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16) -> float:
+#: The most values :func:`global_quantile` gathers on the client (8 MB of float64).
+GATHER = 1 << 20
+
+
+def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16, gather: int = GATHER) -> float:
     """The ``q`` quantile of a column over the whole dataset, exactly, computed with Dask without gathering the column.
 
     The answer is a value of the column: with ``n`` finite values sorted ascending, the one at 0-based rank
@@ -173,11 +177,13 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
 
     Dask passes, each sending only small results to the client: the finite values' min, max and count; a histogram
     of ``bins`` equal bins summed as a tree (``dask.array.histogram``), which finds the bin that holds the rank; then
-    the values inside that bin alone, of which the exact one is taken. Where that bin still holds more than ``bins``
-    values, its values' range is split again into ``bins`` bins (one more min/max pass and one more histogram) until
-    the bin holds at most ``bins`` values or only one distinct value. So at most ``bins`` values reach the client, and
-    the answer has no error. (Dask's own ``Series.quantile`` merges per-partition percentiles: 2% rank error at
-    ``q=0.1`` on 50 partitions of uniform values.)
+    the values inside that bin alone, of which the exact one is taken. Where that bin still holds more than
+    ``gather`` values (:data:`GATHER`, 2^20, 8 MB), its values' range is split again into ``bins`` bins (one more
+    min/max pass and one more histogram) until it holds at most that many or only one distinct value. So at most
+    ``gather`` values reach the client, the answer has no error, and up to about ``bins * gather`` (7 x 10^10) values
+    it takes three passes over the column. (Dask's own ``Series.quantile`` merges per-partition percentiles: 2% rank
+    error at ``q=0.1`` on 50 partitions of uniform values.) Each pass reads the column again: persist a lazily
+    computed score first, or run it from a pipeline, which reads the steps' results from its run directory.
 
     Nulls, NaN and infinite values are left out of ``n`` and of the cut. A filter that keeps ``value >= cut``
     (:class:`ClipTextFilter`'s ``clip_top_fraction``) so keeps ``+inf`` (above any cut) and drops ``-inf`` and NaN.
@@ -186,7 +192,8 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
         df: the metadata.
         column: a numeric column.
         q: the quantile, 0 to 1.
-        bins: bins per histogram; also the most values gathered on the client.
+        bins: bins per histogram.
+        gather: the most values brought to the client (the bin holding the quantile is split until it holds no more).
 
     Returns:
         The quantile, one of the column's finite values.
@@ -222,7 +229,7 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
         # np.histogram's bins: [edge, next edge), the last one closed
         upper = values <= hi if index == bins - 1 else values < edges[index + 1]
         values = values[(values >= edges[index]) & upper]
-        if size <= bins:
+        if size <= gather:
             (inside,) = progress.compute([values.to_frame()], desc=f"{column}: the quantile's bin")
             inside = to_pandas(inside)[column].to_numpy(dtype=np.float64)
             return float(np.partition(inside, rank)[rank])
