@@ -313,6 +313,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     _check_folder_of("--output-file", args.output_file)
+    for flag, value, off in (
+        ("--aesthetic-threshold", args.aesthetic_threshold, args.no_aesthetic and "--no-aesthetic"),
+        ("--nsfw-threshold", args.nsfw_threshold, args.no_nsfw and "--no-nsfw"),
+        ("--n-clusters", args.n_clusters, not args.dedup and "--no-dedup"),
+        ("--clip-pretrained", args.clip_pretrained, args.clip_model is None and "no --clip-model"),
+    ):
+        if value is not None and off:
+            raise ValueError(f"{flag} has no effect with {off}: leave one of them out")  # fmt: skip
     if args.aesthetic_threshold is not None and args.aesthetic_threshold < 1 and not args.no_aesthetic:
         print(f"imgcurate: warning: --aesthetic-threshold {args.aesthetic_threshold} keeps nearly everything: the "
               "aesthetic score is on a 0-10 scale (thresholds of 0.5 or 0.9 are for 0-1 scores); 5.0 is a common "
@@ -320,8 +328,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
     config = make_config(
         args.input_path,
         args.output_path,
-        aesthetic_threshold=None if args.no_aesthetic else args.aesthetic_threshold,
-        nsfw_threshold=None if args.no_nsfw else args.nsfw_threshold,
+        aesthetic_threshold=None if args.no_aesthetic else _or(args.aesthetic_threshold, 5.0),
+        nsfw_threshold=None if args.no_nsfw else _or(args.nsfw_threshold, 0.5),
         dedup=args.dedup,
         batch_size=args.batch_size,
         images_per_tar=args.images_per_tar,
@@ -329,7 +337,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         pretrained=args.pretrained,
         n_clusters=args.n_clusters,
         clip_model=args.clip_model,
-        clip_pretrained=args.clip_pretrained or None,
+        clip_pretrained=_or(args.clip_pretrained, "openai"),
         min_clip_score=args.min_clip_score,
         clip_top_fraction=args.clip_top_fraction,
         filter_preset=args.filter_preset,
@@ -343,6 +351,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
         pipeline.check(pipeline.open_input())
     text = "# written by imgcurate config; run it with: imgcurate run FILE\n" + yaml.safe_dump(config, sort_keys=False)
     return _write_text(args.output_file, text, args.force)
+
+
+def _or(value: object, default: object) -> object:
+    return default if value is None else value
 
 
 def _check_folder_of(option: str, path: str) -> None:
@@ -454,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-path", required=True, help="folder of input shards")
     p.add_argument("--output-path", required=True, help="folder the kept samples are exported to")
     p.add_argument("--output-file", required=True, help="config file to write ('-' for stdout)")
-    p.add_argument("--aesthetic-threshold", type=float, default=5.0, help="keep aesthetic_score >= this (0-10)")
-    p.add_argument("--nsfw-threshold", type=float, default=0.5, help="drop nsfw_score >= this (0-1)")
+    p.add_argument("--aesthetic-threshold", type=float, default=None, help="keep aesthetic_score >= this (0-10; 5)")
+    p.add_argument("--nsfw-threshold", type=float, default=None, help="drop nsfw_score >= this (0-1; 0.5)")
     p.add_argument("--no-aesthetic", action="store_true", help="no aesthetic head and no aesthetic rule")
     p.add_argument("--no-nsfw", action="store_true", help="no NSFW head and no NSFW rule")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="exact and semantic dedup")
@@ -468,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--clip-model", default=None, help="open_clip model (e.g. ViT-L-14): both towers and clip_score, "
                    "instead of the timm image tower")  # fmt: skip
-    p.add_argument("--clip-pretrained", default="openai", help="the open_clip weights' tag (default: openai)")
+    p.add_argument("--clip-pretrained", default=None, help="the open_clip weights' tag (default: openai)")
     p.add_argument("--min-clip-score", type=float, default=None, help="keep clip_score >= this (cosine; B/32: 0.25)")
     p.add_argument("--clip-top-fraction", type=float, default=None, help="keep this best-scored fraction of the data")
     p.add_argument("--filter-preset", default=None, help="a published filter: datacomp_clip_l14_top30, "

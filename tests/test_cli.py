@@ -212,7 +212,8 @@ def test_config_round_trips_every_flag_combination(sample_dir, tmp_path, capsys)
         (True, False), (False, True), (False, True), (5.0, 0.5), (0.5, 0.9), (None, 32)
     ):
         argv = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "o"), "--force"]
-        argv += ["--output-file", str(out), "--aesthetic-threshold", str(aes), "--nsfw-threshold", str(nsfw)]
+        argv += ["--output-file", str(out)] + ["--aesthetic-threshold", str(aes)] * (not no_aes)
+        argv += ["--nsfw-threshold", str(nsfw)] * (not no_nsfw)
         argv += ["--dedup" if dedup else "--no-dedup", "--images-per-tar", "7"]
         argv += ["--no-aesthetic"] * no_aes + ["--no-nsfw"] * no_nsfw + ["--batch-size", str(batch)] * bool(batch)
         assert main(argv) == 0, argv

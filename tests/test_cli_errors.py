@@ -234,3 +234,56 @@ def test_a_run_that_drops_every_sample_still_writes_its_summary_and_report(sampl
     assert summary["exported"]["shards"] == 0
     assert "width &lt; 100000" in (tmp_path / "out.run" / "report.html").read_text()
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_config_flags_that_would_be_ignored_are_refused(sample_dir, tmp_path, capsys):
+    base = ["config", "--input-path", str(sample_dir), "--output-path", "o", "--output-file", str(tmp_path / "c.yaml"),
+            "--model", "test_resnet"]  # fmt: skip
+    cases = {
+        ("--no-aesthetic", "--aesthetic-threshold", "6"): "--aesthetic-threshold has no effect with --no-aesthetic",
+        ("--no-nsfw", "--nsfw-threshold", "0.2"): "--nsfw-threshold has no effect with --no-nsfw",
+        ("--no-dedup", "--n-clusters", "5"): "--n-clusters has no effect with --no-dedup",
+        ("--clip-pretrained", "laion2b"): "--clip-pretrained has no effect with no --clip-model",
+    }
+    for flags, message in cases.items():
+        assert main([*base, *flags]) == 2, flags
+        assert _one_error(capsys) == f"{message}: leave one of them out"
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_a_list_names_its_file_and_columns_and_keeps_list_cells_and_empty_paths(tmp_path, capsys):
+    """``imgcurate shard`` on a parquet list: a list column goes into the json as a JSON array, a row without a path
+    is an error row (not a file named 'nan'), and a column named but absent is an error naming the list."""
+    import pandas as pd
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(encode_image(Image.new("RGB", (9, 7), (1, 2, 3)), "jpg"))
+    listing = tmp_path / "list.parquet"
+    pd.DataFrame({"url": ["imgs/a.jpg", None], "text": ["a cat", "nothing"], "tags": [["a"], ["b", "c"]]}).to_parquet(
+        listing
+    )
+    for flags, message in (
+        (["--path-col", "url", "--caption-col", "nope"], "no column 'nope' (caption_col"),
+        (["--path-col", "nope"], "no column 'nope' (path_col"),
+        ([], "no column of image paths"),
+    ):
+        assert main(["shard", str(listing), str(tmp_path / "bad"), *flags]) == 2
+        assert _one_error(capsys).startswith(f"{listing}: {message}")
+    assert not (tmp_path / "bad").exists()
+    assert main(["shard", str(listing), str(tmp_path / "out"), "--path-col", "url"]) == 0
+    df = pd.read_parquet(tmp_path / "out" / "00000.parquet")
+    assert df["caption"].tolist() == ["a cat", "nothing"] and df["width"].tolist()[0] == 9
+    assert df["source_path"].tolist()[0] == "imgs/a.jpg" and df["source_path"].isna().tolist()[1]
+    assert df["error"].isna().tolist()[0] and df["error"].tolist()[1] == "the list gives no image path"
+    assert [list(t) for t in df["tags"]] == [["a"], ["b", "c"]]
+
+
+def test_files_that_are_not_images_are_counted_when_a_folder_is_sharded(tmp_path):
+    from imgcurate.io.make import make_shards
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(encode_image(Image.new("RGB", (9, 7)), "jpg"))
+    (tmp_path / "src" / "a.txt").write_text("a caption")
+    (tmp_path / "src" / "notes.md").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) are neither images .* \(the first: 'notes.md'\)"):
+        make_shards(str(tmp_path / "src"), str(tmp_path / "out"))

@@ -129,7 +129,7 @@ def test_making_shards_never_mixes_old_and_new_ones(tmp_path):
     try:
         make_shards(str(folder), str(out), samples_per_shard=2)
     except FileExistsError as err:
-        assert str(err) == f"{out}: already holds shards; pass overwrite=True to replace them"
+        assert str(err) == f"{out}: already holds shards; pass overwrite=True (--overwrite) to replace them"
     else:
         raise AssertionError("shards were written over older ones without overwrite")
 

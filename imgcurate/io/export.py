@@ -243,7 +243,7 @@ def existing_shards(fs: fsspec.AbstractFileSystem, root: str, path: str, overwri
     if overwrite or fs.exists(posixpath.join(root, INCOMPLETE_MARKER)):
         return
     if files_in(fs, root, *_SHARD_FILES):
-        raise FileExistsError(f"{path}: already holds shards; pass overwrite=True to replace them")
+        raise FileExistsError(f"{path}: already holds shards; pass overwrite=True (--overwrite) to replace them")
 
 
 def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:

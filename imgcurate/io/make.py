@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -152,6 +153,14 @@ def write_shards(
 def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Record]:
     files = sorted(fs.find(folder))
     present = set(files)
+    stems = {p.rpartition(".")[0] for p in files if p.rpartition(".")[2].lower() in IMAGE_EXTENSIONS}
+    left = [p for p in files if p.rpartition(".")[0] not in stems]  # neither an image nor a sidecar beside one
+    if left:
+        import warnings
+
+        warnings.warn(f"{folder}: {len(left)} file(s) are neither images ({', '.join(IMAGE_EXTENSIONS)}) nor the "
+                      f".txt/.json beside one, and are not in the shards (the first: "
+                      f"{posixpath.relpath(left[0], folder)!r})", stacklevel=3)  # fmt: skip
     for path in files:
         stem, _, ext = path.rpartition(".")
         if ext.lower() not in IMAGE_EXTENSIONS:
@@ -194,18 +203,37 @@ def _reason(err: OSError) -> str:
     return err.strerror or type(err).__name__
 
 
-def _table_records(table: pd.DataFrame, base: str, path_col: str | None, caption_col: str | None) -> Iterator[Record]:
+def _table_columns(table: pd.DataFrame, where: str, path_col: str | None, caption_col: str | None) -> tuple[str, Any]:
+    """The list's path and caption columns: those given, else the first of the usual names (no caption column when
+    none is there).
+
+    Raises:
+        ValueError: naming the list and the column, with the columns it has.
+    """
+    columns = ", ".join(map(str, table.columns))
+    for option, given in (("path_col", path_col), ("caption_col", caption_col)):
+        if given is not None and given not in table.columns:
+            raise ValueError(f"{where}: no column {given!r} ({option}; the list's columns: {columns})")
     path_col = path_col or next((c for c in _PATH_COLUMNS if c in table.columns), None)
-    if path_col is None or path_col not in table.columns:
-        raise ValueError(f"the list needs a column of image paths (one of {', '.join(_PATH_COLUMNS)}), or path_col=")
-    caption_col = caption_col or next((c for c in _CAPTION_COLUMNS if c in table.columns), None)
+    if path_col is None:
+        raise ValueError(f"{where}: no column of image paths (one of {', '.join(_PATH_COLUMNS)}; the list's "
+                         f"columns: {columns}): name it with path_col")  # fmt: skip
+    return path_col, caption_col or next((c for c in _CAPTION_COLUMNS if c in table.columns), None)
+
+
+def _table_records(table: pd.DataFrame, base: str, path_col: str, caption_col: str | None) -> Iterator[Record]:
     extra_cols = [c for c in table.columns if c not in (path_col, caption_col)]
     for row in table.to_dict("records"):
-        source = str(row[path_col])
-        path = source if os.path.isabs(source) or "://" in source else os.path.join(base, source)
-        caption = row.get(caption_col) if caption_col else None
-        caption = None if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
+        caption = _plain(row.get(caption_col)) if caption_col else None
+        caption = None if caption is None else str(caption)
         fields = {c: _plain(row[c]) for c in extra_cols}
+        source = _plain(row[path_col])
+        if source is None or not str(source).strip():
+            fields["source_path"] = None
+            yield Record({}, fields, caption, "the list gives no image path")
+            continue
+        source = str(source)
+        path = source if os.path.isabs(source) or "://" in source else os.path.join(base, source)
         fields["source_path"] = source
         ext = path.rpartition(".")[2].lower()
         try:
@@ -221,9 +249,17 @@ def _table_records(table: pd.DataFrame, base: str, path_col: str | None, caption
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
+    """A list cell as a plain Python value for the json member: NaN, None and pandas' missing values as None, numpy
+    scalars as numbers, arrays (a parquet list column) as lists."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
         return None
-    return value.item() if hasattr(value, "item") else value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def make_shards(
@@ -261,6 +297,7 @@ def make_shards(
         total = None
     elif root.endswith((".csv", ".parquet")):
         table = pd.read_csv(source) if root.endswith(".csv") else pd.read_parquet(source)
+        path_col, caption_col = _table_columns(table, source, path_col, caption_col)
         records = _table_records(table, posixpath.dirname(root), path_col, caption_col)
         total = len(table)
     else:
