@@ -862,7 +862,9 @@ def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[n
 def _count_valid(part: Any, shard: Shard, column: str) -> pd.DataFrame:
     """The shard's non-null embeddings, and the shard itself (so that later passes need no shard frame of their
     own: one pass reading the shard frame has it fused into its tasks)."""
-    n = int(_valid_matrix(part, column, shard)[0].sum())  # as the sample and the assignment count them
+    # counted as the sample and the assignment count them (finite rows only), so that the random rule's seeds (a
+    # cluster's first global index) are those of a dataset where those rows are null; ~5 ms per 10,000 x 512 shard
+    n = int(_valid_matrix(part, column, shard)[0].sum())
     return pd.DataFrame({"n": pd.Series([n], dtype="int64"), "shard": pd.Series([shard.index], dtype="int64"),
                          "tar": pd.Series([shard.tar], dtype=object)})  # fmt: skip
 
