@@ -368,7 +368,7 @@ def estimate_config(path: str, measure: bool = False, input_path: str | None = N
         pipeline.input = input_path
     if not pipeline.input:
         raise ValueError(f"{path}: the config has no 'input' folder (or pass --input-path)")
-    pipeline.check_config(pipeline.open_input())
+    pipeline.check_config(pipeline.open_input(validate=False))
     shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.storage_options)
     st = _State(samples, tar_bytes, measure)
     steps = []

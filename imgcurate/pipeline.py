@@ -456,12 +456,13 @@ class Pipeline:
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
 
-    def open_input(self) -> ImageTextPairDataset:
-        """Opens the ``input`` folder (reads the parquet footers and tar headers, no image)."""
+    def open_input(self, validate: bool = True) -> ImageTextPairDataset:
+        """Opens the ``input`` folder (reads the parquet footers and tar headers, no image); ``validate=False`` reads
+        only what the schema needs (the checks of ``estimate`` and ``doctor``, which run no step)."""
         if not self.input:
             raise ConfigError("input: the config has no 'input' folder")
         return ImageTextPairDataset.from_webdataset(
-            self.input, self.id_col, backend=self.backend, storage_options=self.storage_options
+            self.input, self.id_col, backend=self.backend, storage_options=self.storage_options, validate=validate
         )
 
     def check(self, dataset: ImageTextPairDataset) -> None:
