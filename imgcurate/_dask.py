@@ -189,11 +189,12 @@ class _ShardMapPartitions(MapPartitions):
         return shard_divisions(self.frame.npartitions)
 
 
-def to_partitions(frame: dd.DataFrame, npartitions: int) -> dd.DataFrame:
+def to_partitions(frame: dd.DataFrame, npartitions: int, method: str | None = None) -> dd.DataFrame:
     """Moves every row to the partition that its int64 ``_partitions`` column names (0 <= value < ``npartitions``).
 
-    A shuffle, done by Dask's own shuffle machinery (tasks, disk or p2p, as configured): dask routes rows by a
-    ``_partitions`` column without hashing it, which is what :meth:`DataFrame.set_index` does with its divisions.
+    A shuffle, done by Dask's own shuffle machinery (tasks, disk or p2p: ``method``, else as configured): dask
+    routes rows by a ``_partitions`` column without hashing it, which is what :meth:`DataFrame.set_index` does with
+    its divisions.
     No task carries a list that grows with ``npartitions``. Row order within a partition is not kept: sort after.
     The output keeps the ``_partitions`` column under the disk and tasks methods and not under p2p; readers select
     the columns they need. With fewer output than input partitions, the disk and tasks methods first concatenate
@@ -201,7 +202,7 @@ def to_partitions(frame: dd.DataFrame, npartitions: int) -> dd.DataFrame:
     """
     from dask.dataframe.dask_expr._shuffle import Shuffle
 
-    return new_collection(Shuffle(frame.expr, PARTITION_COLUMN, npartitions, True, None, None))
+    return new_collection(Shuffle(frame.expr, PARTITION_COLUMN, npartitions, True, method, None))
 
 
 def _zip(left: Any, right: Any) -> Any:

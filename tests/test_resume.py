@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -143,6 +144,32 @@ def two_worker_processes():
 @pytest.mark.parametrize("mode", ["greedy", "connected"])
 @pytest.mark.parametrize("keep", ["hard", "easy", "random", ["score"]])
 def test_semantic_dedup_on_a_local_cluster_equals_find_on_the_gathered_array(two_worker_processes, mode, keep):
+    _check_cluster_against_find(two_worker_processes, mode, keep)
+
+
+@pytest.mark.parametrize("method", ["p2p", "disk"])
+def test_semantic_dedup_through_a_configured_shuffle_method_equals_find(two_worker_processes, method):
+    """Few shards take Dask's tasks shuffle unless a method is configured: p2p and disk, configured, give the same
+    columns."""
+    from imgcurate.steps.grouped import shuffle_method
+
+    with dask.config.set({"dataframe.shuffle.method": method}):
+        assert shuffle_method(7) == method
+        _check_cluster_against_find(two_worker_processes, "connected", "random")
+
+
+def test_few_shards_take_the_one_stage_tasks_shuffle_and_many_take_dasks_default(two_worker_processes):
+    from imgcurate.steps.grouped import SMALL, shuffle_method
+
+    with dask.config.set({"dataframe.shuffle.method": None}):
+        assert shuffle_method(1) == shuffle_method(SMALL) == "tasks"
+        assert shuffle_method(SMALL + 1) == "disk"  # no distributed client: Dask's local default
+        with two_worker_processes.as_current():
+            assert shuffle_method(SMALL + 1) == "p2p"
+            assert shuffle_method(SMALL) == "tasks"
+
+
+def _check_cluster_against_find(client, mode, keep):
     from imgcurate.synthetic import synthetic_dataset
 
     ds = synthetic_dataset(7, rows_per_shard=60, dim=16, seed=5)
@@ -153,7 +180,7 @@ def test_semantic_dedup_on_a_local_cluster_equals_find_on_the_gathered_array(two
     x = np.stack(local["image_embedding"]).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     centroids = x[np.random.default_rng(0).choice(len(x), 5, replace=False)]
-    with two_worker_processes.as_current():
+    with client.as_current():
         got = ds.with_columns(dedup.added(ds, centroids=centroids)).metadata.compute()
     rank = local[["score"]].to_numpy() if isinstance(keep, list) else None
     want = dedup.find(x, centroids=centroids, rank_values=rank)

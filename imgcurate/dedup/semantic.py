@@ -536,7 +536,7 @@ class SemanticDeduplicator(Step):
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
         _normalize(x)
         values = None if rank_values is None else np.asarray(rank_values, dtype=np.float64).reshape(n, -1)
-        fingerprint = self._fingerprint(x, values)
+        fingerprint = self._fingerprint(x, values) if self.cache_dir is not None else ""  # keys the cache only
         device = self._resolved_device()
         stats: dict[str, Any] = {"kmeans_backend": backend, "device": device, "kmeans_iterations": 0, "kmeans_s": 0.0}
         stats["assign_s"] = 0.0
@@ -639,9 +639,9 @@ class SemanticDeduplicator(Step):
         params = [self.n_clusters, self.max_iter, self.tol, self.random_state, self.which_to_keep, self.mode, self.eps,
                   self.keep_by]  # fmt: skip
         digest = hashlib.sha256(json.dumps(params).encode())
-        digest.update(np.ascontiguousarray(x).tobytes())  # the whole input: a sample could miss a changed row
+        digest.update(np.ascontiguousarray(x).data)  # the whole input (a sample could miss a changed row), no copy
         if values is not None:
-            digest.update(np.ascontiguousarray(values).tobytes())
+            digest.update(np.ascontiguousarray(values).data)
         return digest.hexdigest()
 
     # ------------------------------------------------------------------ the step contract
