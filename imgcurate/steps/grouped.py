@@ -7,8 +7,9 @@ The shape of every such step:
    :func:`group_of`; rows that need no partner go anywhere, e.g. to their shard's own group);
 2. :func:`grouped` concatenates every :data:`MERGE` neighbouring shards' rows (a bounded task; not under p2p, which
    sends each shard's rows on its own), shuffles the rows to ``groups`` partitions so that each group lands whole in
-   one (with Dask's tasks method up to :data:`SMALL` shards, else Dask's default: :func:`shuffle_method`), runs a function there (on a worker) that answers every row it holds, and shuffles the answers straight back
-   to one partition per shard;
+   one (Dask's tasks method up to :data:`SMALL` shards, else Dask's default: :func:`shuffle_method`), runs a
+   function there (on a worker) that answers every row it holds, and shuffles the answers straight back to one
+   partition per shard;
 3. :func:`per_shard` turns each shard's answers (all of its rows, put back in row order) into the step's columns.
 
 Tasks per shard: the per-shard pass, one task that collects the shard's answers from the shuffle and one that
