@@ -73,7 +73,8 @@ def shuffle_method(nshards: int) -> str:
     results, which the workers keep in memory (spilling under memory pressure as any result) and send between
     processes without a copy of their own. p2p's fixed costs (its extension, a barrier, every byte serialised, sent
     to the worker itself over TCP, written to disk and read back) cost more there: measured at 100,000 rows x 512 in
-    10 shards on two worker processes, 2.3-2.4 s against 2.7-2.9 s for the semantic dedup step. Above ``SMALL`` the
+    10 shards on two worker processes, 2.2-2.8 s against 2.6-2.9 s for the semantic dedup step
+    (benchmarks/RESULTS.md). Above ``SMALL`` the
     tasks method needs several stages and its graph grows as n log n, and p2p's spilling to disk matters.
     """
     import dask
