@@ -202,11 +202,13 @@ def make_config(
     embedding and ``clip_score``; the heads are fused on its image tower. ``min_clip_score``, ``clip_top_fraction``
     (of the whole dataset) and ``filter_preset`` (:data:`imgcurate.text.PRESETS`) filter on that score; ``languages``
     and ``min_caption_words`` add :class:`~imgcurate.text.CaptionFeatures`. Any of those makes the filter
-    :class:`~imgcurate.text.ClipTextFilter` (SampleFilter's rules plus these).
+    :class:`~imgcurate.text.ClipTextFilter` (SampleFilter's rules plus these). ``min_caption_words`` 0 sets no minimum,
+    as None does: no rule and no CaptionFeatures for it (as ``aesthetic_threshold`` None leaves out head and rule).
 
     Raises:
         ValueError: a threshold outside its scale (aesthetic 0-10, NSFW 0-1, CLIP score -1-1, fraction 0-1], a size
-            below 1, or a CLIP rule without ``clip_model``.
+            below 1, a negative ``min_caption_words``, ``min_caption_words`` 0 with a preset that sets a minimum (the
+            config would keep the preset's), or a CLIP rule without ``clip_model``.
     """
     if aesthetic_threshold is not None and not 0 <= aesthetic_threshold <= 10:
         raise ValueError(f"--aesthetic-threshold: the aesthetic score is 0-10, got {aesthetic_threshold}")
@@ -234,10 +236,15 @@ def make_config(
         ("--batch-size", batch_size),
         ("--images-per-tar", images_per_tar),
         ("--n-clusters", n_clusters),
-        ("--min-caption-words", min_caption_words),
     ):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive integer, got {value}")
+    if min_caption_words is not None and min_caption_words < 0:
+        raise ValueError(f"--min-caption-words: {_NO_MINIMUM}, got {min_caption_words}")
+    if min_caption_words == 0 and "min_words" in preset:
+        raise ValueError(f"--min-caption-words 0 has no effect with --filter-preset {filter_preset} (it sets min_words "
+                         f"{preset['min_words']}): leave one of them out")  # fmt: skip
+    min_caption_words = min_caption_words or None  # 0: no minimum-words rule
     steps: list[dict] = []
     duplicates: list[str] = []
     if dedup:
@@ -398,6 +405,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(args.config)
 
 
+_NO_MINIMUM = "expected a non-negative integer (0: no minimum)"
+
+
+def _non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 0, for a minimum that 0 switches off; -1 is refused at parsing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{_NO_MINIMUM}, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An argparse ``type``: an integer of at least 1 (a count or a size), so 0 and -1 are refused at parsing."""
     try:
@@ -486,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter-preset", default=None, help="a published filter: datacomp_clip_l14_top30, "
                    "datacomp_clip_b32, laion2b (these need --clip-model), datacomp_basic")  # fmt: skip
     p.add_argument("--languages", default=None, help="keep captions in these languages (comma-separated ISO 639-1)")
-    p.add_argument("--min-caption-words", type=_positive_int, default=None, help="drop captions with fewer words")
+    p.add_argument("--min-caption-words", type=_non_negative_int, default=None,
+                   help="drop captions with fewer words (0: no minimum)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     p.set_defaults(func=_cmd_config)
 

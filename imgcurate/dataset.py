@@ -69,6 +69,9 @@ class ImageTextPairDataset:
         tar_files: the shard paths, in order.
         id_col: the column that holds sample keys.
         storage_options: passed to fsspec for every file access.
+        input_schema: the arrow schema the metadata was read from (:meth:`from_webdataset` gives it), kept through
+            :meth:`with_metadata`; the export writes each column that still has the dtype it was read as with its
+            input type (see :attr:`input_schema`).
 
     Example:
         >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
@@ -86,11 +89,13 @@ class ImageTextPairDataset:
         *,
         storage_options: dict | None = None,
         shards: dd.DataFrame | None = None,
+        input_schema: pa.Schema | None = None,
     ):
         self.path = path
         self.tar_files = list(tar_files)
         self.id_col = id_col
         self.storage_options = dict(storage_options or {})
+        self._input_schema = input_schema
         if shards is not None:
             self.__dict__["shards"] = shards
         self._metadata = self._checked(metadata)
@@ -166,7 +171,8 @@ class ImageTextPairDataset:
             sources = [p.parquet if p.table is None else p.table for p in parts]
             check_unique_keys(sources, [p.tar for p in parts], id_col, storage_options)
         metadata = cls._metadata_frame(parts, schema, backend, storage_options)
-        return cls(path, metadata, [p.tar for p in parts], id_col, storage_options=storage_options)
+        return cls(path, metadata, [p.tar for p in parts], id_col, storage_options=storage_options,
+                   input_schema=schema)  # fmt: skip
 
     @staticmethod
     def _metadata_frame(parts: list[_Part], schema: pa.Schema, backend: str, storage_options: dict) -> dd.DataFrame:
@@ -191,6 +197,18 @@ class ImageTextPairDataset:
     def metadata(self) -> dd.DataFrame:
         """The Dask metadata frame: partition ``i`` describes ``tar_files[i]``."""
         return self._metadata
+
+    @property
+    def input_schema(self) -> pa.Schema | None:
+        """The arrow schema of the input's parquet files, unified over the shards (None for a dataset built from a
+        frame of its own).
+
+        Reading maps several arrow types to one dtype (every integer width to ``Int64``, a dictionary of any index
+        width to ``category``, plain and large strings to text), so the export writes a column whose dtype is still
+        the one its input type is read as with that input type (unless some shard's values no longer fit it: then
+        every output shard has the type the frame converts to). An export of an export writes the same parquet bytes.
+        """
+        return self._input_schema
 
     @property
     def num_shards(self) -> int:
@@ -233,7 +251,7 @@ class ImageTextPairDataset:
         """
         return type(self)(
             self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options,
-            shards=self.__dict__.get("shards"),
+            shards=self.__dict__.get("shards"), input_schema=self._input_schema,
         )  # fmt: skip
 
     def with_columns(self, columns: dd.DataFrame) -> ImageTextPairDataset:
@@ -327,6 +345,7 @@ class ImageTextPairDataset:
             old_id_col=old_id_col,
             overwrite=overwrite,
             index_files=index_files,
+            input_schema=self._input_schema,
         )
         return ImageTextPairDataset.from_webdataset(path, self.id_col, storage_options=self.storage_options,
                                                     validate=False)  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -44,12 +44,41 @@ _OPS = {
 }
 _ORDERING = (">=", ">", "<=", "<")
 _SEPARATOR = ";"  # between the reasons of one sample in drop_reason; drop_report splits on it
+_SPLITS = f"contains {_SEPARATOR!r}, which separates the reasons in drop_reason"
 
 
 def _check_reason(reason: str, what: str) -> None:
     if _SEPARATOR in reason:
-        raise ValueError(f"{what}: its reason {reason!r} contains {_SEPARATOR!r}, which separates the reasons in "
-                         "drop_reason: give a reason without it")  # fmt: skip
+        raise ValueError(f"{what}: its reason {reason!r} {_SPLITS}: give a reason without it")
+
+
+def _check_name(column: str, what: str, error: type[ValueError] = ValueError) -> None:
+    """A column whose name goes into a rule's reason (and so into the drop counts) may not contain the separator."""
+    if _SEPARATOR in column:
+        raise error(f"{what} {column!r}: its name goes into its rule's reason, and {_SPLITS}: rename the column")
+
+
+def _is_text(dtype: Any) -> bool:
+    if isinstance(dtype, pd.CategoricalDtype):
+        return pd.api.types.is_string_dtype(dtype.categories.dtype)
+    return pd.api.types.is_string_dtype(dtype)
+
+
+#: The kinds of values a filter option's column may be asked to hold (the words used in errors): a test on its dtype.
+_KINDS = {
+    "numbers": pd.api.types.is_numeric_dtype,  # booleans too: the rules compare them as 0 and 1
+    "booleans": pd.api.types.is_bool_dtype,
+    "text": _is_text,
+}
+
+
+class OptionColumn(NamedTuple):
+    """A column that a filter option reads, the kind of values it must hold (a key of ``_KINDS``), and a hint."""
+
+    option: str
+    column: str
+    kind: str
+    hint: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,8 +160,8 @@ class SampleFilter(ShardStep):
     def __post_init__(self):
         if isinstance(self.drop_duplicates, str):
             self.drop_duplicates = (self.drop_duplicates,)
-        for column in self.drop_duplicates:
-            _check_reason(str(column), f"drop_duplicates column {column!r}")
+        for option, column, _, _ in self._columns():
+            _check_name(column, f"{self.name}'s {option} column")
         if self.keep_column == self.reason_column:
             raise ValueError(f"keep_column and reason_column are both {self.keep_column!r}: give them different names")
         rules = []
@@ -148,13 +177,35 @@ class SampleFilter(ShardStep):
             rules.append(rule)
         self.rules = tuple(rules)
 
+    def _columns(self) -> list[OptionColumn]:
+        """The columns that this filter's options read, with the kind of values each must hold. Their names go into
+        the rules' reasons, so construction refuses a name with ``;``; :meth:`check` checks their types. Filters
+        with options of their own add theirs."""
+        columns = []
+        if self.min_width is not None:
+            columns.append(OptionColumn("min_width", "width", "numbers"))
+        if self.min_height is not None:
+            columns.append(OptionColumn("min_height", "height", "numbers"))
+        if self.max_aspect_ratio is not None:
+            columns += [OptionColumn("max_aspect_ratio", c, "numbers") for c in ("width", "height")]
+        if self.min_aesthetic is not None:
+            columns.append(OptionColumn("min_aesthetic", self.aesthetic_column, "numbers"))
+        if self.max_nsfw is not None:
+            columns.append(OptionColumn("max_nsfw", self.nsfw_column, "numbers"))
+        hint = ": give a column that marks duplicates, such as 'exact_duplicate'"
+        columns += [OptionColumn("drop_duplicates", str(c), "booleans", hint) for c in self.drop_duplicates]
+        return columns
+
     def check(self, meta: Any, id_col: str) -> None:
-        """As :meth:`Step.check`; also the columns' types, on ``meta`` before any work: each ``drop_duplicates``
-        column holds booleans, each ``>= > <= <`` rule's column numbers (or booleans), and a numeric column's rules
-        compare it with a number (``==`` and ``!=`` compare a column of any other type with any value).
+        """As :meth:`Step.check`; also the columns' types, on ``meta`` before any work: each option's column holds
+        what its rule compares (``drop_duplicates`` columns booleans, score and size columns numbers, and so on:
+        :meth:`_columns`), each ``>= > <= <`` rule's column numbers (or booleans), and a numeric column's rules
+        compare it with a number (``==`` and ``!=`` compare a column of any other type with any value). With
+        ``drop_errors``, the error columns' names go into reasons, so none may contain ``;``.
 
         Raises:
-            ColumnError: naming the step, the rule or option, the column and its type.
+            ColumnError: naming the step, the rule or option, the column and its type (or the error column whose
+                name contains ``;``).
         """
         super().check(meta, id_col)
         present = set(map(str, meta.columns))
@@ -162,10 +213,12 @@ class SampleFilter(ShardStep):
         def dtype(column: str) -> Any:
             return to_pandas(meta[[column]])[column].dtype
 
-        for column in self.drop_duplicates:
-            if column in present and not pd.api.types.is_bool_dtype(kind := dtype(column)):
-                raise ColumnError(f"{self.name}'s drop_duplicates column {column!r} holds {kind}, not booleans: "
-                                  "give a column that marks duplicates, such as 'exact_duplicate'")  # fmt: skip
+        for option, column, wanted, hint in self._columns():
+            if column in present and not _KINDS[wanted](kind := dtype(column)):
+                raise ColumnError(f"{self.name}'s {option} column {column!r} holds {kind}, not {wanted}{hint}")
+        if self.drop_errors:
+            for column in filter(is_error_column, present):
+                _check_name(column, f"{self.name} (drop_errors) reads the error column", ColumnError)
         for i, rule in enumerate(self.rules):
             if rule.op in ("isnull", "notnull") or rule.column not in present:
                 continue

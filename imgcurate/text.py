@@ -36,7 +36,7 @@ import pyarrow as pa
 from imgcurate import progress
 from imgcurate._dask import Shard
 from imgcurate.backends import to_pandas
-from imgcurate.filters import SampleFilter
+from imgcurate.filters import OptionColumn, SampleFilter
 from imgcurate.steps.base import Requirement, ShardIO, ShardStep
 
 if TYPE_CHECKING:
@@ -284,7 +284,6 @@ class ClipTextFilter(SampleFilter):
     gpu: ClassVar[str] = "no"
 
     def __post_init__(self):
-        super().__post_init__()
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
@@ -295,6 +294,7 @@ class ClipTextFilter(SampleFilter):
         if isinstance(self.languages, str):
             self.languages = (self.languages,)
         self.languages = tuple(self.languages)
+        super().__post_init__()  # after the preset: it checks the columns of every rule, the preset's too
         check_languages(self.languages)
         if self.clip_top_fraction is not None and not 0 < self.clip_top_fraction <= 1:
             raise ValueError(f"clip_top_fraction must be in (0, 1], got {self.clip_top_fraction}")
@@ -335,6 +335,24 @@ class ClipTextFilter(SampleFilter):
 
             rules.append((f"smaller side < {self.min_side}", side))
         return rules
+
+    def _columns(self) -> list[OptionColumn]:
+        columns = super()._columns()
+        p = self.caption_prefix
+        for option in ("min_clip_score", "clip_top_fraction"):
+            if getattr(self, option) is not None:
+                columns.append(OptionColumn(option, self.clip_score_column, "numbers"))
+        if self.min_words is not None:
+            columns.append(OptionColumn("min_words", f"{p}words", "numbers"))
+        if self.min_chars is not None:
+            columns.append(OptionColumn("min_chars", f"{p}chars", "numbers"))
+        if self.languages:
+            columns.append(OptionColumn("languages", f"{p}language", "text"))
+            if self.min_language_confidence is not None:
+                columns.append(OptionColumn("min_language_confidence", f"{p}language_confidence", "numbers"))
+        if self.min_side is not None:
+            columns += [OptionColumn("min_side", c, "numbers") for c in ("width", "height")]
+        return columns
 
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         found = super().thresholds()

@@ -389,7 +389,7 @@ def test_config_clip_and_caption_flags_round_trip(sample_dir, tmp_path, capsys):
             assert filt.min_words == 2
     for bad, message in ((["--min-clip-score", "3"], "cosine"), (["--clip-top-fraction", "0"], "fraction"),
                          (["--filter-preset", "nope"], "unknown preset 'nope'"),
-                         (["--min-caption-words", "0"], "positive integer")):  # fmt: skip
+                         (["--min-caption-words", "-1"], "non-negative integer")):  # fmt: skip
         argv = ["config", "--input-path", "in", "--output-path", "o", "--output-file", str(tmp_path / "x.yaml"), *bad]
         if bad[0] == "--min-caption-words":  # refused by the argument parser
             with pytest.raises(SystemExit, match="2"):
@@ -398,3 +398,30 @@ def test_config_clip_and_caption_flags_round_trip(sample_dir, tmp_path, capsys):
             assert main([*argv, "--clip-model", "ViT-B-32"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_config_min_caption_words_0_writes_no_minimum_words_rule(sample_dir, tmp_path, capsys):
+    """``--min-caption-words 0`` writes the config that leaving the flag out writes (no rule, no CaptionFeatures for
+    it), as the flags that switch a rule off do; with a preset that sets a minimum it is refused, not dropped."""
+    base = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "o"), "--model", "test_resnet",
+            "--no-aesthetic", "--no-nsfw"]  # fmt: skip
+
+    def written(name: str, *flags: str) -> str:
+        assert main([*base, "--output-file", str(tmp_path / name), *flags]) == 0, flags
+        return (tmp_path / name).read_text()
+
+    plain = written("plain.yaml")
+    assert written("zero.yaml", "--min-caption-words", "0") == plain
+    assert "min_words" not in plain and "CaptionFeatures" not in plain and "ClipTextFilter" not in plain
+    languages = written("en.yaml", "--languages", "en")
+    assert written("en-zero.yaml", "--languages", "en", "--min-caption-words", "0") == languages
+    assert "min_words" not in languages and "CaptionFeatures" in languages
+    one = yaml.safe_load(written("one.yaml", "--min-caption-words", "1"))
+    assert one["steps"][-1]["ClipTextFilter"]["min_words"] == 1
+    capsys.readouterr()
+    argv = [*base, "--output-file", str(tmp_path / "basic.yaml"), "--filter-preset", "datacomp_basic"]
+    assert main([*argv, "--min-caption-words", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("imgcurate: error: --min-caption-words 0 has no effect with --filter-preset datacomp_basic (it "
+                   "sets min_words 3): leave one of them out\n")  # fmt: skip
+    assert not (tmp_path / "basic.yaml").exists()

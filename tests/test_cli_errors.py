@@ -65,8 +65,9 @@ COUNTS = {
     "config clusters": ["config", "--input-path", "{src}", "--output-path", "{out}", "--output-file", "{out}.yaml",
                         "--n-clusters", "0"],
     "config words": ["config", "--input-path", "{src}", "--output-path", "{out}", "--output-file", "{out}.yaml",
-                     "--min-caption-words", "0"],
+                     "--min-caption-words", "-1"],
 }  # fmt: skip
+EXPECTED = {"config words": "expected a non-negative integer (0: no minimum)"}  # a minimum that 0 switches off
 
 
 @pytest.mark.parametrize("case", list(COUNTS))
@@ -80,9 +81,8 @@ def test_counts_and_sizes_must_be_positive_integers_at_parsing(tmp_path, capsys,
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == (
-        f"imgcurate {argv[0]}: error: argument {option}: expected a positive integer, got {value!r}"
-    )
+    expected = EXPECTED.get(case, "expected a positive integer")
+    assert err.splitlines()[-1] == f"imgcurate {argv[0]}: error: argument {option}: {expected}, got {value!r}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.yaml").exists()
 
 

@@ -6,6 +6,7 @@ import tarfile
 
 import dask
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -81,6 +82,54 @@ def test_list_columns_survive_export(sample_ds, tmp_path):
     got = out.metadata.compute()
     for a, b in zip(got["emb"], expected["emb"], strict=True):
         np.testing.assert_array_equal(np.asarray(a, dtype=np.float32), b)
+
+
+def _typed_shards(folder):
+    """Two shards whose parquet has a dictionary<int32> column, an int32 column and a float32 column (types that
+    reading maps to dtypes which convert back to other arrow types)."""
+    from PIL import Image
+
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.testing import encode_image
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    write_shards([Record({"jpg": jpg}, caption=f"photo {i}") for i in range(5)], str(folder), samples_per_shard=3)
+    for parquet in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(parquet)
+        n = table.num_rows
+        source = pa.array(["camera", "scan", "camera"][:n]).dictionary_encode()
+        table = table.append_column("source", source.cast(pa.dictionary(pa.int32(), pa.string())))
+        table = table.append_column("rank", pa.array(range(n), pa.int32()))
+        table = table.append_column("weight", pa.array([0.5] * n, pa.float32()))
+        pq.write_table(table, parquet)
+    return ImageTextPairDataset.from_webdataset(str(folder))
+
+
+def test_reexporting_keeps_the_input_parquet_types_and_bytes(tmp_path):
+    ds = _typed_shards(tmp_path / "in")
+    schema = pq.read_schema(tmp_path / "in" / "00000.parquet").remove_metadata()
+    assert schema.field("source").type == pa.dictionary(pa.int32(), pa.string())
+    assert schema.field("error").type == pa.null()  # null in every shard: read, and written, as text
+    schema = schema.set(schema.get_field_index("error"), pa.field("error", pa.string()))
+    first = ds.to_webdataset(str(tmp_path / "first"))
+    assert pq.read_schema(tmp_path / "first" / "00000.parquet").remove_metadata() == schema
+    values = [d.metadata.compute().drop(columns="key").reset_index(drop=True) for d in (first, ds)]
+    pd.testing.assert_frame_equal(*values)
+    first.to_webdataset(str(tmp_path / "second"))
+    names = sorted(os.listdir(tmp_path / "first"))
+    assert names == sorted(os.listdir(tmp_path / "second")) and "00000.parquet" in names
+    for name in names:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+    # a column whose values no longer fit its input type, in one shard only, is wider in every output shard; one a
+    # step gave another dtype keeps that dtype's type
+    df = ds.metadata
+    changed = ds.with_metadata(df.assign(rank=df["rank"].where(df["rank"] < 2, 2**40), source=df["source"].astype(str)))
+    out = changed.to_webdataset(str(tmp_path / "changed"), samples_per_shard=2)
+    for parquet in sorted((tmp_path / "changed").glob("*.parquet")):
+        types = pq.read_schema(parquet)
+        assert (types.field("rank").type, types.field("weight").type) == (pa.int64(), pa.float32()), parquet.name
+        assert pa.types.is_string(types.field("source").type) or pa.types.is_large_string(types.field("source").type)
+    assert out.metadata["rank"].compute().tolist() == [0, 1, 2**40, 0, 1]
 
 
 def test_output_is_byte_identical_across_runs_and_schedulers(sample_ds, tmp_path):

@@ -61,3 +61,52 @@ def test_column_types_are_checked_on_meta_before_any_work(tmp_path):
     allowed = SampleFilter(drop_duplicates=["flag"], rules=[Rule("key", "!=", "000000"), Rule("flag", "<=", True)])
     assert allowed(ds).metadata["keep"].compute().tolist() == [False, False]
     assert np.array_equal(SampleFilter(rules=[Rule("flag", "<", True)])(ds).metadata["keep"].compute(), [True, False])
+
+
+def test_column_names_with_the_separator_are_refused_where_they_would_become_reasons(tmp_path):
+    """A reason is built from the column a rule reads; a name with ``;`` would split into two reasons in the drop
+    counts. Names from the config are refused at construction, names from the data (error columns, which
+    ``drop_errors`` drops on) by the check on ``meta``, before any work; the error names the column and nothing
+    else of the run."""
+    from PIL import Image
+
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.errors import ConfigError
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.pipeline import Pipeline
+    from imgcurate.testing import encode_image
+    from imgcurate.text import ClipTextFilter
+
+    tail = "its name goes into its rule's reason, and contains ';', which separates the reasons in drop_reason: "
+    tail += "rename the column"
+    cases = [
+        (SampleFilter, {"min_aesthetic": 5.0, "aesthetic_column": "aesthetic;v2"}, "min_aesthetic", "aesthetic;v2"),
+        (SampleFilter, {"max_nsfw": 0.5, "nsfw_column": "nsfw;v2"}, "max_nsfw", "nsfw;v2"),
+        (SampleFilter, {"drop_duplicates": ["dup;exact"]}, "drop_duplicates", "dup;exact"),
+        (ClipTextFilter, {"min_clip_score": 0.2, "clip_score_column": "clip;b32"}, "min_clip_score", "clip;b32"),
+        (ClipTextFilter, {"preset": "datacomp_basic", "caption_prefix": "cap;"}, "min_words", "cap;words"),
+    ]
+    for step, kwargs, option, column in cases:
+        with pytest.raises(ValueError) as err:
+            step(**kwargs)
+        assert str(err.value) == f"{step.__name__}'s {option} column {column!r}: {tail}"
+    SampleFilter(aesthetic_column="aesthetic;v2")  # no rule reads it: no reason names it
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    fields = [{"resize;crop_error": "too small" if i == 1 else None, "ocr_error": "no text" if i == 2 else None}
+              for i in range(4)]  # fmt: skip
+    write_shards([Record({"jpg": jpg}, f) for f in fields], str(tmp_path / "s"), samples_per_shard=2)
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "s"))
+    message = f"SampleFilter (drop_errors) reads the error column 'resize;crop_error': {tail}"
+    with pytest.raises(ColumnError) as err:
+        SampleFilter()(ds)
+    assert str(err.value) == message
+    pipeline = Pipeline.from_config({"input": str(tmp_path / "s"), "steps": [{"SampleFilter": {}}]})
+    with pytest.raises(ConfigError) as err:
+        pipeline.check(ds)
+    assert str(err.value) == f"steps[0].SampleFilter: {message}"
+    # without the column, the other error column's reason is counted whole
+    renamed = ds.with_metadata(ds.metadata.rename(columns={"resize;crop_error": "resize_crop_error"}))
+    report = drop_report(SampleFilter()(renamed)).to_dict()
+    assert report == {"total": 4, "kept": 2, "dropped": 2, "resize_crop_error set": 1, "ocr_error set": 1}
+    assert drop_report(SampleFilter(drop_errors=False)(ds)).to_dict() == {"total": 4, "kept": 4, "dropped": 0}

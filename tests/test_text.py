@@ -129,3 +129,49 @@ steps:
     bad.write_text(config.read_text().replace("preset: datacomp_basic", "preset: 3"))
     with pytest.raises(ValueError, match="preset"):
         Pipeline.from_yaml(str(bad))
+
+
+def _shards_with(folder, fields):
+    """Shards of 8x8 images whose json fields (and so parquet columns) are ``fields``, one dict per sample."""
+    from PIL import Image
+
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.testing import encode_image
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    write_shards([Record({"jpg": jpg}, f) for f in fields], str(folder), samples_per_shard=2)
+    return ImageTextPairDataset.from_webdataset(str(folder))
+
+
+def test_score_and_caption_columns_of_the_wrong_type_are_refused_before_any_work(tmp_path):
+    from imgcurate.errors import ConfigError
+    from imgcurate.pipeline import Pipeline
+    from imgcurate.steps import ColumnError
+
+    fields = [{"clip_score": s, "caption_words": w, "caption_language": lang}
+              for s, w, lang in (("high", "three", 7), ("low", "one", 8), ("high", "two", 7))]  # fmt: skip
+    ds = _shards_with(tmp_path / "s", fields)
+    kinds = {c: str(t) for c, t in ds.metadata.dtypes.items()}
+    cases = {
+        "min_clip_score": ({"min_clip_score": 0.2}, "clip_score", kinds["clip_score"], "numbers"),
+        "clip_top_fraction": ({"clip_top_fraction": 0.5}, "clip_score", kinds["clip_score"], "numbers"),
+        "min_words": ({"min_words": 2}, "caption_words", kinds["caption_words"], "numbers"),
+        "languages": ({"languages": ["en"]}, "caption_language", kinds["caption_language"], "text"),
+    }
+    for option, (kwargs, column, kind, wanted) in cases.items():
+        message = f"ClipTextFilter's {option} column {column!r} holds {kind}, not {wanted}"
+        with pytest.raises(ColumnError) as err:
+            ClipTextFilter(drop_errors=False, **kwargs)(ds)  # lazy: the clip_top_fraction quantile is not computed
+        assert str(err.value) == message
+        pipeline = Pipeline.from_config({"input": str(tmp_path / "s"), "steps": [{"ClipTextFilter": kwargs}]})
+        with pytest.raises(ConfigError, match=f"^steps\\[0\\].ClipTextFilter: {message}$"):
+            pipeline.check(ds)
+    # the same rules on columns of the right types
+    df = ds.metadata
+    language = df["clip_score"].map(lambda v: "en" if v == "high" else "fr", meta=("caption_language", str))
+    score = df["caption_language"].astype("float64") / 10
+    typed = ds.with_metadata(df.assign(clip_score=score, caption_language=language))
+    out = ClipTextFilter(min_clip_score=0.75, languages=["en"], drop_errors=False)(typed).metadata.compute()
+    assert out["keep"].tolist() == [False, False, False]
+    assert out["drop_reason"].tolist() == ["clip_score < 0.75", "caption_language not in en", "clip_score < 0.75"]

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
-from imgcurate.backends import to_arrow, to_pandas
+from imgcurate.backends import backend_of, from_arrow, to_arrow, to_pandas
 from imgcurate.errors import ShardError
 from imgcurate.io._fs import atomic_open, check_reachable, files_in, same_folder, task_url, temp_name
 from imgcurate.io.schema import conform, unify
@@ -76,17 +76,62 @@ def _keep_mask(part: pd.DataFrame, filter_column: str | None) -> Any:
     return part[filter_column].fillna(False).astype(bool)
 
 
+def _input_types(metadata: dd.DataFrame, input_schema: pa.Schema | None) -> dict[str, pa.DataType]:
+    """The input type of each column of ``metadata`` that may still hold what was read: its dtype is the one its type
+    in ``input_schema`` (the input's parquet schema) is read as.
+
+    Reading maps several arrow types to one dtype (every integer width to ``Int64``, a dictionary of any index width
+    to ``category``, plain and large strings to text), and converting a partition back gives one of them (``int64``,
+    the smallest index that holds the categories, ``large_string``), not necessarily the input's; the export casts
+    such columns back to their input type (:func:`_as_input_types`), so an export of an export writes the same parquet
+    bytes. A column that a step replaced with another dtype keeps its own type. The dtypes are compared on ``meta``,
+    with no data read.
+    """
+    if input_schema is None:
+        return {}
+    meta = metadata._meta
+    declared = to_arrow(meta).schema
+    read = to_arrow(from_arrow(input_schema.empty_table(), backend_of(meta).name)).schema
+    return {
+        field.name: field.type
+        for field in input_schema
+        if field.name in declared.names and declared.field(field.name).type == read.field(field.name).type
+    }
+
+
+def _as_input_types(table: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
+    """``table`` with each column named in ``types`` cast to that type where every value fits it (a safe cast). A
+    column whose values do not fit (a step changed them but not their dtype) keeps its type: the shards' schemas are
+    then unified to one that holds both, the same for every output shard."""
+    for name, arrow_type in types.items():
+        if name not in table.column_names or table.column(name).type == arrow_type:
+            continue
+        try:
+            column = table.column(name).cast(arrow_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        table = table.set_column(table.column_names.index(name), pa.field(name, arrow_type), column)
+    return table
+
+
 def _select(
-    part: Any, shard: Shard, stage_dir: str, filter_column: str | None, so: dict, expected: bytes
+    part: Any,
+    shard: Shard,
+    stage_dir: str,
+    filter_column: str | None,
+    so: dict,
+    expected: bytes,
+    types: dict[str, pa.DataType],
 ) -> pd.DataFrame:
     """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest.
 
-    ``schema`` is empty when the partition's arrow schema is the ``expected`` one (the metadata's declared schema),
-    so that the client receives a schema only from the shards that differ, not one per shard.
+    Columns named in ``types`` (:func:`_input_types`) are cast back to their input type. ``schema`` is empty when the
+    partition's arrow schema is the ``expected`` one (the metadata's declared schema, with those types), so that the
+    client receives a schema only from the shards that differ, not one per shard.
     """
     mask = _keep_mask(part, filter_column)
     kept = part if mask is None else part[mask]
-    table = to_arrow(kept)
+    table = _as_input_types(to_arrow(kept), types)
     digest = ""
     if table.num_rows:
         sink = pa.BufferOutputStream()
@@ -169,15 +214,24 @@ def _write_shard(
 
 
 def selection(
-    metadata: dd.DataFrame, shards: dd.DataFrame, stage_dir: str, filter_column: str | None, so: dict
+    metadata: dd.DataFrame,
+    shards: dd.DataFrame,
+    stage_dir: str,
+    filter_column: str | None,
+    so: dict,
+    types: dict[str, pa.DataType] | None = None,
 ) -> dd.DataFrame:
-    """The select pass: one row per shard (shard, tar, count, schema, digest); each task reads its own partition."""
-    expected = _declared_schema(metadata)
-    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, expected, meta=_SELECT_META)
+    """The select pass: one row per shard (shard, tar, count, schema, digest); each task reads its own partition.
+    Columns named in ``types`` (:func:`_input_types`) are written with those types where their values fit."""
+    types = dict(types or {})
+    expected = _declared_schema(metadata, types)
+    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, expected, types, meta=_SELECT_META)
 
 
-def _declared_schema(metadata: dd.DataFrame) -> bytes:
-    return to_arrow(metadata._meta).schema.remove_metadata().serialize().to_pybytes()
+def _declared_schema(metadata: dd.DataFrame, types: dict[str, pa.DataType]) -> bytes:
+    declared = to_arrow(metadata._meta).schema
+    schema = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in declared])
+    return schema.serialize().to_pybytes()
 
 
 def write_tasks(
@@ -266,6 +320,7 @@ def export_webdataset(
     old_id_col: str | None = None,
     overwrite: bool = False,
     index_files: bool = False,
+    input_schema: pa.Schema | None = None,
 ) -> int:
     """Writes the rows of ``metadata`` whose ``filter_column`` is true, with their samples, as new shards in ``path``.
 
@@ -283,6 +338,9 @@ def export_webdataset(
         old_id_col: if given, the old key of each sample is kept in this column.
         overwrite: replace the shards already in ``path``; otherwise a folder with shards in it is an error.
         index_files: also write each shard's DALI index (``NNNNN.idx``), for ``use_index_files=True`` readers.
+        input_schema: the arrow schema the metadata was read from: columns whose dtype is still the one their type
+            there is read as are written with that type (:func:`_input_types`), so that re-exporting an export keeps
+            its parquet schema and bytes. None writes the types the frame converts to.
 
     Returns:
         The number of samples written.
@@ -306,13 +364,14 @@ def export_webdataset(
     stage_dir = posixpath.join(out_dir, STAGING)
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
 
-    selected = selection(metadata, shards, stage_dir, filter_column, so)
+    types = _input_types(metadata, input_schema)
+    selected = selection(metadata, shards, stage_dir, filter_column, so, types)
     # one small row per shard comes back: its count, its digest, and its schema only where it differs from the meta's
     (table,) = progress.compute([selected], desc="export: selecting", unit="shard")
     table = table.sort_values("shard")
     counts = table["count"].astype(int).tolist()
-    schemas = sorted({s or _declared_schema(metadata) for s, n in zip(table["schema"], counts, strict=True) if n})
-    schemas = schemas or [_declared_schema(metadata)]
+    declared = _declared_schema(metadata, types)
+    schemas = sorted({s or declared for s, n in zip(table["schema"], counts, strict=True) if n}) or [declared]
     schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in schemas], [path])
     plan = _plan(counts, samples_per_shard, max_shards)
     if not plan:
