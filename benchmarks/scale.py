@@ -25,7 +25,9 @@ their rows on their own) and the largest cluster's size.
 positions, key, cluster, the packed float32 embedding) on a 2-worker LocalCluster with Dask's p2p and tasks methods,
 each timed after a warm-up run: what moving the rows to their clusters costs by itself, as a ratio to ``find``.
 
-The dedup part runs a small warm-up through the same path first (``--cold`` leaves it out). ``--threads`` runs the
+The dedup part runs a small warm-up through the same path first (``--cold`` leaves it out; ``--warm-full`` runs the
+timed configuration itself once more before the timing, another seed so that nothing is reused, on both sides: the
+steady state of workers whose heaps an earlier step has grown, as the embedder's in a pipeline). ``--threads`` runs the
 two workers as threads of the benchmark's own process instead of processes (as ``LocalCluster(processes=False)`` in
 a notebook): the rows then move between workers without leaving the process, and the client's and the workers'
 peak RSS are one figure.
@@ -241,11 +243,12 @@ def _warm_kmeans(dim: int) -> None:
 
 def dedup_one(
     rows: int, dim: int, shards: int, mode: str, clusters: int | None = None, fit_sample: int | None = None,
-    warm_up: bool = True, threads: bool = False,
+    warm_up: bool = True, threads: bool = False, warm_full: bool = False,
 ) -> dict:  # fmt: skip
     """One process: ``find`` on the gathered array, or the dataset path on a 2-worker LocalCluster, its input held in
     the workers' memory (``cluster``) or stored as parquet and run the way a pipeline with a run directory runs a
-    step (``stored``). With ``warm_up``, a small run of the same path comes first (:func:`_warm_up`)."""
+    step (``stored``). With ``warm_up``, a small run of the same path comes first (:func:`_warm_up`); with
+    ``warm_full`` also a full run of the timed configuration, another seed (``cluster`` and ``find`` only)."""
     import numpy as np
 
     from imgcurate.dedup import SemanticDeduplicator
@@ -254,7 +257,10 @@ def dedup_one(
     n_clusters = clusters or max(10, rows // 1000)
     per_shard = rows // shards
     out: dict = {"mode": mode, "rows": rows, "dim": dim, "shards": shards, "n_clusters": n_clusters,
-                 "fit_sample": fit_sample, "warm_up": warm_up, "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+                 "fit_sample": fit_sample, "warm_up": "full" if warm_full else warm_up,
+                 "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+    if warm_full and mode == "stored":
+        raise ValueError("--warm-full runs the find and cluster modes")
     step = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0, fit_sample=fit_sample)
     if mode == "find":
         out["fit_sample"] = None  # find fits on faiss's own sample (256 rows per cluster)
@@ -262,6 +268,8 @@ def dedup_one(
         x = x.astype(np.float32)
         if warm_up:
             _warm_up(mode, dim)
+        if warm_full:
+            SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0, random_state=1).find(x, copy=True)
         started, cpu = time.perf_counter(), time.process_time()
         found = step.find(x, copy=False)
         out["seconds"] = round(time.perf_counter() - started, 2)
@@ -303,6 +311,10 @@ def dedup_one(
             # work
             ds = synthetic_dataset(shards, rows_per_shard=per_shard, dim=dim).persist()
             out["input_s"] = round(time.perf_counter() - started, 2)
+            if warm_full:
+                again = SemanticDeduplicator(n_clusters=n_clusters, max_iter=10, tol=-1.0, fit_sample=fit_sample,
+                                             random_state=1)  # fmt: skip
+                again(ds).metadata["is_duplicate"].sum().compute()
         out["worker_rss_before_mb"] = round(max(client.run(rss_mb).values()))
         client.run(_reset_peak_rss)
         client.run(_clear_fetch_log)
@@ -425,6 +437,7 @@ def main() -> None:
     parser.add_argument("--fit-sample", type=int, default=None, help="fit_sample (default: 256 rows per cluster)")
     parser.add_argument("--shuffle", default=None, help="dask's shuffle method for the graph part (p2p on a cluster)")
     parser.add_argument("--cold", action="store_true", help="the dedup part without its warm-up run")
+    parser.add_argument("--warm-full", action="store_true", help="the dedup part's warm-up also runs the timed size")
     parser.add_argument("--threads", action="store_true", help="the dedup part's workers as threads, not processes")
     args = parser.parse_args()
     if args.part == "_graph_one":
@@ -444,6 +457,7 @@ def main() -> None:
             args.fit_sample,
             warm_up=not args.cold,
             threads=args.threads,
+            warm_full=args.warm_full,
         )
         print(json.dumps(found))
         return
@@ -462,7 +476,8 @@ def main() -> None:
                  str(-(-n // args.rows_per_shard) if args.rows_per_shard else args.dedup_shards),
                  "--mode", mode, *(["--clusters", str(args.clusters)] if args.clusters else []),
                  *(["--fit-sample", str(args.fit_sample)] if args.fit_sample else []),
-                 *(["--cold"] if args.cold else []), *(["--threads"] if args.threads else [])]
+                 *(["--cold"] if args.cold else []), *(["--threads"] if args.threads else []),
+                 *(["--warm-full"] if args.warm_full else [])]
                 for n in args.rows for mode in args.modes]  # fmt: skip
     for run in runs:
         done = subprocess.run([sys.executable, __file__, *run], capture_output=True, text=True)

@@ -33,6 +33,7 @@ from dask.dataframe.dask_expr._expr import MapPartitions, SetDivisions
 from dask.dataframe.dask_expr.io import FromMap
 
 from imgcurate.backends import host_index
+from imgcurate.cpu import reuse_freed_memory
 
 __all__ = [
     "Shard",
@@ -120,6 +121,7 @@ def shard_frame(tar_files: Sequence[str], label: str = "imgcurate-shards") -> dd
 def _call_with_shard(part: Any, shard: pd.DataFrame, func: Callable, *args: Any, **kwargs: Any) -> Any:
     if len(shard) != 1:  # pragma: no cover - a frame built by shard_frame always has one row per partition
         raise RuntimeError("a shard frame partition must hold exactly one shard")
+    reuse_freed_memory()  # in a nanny's worker, large arrays would be mapped and zero-filled afresh each time
     index = int(shard["shard"].iloc[0])
     out = func(part, Shard(index, str(shard["tar"].iloc[0])), *args, **kwargs)
     if not hasattr(out, "index"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
+import dask
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,39 @@ def test_cpu_settings():
     assert "env" not in cpu.local_cluster_kwargs({"processes": False})
     assert cpu.model_threads(calls=1) == cpu.cpu_count()
     assert cpu.model_threads(calls=10**6) == 1
+
+
+def _page_faults_of_large_blocks() -> int:
+    """Minor page faults while 20 arrays of 3 MiB (768 pages; from 4 MiB on numpy asks for huge pages) are made,
+    filled and freed one after the other."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        np.ones(3 * 2**18, dtype=np.float32)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tunables")
+def test_a_nanny_worker_reuses_freed_large_blocks_once_it_has_run_a_step():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ set, which keeps glibc from adapting its mmap
+    threshold: every 3 MiB array is mapped and zero-filled afresh (768 page faults each). After one of the steps'
+    tasks has run there (:func:`imgcurate.cpu.reuse_freed_memory`), freed blocks are reused."""
+    from distributed import Client, LocalCluster
+
+    from imgcurate.dedup import SemanticDeduplicator
+    from imgcurate.synthetic import synthetic_dataset
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            (fresh,) = client.run(_page_faults_of_large_blocks).values()
+            ds = synthetic_dataset(2, rows_per_shard=20, dim=8, seed=1)
+            columns = SemanticDeduplicator(n_clusters=2).added(ds)
+            assert len(client.compute(columns).result()) == 40
+            (after,) = client.run(_page_faults_of_large_blocks).values()
+    if "MALLOC_TRIM_THRESHOLD_" in str(dask.config.get("distributed.nanny.pre-spawn-environ", {})):
+        assert fresh >= 10 * 768, fresh  # the nanny's setting: each array faulted in page by page
+    assert after < 2 * 768, after
 
 
 @needs_openvino

@@ -68,6 +68,7 @@ from imgcurate.backends import (
     on_gpu,
     to_pandas,
 )
+from imgcurate.cpu import reuse_freed_memory
 from imgcurate.errors import ShardError
 from imgcurate.steps.base import ColumnError, ShardIO, Step
 from imgcurate.steps.grouped import (
@@ -969,6 +970,7 @@ def _assign_counted_shard(
     step: SemanticDeduplicator, io: ShardIO, groups: int,
 ) -> pd.DataFrame:  # fmt: skip
     """:func:`_assign_shard`, the shard taken from its count pass partition, ``offset`` from the running count."""
+    reuse_freed_memory()  # as every shard-wise task does (:func:`imgcurate._dask.map_with_shard`)
     shard = Shard(int(shard_part["shard"].iloc[0]), str(shard_part["tar"].iloc[0]))
     first = None if offset is None else int(offset["offset"].iloc[0])
     return _assign_shard(part, shard, first, centroids, step, io, groups)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import backend_of, from_arrow, to_arrow, to_pandas
+from imgcurate.cpu import reuse_freed_memory
 from imgcurate.errors import ShardError
 from imgcurate.io._fs import atomic_open, check_reachable, files_in, same_folder, task_url, temp_name
 from imgcurate.io.schema import conform, unify
@@ -192,6 +193,7 @@ def _write_shard(
     index: bool,
 ) -> int:
     """Writes output shard ``shard`` into the staging folder from its ``(partition, tar, first, end)`` slices."""
+    reuse_freed_memory()  # as every shard-wise task does (:func:`imgcurate._dask.map_with_shard`)
     tables = []
     with ShardWriter(posixpath.join(stage_dir, f"{shard:05d}.tar"), storage_options=so, index=index) as writer:
         for part, tar, first, end in slices:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from imgcurate._dask import PARTITION_COLUMN, row_ids, to_partitions, with_shard_divisions
 from imgcurate.backends import to_pandas
+from imgcurate.cpu import reuse_freed_memory
 
 __all__ = [
     "SHARD",
@@ -97,6 +98,7 @@ def group_of(codes: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _answer(part: pd.DataFrame, func: Callable[..., pd.DataFrame], *args: Any) -> pd.DataFrame:
+    reuse_freed_memory()  # as every shard-wise task does (:func:`imgcurate._dask.map_with_shard`)
     out = func(part.drop(columns=[GROUP], errors="ignore").reset_index(drop=True), *args)
     out[GROUP] = out[SHARD].to_numpy(dtype=np.int64)  # the way back: the partition of the row's shard
     return out
