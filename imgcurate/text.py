@@ -182,8 +182,10 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
     min/max pass and one more histogram) until it holds at most that many or only one distinct value. So at most
     ``gather`` values reach the client, the answer has no error, and up to about ``bins * gather`` (7 x 10^10) values
     it takes three passes over the column. (Dask's own ``Series.quantile`` merges per-partition percentiles: 2% rank
-    error at ``q=0.1`` on 50 partitions of uniform values.) Each pass reads the column again: persist a lazily
-    computed score first, or run it from a pipeline, which reads the steps' results from its run directory.
+    error at ``q=0.1`` on 50 partitions of uniform values.) The column's finite values are computed once and held
+    (persisted: 8 bytes a value, on the workers under a distributed client) while the passes run, so a lazily computed
+    score runs its model once here; the step that then filters on the quantile computes it again, unless it was
+    persisted or comes from a pipeline's run directory.
 
     Nulls, NaN and infinite values are left out of ``n`` and of the cut. A filter that keeps ``value >= cut``
     (:class:`ClipTextFilter`'s ``clip_top_fraction``) so keeps ``+inf`` (above any cut) and drops ``-inf`` and NaN.
@@ -212,7 +214,10 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
     if not 0 <= q <= 1:
         raise ValueError(f"q must be in [0, 1], got {q}")
     values = df[column].dropna().astype("float64")
-    values = values[values.abs() < np.inf]
+    # the passes below read the finite values again and again: computed once and held (8 bytes a value, on the
+    # workers under a distributed client) until the quantile is known, so that a lazily computed score (a model's
+    # output) runs once, not once per pass
+    values = progress.persist(values[values.abs() < np.inf], desc=f"{column}: values for the quantile")
     lo, hi, n = progress.compute([values.min(), values.max(), values.count()], desc=f"{column}: range")
     if not n:
         raise ValueError(f"column {column!r} has no finite values to take a quantile of")

@@ -45,6 +45,23 @@ def test_global_quantile_is_an_exact_order_statistic():
         global_quantile(dd.from_pandas(pd.DataFrame({"s": [np.nan, np.inf]}), npartitions=1), "s", 0.5)
 
 
+def test_global_quantile_computes_a_lazy_column_once():
+    """Its passes (here several: 8 bins, 8 values gathered at most) read values computed once, not a lazily computed
+    column's tasks again per pass."""
+    calls = []
+
+    def doubled(part: pd.DataFrame) -> pd.Series:
+        if len(part):
+            calls.append(len(part))
+        return part["s"] * 2.0
+
+    values = np.random.default_rng(1).random(1_000)
+    df = dd.from_pandas(pd.DataFrame({"s": values}), npartitions=5)
+    lazy = df.assign(t=df.map_partitions(doubled, meta=("t", "float64")))
+    assert global_quantile(lazy, "t", 0.3, bins=8, gather=8) == np.sort(values * 2.0)[300]
+    assert sorted(calls) == [200] * 5
+
+
 def test_top_fraction_keeps_exactly_the_top_and_every_tie_at_the_cut(tmp_path):
     ds = score_dataset(tmp_path / "a", [0.1, 0.3, 0.4, 0.9, 0.5, 0.6])
     for fraction, threshold, kept in [(1.0, 0.1, 6), (0.5, 0.5, 3), (0.3, 0.6, 2), (0.01, 0.9, 1)]:
