@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -408,26 +408,26 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 _NO_MINIMUM = "expected a non-negative integer (0: no minimum)"
 
 
-def _non_negative_int(text: str) -> int:
-    """An argparse ``type``: an integer of at least 0, for a minimum that 0 switches off; -1 is refused at parsing."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{_NO_MINIMUM}, got {text!r}")
-    return value
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, so that a smaller one (or a non-integer) is refused
+    at parsing with ``expected`` in the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    """An argparse ``type``: an integer of at least 1 (a count or a size), so 0 and -1 are refused at parsing."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+#: A count or a size: 0 and -1 are refused.
+_positive_int = _int_at_least(1, "expected a positive integer")
+#: A minimum that 0 switches off: -1 is refused.
+_non_negative_int = _int_at_least(0, _NO_MINIMUM)
 
 
 def build_parser() -> argparse.ArgumentParser:

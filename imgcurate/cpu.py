@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
@@ -47,13 +48,16 @@ _M_MMAP_MAX = -4
 #: :func:`reuse_freed_memory`'s settings: the largest values glibc's own adaptive thresholds reach on 64-bit Linux.
 _REUSE_MMAP_THRESHOLD = 32 * 2**20
 _REUSE_TRIM_THRESHOLD = 2 * _REUSE_MMAP_THRESHOLD
+#: ``MALLOC_TRIM_THRESHOLD_`` as Dask's nanny sets it by default (``distributed.nanny.pre-spawn-environ``).
+_NANNY_TRIM_THRESHOLD = "65536"
 _lock = threading.Lock()
 _kept = False
-_reused = False
+_reused: bool | None = None  # None: not tried yet in this process
 
 
+@functools.cache
 def _libc() -> Any:
-    """glibc, or None (another C library, or not Linux): the mallopt tunables are glibc's."""
+    """glibc, or None (another C library, or not Linux): the mallopt tunables are glibc's. Looked up once."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -63,6 +67,17 @@ def _libc() -> Any:
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return None  # musl and others: no mallopt tunables
     return libc
+
+
+def _malloc_chosen(environ: Any = None) -> bool:
+    """Whether this process was started with malloc settings of its owner's choosing (:data:`MALLOC_ENV`, or any
+    threshold other than the nanny's default trim threshold), which :func:`reuse_freed_memory` leaves alone."""
+    env = os.environ if environ is None else environ
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return True
+    if any(name in env for name in ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")):
+        return True
+    return env.get("MALLOC_TRIM_THRESHOLD_", _NANNY_TRIM_THRESHOLD) != _NANNY_TRIM_THRESHOLD
 
 
 def keep_freed_memory() -> bool:
@@ -91,39 +106,43 @@ def keep_freed_memory() -> bool:
 
 
 def reuse_freed_memory() -> bool:
-    """Makes glibc's malloc serve blocks of up to 32 MiB from its heap, reusing freed ones, and give memory back to
-    the system only when more than 64 MiB is free at the heap's top (idempotent; cheap to call again).
+    """Makes glibc's malloc serve blocks of up to 32 MiB from its heap, reusing freed ones, and give the top of the
+    heap back to the system once more than 64 MiB is free there (idempotent; cheap to call again).
 
-    Those are the thresholds glibc adapts to by itself, and the setting that Dask's nanny switches off: it starts
-    every worker process with ``MALLOC_TRIM_THRESHOLD_`` set (``distributed.nanny.pre-spawn-environ``), and glibc
+    Those are the thresholds glibc adapts to by itself, and the adapting that Dask's nanny switches off: it starts
+    every worker process with ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``), and glibc
     then keeps its initial 128 KiB mmap threshold, so every larger array (a similarity tile, a shard's normalised
     embeddings) is mapped fresh and zero-filled page by page by the kernel. Measured in such a worker: 98,000 page
-    faults and 1.35x the time for 100 products of 1,000 x 512 float32 matrices, against 1,300 in a plain process.
-    The steps' worker tasks call this, so the dedup and export passes run as fast in a nanny's worker as in a plain
-    process; at most 64 MiB of freed memory stays with the process, unlike :func:`keep_freed_memory` (which, once
-    called, wins: it keeps everything). Process-wide; turned off by
-    ``DASK_IMGCURATE__CPU__REUSE_FREED_MEMORY=0`` in the workers' environment (a worker reads its own config).
+    faults and 1.3x the time of a plain process (1,300 faults) for 100 products of 1,000 x 512 float32 matrices;
+    semantic dedup of 1M rows on two nanny workers 40.6 s instead of 44.4 s (``benchmarks/RESULTS.md``).
+
+    The steps' worker tasks call this. Freed blocks below the heap's top stay with the process for reuse, as in a
+    process whose thresholds glibc adapted, so a worker's unmanaged memory can grow past what the nanny's setting
+    leaves; :func:`keep_freed_memory` (an embedder on the CPU) goes further and, once called, wins. A process started
+    with malloc settings of its own (:data:`MALLOC_ENV`, ``GLIBC_TUNABLES``, or a trim threshold other than the
+    nanny's default) is left alone, and so is every process with ``DASK_IMGCURATE__CPU__REUSE_FREED_MEMORY=0`` in
+    its environment (a worker reads its own config).
 
     Returns:
-        True when the settings (or :func:`keep_freed_memory`'s) are in force; False on a C library other than glibc
-        or when switched off.
+        True when these settings (or :func:`keep_freed_memory`'s) are in force; False otherwise (left alone,
+        switched off, or a C library other than glibc).
     """
     global _reused
-    if _reused or _kept:
-        return True
+    if _kept or _reused is not None:
+        return _kept or _reused
     from imgcurate import config
 
     if not config.get("cpu.reuse_freed_memory", True):
         return False
     with _lock:
-        if not (_reused or _kept):
-            libc = _libc()
-            if libc is None:
-                return False
-            _reused = bool(libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_MMAP_THRESHOLD)) and bool(
-                libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_TRIM_THRESHOLD)
+        if _reused is None and not _kept:
+            libc = None if _malloc_chosen() else _libc()
+            _reused = (
+                libc is not None
+                and bool(libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_MMAP_THRESHOLD))
+                and bool(libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_TRIM_THRESHOLD))
             )
-        return _reused or _kept
+        return _kept or bool(_reused)
 
 
 def cpu_count() -> int:

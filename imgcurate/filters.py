@@ -277,11 +277,8 @@ class SampleFilter(ShardStep):
         return found
 
     def input_columns(self, id_col: str) -> list[str]:
-        needed = ["width", "height"] if self.min_width or self.min_height or self.max_aspect_ratio else []
-        needed += [self.aesthetic_column] if self.min_aesthetic is not None else []
-        needed += [self.nsfw_column] if self.max_nsfw is not None else []
-        needed += list(self.drop_duplicates) + [r.column for r in self.rules]
-        return list(dict.fromkeys(needed))
+        """The columns of the options (:meth:`_columns`) and of the rules."""
+        return list(dict.fromkeys([*(c.column for c in self._columns()), *(r.column for r in self.rules)]))
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.keep_column: pa.bool_(), self.reason_column: pa.string()}

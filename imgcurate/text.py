@@ -374,19 +374,6 @@ class ClipTextFilter(SampleFilter):
                 found.setdefault(column, []).append((label, float(value)))
         return found
 
-    def input_columns(self, id_col: str) -> list[str]:
-        needed = super().input_columns(id_col)
-        p = self.caption_prefix
-        if self.min_clip_score is not None or self.clip_top_fraction is not None:
-            needed.append(self.clip_score_column)
-        needed += [f"{p}words"] if self.min_words is not None else []
-        needed += [f"{p}chars"] if self.min_chars is not None else []
-        needed += [f"{p}language"] if self.languages else []
-        if self.languages and self.min_language_confidence is not None:
-            needed.append(f"{p}language_confidence")
-        needed += ["width", "height"] if self.min_side is not None else []
-        return list(dict.fromkeys(needed))
-
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         if self.clip_top_fraction is not None:
             q = float(1 - Fraction(repr(float(self.clip_top_fraction))))  # 1 - 0.3 is 0.7, not 0.7000000000000001

@@ -178,6 +178,10 @@ def test_converted_model_is_cached_on_disk_and_keyed_by_weights(tmp_path, monkey
 def test_cpu_settings():
     assert cpu.keep_freed_memory() in (True, False)
     assert cpu.keep_freed_memory() == cpu.keep_freed_memory()  # idempotent
+    # reuse_freed_memory undoes only the nanny's default; malloc settings a process was started with are its owner's
+    assert not cpu._malloc_chosen({}) and not cpu._malloc_chosen({"MALLOC_TRIM_THRESHOLD_": "65536"})
+    assert cpu._malloc_chosen(cpu.MALLOC_ENV) and cpu._malloc_chosen({"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert cpu._malloc_chosen({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"})
     kwargs = cpu.local_cluster_kwargs({"memory_limit": "4GB"})
     assert kwargs["n_workers"] == cpu.cpu_count() and kwargs["threads_per_worker"] == 1
     assert kwargs["env"]["MALLOC_MMAP_MAX_"] == "0" and kwargs["memory_limit"] == "4GB"

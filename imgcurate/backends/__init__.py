@@ -154,11 +154,17 @@ def _pandas_type(arrow_type: pa.DataType) -> Any:
     return None  # pyarrow's default conversion
 
 
-def _cast_declared(table: pa.Table, types: Mapping[str, pa.DataType] | None) -> pa.Table:
+def _cast_declared(table: pa.Table, types: Mapping[str, pa.DataType] | None, where_fits: bool = False) -> pa.Table:
     for name, arrow_type in (types or {}).items():
         if name in table.column_names and table.column(name).type != arrow_type:
             index = table.column_names.index(name)
-            table = table.set_column(index, pa.field(name, arrow_type), table.column(name).cast(arrow_type))
+            try:
+                column = table.column(name).cast(arrow_type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                if not where_fits:
+                    raise
+                continue
+            table = table.set_column(index, table.schema.field(index).with_type(arrow_type), column)
     return table
 
 
@@ -310,9 +316,10 @@ def backend_of(frame: Any) -> Backend:
 
 
 # ---------------------------------------------------------------------------------------------------- frames
-def to_arrow(frame: Any, types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
-    """A partition (pandas or cuDF) as an arrow table; columns named in ``types`` are cast to their declared type."""
-    return _cast_declared(backend_of(frame).to_arrow(frame), types)
+def to_arrow(frame: Any, types: Mapping[str, pa.DataType] | None = None, *, where_fits: bool = False) -> pa.Table:
+    """A partition (pandas or cuDF) as an arrow table; columns named in ``types`` are cast to their declared type
+    (a safe cast: a value that does not fit raises, or with ``where_fits`` leaves that column's type as it is)."""
+    return _cast_declared(backend_of(frame).to_arrow(frame), types, where_fits)
 
 
 def from_arrow(table: pa.Table, backend: str | None = None) -> Any:

@@ -84,9 +84,9 @@ def _input_types(metadata: dd.DataFrame, input_schema: pa.Schema | None) -> dict
     Reading maps several arrow types to one dtype (every integer width to ``Int64``, a dictionary of any index width
     to ``category``, plain and large strings to text), and converting a partition back gives one of them (``int64``,
     the smallest index that holds the categories, ``large_string``), not necessarily the input's; the export casts
-    such columns back to their input type (:func:`_as_input_types`), so an export of an export writes the same parquet
-    bytes. A column that a step replaced with another dtype keeps its own type. The dtypes are compared on ``meta``,
-    with no data read.
+    such columns back to their input type where their values fit it (:func:`_select`), so an export of an export
+    writes the same parquet bytes. A column that a step replaced with another dtype keeps its own type. The dtypes
+    are compared on ``meta``, with no data read.
     """
     if input_schema is None:
         return {}
@@ -100,21 +100,6 @@ def _input_types(metadata: dd.DataFrame, input_schema: pa.Schema | None) -> dict
     }
 
 
-def _as_input_types(table: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
-    """``table`` with each column named in ``types`` cast to that type where every value fits it (a safe cast). A
-    column whose values do not fit (a step changed them but not their dtype) keeps its type: the shards' schemas are
-    then unified to one that holds both, the same for every output shard."""
-    for name, arrow_type in types.items():
-        if name not in table.column_names or table.column(name).type == arrow_type:
-            continue
-        try:
-            column = table.column(name).cast(arrow_type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            continue
-        table = table.set_column(table.column_names.index(name), pa.field(name, arrow_type), column)
-    return table
-
-
 def _select(
     part: Any,
     shard: Shard,
@@ -126,13 +111,15 @@ def _select(
 ) -> pd.DataFrame:
     """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest.
 
-    Columns named in ``types`` (:func:`_input_types`) are cast back to their input type. ``schema`` is empty when the
+    Columns named in ``types`` (:func:`_input_types`) are cast back to their input type where their values fit it
+    (a column whose values do not fit, which a step changed but not its dtype, keeps its type: the shards' schemas
+    are then unified to one that holds both, the same for every output shard). ``schema`` is empty when the
     partition's arrow schema is the ``expected`` one (the metadata's declared schema, with those types), so that the
     client receives a schema only from the shards that differ, not one per shard.
     """
     mask = _keep_mask(part, filter_column)
     kept = part if mask is None else part[mask]
-    table = _as_input_types(to_arrow(kept), types)
+    table = to_arrow(kept, types, where_fits=True)
     digest = ""
     if table.num_rows:
         sink = pa.BufferOutputStream()
@@ -232,7 +219,7 @@ def selection(
 
 def _declared_schema(metadata: dd.DataFrame, types: dict[str, pa.DataType]) -> bytes:
     declared = to_arrow(metadata._meta).schema
-    schema = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in declared])
+    schema = pa.schema([f.with_type(types.get(f.name, f.type)) for f in declared])
     return schema.serialize().to_pybytes()
 
 
@@ -373,8 +360,13 @@ def export_webdataset(
     table = table.sort_values("shard")
     counts = table["count"].astype(int).tolist()
     declared = _declared_schema(metadata, types)
-    schemas = sorted({s or declared for s, n in zip(table["schema"], counts, strict=True) if n}) or [declared]
-    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in schemas], [path])
+    first_with: dict[bytes, str] = {}  # each distinct schema of the shards with kept rows, and the first such shard
+    for s, n, tar in zip(table["schema"], counts, table["tar"], strict=True):
+        if n:
+            first_with.setdefault(s or declared, tar)
+    first_with = first_with or {declared: path}
+    schemas = sorted(first_with)
+    schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in schemas], [first_with[s] for s in schemas])
     plan = _plan(counts, samples_per_shard, max_shards)
     if not plan:
         raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
