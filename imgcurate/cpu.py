@@ -113,7 +113,7 @@ def reuse_freed_memory() -> bool:
     every worker process with ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``), and glibc
     then keeps its initial 128 KiB mmap threshold, so every larger array (a similarity tile, a shard's normalised
     embeddings) is mapped fresh and zero-filled page by page by the kernel. Measured in such a worker: 98,000 page
-    faults and 1.3x the time of a plain process (1,300 faults) for 100 products of 1,000 x 512 float32 matrices;
+    faults and 1.3-1.5x the time of a plain process (1,300 faults) for 100 products of 1,000 x 512 float32 matrices;
     semantic dedup of 1M rows on two nanny workers 40.6 s instead of 44.4 s (``benchmarks/RESULTS.md``).
 
     The steps' worker tasks call this. Freed blocks below the heap's top stay with the process for reuse, as in a
