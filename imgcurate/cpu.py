@@ -9,7 +9,7 @@ Two facts measured on the development machine (2 cores, see ``benchmarks/RESULTS
   process keeps its peak heap. :func:`keep_freed_memory` sets it in the running process (the model loader calls it
   on the CPU); :data:`MALLOC_ENV` is the same as environment variables, for processes you start yourself. Dask's
   nanny starts its workers with a setting that stops glibc from adapting at all, so every task of the steps first
-  restores glibc's adapted thresholds in its worker (:func:`reuse_freed_memory`: bounded, unlike the model's).
+  restores glibc's adapted thresholds in its worker (:func:`reuse_freed_memory`: the heap's top still goes back).
 - **Threads.** With a fixed core budget, independent model calls with one thread each beat one call with all
   threads (1.19x on resnet50 with 2 x 1 against 1 x 2), so a local CPU cluster gets one single-threaded worker
   process per core, and a model call gets ``cores // concurrent calls`` threads (:func:`model_threads`).
