@@ -72,6 +72,9 @@ class ImageTextPairDataset:
         input_schema: the arrow schema the metadata was read from (:meth:`from_webdataset` gives it), kept through
             :meth:`with_metadata`; the export writes each column that still has the dtype it was read as with its
             input type (see :attr:`input_schema`).
+        input_rows: the number of rows the metadata was read with (:meth:`from_webdataset` gives it, from the
+            parquet footers), kept through :meth:`with_metadata`; steps check against it before any work (see
+            :attr:`input_rows`).
 
     Example:
         >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
@@ -90,12 +93,14 @@ class ImageTextPairDataset:
         storage_options: dict | None = None,
         shards: dd.DataFrame | None = None,
         input_schema: pa.Schema | None = None,
+        input_rows: int | None = None,
     ):
         self.path = path
         self.tar_files = list(tar_files)
         self.id_col = id_col
         self.storage_options = dict(storage_options or {})
         self._input_schema = input_schema
+        self._input_rows = input_rows
         if shards is not None:
             self.__dict__["shards"] = shards
         self._metadata = self._checked(metadata)
@@ -148,7 +153,7 @@ class ImageTextPairDataset:
             raise FileNotFoundError(f"{path}: no .tar shards in this folder")
         existing = set(files_in(fs, root, "*.parquet"))
 
-        def prepare(tar: str) -> tuple[_Part, pa.Schema]:
+        def prepare(tar: str) -> tuple[_Part, pa.Schema, int]:
             full_tar = task_url(fs, tar)
             pq_path = parquet_path_for(tar)
             full_pq = task_url(fs, pq_path)
@@ -159,20 +164,20 @@ class ImageTextPairDataset:
                 except OSError as err:
                     message = f"{full_pq}: could not write the scanned metadata ({err}); keeping it in memory"
                     warnings.warn(message, stacklevel=2)
-                    return _Part(full_tar, None, table), table.schema
-                return _Part(full_tar, full_pq, None), table.schema
-            return _Part(full_tar, full_pq, None), check_shard(full_tar, full_pq, id_col, storage_options, validate)
+                    return _Part(full_tar, None, table), table.schema, table.num_rows
+                return _Part(full_tar, full_pq, None), table.schema, table.num_rows
+            return _Part(full_tar, full_pq, None), *check_shard(full_tar, full_pq, id_col, storage_options, validate)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             prepared = list(progress.bar(pool.map(prepare, tars), desc="opening shards", total=len(tars), unit="shard"))
-        parts = [p for p, _ in prepared]
-        schema = unify_schemas([s for _, s in prepared], [p.tar for p in parts])
+        parts = [p for p, _, _ in prepared]
+        schema = unify_schemas([s for _, s, _ in prepared], [p.tar for p in parts])
         if validate:
             sources = [p.parquet if p.table is None else p.table for p in parts]
             check_unique_keys(sources, [p.tar for p in parts], id_col, storage_options)
         metadata = cls._metadata_frame(parts, schema, backend, storage_options)
         return cls(path, metadata, [p.tar for p in parts], id_col, storage_options=storage_options,
-                   input_schema=schema)  # fmt: skip
+                   input_schema=schema, input_rows=sum(n for _, _, n in prepared))  # fmt: skip
 
     @staticmethod
     def _metadata_frame(parts: list[_Part], schema: pa.Schema, backend: str, storage_options: dict) -> dd.DataFrame:
@@ -209,6 +214,14 @@ class ImageTextPairDataset:
         every output shard has the type the frame converts to). An export of an export writes the same parquet bytes.
         """
         return self._input_schema
+
+    @property
+    def input_rows(self) -> int | None:
+        """The number of rows of the input as opened, summed over the parquet footers (or the scanned tars) without
+        reading data; None for a dataset built from a frame of its own. Steps add columns and never rows, so this
+        bounds what a step sees; :meth:`Step.check_rows` compares it with what a step needs (semantic dedup: at least
+        ``n_clusters`` samples), so that a run fails before its embedding pass, not after it."""
+        return self._input_rows
 
     @property
     def num_shards(self) -> int:
@@ -251,7 +264,7 @@ class ImageTextPairDataset:
         """
         return type(self)(
             self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options,
-            shards=self.__dict__.get("shards"), input_schema=self._input_schema,
+            shards=self.__dict__.get("shards"), input_schema=self._input_schema, input_rows=self._input_rows,
         )  # fmt: skip
 
     def with_columns(self, columns: dd.DataFrame) -> ImageTextPairDataset:

@@ -467,7 +467,8 @@ class Pipeline:
 
     def check(self, dataset: ImageTextPairDataset) -> None:
         """Checks the column flow on the dataset's ``meta``: every step finds the columns it reads, and the export's
-        filter column exists and is boolean at the end. Nothing is computed.
+        filter column exists and is boolean at the end; and each step's need of rows against the input's row count
+        (:meth:`Step.check_rows`). Nothing is computed.
 
         Raises:
             ConfigError: naming the step (or export key) and the column.
@@ -480,6 +481,8 @@ class Pipeline:
             where = f"steps[{i}].{step.name}"
             try:
                 step.check(meta, id_col)
+                if dataset.input_rows is not None:
+                    step.check_rows(dataset.input_rows)
             except ValueError as err:
                 raise ConfigError(f"{where}: {err}") from None
             for column in step.output_columns():

@@ -201,6 +201,26 @@ def test_clear_errors():
         SemanticDeduplicator(n_clusters=2, which_to_keep="best")
 
 
+def test_more_clusters_than_input_rows_fail_when_the_step_is_applied_before_any_embedding(sample_ds, monkeypatch):
+    """The input's row count comes from the parquet footers at open, so the step refuses n_clusters above it at once,
+    not after the embedding pass that its input needs."""
+    from imgcurate.embedders import TimmImageEmbedder
+    from imgcurate.embedders.base import ImageEmbedder
+
+    rows = len(sample_ds.metadata.compute())
+    assert sample_ds.input_rows == rows
+    assert sample_ds.with_metadata(sample_ds.metadata).input_rows == rows  # the input's: kept as columns are added
+
+    def never(*args, **kwargs):
+        raise AssertionError("an image was embedded before the check")
+
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", never)
+    embedded = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
+    with pytest.raises(ValueError, match=f"the input has {rows} rows, fewer than n_clusters={rows + 1}"):
+        SemanticDeduplicator(n_clusters=rows + 1)(embedded)
+    SemanticDeduplicator(n_clusters=rows)(embedded)  # enough rows: lazily accepted, nothing computed
+
+
 def test_exact_duplicates_on_the_sample(sample_ds):
     df = ExactDuplicates()(sample_ds).metadata.compute()
     marked = df[df.exact_duplicate]

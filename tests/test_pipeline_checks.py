@@ -58,6 +58,10 @@ MISTAKES = {
         lambda c: c["steps"].append({"SemanticDeduplicator": {"n_clusters": 2, "kmeans_backend": "cuml"}}),
         "kmeans_backend 'cuml' needs 'cuml-cu13', which is not installed",
     ),
+    "more clusters than input rows": (
+        lambda c: c["steps"].insert(2, {"SemanticDeduplicator": {"n_clusters": 1_000_000}}),
+        "rows, fewer than n_clusters=1000000 (KMeans needs a sample per cluster): lower n_clusters",
+    ),
     "an unknown step": (lambda c: c["steps"].append({"SemanticDedup": {}}), "unknown step 'SemanticDedup'"),
     "a filter column no step makes": (
         lambda c: c["export"].update(filter_column="kept"),

@@ -677,6 +677,14 @@ class SemanticDeduplicator(Step):
                 raise ColumnError(f"{self.name}: which_to_keep ranks by {column!r}, which holds {kind}, not numbers "
                                   "(rank by a score, a size or a boolean column)")  # fmt: skip
 
+    def check_rows(self, rows: int) -> None:
+        """KMeans needs a sample per cluster: fewer input rows than ``n_clusters`` is an error before any work (the
+        fit would fail after the embedding pass otherwise; rows without a usable embedding can still make it fail
+        there)."""
+        if rows < self.n_clusters:
+            raise ValueError(f"{self.name}: the input has {rows} rows, fewer than n_clusters={self.n_clusters} "
+                             "(KMeans needs a sample per cluster): lower n_clusters")  # fmt: skip
+
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The similarity above which a sample is a duplicate (``1 - eps``), drawn on the report's histogram."""
         return {"max_similarity": [(f"1 - eps {e:g}", 1.0 - e) for e in self.eps]}

@@ -147,8 +147,9 @@ def _check_columns(parquet: str, schema: pa.Schema, id_col: str) -> None:
                 raise ShardError(parquet, f"column {name!r} holds {kind}, not text")
 
 
-def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, validate: bool) -> pa.Schema:
-    """Checks one shard's parquet (and with ``validate`` its tar) and returns the parquet's arrow schema.
+def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, validate: bool) -> tuple[pa.Schema, int]:
+    """Checks one shard's parquet (and with ``validate`` its tar) and returns the parquet's arrow schema and its row
+    count (from the footer).
 
     Args:
         tar: the tar's path or URL.
@@ -179,7 +180,7 @@ def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, vali
         _compare_keys(tar, pq_keys, _failed_rows(table), tar_keys)
         samples = len(tar_keys)
     _check_stats(tar, storage_options, rows, samples)
-    return with_status_errors(schema.empty_table()).schema
+    return with_status_errors(schema.empty_table()).schema, rows
 
 
 def with_status_errors(table: pa.Table) -> pa.Table:

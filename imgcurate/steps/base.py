@@ -7,7 +7,8 @@ A step is an object configured by its constructor and applied with ``step(datase
 - :meth:`Step.input_columns`: the metadata columns it reads;
 - :meth:`Step.output_columns`: the columns it adds, with their arrow types.
 
-From these the base class checks the column flow on ``meta`` (:meth:`Step.check`), builds the step's ``meta`` once
+From these the base class checks the column flow on ``meta`` (:meth:`Step.check`; a step that needs a number of
+rows also checks the input's row count, known at open, in :meth:`Step.check_rows`), builds the step's ``meta`` once
 (:meth:`Step.output_meta`), and adds the step's columns to the dataset. A step computes a frame of its new columns
 only (:meth:`Step.added`): one partition per shard, the same rows in the same order. That frame is what a pipeline
 writes per shard into its run directory, and what :meth:`Step.__call__` puts beside the metadata.
@@ -259,6 +260,15 @@ class Step(abc.ABC):
                 f"point (columns: {', '.join(present)}); add the step that makes them before this one"
             )
 
+    def check_rows(self, rows: int) -> None:
+        """Checks that ``rows`` input rows (:attr:`ImageTextPairDataset.input_rows`, known at open) are enough for
+        this step, before any work. Steps that need a minimum override it (semantic dedup: ``n_clusters``).
+
+        Raises:
+            ValueError: naming the step, what it needs and the rows there are.
+        """
+        return None  # most steps work on any number of rows
+
     def output_meta(self, meta: Any) -> Any:
         """The empty frame of this step's new columns, of the same backend as ``meta``."""
         return empty_frame(self.output_columns(), backend_of(meta).name)
@@ -279,6 +289,8 @@ class Step(abc.ABC):
     def __call__(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """Adds this step's columns to the dataset's metadata (lazily: nothing is computed here)."""
         self.check(dataset.metadata._meta, dataset.id_col)
+        if dataset.input_rows is not None:
+            self.check_rows(dataset.input_rows)
         return dataset.with_columns(self.added(dataset))
 
     def __repr__(self) -> str:
