@@ -73,8 +73,8 @@ class ImageTextPairDataset:
             :meth:`with_metadata`; the export writes each column that still has the dtype it was read as with its
             input type (see :attr:`input_schema`).
         input_rows: the number of rows the metadata was read with (:meth:`from_webdataset` gives it, from the
-            parquet footers), kept through :meth:`with_metadata`; steps check against it before any work (see
-            :attr:`input_rows`).
+            parquet footers), kept through :meth:`with_metadata` (an upper bound on the rows of a frame given there);
+            steps check against it before any work (see :attr:`input_rows`).
 
     Example:
         >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
@@ -219,8 +219,9 @@ class ImageTextPairDataset:
     def input_rows(self) -> int | None:
         """The number of rows of the input as opened, summed over the parquet footers (or the scanned tars) without
         reading data; None for a dataset built from a frame of its own. Steps add columns and never rows, so this
-        bounds what a step sees; :meth:`Step.check_rows` compares it with what a step needs (semantic dedup: at least
-        ``n_clusters`` samples), so that a run fails before its embedding pass, not after it."""
+        bounds the rows a step sees from above (a frame given to :meth:`with_metadata` may hold fewer);
+        :meth:`Step.check_rows` compares it with the minimum a step needs (semantic dedup: ``n_clusters``), so that a
+        run fails before its embedding pass, not after it."""
         return self._input_rows
 
     @property

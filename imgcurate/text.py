@@ -183,9 +183,9 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
     ``gather`` values reach the client, the answer has no error, and up to about ``bins * gather`` (7 x 10^10) values
     it takes three passes over the column. (Dask's own ``Series.quantile`` merges per-partition percentiles: 2% rank
     error at ``q=0.1`` on 50 partitions of uniform values.) The column's finite values are computed once and held
-    (persisted: 8 bytes a value, on the workers under a distributed client) while the passes run, so a lazily computed
-    score runs its model once here; the step that then filters on the quantile computes it again, unless it was
-    persisted or comes from a pipeline's run directory.
+    (persisted: 8 bytes a value, on the workers under a distributed client, else in this process) while the passes
+    run, so a lazily computed score runs its model once here; the step that then filters on the quantile computes it
+    again, unless it was persisted or comes from a pipeline's run directory.
 
     Nulls, NaN and infinite values are left out of ``n`` and of the cut. A filter that keeps ``value >= cut``
     (:class:`ClipTextFilter`'s ``clip_top_fraction``) so keeps ``+inf`` (above any cut) and drops ``-inf`` and NaN.
@@ -214,35 +214,40 @@ def global_quantile(df: dd.DataFrame, column: str, q: float, bins: int = 1 << 16
     if not 0 <= q <= 1:
         raise ValueError(f"q must be in [0, 1], got {q}")
     values = df[column].dropna().astype("float64")
-    # the passes below read the finite values again and again: computed once and held (8 bytes a value, on the
-    # workers under a distributed client) until the quantile is known, so that a lazily computed score (a model's
-    # output) runs once, not once per pass
-    values = progress.persist(values[values.abs() < np.inf], desc=f"{column}: values for the quantile")
-    lo, hi, n = progress.compute([values.min(), values.max(), values.count()], desc=f"{column}: range")
-    if not n:
-        raise ValueError(f"column {column!r} has no finite values to take a quantile of")
-    lo, hi, n = float(lo), float(hi), int(n)
-    rank = min(int(Fraction(repr(float(q))) * n), n - 1)  # 0-based, ascending, among the finite values
-    while hi > lo:
-        edges = np.linspace(lo, hi, bins + 1)
-        counts, _ = da.histogram(values.to_dask_array(), bins=edges)
-        (counts,) = progress.compute([counts], desc=f"{column}: histogram")
-        cumulative = np.cumsum(counts)
-        index = int(np.searchsorted(cumulative, rank, side="right"))  # the bin of the rank-th value
-        rank -= int(cumulative[index - 1]) if index else 0
-        size = int(counts[index])
-        # np.histogram's bins: [edge, next edge), the last one closed
-        upper = values <= hi if index == bins - 1 else values < edges[index + 1]
-        values = values[(values >= edges[index]) & upper]
-        if size <= gather:
-            (inside,) = progress.compute([values.to_frame()], desc=f"{column}: the quantile's bin")
-            inside = to_pandas(inside)[column].to_numpy(dtype=np.float64)
-            return float(np.partition(inside, rank)[rank])
-        new_lo, new_hi = progress.compute([values.min(), values.max()], desc=f"{column}: the quantile's bin")
-        if (float(new_lo), float(new_hi)) == (lo, hi):  # cannot happen: one bin never spans both ends
-            raise RuntimeError(f"{column}: the quantile's bin did not narrow from [{lo!r}, {hi!r}]")
-        lo, hi = float(new_lo), float(new_hi)
-    return lo
+    # the passes below read the finite values again and again: computed once and held until the quantile is known,
+    # so that a lazily computed score (a model's output) runs once, not once per pass. Without the rows' ids (a fresh
+    # index per partition) they take 8 bytes a value, on the workers under a distributed client (else in this
+    # process); let go on return, and on an error too (a traceback keeps this frame, not its deleted locals).
+    values = progress.persist(values[values.abs() < np.inf].reset_index(drop=True), desc=f"{column}: values for "
+                              "the quantile")  # fmt: skip
+    try:
+        lo, hi, n = progress.compute([values.min(), values.max(), values.count()], desc=f"{column}: range")
+        if not n:
+            raise ValueError(f"column {column!r} has no finite values to take a quantile of")
+        lo, hi, n = float(lo), float(hi), int(n)
+        rank = min(int(Fraction(repr(float(q))) * n), n - 1)  # 0-based, ascending, among the finite values
+        while hi > lo:
+            edges = np.linspace(lo, hi, bins + 1)
+            counts, _ = da.histogram(values.to_dask_array(), bins=edges)
+            (counts,) = progress.compute([counts], desc=f"{column}: histogram")
+            cumulative = np.cumsum(counts)
+            index = int(np.searchsorted(cumulative, rank, side="right"))  # the bin of the rank-th value
+            rank -= int(cumulative[index - 1]) if index else 0
+            size = int(counts[index])
+            # np.histogram's bins: [edge, next edge), the last one closed
+            upper = values <= hi if index == bins - 1 else values < edges[index + 1]
+            values = values[(values >= edges[index]) & upper]
+            if size <= gather:
+                (inside,) = progress.compute([values.to_frame()], desc=f"{column}: the quantile's bin")
+                inside = to_pandas(inside)[column].to_numpy(dtype=np.float64)
+                return float(np.partition(inside, rank)[rank])
+            new_lo, new_hi = progress.compute([values.min(), values.max()], desc=f"{column}: the quantile's bin")
+            if (float(new_lo), float(new_hi)) == (lo, hi):  # cannot happen: one bin never spans both ends
+                raise RuntimeError(f"{column}: the quantile's bin did not narrow from [{lo!r}, {hi!r}]")
+            lo, hi = float(new_lo), float(new_hi)
+        return lo
+    finally:
+        del values
 
 
 @dataclass(repr=False)

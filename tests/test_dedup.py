@@ -218,6 +218,8 @@ def test_more_clusters_than_input_rows_fail_when_the_step_is_applied_before_any_
     embedded = TimmImageEmbedder("test_resnet", batch_size=8)(sample_ds)
     with pytest.raises(ValueError, match=f"the input has {rows} rows, fewer than n_clusters={rows + 1}"):
         SemanticDeduplicator(n_clusters=rows + 1)(embedded)
+    with pytest.raises(ValueError, match=f"the input has {rows} rows, fewer than n_clusters={rows + 1}"):
+        SemanticDeduplicator(n_clusters=rows + 1).fit(embedded)  # the fit-first path, before its count pass
     SemanticDeduplicator(n_clusters=rows)(embedded)  # enough rows: lazily accepted, nothing computed
 
 

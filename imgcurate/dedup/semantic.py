@@ -763,6 +763,8 @@ class SemanticDeduplicator(Step):
             >>> dedup = SemanticDeduplicator(n_clusters=1000)  # doctest: +SKIP
             >>> ds = ds.with_columns(dedup.added(ds, centroids=dedup.fit(ds)))  # doctest: +SKIP
         """
+        if dataset.input_rows is not None:
+            self.check_rows(dataset.input_rows)  # before the count pass, which may run the embedder
         df = dataset.metadata
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]

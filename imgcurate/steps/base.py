@@ -262,7 +262,9 @@ class Step(abc.ABC):
 
     def check_rows(self, rows: int) -> None:
         """Checks that ``rows`` input rows (:attr:`ImageTextPairDataset.input_rows`, known at open) are enough for
-        this step, before any work. Steps that need a minimum override it (semantic dedup: ``n_clusters``).
+        this step, before any work. Steps that need a minimum override it (semantic dedup: ``n_clusters``). ``rows``
+        bounds the rows the step sees from above (a frame given to ``with_metadata`` may hold fewer), so an override
+        tests a minimum only.
 
         Raises:
             ValueError: naming the step, what it needs and the rows there are.
