@@ -496,6 +496,29 @@ def test_rows_and_text_travel_as_arrow_columns_through_the_shuffles():
     assert take_text(back["key"], np.array([2, -1, 0])).tolist() == ["c", pd.NA, "a"]
 
 
+def test_rows_matrix_gathers_from_the_pieces_a_shuffle_concatenates():
+    """A cluster's rows come from many shards' pieces (a chunked column, some chunks sliced, rows without an
+    embedding between them): the gather returns exactly the requested rows, in the requested order."""
+    import pandas as pd
+
+    from imgcurate.steps.grouped import rows_column, rows_matrix
+
+    rng = np.random.default_rng(3)
+    pieces, matrices = [], []
+    for n in [0, 5, 40, 1, 17]:
+        valid = rng.random(n) < 0.7
+        x = rng.standard_normal((int(valid.sum()), 8)).astype(np.float32)
+        full = np.zeros((n, 8), dtype=np.float32)
+        full[valid] = x
+        pieces.append(pd.DataFrame({"embedding": rows_column(x, valid), "valid": valid}).iloc[n // 3 :])
+        matrices.append(full[n // 3 :])
+    column = pd.concat(pieces, ignore_index=True)
+    expected = np.concatenate(matrices)
+    rows = rng.permutation(np.flatnonzero(column["valid"].to_numpy()))
+    np.testing.assert_array_equal(rows_matrix(column["embedding"], rows), expected[rows])
+    np.testing.assert_array_equal(rows_matrix(column["embedding"], rows[:1]), expected[rows[:1]])
+
+
 def test_assign_nearest_centroid():
     x = np.eye(3, dtype=np.float32)
     labels, dist = _assign(x, np.eye(3, dtype=np.float32) * 2)

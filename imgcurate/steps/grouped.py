@@ -183,14 +183,36 @@ def rows_column(x: np.ndarray, valid: np.ndarray | None = None) -> pd.api.extens
 
 def rows_matrix(column: pd.Series, rows: np.ndarray) -> np.ndarray:
     """The float32 matrix of the entries ``rows`` (positions) of a :func:`rows_column` column, in that order; every
-    one of them must hold a row of the same length. One gather, no Python object per row."""
+    one of them must hold a row of the same length.
+
+    Each row is copied once, straight from the column's buffers into the matrix, with no Python object per row: a
+    column concatenated from a shuffle's pieces is a chunked array, which arrow's ``take`` would first combine into
+    one array (a copy of every chunk) before taking from it."""
+    rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
         return np.zeros((0, 0), dtype=np.float32)
-    taken = pc.take(arrow_column(column), pa.array(np.asarray(rows, dtype=np.int64)))
-    array = taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return data.view(np.float32).reshape(len(array), -1)
+    chunks = arrow_column(column).chunks
+    starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(chunks) + 1))
+    out = None
+    for k, chunk in enumerate(chunks):
+        picked = order[bounds[k] : bounds[k + 1]]
+        if not len(picked):
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        local = rows[picked] - starts[k]
+        if out is None:
+            out = np.empty((len(rows), int(offsets[local[0] + 1] - offsets[local[0]]) // 4), dtype=np.float32)
+        width = out.shape[1] * 4
+        if not width:
+            continue
+        # the entries that hold a row are back to back in the data buffer: entry i is row (offset_i - offset_0) / width
+        # of the chunk's matrix, whatever empty entries (rows without an embedding) lie between them
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+        out[picked] = data.view(np.float32).reshape(-1, out.shape[1])[(offsets[local] - offsets[0]) // width]
+    return out
 
 
 def text_column(values: Any) -> pd.api.extensions.ExtensionArray:
