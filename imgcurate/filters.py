@@ -72,6 +72,12 @@ _KINDS = {
 }
 
 
+def _held(kind: Any) -> str:
+    """A column's dtype as an error message gives it: text may also be a column with no value in any shard, which
+    the dataset reads as text (it has no other type to give it)."""
+    return f"{kind} (text, or no value in any shard)" if _is_text(kind) else str(kind)
+
+
 class OptionColumn(NamedTuple):
     """A column that a filter option reads, the kind of values it must hold (a key of ``_KINDS``), and a hint."""
 
@@ -215,7 +221,7 @@ class SampleFilter(ShardStep):
 
         for option, column, wanted, hint in self._columns():
             if column in present and not _KINDS[wanted](kind := dtype(column)):
-                raise ColumnError(f"{self.name}'s {option} column {column!r} holds {kind}, not {wanted}{hint}")
+                raise ColumnError(f"{self.name}'s {option} column {column!r} holds {_held(kind)}, not {wanted}{hint}")
         if self.drop_errors:
             for column in filter(is_error_column, present):
                 _check_name(column, f"{self.name} (drop_errors) reads the error column", ColumnError)
@@ -227,7 +233,7 @@ class SampleFilter(ShardStep):
             numeric = pd.api.types.is_numeric_dtype(kind) and not boolean
             where = f"{self.name}'s rules[{i}] ({rule.column} {rule.op} {rule.value!r}): column {rule.column!r}"
             if rule.op in _ORDERING and not (numeric or boolean):
-                raise ColumnError(f"{where} holds {kind}, not numbers, so {rule.op} cannot order it (== and != "
+                raise ColumnError(f"{where} holds {_held(kind)}, not numbers, so {rule.op} cannot order it (== and != "
                                   "compare any type)")  # fmt: skip
             value = rule.value
             number = isinstance(value, int | float) and not isinstance(value, bool)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import score_dataset
 
+import imgcurate
 from imgcurate.filters import Rule, SampleFilter, drop_report
 from imgcurate.steps import ColumnError
 
@@ -61,6 +62,25 @@ def test_column_types_are_checked_on_meta_before_any_work(tmp_path):
     allowed = SampleFilter(drop_duplicates=["flag"], rules=[Rule("key", "!=", "000000"), Rule("flag", "<=", True)])
     assert allowed(ds).metadata["keep"].compute().tolist() == [False, False]
     assert np.array_equal(SampleFilter(rules=[Rule("flag", "<", True)])(ds).metadata["keep"].compute(), [True, False])
+
+
+def test_a_column_with_no_value_in_any_shard_is_named_as_such_when_a_rule_needs_numbers(tmp_path):
+    """A column that every shard holds as nulls only (arrow's null type) has no type to read it as but text: a numeric
+    option on it fails at check with a message that says so, not just "holds str"."""
+    from PIL import Image
+
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.testing import encode_image
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    write_shards([Record({"jpg": jpg}, {"aesthetic_score": None}) for _ in range(4)], str(tmp_path / "s"),
+                 samples_per_shard=2)  # fmt: skip
+    ds = imgcurate.ImageTextPairDataset.from_webdataset(str(tmp_path / "s"))
+    with pytest.raises(ColumnError, match=r"min_aesthetic column 'aesthetic_score' holds .+ \(text, or no value in any "
+                                          r"shard\), not numbers"):  # fmt: skip
+        SampleFilter(min_aesthetic=5.0)(ds)
+    with pytest.raises(ColumnError, match=r"rules\[0\] \(aesthetic_score >= 5\): .+ no value in any shard"):
+        SampleFilter(rules=[Rule("aesthetic_score", ">=", 5)])(ds)
 
 
 def test_column_names_with_the_separator_are_refused_where_they_would_become_reasons(tmp_path):
