@@ -28,7 +28,7 @@ from imgcurate._dask import map_with_shard, row_ids, shard_divisions, shard_fram
 from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
 from imgcurate.io._fs import check_reachable, files_in, task_url, write_parquet
-from imgcurate.io.export import check_export_complete
+from imgcurate.io.export import check_export_complete, check_listed_shards
 from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
 from imgcurate.io.validate import check_shard, check_unique_keys, unify_schemas, with_status_errors
@@ -137,7 +137,8 @@ class ImageTextPairDataset:
         Raises:
             FileNotFoundError: the folder holds no tar shard.
             ShardError: a tar is unreadable or truncated, a parquet lacks ``id_col``, or a parquet's keys differ from
-                its tar's (naming the shard and the first differing key).
+                its tar's (naming the shard and the first differing key); a parquet has no tar beside it, or the
+                folder's export manifest lists a tar that is not there (a shard would be left out without a word).
         """
         storage_options = dict(storage_options or {})
         backend = resolve_backend_name(backend)
@@ -152,6 +153,14 @@ class ImageTextPairDataset:
                 raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
             raise FileNotFoundError(f"{path}: no .tar shards in this folder")
         existing = set(files_in(fs, root, "*.parquet"))
+        check_listed_shards(fs, root, tars)
+        with_tar = {parquet_path_for(t) for t in tars}
+        orphans = sorted(existing - with_tar)
+        if orphans:  # its shard would be left out without a word: a tar deleted, not copied yet, or not a file
+            tar = posixpath.basename(orphans[0])[: -len(".parquet")] + ".tar"
+            raise ShardError(task_url(fs, orphans[0]), f"has no {tar} beside it (no such regular file): the shard's "
+                                                       "tar is missing; restore it, or remove the parquet to leave the "
+                                                       "shard out")  # fmt: skip
 
         def prepare(tar: str) -> tuple[_Part, pa.Schema, int]:
             full_tar = task_url(fs, tar)

@@ -118,6 +118,27 @@ def test_non_tar_files_are_ignored_and_fake_tars_named(sample_dir):
         _open(sample_dir)
 
 
+@pytest.mark.parametrize("how", ["deleted", "a folder", "a broken link"])
+def test_a_shard_whose_tar_is_gone_is_named_not_left_out(sample_dir, how):
+    """A parquet whose tar is missing (deleted, not copied yet, or not a regular file) fails at open: its rows would
+    otherwise be left out of every count and output without a word. A folder that an export wrote names the tar from
+    its manifest; any other folder names the parquet left without its tar."""
+    tar = sample_dir / "00001.tar"
+    tar.unlink()
+    if how == "a folder":
+        tar.mkdir()
+    elif how == "a broken link":
+        tar.symlink_to(sample_dir / "nowhere.tar")
+    assert (sample_dir / "_imgcurate_export.json").exists()
+    with pytest.raises(ShardError, match=r"00001\.tar: missing: the export manifest _imgcurate_export\.json lists it"):
+        _open(sample_dir)
+    (sample_dir / "_imgcurate_export.json").unlink()
+    with pytest.raises(ShardError, match=r"00001\.parquet: has no 00001\.tar beside it .+ remove the parquet to leave"):
+        _open(sample_dir)
+    (sample_dir / "00001.parquet").unlink()  # the shard left out on purpose: the rest opens
+    assert _open(sample_dir).metadata.npartitions == 3
+
+
 def test_unreadable_parquet_is_named(sample_dir):
     (sample_dir / "00002.parquet").write_bytes(b"garbage")
     with pytest.raises(ShardError, match=r"00002\.parquet"):

@@ -48,7 +48,7 @@ from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
 
-__all__ = ["export_webdataset", "check_export_complete", "check_sizes", "existing_shards", "publish", "MANIFEST",
+__all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "check_sizes", "existing_shards", "publish", "MANIFEST",
            "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
 
 #: Written last by a finished export: the shards and their sample counts.
@@ -68,6 +68,28 @@ def check_export_complete(fs: fsspec.AbstractFileSystem, root: str, path: str) -
             path,
             "an export into this folder did not finish (it was stopped while replacing the shards): run the same "
             "export again to finish it, or delete the folder",
+        )
+
+
+def check_listed_shards(fs: fsspec.AbstractFileSystem, root: str, tars: list[str]) -> None:
+    """Raises :class:`ShardError` when the folder's export manifest lists a tar that ``tars`` (the tar files found
+    there) lacks: a shard of a finished export was deleted, or the folder was copied in part."""
+    manifest = posixpath.join(root, MANIFEST)
+    if not fs.exists(manifest):
+        return
+    with fs.open(manifest, "rb") as f:
+        try:
+            listed = [str(s["tar"]) for s in json.loads(f.read()).get("shards", [])]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ShardError(task_url(fs, manifest), "is not the export manifest imgcurate writes (unreadable JSON, "
+                                                     "or no list of shards)") from None  # fmt: skip
+    found = {posixpath.basename(t) for t in tars}
+    missing = [name for name in listed if name not in found]
+    if missing:
+        raise ShardError(
+            task_url(fs, posixpath.join(root, missing[0])),
+            f"missing: the export manifest {MANIFEST} lists it (shards listed: {len(listed)}; not here as regular "
+            f"files: {len(missing)}); restore them, or copy the whole folder again",
         )
 
 
