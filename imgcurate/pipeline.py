@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -503,6 +504,10 @@ class Pipeline:
             if not pd.api.types.is_bool_dtype(kind):
                 raise ConfigError(f"export.filter_column: {column!r} holds {kind} at the end of the steps, not "
                                   "booleans")  # fmt: skip
+        old_id_col = (self.export or {}).get("old_id_col")
+        if old_id_col is not None and old_id_col in columns:
+            raise ConfigError(f"export.old_id_col: {old_id_col!r} is already a column at the end of the steps (the "
+                              "export would have to replace it): give the old keys another column name")  # fmt: skip
         if "duplicates" in self.reports and not self.reports["duplicates"].get("columns"):
             from imgcurate.reports.duplicates import find_dedup_columns
 
@@ -548,6 +553,7 @@ class Pipeline:
             folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
             if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
                 raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
+        self._check_overlaps()
         if _worker_processes(self.cluster):
             from imgcurate.io._fs import process_local
 
@@ -558,6 +564,39 @@ class Pipeline:
                     raise ConfigError(f"{key}: {path} is in this process's memory, which the cluster's worker "
                                       "processes do not share: use a filesystem they all reach, or a cluster with "
                                       "processes: false")  # fmt: skip
+
+    def _check_overlaps(self) -> None:
+        """No place the run writes is a place it reads or another place it writes: a report is not written in the
+        input folder (a report named like a shard would replace it) nor in the export folder (which the export
+        replaces), nor over the run directory's own files; the run directory is neither the input nor the export
+        folder."""
+        import fsspec
+
+        from imgcurate.io._fs import same_folder, within
+
+        so = self.storage_options or {}
+
+        def place(path: Any) -> tuple[Any, str] | None:
+            return fsspec.core.url_to_fs(str(path), **so) if path else None
+
+        run_dir = self.resolved_run_dir()
+        folders = {"the input folder": place(self.input), "the export folder": place((self.export or {}).get("path"))}
+        run = place(run_dir)
+        for what, found in folders.items():
+            if found and run and type(found[0]) is type(run[0]) and same_folder(run[0], run[1], found[1]):
+                raise ConfigError(f"run_dir: {run_dir} is {what}: give the run directory a folder of its own")
+        for name, kwargs in self.reports.items():
+            fs, path = place(kwargs["path"])
+            for what, found in folders.items():
+                if found and type(found[0]) is type(fs) and within(fs, path, found[1]):
+                    does = "only reads" if what == "the input folder" else "replaces"
+                    raise ConfigError(f"reports.{name}.path: {kwargs['path']} is in {what}, which the run {does}: "
+                                      "write reports outside it")  # fmt: skip
+            if run and type(run[0]) is type(fs) and within(fs, path, run[1]):
+                inner = posixpath.relpath(posixpath.normpath(path), posixpath.normpath(run[1]))
+                if inner in ("run.json", "summary.json", "report.html") or inner.split("/")[0] == "steps":
+                    raise ConfigError(f"reports.{name}.path: {kwargs['path']} is one of the run directory's own "
+                                      "files: give the report another name")  # fmt: skip
 
     def _check_export_folder(self) -> None:
         """The export folder holds no shards, unless the export may overwrite them (a run's own state, not the

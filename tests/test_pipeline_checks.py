@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 from user_steps import CaptionLength
@@ -146,6 +148,25 @@ MISTAKES = {
         lambda c: c.update(cluster={"address": "tcp://127.0.0.1:1"}, output="memory://out"),
         "export.path: memory://out is in this process's memory, which the cluster's worker processes do not share",
     ),
+    "a report named like an input shard": (
+        lambda c: c.update(reports={"scores": c["input"] + "/00000.tar"}),
+        "reports.scores.path: " + "{input}/00000.tar is in the input folder, which the run only reads: write reports",
+    ),
+    "a report over a file of the run directory": (
+        lambda c: c.update(
+            run_dir=os.path.dirname(c["input"]),
+            reports={"scores": os.path.join(os.path.dirname(c["input"]), "summary.json")},
+        ),
+        "summary.json is one of the run directory's own files: give the report another name",
+    ),  # fmt: skip
+    "a run directory that is the input folder": (
+        lambda c: c.update(run_dir=c["input"]),
+        "run_dir: {input} is the input folder: give the run directory a folder of its own",
+    ),
+    "old keys into a column that the steps leave": (
+        lambda c: c["export"].update(old_id_col="caption"),
+        "export.old_id_col: 'caption' is already a column at the end of the steps",
+    ),
     "a report into a folder that does not exist": (
         lambda c: c.update(reports={"scores": "/nonexistent-folder/s.html"}),
         "reports.scores.path: the folder /nonexistent-folder does not exist",
@@ -168,9 +189,25 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_any_partition_is_compute
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "p.yaml")]) == 2
     err = capsys.readouterr().err
-    assert message in err, err
+    assert message.format(input=sample_dir) in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_in_the_export_folder_is_refused_before_any_work(sample_dir, tmp_path, capsys, monkeypatch):
+    """The export replaces its folder's shards: a report written there first could be replaced by a shard of the
+    same name, or be taken for part of the dataset."""
+    monkeypatch.setattr(ImageEmbedder, "embed_shard", lambda *a, **k: pytest.fail("a step ran"))
+    config = _base(sample_dir, tmp_path)
+    (tmp_path / "out").mkdir()
+    config["reports"] = {"scores": str(tmp_path / "out" / "scores.png")}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"reports.scores.path: {tmp_path / 'out' / 'scores.png'} is in the export folder, which the run replaces" in err
+    )
+    assert os.listdir(tmp_path / "out") == []
 
 
 def test_config_file_mistakes_name_the_file(sample_dir, tmp_path, capsys):

@@ -88,6 +88,21 @@ def test_semantic_report_has_the_histogram_groups_and_the_borderline_pairs(sampl
         assert f"<b>{row.duplicate_of}</b>" in section
 
 
+def test_a_report_replaces_an_earlier_report_but_never_a_file_of_another_kind(sample_ds, sample_dir, tmp_path):
+    """A report path that names a shard by mistake leaves the shard as it was; an earlier report is replaced."""
+    ds = ExactDuplicates()(sample_ds)
+    tar = sample_dir / "00000.tar"
+    before = tar.read_bytes()
+    with pytest.raises(FileExistsError, match=r"00000\.tar: holds a file that is not an HTML page"):
+        duplicate_groups(ds, str(tar))
+    assert tar.read_bytes() == before
+    page = tmp_path / "dups.html"
+    duplicate_groups(ds, str(page), max_groups=1)
+    first = page.read_text(encoding="utf-8")
+    duplicate_groups(ds, str(page))
+    assert page.read_text(encoding="utf-8").count("<section>") > first.count("<section>") == 1
+
+
 def test_an_undecodable_duplicate_gets_a_placeholder(tmp_path):
     photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
     broken = b"\xff\xd8 not really a jpeg"

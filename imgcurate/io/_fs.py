@@ -22,6 +22,7 @@ __all__ = [
     "open_input",
     "open_output",
     "files_in",
+    "within",
     "same_folder",
     "missing_folder",
     "task_url",
@@ -107,6 +108,19 @@ def same_folder(fs: fsspec.AbstractFileSystem, a: str, b: str) -> bool:
     if posixpath.normpath(a) == posixpath.normpath(b):
         return True
     return isinstance(fs, LocalFileSystem) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def within(fs: fsspec.AbstractFileSystem, path: str, folder: str) -> bool:
+    """Whether ``path`` on ``fs`` is the folder ``folder`` or lies anywhere inside it: once normalised, or on the
+    local filesystem also after following symbolic links."""
+
+    def inside(p: str, f: str) -> bool:
+        p, f = posixpath.normpath(p), posixpath.normpath(f).rstrip("/")
+        return p == f or p.startswith(f + "/")
+
+    if inside(path, folder):
+        return True
+    return isinstance(fs, LocalFileSystem) and inside(os.path.realpath(path), os.path.realpath(folder))
 
 
 def open_input(path: str, storage_options: dict | None = None, buffering: int = -1) -> IO[bytes]:

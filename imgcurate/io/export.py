@@ -48,8 +48,8 @@ from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
 
-__all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "check_sizes", "existing_shards", "publish", "MANIFEST",
-           "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
+__all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "check_sizes", "existing_shards",
+           "publish", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
 
 #: Written last by a finished export: the shards and their sample counts.
 MANIFEST = "_imgcurate_export.json"
@@ -89,7 +89,7 @@ def check_listed_shards(fs: fsspec.AbstractFileSystem, root: str, tars: list[str
         raise ShardError(
             task_url(fs, posixpath.join(root, missing[0])),
             f"missing: the export manifest {MANIFEST} lists it (shards listed: {len(listed)}; not here as regular "
-            f"files: {len(missing)}); restore them, or copy the whole folder again",
+            f"files: {len(missing)}); restore them, or delete the manifest to open the shards that are here",
         )
 
 

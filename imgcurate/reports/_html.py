@@ -88,8 +88,24 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def check_replaceable(path: str, storage_options: dict | None, starts: bytes, kind: str) -> None:
+    """Raises :class:`FileExistsError` when ``path`` holds a file that does not begin with ``starts`` (what the report
+    writes): a report replaces an earlier report, never a file of another kind (a shard named by mistake)."""
+    import fsspec
+
+    fs, where = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if not fs.isfile(where):
+        return
+    with fs.open(where, "rb") as f:
+        head = f.read(len(starts))
+    if head.lower() != starts.lower():
+        raise FileExistsError(f"{path}: holds a file that is not {kind}; a report does not replace it")
+
+
 def write_page(path: str, title: str, body: list[str], thumb_size: int, storage_options: dict | None) -> str:
-    """Writes a self-contained page (styles inline, images as data URLs) atomically; returns ``path``."""
+    """Writes a self-contained page (styles inline, images as data URLs) atomically; returns ``path``. An existing
+    file there must be an HTML page (:func:`check_replaceable`)."""
+    check_replaceable(path, storage_options, b"<!doctype html", "an HTML page")
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>:root{{--thumb:{thumb_size + 16}px}}{STYLE}</style></head><body>" + "\n".join(body) + "</body></html>"

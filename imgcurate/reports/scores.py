@@ -13,6 +13,7 @@ from imgcurate import progress
 from imgcurate.backends import to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.io._fs import atomic_open
+from imgcurate.reports._html import check_replaceable
 
 __all__ = ["ScoreHistogram", "collect_scores", "draw_scores", "score_histograms", "drop_counts"]
 
@@ -156,6 +157,7 @@ def score_histograms(
         ax.barh(reasons.index.astype(str), reasons.to_numpy(), color="#dd8452")
         ax.set_title(f"dropped {dropped} of {total}, by reason")
     fig.tight_layout()
+    check_replaceable(path, None, b"\x89PNG", "a PNG image")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
     return path
