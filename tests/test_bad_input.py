@@ -524,6 +524,30 @@ def test_every_decoder_gives_rows_without_a_sample_an_error_row(tmp_path, jpeg, 
         emb(reordered).metadata.compute()
 
 
+@pytest.mark.parametrize("decoder", ["cpu", "pil", "torchvision", "dali"])
+def test_a_header_declaring_too_many_pixels_is_an_error_row_on_every_decoder(tmp_path, jpeg, decoder):
+    """A 600-byte JPEG whose header declares 20000 x 20000 pixels (1.2 GB decoded) is PIL's decompression bomb on
+    every decoder, and a header no decoder can read an error row too: torchvision and DALI would otherwise allocate
+    what the header says, or stop a DALI batch. The other samples are embedded as usual."""
+    from imgcurate.embedders import TimmImageEmbedder
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    bomb = bytearray(jpeg)
+    at = bomb.index(b"\xff\xc0")  # the baseline frame header: length, precision, then height and width
+    bomb[at + 5 : at + 9] = (20000).to_bytes(2, "big") * 2
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("b.jpg", bytes(bomb)), ("c.jpg", b"\xff\xd8\xff" + b"?" * 64),
+                                       ("d.jpg", jpeg)])  # fmt: skip
+    df = TimmImageEmbedder("test_resnet", batch_size=4, decoder=decoder, device="cpu")(
+        _open(tmp_path)
+    ).metadata.compute()
+    errors = df["image_embedding_error"].tolist()
+    assert df["image_embedding_error"].isna().tolist() == [True, False, False, True]
+    assert "DecompressionBombError: Image size (400000000 pixels) exceeds limit" in errors[1]
+    assert "UnidentifiedImageError" in errors[2] or "cannot" in errors[2]
+    assert df["image_embedding"].notna().tolist() == [True, False, False, True]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     present=st.lists(st.booleans(), min_size=1, max_size=12),

@@ -13,9 +13,11 @@ DALI's own webdataset reader would bind the file list when the pipeline is built
 each shard's ``.idx`` (configurations written for DALI's reader keep failing early the same way), but the bytes come
 from imgcurate's reader, which seeks past the members it does not need.
 
-DALI stops a whole batch when one image in it cannot be decoded; the loader then drops that pipeline (the next shard
-builds a fresh one) and hands the rest of the shard to its fallback loader (torchvision or PIL), which records the
-failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``) is
+Each image's header is read with PIL first (:func:`~imgcurate.embedders.decode.check_header`): an unreadable one,
+or one declaring more pixels than PIL decodes, is that row's error and never reaches DALI, which would allocate what
+the header declares. DALI stops a whole batch when one image in it cannot be decoded; the loader then drops that
+pipeline (the next shard builds a fresh one) and hands the rest of the shard to its fallback loader (torchvision or
+PIL), which records the failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``) is
 an error, never a silent fallback: otherwise every shard would quietly decode on the slower path.
 
 DALI >= 2.2 is required (:data:`DALI_MIN_VERSION`): before it ``decoders.image`` has no ``adjust_orientation``.
@@ -29,6 +31,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from imgcurate.embedders.decode import check_header, error_text
 from imgcurate.embedders.loaders import Batch, ResizeCrop, _prefetch
 from imgcurate.errors import MissingDependencyError, ShardError
 from imgcurate.io.index import index_path_for
@@ -278,6 +281,11 @@ class DaliLoader:
                 continue
             if data is None:  # img2dataset's failed downloads, samples without an image member
                 yield Batch([], None, {row: error})
+                continue
+            try:  # DALI allocates whatever size a header declares, and stops the batch on an unreadable image
+                check_header(data)
+            except Exception as err:
+                yield Batch([], None, {row: error_text(err)})
                 continue
             rows.append(row)
             encoded.append(np.frombuffer(data, dtype=np.uint8))

@@ -99,6 +99,15 @@ def decode_rgb(data: bytes, draft_size: int | None = None, exif_transpose: bool 
     return _finish(_open(data, draft_size)[0], exif_transpose)
 
 
+def check_header(data: bytes) -> None:
+    """Reads an image's header the way :func:`decode_rgb` starts, and raises what PIL raises there: an unidentified
+    format, or ``DecompressionBombError`` for more pixels than PIL decodes (twice ``Image.MAX_IMAGE_PIXELS``; a
+    600-byte JPEG may declare 20000 x 20000). Decoders that allocate from the header themselves (torchvision's
+    ``decode_jpeg``, DALI) call it first, so such an image is an error row on every decoder instead of gigabytes of
+    pixels on some. About 20 us a JPEG."""
+    Image.open(io.BytesIO(data))
+
+
 def _torchvision_jpeg(header: Image.Image, data: bytes, full_size: tuple[int, int]) -> torch.Tensor | None:
     """torchvision's libjpeg-turbo decode, for the JPEGs on which it gives PIL's exact pixels; None for the others.
 

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from imgcurate.embedders.decode import decode_rgb, decode_tensor_sized, error_text, warm_up_samples
+from imgcurate.embedders.decode import check_header, decode_rgb, decode_tensor_sized, error_text, warm_up_samples
 from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
@@ -287,7 +287,14 @@ class TorchvisionLoader:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         out: list[Any] = [None] * len(datas)
-        jpegs = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff"]
+        jpegs = []
+        for i, data in enumerate(datas):
+            if data[:3] == b"\xff\xd8\xff":
+                try:
+                    check_header(data)  # decode_jpeg would allocate whatever size the header declares
+                    jpegs.append(i)
+                except Exception as err:
+                    out[i] = err
         if jpegs:
             encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
             try:
