@@ -427,6 +427,22 @@ def test_same_key_in_two_shards_names_both(sample_dir):
     assert len(ImageTextPairDataset.from_webdataset(str(sample_dir), validate=False).metadata) == 36
 
 
+def test_json_fields_named_like_our_columns_are_kept_when_a_tar_is_scanned(tmp_path, jpeg):
+    """A json member's ``key``, ``caption`` and ``error`` do not replace the sample's own values and are not lost:
+    they become ``source_*`` columns, as ``imgcurate shard`` keeps them; without a txt member the json's caption is
+    the caption."""
+    fields = {"key": "orig-17", "caption": "from the json", "error": "upstream: blurry", "url": "http://x"}
+    members = json.dumps(fields).encode()
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("a.json", members),
+                                       ("b.jpg", jpeg), ("b.txt", b"from the txt"), ("b.json", members)])  # fmt: skip
+    df = _open(tmp_path).metadata.compute().set_index("key")
+    assert df["caption"].tolist() == ["from the json", "from the txt"]
+    assert df["error"].isna().all()  # the json's error is the source's word, not a problem of this sample
+    for column, value in [("source_key", "orig-17"), ("source_caption", "from the json"),
+                          ("source_error", "upstream: blurry"), ("url", "http://x")]:  # fmt: skip
+        assert df[column].tolist() == [value, value], column
+
+
 def test_json_field_int_in_some_shards_and_text_in_one_becomes_text(tmp_path, jpeg):
     for shard, value in enumerate([1, 2, "three", 4]):
         write_tar(

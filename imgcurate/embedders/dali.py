@@ -17,8 +17,9 @@ Each image's header is read with PIL first (:func:`~imgcurate.embedders.decode.c
 or one declaring more pixels than PIL decodes, is that row's error and never reaches DALI, which would allocate what
 the header declares. DALI stops a whole batch when one image in it cannot be decoded; the loader then drops that
 pipeline (the next shard builds a fresh one) and hands the rest of the shard to its fallback loader (torchvision or
-PIL), which records the failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``) is
-an error, never a silent fallback: otherwise every shard would quietly decode on the slower path.
+PIL), which records the failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument,
+no GPU for ``mixed``) is an error, never a silent fallback: otherwise every shard would quietly decode on the slower
+path.
 
 DALI >= 2.2 is required (:data:`DALI_MIN_VERSION`): before it ``decoders.image`` has no ``adjust_orientation``.
 """

@@ -27,6 +27,7 @@ from imgcurate.io.shards import (
     encodable,
     load_json,
     new_key,
+    own_fields,
 )
 from imgcurate.io.tar import IMAGE_EXTENSIONS
 
@@ -56,12 +57,6 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             return img.size
     except Exception:  # PIL raises many types for bad input
         return None
-
-
-def _own_fields(fields: dict[str, Any], reserved: tuple[str, ...]) -> dict[str, Any]:
-    """A record's fields with those named like the columns the writer fills (key, caption, error) renamed
-    ``source_<name>``, so that they neither replace the sample's own values nor are lost."""
-    return {(f"source_{name}" if name in reserved else name): value for name, value in fields.items()}
 
 
 def write_shards(
@@ -124,7 +119,7 @@ def write_shards(
                 writer = ShardWriter(tar, storage_options=so, index=index_files)
                 written, rows = shard + 1, []
             key = new_key(shard, position, samples_per_shard)
-            fields = _own_fields(record.fields, reserved)
+            fields = own_fields(record.fields, reserved)
             image = next((data for ext, data in record.members.items() if ext.lower() in IMAGE_EXTENSIONS), None)
             size = image_size(image) if image is not None else None
             error = record.error

@@ -18,6 +18,7 @@ __all__ = [
     "ShardWriter",
     "new_key",
     "scan_shard",
+    "own_fields",
     "columns_to_table",
     "load_json",
     "encodable",
@@ -241,13 +242,20 @@ def _json_fields(data: bytes) -> tuple[dict[str, Any], str | None]:
     return fields, None
 
 
+def own_fields(fields: dict[str, Any], reserved: tuple[str, ...]) -> dict[str, Any]:
+    """A sample's json fields with those named like the columns imgcurate fills itself (key, caption, error)
+    renamed ``source_<name>``, so that they neither replace the sample's own values nor are lost."""
+    return {(f"source_{name}" if name in reserved else name): value for name, value in fields.items()}
+
+
 def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None = None) -> pa.Table:
     """Builds a shard's metadata table by reading its tar (captions and json, not images).
 
     One row per sample, in tar order: ``id_col`` (the key), ``caption`` (the ``txt`` member, null when absent),
     ``error`` (null, or what is wrong with the sample: no image, caption not UTF-8, bad json, unsafe name), then the
-    top-level fields of the ``json`` member (nested values as JSON text). Our own columns win over json fields of
-    the same name.
+    top-level fields of the ``json`` member (nested values as JSON text). A json field named like one of the first
+    three is kept as ``source_<name>`` (as ``imgcurate shard`` keeps them), and a json ``caption`` is the caption of a
+    sample without a ``txt`` member.
 
     Raises:
         ShardError: the tar is unreadable, truncated or has duplicate keys.
@@ -269,6 +277,9 @@ def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None
                 errors.append(problem)
         if sample.image_ext is None:
             errors.append("sample has no image member")
+        if caption is None and isinstance(fields.get(CAPTION_COLUMN), str):
+            caption = fields[CAPTION_COLUMN]  # no txt member: the json's caption is the caption
+        fields = own_fields(fields, (id_col, CAPTION_COLUMN, ERROR_COLUMN))
         fields.update({id_col: sample.key, CAPTION_COLUMN: caption, ERROR_COLUMN: "; ".join(errors) or None})
         rows.append(fields)
     names = [id_col, CAPTION_COLUMN, ERROR_COLUMN]
