@@ -27,7 +27,7 @@ from imgcurate import progress
 from imgcurate._dask import map_with_shard, row_ids, shard_divisions, shard_frame, zip_columns
 from imgcurate.backends import get_backend, resolve_backend_name, to_arrow
 from imgcurate.errors import AlignmentError, ShardError
-from imgcurate.io._fs import check_reachable, files_in, task_url, write_parquet
+from imgcurate.io._fs import check_reachable, files_in, folder_fs, shard_tars, task_url, write_parquet
 from imgcurate.io.export import check_export_complete, check_listed_shards
 from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
@@ -136,22 +136,17 @@ class ImageTextPairDataset:
 
         Raises:
             FileNotFoundError: the folder holds no tar shard.
+            ValueError: a location fsspec cannot open (an unknown protocol, or its package not installed).
             ShardError: a tar is unreadable or truncated, a parquet lacks ``id_col``, or a parquet's keys differ from
                 its tar's (naming the shard and the first differing key); a parquet has no tar beside it, or the
                 folder's export manifest lists a tar that is not there (a shard would be left out without a word).
         """
         storage_options = dict(storage_options or {})
         backend = resolve_backend_name(backend)
-        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        fs, root = folder_fs(path, storage_options)
         check_reachable(fs, path)
         check_export_complete(fs, root, path)
-        tars = files_in(fs, root, "*.tar")
-        if not tars:
-            if not fs.exists(root):
-                raise FileNotFoundError(f"{path}: no such folder")
-            if fs.isfile(root):
-                raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
-            raise FileNotFoundError(f"{path}: no .tar shards in this folder")
+        tars = shard_tars(fs, root, path)
         existing = set(files_in(fs, root, "*.parquet"))
         check_listed_shards(fs, root, tars)
         with_tar = {parquet_path_for(t) for t in tars}

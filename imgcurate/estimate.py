@@ -87,22 +87,25 @@ def _duration(s: float) -> str:
 
 def _count_input(path: str, storage_options: dict | None) -> tuple[int, int, int]:
     """(shards, samples, tar bytes) from the parquet footers (or tar headers where a parquet is missing)."""
-    import fsspec
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from imgcurate.errors import ShardError
+    from imgcurate.io._fs import folder_fs, shard_tars, task_url
     from imgcurate.io.tar import read_keys
 
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    tars = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
-    if not tars:
-        raise FileNotFoundError(f"{path}: no .tar shards found")
+    fs, root = folder_fs(path, storage_options)
+    tars = shard_tars(fs, root, path)
     samples = tar_bytes = 0
     for tar in tars:
         tar_bytes += fs.size(tar)
         parquet = tar[: -len(".tar")] + ".parquet"
         if fs.exists(parquet):
-            with fs.open(parquet, "rb") as f:
-                samples += pq.ParquetFile(f).metadata.num_rows
+            try:
+                with fs.open(parquet, "rb") as f:
+                    samples += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowException) as err:
+                raise ShardError(task_url(fs, parquet), f"cannot read parquet ({err})") from None
         else:
             url = tar if "://" in path else posixpath.join(path, posixpath.basename(tar))
             samples += len(read_keys(url, storage_options=storage_options))

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from imgcurate import ImageTextPairDataset
 from imgcurate.cli import main
 from imgcurate.io.make import Record, write_shards
 from imgcurate.reports import report_run_dir
@@ -287,3 +288,17 @@ def test_files_that_are_not_images_are_counted_when_a_folder_is_sharded(tmp_path
     (tmp_path / "src" / "notes.md").write_text("not an image")
     with pytest.warns(UserWarning, match=r"1 file\(s\) are neither images .* \(the first: 'notes.md'\)"):
         make_shards(str(tmp_path / "src"), str(tmp_path / "out"))
+
+
+def test_estimate_of_an_input_folder_names_what_is_wrong_with_it(sample_dir, tmp_path, capsys):
+    """``estimate --input-path`` opens the folder as a dataset does: a bad parquet is named, and a location that
+    cannot be opened says which and why."""
+    (sample_dir / "00001.parquet").write_bytes(b"not a parquet")
+    assert main(["estimate", "--input-path", str(sample_dir)]) == 2
+    assert _one_error(capsys).startswith(f"{sample_dir / '00001.parquet'}: cannot read parquet (")
+    assert main(["estimate", "--input-path", "memory://imgcurate-nothing-here"]) == 2
+    assert _one_error(capsys) == "memory://imgcurate-nothing-here: no such folder"
+    assert main(["estimate", "--input-path", "nosuchprotocol://bucket/shards"]) == 2
+    assert _one_error(capsys).startswith("nosuchprotocol://bucket/shards: cannot open this location (ValueError: ")
+    with pytest.raises(ValueError, match=r"^nosuchprotocol://bucket/shards: cannot open this location"):
+        ImageTextPairDataset.from_webdataset("nosuchprotocol://bucket/shards")

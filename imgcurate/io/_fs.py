@@ -22,6 +22,8 @@ __all__ = [
     "open_input",
     "open_output",
     "files_in",
+    "folder_fs",
+    "shard_tars",
     "within",
     "same_folder",
     "missing_folder",
@@ -78,6 +80,32 @@ def check_reachable(fs: fsspec.AbstractFileSystem, path: str) -> None:
         raise ValueError(f"{path}: this process's memory, which the worker processes of the Dask scheduler in use do "
                          "not share: use a filesystem they all reach, or a scheduler that runs tasks in this "
                          "process")  # fmt: skip
+
+
+def folder_fs(path: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs`` for a folder the user named, its errors naming ``path``: an unknown protocol
+    (``foo://``) or one whose package is not installed (``s3://`` without s3fs)."""
+    try:
+        return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"{path}: cannot open this location ({type(err).__name__}: {err})") from None
+
+
+def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]:
+    """The ``*.tar`` files directly in the folder ``root`` (``path`` as the user named it, for messages), sorted.
+
+    Raises:
+        FileNotFoundError: no such folder, or no tar in it.
+        NotADirectoryError: ``path`` is a file.
+    """
+    tars = files_in(fs, root, "*.tar")
+    if not tars:
+        if not fs.exists(root):
+            raise FileNotFoundError(f"{path}: no such folder")
+        if fs.isfile(root):
+            raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
+        raise FileNotFoundError(f"{path}: no .tar shards in this folder")
+    return tars
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:
