@@ -536,13 +536,13 @@ class Pipeline:
 
         import fsspec
 
-        from imgcurate.io._fs import task_url
+        from imgcurate.io._fs import in_the_way, task_url
 
         so = self.storage_options or {}
         for key, folder in (("export.path", (self.export or {}).get("path")), ("run_dir", self.resolved_run_dir())):
             if folder:
                 fs, root = fsspec.core.url_to_fs(str(folder), **so)
-                found = _in_the_way(fs, root)
+                found = in_the_way(fs, root)
                 if found is not None:
                     blocked, what = found
                     if blocked == root.rstrip("/"):
@@ -765,28 +765,6 @@ def _worker_processes(spec: dict | None) -> bool:
     if "address" in spec or spec.get("type") == "cuda":
         return True
     return bool(spec.get("processes", True))
-
-
-def _in_the_way(fs: Any, path: str) -> tuple[str, str] | None:
-    """What keeps the folder ``path`` from being made on ``fs``, as (its path, what it is): ``path`` itself or, on the
-    local filesystem, its nearest existing parent, when that is a file or a broken symbolic link; None when the folder
-    is there or can be made. On object stores a key and a prefix of the same name live side by side, so only
-    ``path`` itself is looked at there."""
-    import os
-
-    from fsspec.implementations.local import LocalFileSystem
-
-    path = path.rstrip("/")
-    if not isinstance(fs, LocalFileSystem):
-        return (path, "a file") if fs.isfile(path) else None
-    while path and not os.path.lexists(path):
-        parent = os.path.dirname(path)
-        if not parent or parent == path:
-            return None
-        path = parent
-    if os.path.islink(path) and not os.path.exists(path):
-        return path, "a broken symbolic link"
-    return (path, "a file") if os.path.exists(path) and not os.path.isdir(path) else None
 
 
 def _absolute_url(path: str, storage_options: dict | None) -> str:

@@ -324,3 +324,11 @@ def test_the_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "theirs.tar").read_bytes()
     read = [(s.key, s.members) for s in iter_samples(str(tmp_path / "ours.tar"))]
     assert read == samples  # "clé." reads back as the sample's member with an empty extension
+
+
+def test_an_export_path_that_is_or_passes_through_a_file_is_named(sample_ds, tmp_path):
+    (tmp_path / "a-file").write_bytes(b"keep me")
+    for path in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):
+        with pytest.raises(NotADirectoryError, match=rf"^{path}: cannot be made a folder: {tmp_path / 'a-file'} is a "):
+            sample_ds.to_webdataset(str(path))
+    assert (tmp_path / "a-file").read_bytes() == b"keep me"

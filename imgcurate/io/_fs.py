@@ -22,6 +22,7 @@ __all__ = [
     "open_input",
     "open_output",
     "files_in",
+    "in_the_way",
     "folder_fs",
     "shard_tars",
     "within",
@@ -106,6 +107,24 @@ def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]
             raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
         raise FileNotFoundError(f"{path}: no .tar shards in this folder")
     return tars
+
+
+def in_the_way(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str] | None:
+    """What keeps the folder ``path`` from being made on ``fs``, as (its path, what it is): ``path`` itself or, on the
+    local filesystem, its nearest existing parent, when that is a file or a broken symbolic link; None when the folder
+    is there or can be made. On object stores a key and a prefix of the same name live side by side, so only
+    ``path`` itself is looked at there."""
+    path = path.rstrip("/")
+    if not isinstance(fs, LocalFileSystem):
+        return (path, "a file") if fs.isfile(path) else None
+    while path and not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if not parent or parent == path:
+            return None
+        path = parent
+    if os.path.islink(path) and not os.path.exists(path):
+        return path, "a broken symbolic link"
+    return (path, "a file") if os.path.exists(path) and not os.path.isdir(path) else None
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:

@@ -43,7 +43,7 @@ from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import backend_of, from_arrow, to_arrow, to_pandas
 from imgcurate.cpu import reuse_freed_memory
 from imgcurate.errors import ShardError
-from imgcurate.io._fs import atomic_open, check_reachable, files_in, same_folder, task_url, temp_name
+from imgcurate.io._fs import atomic_open, check_reachable, files_in, in_the_way, same_folder, task_url, temp_name
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
@@ -369,6 +369,10 @@ def export_webdataset(
     if type(src_fs) is type(fs) and same_folder(fs, out_root, src_root):
         raise ValueError(f"{path}: the output folder must differ from the input folder")
     existing_shards(fs, out_root, path, overwrite)
+    blocked = in_the_way(fs, out_root)
+    if blocked is not None:
+        where, what = blocked
+        raise NotADirectoryError(f"{path}: cannot be made a folder: {task_url(fs, where)} is {what}")
     fs.makedirs(out_root, exist_ok=True)
     _remove_temporaries(fs, out_root)
     out_dir = task_url(fs, out_root)
