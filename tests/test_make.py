@@ -119,6 +119,19 @@ def test_unreadable_image_files_are_error_samples(tmp_path):
     assert df.drop(index="gone.jpg")["error"].isna().all()
 
 
+def test_every_problem_of_a_sample_is_recorded_not_only_the_first(tmp_path):
+    folder, _ = _photo_folder(tmp_path, n=1)
+    (folder / "fake.png").write_bytes(b"this is text, not a png")
+    (folder / "fake.json").write_text("[1]")
+    (folder / "fake.txt").write_bytes(b"\xff\xfe not utf-8")
+    make_shards(str(folder), str(tmp_path / "shards"))
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().set_index("source_path")
+    assert df.loc["fake.png", "error"] == (
+        "caption is not valid UTF-8; sidecar json is not an object; image header is unreadable"
+    )
+    assert df.drop(index="fake.png")["error"].isna().all()
+
+
 def test_making_shards_never_mixes_old_and_new_ones(tmp_path):
     from imgcurate.io.make import Record, write_shards
 

@@ -124,7 +124,7 @@ def write_shards(
             size = image_size(image) if image is not None else None
             error = record.error
             if image is not None and size is None:
-                error = error or "image header is unreadable"
+                error = _also(error, "image header is unreadable")
             fields.setdefault("width", size[0] if size else None)
             fields.setdefault("height", size[1] if size else None)
             members = dict(record.members)
@@ -180,17 +180,23 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
                     if caption is None and isinstance(extra.get(CAPTION_COLUMN), str):
                         caption = extra[CAPTION_COLUMN]  # no txt beside the image: the json's caption is the caption
                 else:
-                    error = error or "sidecar json is not an object"
+                    error = _also(error, "sidecar json is not an object")
             except OSError as err:
-                error = error or f"cannot read the sidecar json of {name!r} ({_reason(err)})"
+                error = _also(error, f"cannot read the sidecar json of {name!r} ({_reason(err)})")
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                error = error or f"sidecar json is not valid JSON ({err})"
+                error = _also(error, f"sidecar json is not valid JSON ({err})")
         try:
             data = fs.cat_file(path)
         except OSError as err:
-            yield Record({}, fields, caption, error or f"cannot read image file {name!r} ({_reason(err)})")
+            yield Record({}, fields, caption, _also(error, f"cannot read image file {name!r} ({_reason(err)})"))
             continue
         yield Record({ext.lower(): data}, fields, caption, error)
+
+
+def _also(error: str | None, problem: str) -> str:
+    """A sample's error text with one more problem: every problem is recorded, ``; ``-separated (as a scanned
+    shard's errors are), not only the first."""
+    return f"{error}; {problem}" if error else problem
 
 
 def _reason(err: OSError) -> str:
