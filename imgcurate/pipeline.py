@@ -573,6 +573,7 @@ class Pipeline:
         import fsspec
 
         from imgcurate.io._fs import same_folder, within
+        from imgcurate.rundir import FINISHED
 
         so = self.storage_options or {}
 
@@ -594,9 +595,29 @@ class Pipeline:
                                       "write reports outside it")  # fmt: skip
             if run and type(run[0]) is type(fs) and within(fs, path, run[1]):
                 inner = posixpath.relpath(posixpath.normpath(path), posixpath.normpath(run[1]))
-                if inner in ("run.json", "summary.json", "report.html") or inner.split("/")[0] == "steps":
+                if inner in ("run.json", *FINISHED) or inner.split("/")[0] == "steps":
                     raise ConfigError(f"reports.{name}.path: {kwargs['path']} is one of the run directory's own "
                                       "files: give the report another name")  # fmt: skip
+
+    def _published_export(self, described: dict[str, Any] | None) -> bool:
+        """Whether this same run (the run directory's ``run.json`` is ``described``) already published its export,
+        and the export folder still holds exactly that export (its manifest's digest, recorded in ``exported.json``):
+        a rerun after a stop between the export and the end of the run then finishes without exporting again, and
+        without ``--overwrite``."""
+        from imgcurate.io.export import manifest_digest
+        from imgcurate.rundir import RunDir
+
+        if not (self.export and described):
+            return False
+        run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}), create=False)
+        if not (run.describes(described) and run.exists("exported.json")):
+            return False
+        try:
+            recorded = run.read_json("exported.json")
+        except ValueError:
+            return False
+        digest = manifest_digest(str(self.export["path"]), self.storage_options)
+        return isinstance(recorded, dict) and digest is not None and recorded.get("manifest") == digest
 
     def _check_export_folder(self) -> None:
         """The export folder holds no shards, unless the export may overwrite them (a run's own state, not the
@@ -624,17 +645,14 @@ class Pipeline:
             return str(self.export["path"]).rstrip("/") + ".run"
         return None
 
-    def compute_steps(self, dataset: ImageTextPairDataset) -> tuple[ImageTextPairDataset, list[Any]]:
-        """Runs the steps into the run directory (reusing the shards already done), or persists them in memory
-        without one; returns the dataset that reads the results, and a record per step."""
-        from imgcurate.rundir import RunDir, fingerprint_chain, input_fingerprint
+    def describe(self, dataset: ImageTextPairDataset) -> dict[str, Any]:
+        """What defines this run's results, as its run directory's ``run.json`` records it: the input (its
+        fingerprint: :func:`~imgcurate.rundir.input_fingerprint`), the steps, the reports and the export (without
+        ``overwrite``, which changes what the run may replace, not what it writes)."""
+        from imgcurate.rundir import fingerprint_chain, input_fingerprint
 
-        folder = self.resolved_run_dir()
-        if folder is None:
-            return self.apply(dataset).persist(desc="computing the steps"), []
-        run = RunDir(folder, dict(self.storage_options or {}))
         fingerprint = fingerprint_chain([input_fingerprint(dataset.path, dataset.storage_options), dataset.id_col])
-        described = {
+        return {
             "input": dataset.path,
             "input_url": _absolute_url(dataset.path, dataset.storage_options),
             "id_col": dataset.id_col,
@@ -642,8 +660,23 @@ class Pipeline:
             "steps": [s.describe() for s in self.steps if isinstance(s, Step)],
             # what the run writes after the steps: a rerun that changes only these must not keep the old summary
             "reports": self.reports,
-            "export": self.export,
+            "export": None if self.export is None else {k: v for k, v in self.export.items() if k != "overwrite"},
         }
+
+    def compute_steps(
+        self, dataset: ImageTextPairDataset, described: dict[str, Any] | None = None
+    ) -> tuple[ImageTextPairDataset, list[Any]]:
+        """Runs the steps into the run directory (reusing the shards already done), or persists them in memory
+        without one; returns the dataset that reads the results, and a record per step. ``described`` is
+        :meth:`describe`'s answer when the caller has it already."""
+        from imgcurate.rundir import RunDir, fingerprint_chain
+
+        folder = self.resolved_run_dir()
+        if folder is None:
+            return self.apply(dataset).persist(desc="computing the steps"), []
+        run = RunDir(folder, dict(self.storage_options or {}))
+        described = described or self.describe(dataset)
+        fingerprint = described["fingerprint"]
         run.begin(described)
         records = []
         for position, step in enumerate(self.steps):
@@ -678,10 +711,13 @@ class Pipeline:
         for step in self.steps:
             if isinstance(step, Step):
                 step.check_resources()
-        self._check_export_folder()
+        described = self.describe(dataset) if self.resolved_run_dir() else None
+        published = self._published_export(described)
+        if not published:
+            self._check_export_folder()
         with _cluster(self.cluster, self.steps):
             started = time.perf_counter()
-            result, records = self.compute_steps(dataset)
+            result, records = self.compute_steps(dataset, described)
             for name, kwargs in self.reports.items():
                 _load(REPORTS, "report", name)(result, **kwargs)
             keep = (self.export or {}).get("filter_column")
@@ -694,12 +730,24 @@ class Pipeline:
                            "nothing was written there (what it held is left as it was); the run summary and report "
                            "give the drops by reason")  # fmt: skip
                 facts["exported"] = {"path": str(self.export["path"]), "shards": 0, "error": "no sample is selected"}
+            elif published:  # this same run published it before it was stopped: the rerun finishes the rest
+                out = ImageTextPairDataset.from_webdataset(
+                    str(self.export["path"]), self.id_col, backend=self.backend,
+                    storage_options=self.storage_options, validate=False,
+                )  # fmt: skip
+                facts["exported"] = {"path": out.path, "shards": out.num_shards, "seconds": 0.0, "reused": True}
             elif self.export:
                 kwargs = dict(self.export)
                 export_started = time.perf_counter()
                 out = result.to_webdataset(kwargs.pop("path"), **kwargs)
                 facts["exported"] = {"path": out.path, "shards": out.num_shards,
                                      "seconds": round(time.perf_counter() - export_started, 3)}  # fmt: skip
+                if self.resolved_run_dir():
+                    from imgcurate.io.export import manifest_digest
+
+                    RunDir(self.resolved_run_dir(), dict(self.storage_options or {})).write_json(
+                        "exported.json", {"path": out.path, "manifest": manifest_digest(out.path, self.storage_options)}
+                    )
             facts["seconds"] = round(time.perf_counter() - started, 3)
             if self.resolved_run_dir():
                 run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}))

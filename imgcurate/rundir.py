@@ -38,6 +38,7 @@ from imgcurate import progress
 from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
+from imgcurate.errors import ConfigError, ShardError
 from imgcurate.io._fs import atomic_open, check_reachable, files_in
 from imgcurate.io.schema import conform, is_error_column
 
@@ -48,7 +49,7 @@ ROW_ID = "_row_id"
 #: What only a finished run leaves in its run directory (the report is ``imgcurate.reports.run.REPORT_NAME``). A run
 #: of another input or config removes them when it starts (:meth:`RunDir.begin`), so that a rerun that fails leaves
 #: no summary or report of the earlier run beside the new ``run.json``.
-FINISHED = ("summary.json", "report.html")
+FINISHED = ("summary.json", "report.html", "exported.json")
 
 
 def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
@@ -95,7 +96,11 @@ class RunDir:
         self.fs, self.root = fsspec.core.url_to_fs(self.path, **self.storage_options)
         check_reachable(self.fs, self.path)
         if self.create:
-            self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
+            try:
+                self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
+            except PermissionError as err:
+                raise ConfigError(f"run_dir: {self.path} cannot be written ({err.strerror or err}): give a run "
+                                  "directory this process can write") from None  # fmt: skip
 
     def url(self, *parts: str) -> str:
         """A path inside the run directory, with its protocol (what ``fsspec.open`` needs in a task)."""
@@ -105,9 +110,11 @@ class RunDir:
         return f"{position:02d}-{type(step).__name__}-{fingerprint[:12]}"
 
     def done_shards(self, folder: str) -> set[int]:
-        """The shards whose results in ``folder`` are complete (their ``.done`` marker exists)."""
-        found = files_in(self.fs, posixpath.join(self.root, "steps", folder), "*.done")
-        return {int(posixpath.basename(p)[: -len(".done")]) for p in found}
+        """The shards whose results in ``folder`` are complete: their ``.done`` marker and their parquet are both
+        there (a parquet deleted since is computed again)."""
+        found = files_in(self.fs, posixpath.join(self.root, "steps", folder), "*.done", "*.parquet")
+        names = {posixpath.basename(p) for p in found}
+        return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[:-5] + ".parquet" in names}
 
     def compute_step(
         self, dataset: ImageTextPairDataset, step: Any, position: int, fingerprint: str
@@ -124,6 +131,8 @@ class RunDir:
         types = step.output_columns()
         if todo:
             self.fs.makedirs(posixpath.join(self.root, "steps", folder), exist_ok=True)
+            for stale in files_in(self.fs, posixpath.join(self.root, "steps", folder), "*.tmp-*"):
+                self.fs.rm(stale)  # what writers killed in an earlier run left
             added = step.added_from_storage(dataset)  # the input is read from disk: it may be read twice
             frame = dataset.metadata[[dataset.id_col]]
             written = dd.map_partitions(
@@ -161,8 +170,9 @@ class RunDir:
         describe its results. Each removal is one file's deletion, atomic on any filesystem, and ``run.json`` is
         written atomically after them.
         """
-        same = json.loads(json.dumps(described, default=str))
-        if not self.exists("run.json") or self.read_json("run.json") != same:
+        for stale in files_in(self.fs, self.root, "*.tmp-*"):
+            self.fs.rm(stale)  # what writers killed in an earlier run left
+        if not self.describes(described):
             for name in FINISHED:
                 try:
                     self.fs.rm(posixpath.join(self.root, name))
@@ -170,13 +180,28 @@ class RunDir:
                     pass
         self.write_json("run.json", described)
 
+    def describes(self, described: dict[str, Any]) -> bool:
+        """Whether ``run.json`` describes this run (the same input and steps); False when it is missing or cannot be
+        read (a damaged file is written again)."""
+        try:
+            return self.exists("run.json") and self.read_json("run.json") == json.loads(
+                json.dumps(described, default=str)
+            )
+        except ValueError:
+            return False
+
     def write_json(self, name: str, value: Any) -> None:
         with atomic_open(self.url(name), "wb", self.storage_options) as f:
             f.write(json.dumps(value, indent=1, sort_keys=True, default=str).encode())
 
     def read_json(self, name: str) -> Any:
+        """A JSON file of the run directory; :class:`ValueError` naming it when it is not valid JSON."""
         with self.fs.open(posixpath.join(self.root, name), "rb") as f:
-            return json.loads(f.read())
+            try:
+                return json.loads(f.read())
+            except ValueError as err:
+                raise ValueError(f"{self.url(name)}: not valid JSON ({err}); a rerun of the pipeline writes it "
+                                 "again") from None  # fmt: skip
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(posixpath.join(self.root, name))
@@ -200,8 +225,13 @@ def _write_shard(
 
 
 def _read_shard(index: int, folder: str, schema: pa.Schema, backend: str, so: dict) -> Any:
-    with fsspec.open(f"{folder}/{index:06d}.parquet", "rb", **so) as f:
-        table = pq.read_table(f)
+    path = f"{folder}/{index:06d}.parquet"
+    try:
+        with fsspec.open(path, "rb", **so) as f:
+            table = pq.read_table(f)
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(path, f"cannot read this step result ({err}); delete it and rerun the pipeline to compute "
+                               "it again") from None  # fmt: skip
     ids = table.column(ROW_ID).to_numpy()
     frame = from_arrow(conform(table.select(schema.names), schema), backend)
     frame.index = ids

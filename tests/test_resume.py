@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -316,3 +317,84 @@ def test_if_available_weights_that_appear_later_recompute_the_embedder(monkeypat
     random_weights = TimmImageEmbedder("test_resnet", pretrained="if-available").fingerprint()
     monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name: True)
     assert TimmImageEmbedder("test_resnet", pretrained="if-available").fingerprint() != random_weights
+
+
+class _Stop(BaseException):
+    """A stop that nothing in the run catches, as a kill."""
+
+
+def _small_config(sample_dir, tmp_path, min_width=0):
+    config = {
+        "input": str(sample_dir),
+        "output": str(tmp_path / "out"),
+        "steps": [{"ExactDuplicates": {}},
+                  {"SampleFilter": {"min_width": min_width, "drop_duplicates": ["exact_duplicate"]}}],
+        "export": {"filter_column": "keep", "samples_per_shard": 5},
+    }  # fmt: skip
+    path = tmp_path / f"p{min_width}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_run_stopped_after_its_export_finishes_on_the_same_command_without_overwrite(sample_dir, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    """Stopped after the export was published (before the summary and the run report), the same command finishes
+    the run without exporting again and without --overwrite; the export's bytes stay. Another configuration's run
+    is still refused the folder, which holds an export that is not its own."""
+    from imgcurate.cli import main
+    from imgcurate.rundir import RunDir
+
+    config = _small_config(sample_dir, tmp_path)
+    write_json = RunDir.write_json
+
+    def stop_at_the_summary(self, name, value):
+        if name == "summary.json":
+            raise _Stop
+        return write_json(self, name, value)
+
+    monkeypatch.setattr(RunDir, "write_json", stop_at_the_summary)
+    with pytest.raises(_Stop):
+        main(["run", config])
+    monkeypatch.setattr(RunDir, "write_json", write_json)
+    out, run_dir = tmp_path / "out", tmp_path / "out.run"
+    exported = _files(out)
+    assert "_imgcurate_export.json" in exported and not (run_dir / "summary.json").exists()
+    assert main(["run", config]) == 0
+    assert _files(out) == exported
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exported"]["reused"] is True and summary["exported"]["shards"] == out_shards(out)
+    assert all(s["shards_computed"] == 0 for s in summary["steps"])
+    assert main(["run", config, "--overwrite"]) == 0  # the same run: --overwrite changes nothing it wrote
+    assert _files(out) == exported and (run_dir / "summary.json").exists()
+    assert main(["run", _small_config(sample_dir, tmp_path, min_width=300)]) == 2  # another run's export is there
+
+
+def out_shards(folder):
+    return len(list(folder.glob("*.tar")))
+
+
+def test_a_damaged_run_directory_is_repaired_by_the_rerun(sample_dir, tmp_path, capsys):
+    """A step result deleted behind its marker is computed again; what killed writers left is removed; a run.json
+    or a staging plan that cannot be read is written again; a step result that cannot be read is named."""
+    from imgcurate.cli import main
+
+    config = _small_config(sample_dir, tmp_path)
+    assert main(["run", config]) == 0
+    out, run_dir = tmp_path / "out", tmp_path / "out.run"
+    exported = _files(out)
+    step = next((run_dir / "steps").glob("00-*"))
+    (step / "000001.parquet").unlink()
+    (step / "000002.parquet.tmp-0123456789ab").write_bytes(b"half written")
+    (run_dir / "run.json").write_text("")
+    (run_dir / "summary.json.tmp-0123456789ab").write_text("{")
+    (out / ".imgcurate-staging").mkdir()
+    (out / ".imgcurate-staging" / "plan.json").write_text("")
+    assert main(["run", config, "--overwrite"]) == 0
+    assert _files(out) == exported and not (out / ".imgcurate-staging").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(s["shards_computed"], s["shards_reused"]) for s in summary["steps"]][0] == (1, 3)
+    assert not list(run_dir.rglob("*.tmp-*"))
+    (step / "000003.parquet").write_bytes(b"not a parquet")
+    capsys.readouterr()
+    assert main(["run", config, "--overwrite"]) == 2
+    assert re.search(r"000003\.parquet: cannot read this step result .+ delete it and rerun", capsys.readouterr().err)

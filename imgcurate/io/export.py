@@ -48,8 +48,8 @@ from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
 
-__all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "check_sizes", "existing_shards",
-           "publish", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
+__all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "manifest_digest", "check_sizes",
+           "existing_shards", "publish", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
 
 #: Written last by a finished export: the shards and their sample counts.
 MANIFEST = "_imgcurate_export.json"
@@ -69,6 +69,16 @@ def check_export_complete(fs: fsspec.AbstractFileSystem, root: str, path: str) -
             "an export into this folder did not finish (it was stopped while replacing the shards): run the same "
             "export again to finish it, or delete the folder",
         )
+
+
+def manifest_digest(path: str, storage_options: dict | None = None) -> str | None:
+    """The sha256 of the export manifest in the folder ``path``, or None without one: what a run directory records
+    of the export it published, to know it again on a rerun."""
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    manifest = posixpath.join(root, MANIFEST)
+    if not fs.isfile(manifest):
+        return None
+    return hashlib.sha256(fs.cat_file(manifest)).hexdigest()
 
 
 def check_listed_shards(fs: fsspec.AbstractFileSystem, root: str, tars: list[str]) -> None:
@@ -404,7 +414,7 @@ def export_webdataset(
              schema.serialize().to_pybytes().hex()]
         ).encode()
     ).hexdigest()  # fmt: skip
-    staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files)
+    staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files, so)
     todo = [s for s in range(len(plan)) if s not in staged]
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
     progress.compute(tasks, desc="export: writing shards", unit="shard")
@@ -413,18 +423,22 @@ def export_webdataset(
 
 
 def _staged_shards(
-    fs: fsspec.AbstractFileSystem, stage_root: str, fingerprint: str, n_out: int, index_files: bool
-) -> set[int]:
+    fs: fsspec.AbstractFileSystem, stage_root: str, fingerprint: str, n_out: int, index_files: bool,
+    storage_options: dict | None = None,
+) -> set[int]:  # fmt: skip
     """The output shards already complete in the staging folder from a run of the same plan (none otherwise)."""
     marker = posixpath.join(stage_root, "plan.json")
     same = False
     if fs.exists(marker):
         with fs.open(marker, "rb") as f:
-            same = json.loads(f.read()).get("fingerprint") == fingerprint
+            try:
+                same = json.loads(f.read()).get("fingerprint") == fingerprint
+            except (ValueError, AttributeError):  # not what an export writes: the staged shards are of no known plan
+                same = False
     if not same:
         for stale in files_in(fs, stage_root, *_SHARD_FILES):
             fs.rm(stale)
-        with fs.open(marker, "wb") as f:
+        with atomic_open(task_url(fs, marker), "wb", storage_options) as f:
             f.write(json.dumps({"fingerprint": fingerprint}).encode())
         return set()
     for stale in files_in(fs, stage_root, "*.tmp-*"):
