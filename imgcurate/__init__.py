@@ -7,6 +7,7 @@ from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import (
     AlignmentError,
     ClusterError,
+    ConcurrentExportError,
     ConfigError,
     ImgcurateError,
     MissingDependencyError,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlignmentError",
     "ClusterError",
+    "ConcurrentExportError",
     "ConfigError",
     "ImageTextPairDataset",
     "ImgcurateError",

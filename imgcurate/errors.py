@@ -70,3 +70,8 @@ class ClusterError(ImgcurateError, RuntimeError):
     """The workers of a running cluster cannot run the pipeline: a module or package that a step needs does not import
     there, or what a step loads (weights) is not there. Raised before any work, naming what is missing and on how
     many workers."""
+
+
+class ConcurrentExportError(ImgcurateError, RuntimeError):
+    """Another export into the same folder ran at the same time as this one; the folder is left marked as an export
+    that did not finish (it opens as an error), and rerunning one export finishes it."""

@@ -332,3 +332,46 @@ def test_an_export_path_that_is_or_passes_through_a_file_is_named(sample_ds, tmp
         with pytest.raises(NotADirectoryError, match=rf"^{path}: cannot be made a folder: {tmp_path / 'a-file'} is a "):
             sample_ds.to_webdataset(str(path))
     assert (tmp_path / "a-file").read_bytes() == b"keep me"
+
+
+def test_an_export_that_another_export_overtook_in_the_same_folder_fails_instead_of_mixing(sample_ds, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    """Export X has staged its shards when export Y (another plan) runs into the same folder from start to end: X
+    stops with an error saying so, and the folder holds Y's export alone."""
+    import imgcurate.io.export as export
+    from imgcurate import ConcurrentExportError
+
+    out = tmp_path / "out"
+    check = export._check_own_staging
+    calls = []
+
+    def overtaken(*args):
+        calls.append(args)
+        if len(calls) == 1:  # X, before it publishes: Y runs all the way
+            sample_ds.to_webdataset(str(out), samples_per_shard=7, overwrite=True)
+        return check(*args)
+
+    monkeypatch.setattr(export, "_check_own_staging", overtaken)
+    with pytest.raises(ConcurrentExportError, match=r"the staged shards are not this export's: another export into"):
+        sample_ds.to_webdataset(str(out), samples_per_shard=5)
+    back = ImageTextPairDataset.from_webdataset(str(out))
+    assert back.num_shards == 6 and len(back.metadata) == 36  # Y's: 7 a shard
+
+
+def test_a_published_shard_of_another_export_leaves_the_folder_marked_unfinished(sample_ds, tmp_path):
+    """The last check before the manifest: each published shard holds the samples this export wrote into it."""
+    import fsspec
+
+    from imgcurate import ConcurrentExportError
+    from imgcurate.io.export import STAGING, publish
+
+    out = tmp_path / "out"
+    sample_ds.to_webdataset(str(out), samples_per_shard=10)
+    staging = out / STAGING
+    staging.mkdir()
+    for name in ("00000.tar", "00000.parquet"):
+        (staging / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(ConcurrentExportError, match=r"00000\.parquet holds 10 samples where this export wrote 9"):
+        publish(fsspec.filesystem("file"), str(out), 1, False, [9])
+    with pytest.raises(ShardError, match="did not finish"):
+        ImageTextPairDataset.from_webdataset(str(out))

@@ -42,7 +42,7 @@ from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import backend_of, from_arrow, to_arrow, to_pandas
 from imgcurate.cpu import reuse_freed_memory
-from imgcurate.errors import ShardError
+from imgcurate.errors import ConcurrentExportError, ShardError
 from imgcurate.io._fs import atomic_open, check_reachable, files_in, in_the_way, same_folder, task_url, temp_name
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
@@ -418,7 +418,8 @@ def export_webdataset(
     todo = [s for s in range(len(plan)) if s not in staged]
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
     progress.compute(tasks, desc="export: writing shards", unit="shard")
-    publish(fs, out_root, len(plan), index_files)
+    _check_own_staging(fs, posixpath.join(out_root, STAGING), fingerprint, path)
+    publish(fs, out_root, len(plan), index_files, [sum(b - a for _, a, b in slices) for slices in plan])
     return sum(b - a for slices in plan for _, a, b in slices)
 
 
@@ -448,8 +449,31 @@ def _staged_shards(
     return {s for s in range(n_out) if all(posixpath.join(stage_root, f"{s:05d}.{e}") in present for e in exts)}
 
 
-def publish(fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool) -> None:
-    """Replaces the shards in ``root`` by the staged ones, behind the incomplete-export marker (see module docs)."""
+#: What an export says when it finds that another export into the same folder ran at the same time.
+CONCURRENT = "another export into this folder ran at the same time (run one export per folder at a time), then rerun"
+
+
+def _check_own_staging(fs: fsspec.AbstractFileSystem, stage_root: str, fingerprint: str, path: str) -> None:
+    """Raises :class:`ConcurrentExportError` when the staging folder's plan is no longer this export's: another
+    export into the same folder replaced it (and its staged shards) while this one wrote."""
+    marker = posixpath.join(stage_root, "plan.json")
+    try:
+        with fs.open(marker, "rb") as f:
+            ours = json.loads(f.read()).get("fingerprint") == fingerprint
+    except (FileNotFoundError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConcurrentExportError(f"{path}: the staged shards are not this export's: {CONCURRENT}")
+
+
+def publish(
+    fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool, rows: list[int] | None = None
+) -> None:
+    """Replaces the shards in ``root`` by the staged ones, behind the incomplete-export marker (see module docs).
+
+    ``rows`` (the samples each new shard must hold) is checked against the published parquets before the manifest
+    is written: a shard of another export published at the same time leaves the folder marked as not finished, with
+    an error, instead of a mix that opens."""
     stage_root = posixpath.join(root, STAGING)
     marker = posixpath.join(root, INCOMPLETE_MARKER)
     with fs.open(marker, "wb") as f:
@@ -472,6 +496,10 @@ def publish(fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: b
                 fs.mv(staged, posixpath.join(root, name))
         with fs.open(posixpath.join(root, f"{s:05d}.parquet"), "rb") as f:
             shards.append({"tar": f"{s:05d}.tar", "samples": pq.ParquetFile(f).metadata.num_rows})
+        if rows is not None and shards[-1]["samples"] != rows[s]:
+            found = shards[-1]["samples"]
+            raise ConcurrentExportError(f"{task_url(fs, root)}: {s:05d}.parquet holds {found} samples where this "
+                                        f"export wrote {rows[s]}: {CONCURRENT}")  # fmt: skip
     tmp = temp_name(manifest)
     with fs.open(tmp, "wb") as f:
         f.write(json.dumps({"shards": shards, "samples": sum(s["samples"] for s in shards)}, indent=1).encode())
