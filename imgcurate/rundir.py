@@ -98,7 +98,7 @@ class RunDir:
         if self.create:
             try:
                 self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
-            except PermissionError as err:
+            except OSError as err:  # a read-only or full filesystem, no permission
                 raise ConfigError(f"run_dir: {self.path} cannot be written ({err.strerror or err}): give a run "
                                   "directory this process can write") from None  # fmt: skip
 
@@ -170,15 +170,19 @@ class RunDir:
         describe its results. Each removal is one file's deletion, atomic on any filesystem, and ``run.json`` is
         written atomically after them.
         """
-        for stale in files_in(self.fs, self.root, "*.tmp-*"):
-            self.fs.rm(stale)  # what writers killed in an earlier run left
-        if not self.describes(described):
-            for name in FINISHED:
-                try:
-                    self.fs.rm(posixpath.join(self.root, name))
-                except FileNotFoundError:
-                    pass
-        self.write_json("run.json", described)
+        try:
+            for stale in files_in(self.fs, self.root, "*.tmp-*"):
+                self.fs.rm(stale)  # what writers killed in an earlier run left
+            if not self.describes(described):
+                for name in FINISHED:
+                    try:
+                        self.fs.rm(posixpath.join(self.root, name))
+                    except FileNotFoundError:
+                        pass
+            self.write_json("run.json", described)
+        except OSError as err:  # a read-only or full filesystem, no permission
+            raise ConfigError(f"run_dir: {self.path} cannot be written ({err.strerror or err}): give a run "
+                              "directory this process can write") from None  # fmt: skip
 
     def describes(self, described: dict[str, Any]) -> bool:
         """Whether ``run.json`` describes this run (the same input and steps); False when it is missing or cannot be

@@ -302,3 +302,23 @@ def test_estimate_of_an_input_folder_names_what_is_wrong_with_it(sample_dir, tmp
     assert _one_error(capsys).startswith("nosuchprotocol://bucket/shards: cannot open this location (ValueError: ")
     with pytest.raises(ValueError, match=r"^nosuchprotocol://bucket/shards: cannot open this location"):
         ImageTextPairDataset.from_webdataset("nosuchprotocol://bucket/shards")
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(sample_dir, tmp_path, capsys, monkeypatch):
+    """A read-only filesystem (or no permission) where the run directory goes: one line naming it, exit 2."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    makedirs = LocalFileSystem.makedirs
+
+    def read_only(self, path, exist_ok=False):
+        if "ro.run" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return makedirs(self, path, exist_ok=exist_ok)
+
+    monkeypatch.setattr(LocalFileSystem, "makedirs", read_only)
+    config = _config(sample_dir, tmp_path)
+    assert main(["run", config, "--run-dir", str(tmp_path / "ro.run")]) == 2
+    assert _one_error(capsys) == (f"run_dir: {tmp_path / 'ro.run'} cannot be written (Read-only file system): give a "
+                                  "run directory this process can write")  # fmt: skip
