@@ -601,13 +601,14 @@ class Pipeline:
 
     def _published_export(self, described: dict[str, Any] | None) -> bool:
         """Whether this same run (the run directory's ``run.json`` is ``described``) already published its export,
-        and the export folder still holds exactly that export (its manifest's digest, recorded in ``exported.json``):
-        a rerun after a stop between the export and the end of the run then finishes without exporting again, and
-        without ``--overwrite``."""
+        and the export folder still holds exactly that export, whole: its manifest (which names the export's plan)
+        has the digest recorded in ``exported.json``, and every shard it lists is there. A rerun after a stop
+        between the export and the end of the run then finishes without exporting again, and without
+        ``--overwrite``; with ``--overwrite`` it exports again (what repairs a damaged export folder)."""
         from imgcurate.io.export import manifest_digest
         from imgcurate.rundir import RunDir
 
-        if not (self.export and described):
+        if not (self.export and described) or self.export.get("overwrite"):  # --overwrite: write it again
             return False
         run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}), create=False)
         if not (run.describes(described) and run.exists("exported.json")):
@@ -617,7 +618,19 @@ class Pipeline:
         except ValueError:
             return False
         digest = manifest_digest(str(self.export["path"]), self.storage_options)
-        return isinstance(recorded, dict) and digest is not None and recorded.get("manifest") == digest
+        if not (isinstance(recorded, dict) and digest is not None and recorded.get("manifest") == digest):
+            return False
+        try:  # the manifest names this export's plan: its shards must all still be there
+            self._open_export()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _open_export(self) -> ImageTextPairDataset:
+        return ImageTextPairDataset.from_webdataset(
+            str(self.export["path"]), self.id_col, backend=self.backend, storage_options=self.storage_options,
+            validate=False,
+        )  # fmt: skip
 
     def _check_export_folder(self) -> None:
         """The export folder holds no shards, unless the export may overwrite them (a run's own state, not the
@@ -731,10 +744,7 @@ class Pipeline:
                            "give the drops by reason")  # fmt: skip
                 facts["exported"] = {"path": str(self.export["path"]), "shards": 0, "error": "no sample is selected"}
             elif published:  # this same run published it before it was stopped: the rerun finishes the rest
-                out = ImageTextPairDataset.from_webdataset(
-                    str(self.export["path"]), self.id_col, backend=self.backend,
-                    storage_options=self.storage_options, validate=False,
-                )  # fmt: skip
+                out = self._open_export()
                 facts["exported"] = {"path": out.path, "shards": out.num_shards, "seconds": 0.0, "reused": True}
             elif self.export:
                 kwargs = dict(self.export)

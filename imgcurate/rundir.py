@@ -39,7 +39,7 @@ from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, ShardError
-from imgcurate.io._fs import atomic_open, check_reachable, files_in
+from imgcurate.io._fs import atomic_open, check_reachable, files_in, remove_temporaries
 from imgcurate.io.schema import conform, is_error_column
 
 __all__ = ["FINISHED", "ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
@@ -99,8 +99,7 @@ class RunDir:
             try:
                 self.fs.makedirs(posixpath.join(self.root, "steps"), exist_ok=True)
             except OSError as err:  # a read-only or full filesystem, no permission
-                raise ConfigError(f"run_dir: {self.path} cannot be written ({err.strerror or err}): give a run "
-                                  "directory this process can write") from None  # fmt: skip
+                raise self._unwritable(err) from None
 
     def url(self, *parts: str) -> str:
         """A path inside the run directory, with its protocol (what ``fsspec.open`` needs in a task)."""
@@ -131,8 +130,7 @@ class RunDir:
         types = step.output_columns()
         if todo:
             self.fs.makedirs(posixpath.join(self.root, "steps", folder), exist_ok=True)
-            for stale in files_in(self.fs, posixpath.join(self.root, "steps", folder), "*.tmp-*"):
-                self.fs.rm(stale)  # what writers killed in an earlier run left
+            remove_temporaries(self.fs, posixpath.join(self.root, "steps", folder))  # a killed run's writers
             added = step.added_from_storage(dataset)  # the input is read from disk: it may be read twice
             frame = dataset.metadata[[dataset.id_col]]
             written = dd.map_partitions(
@@ -171,8 +169,7 @@ class RunDir:
         written atomically after them.
         """
         try:
-            for stale in files_in(self.fs, self.root, "*.tmp-*"):
-                self.fs.rm(stale)  # what writers killed in an earlier run left
+            remove_temporaries(self.fs, self.root)  # what writers killed in an earlier run left
             if not self.describes(described):
                 for name in FINISHED:
                     try:
@@ -181,8 +178,11 @@ class RunDir:
                         pass
             self.write_json("run.json", described)
         except OSError as err:  # a read-only or full filesystem, no permission
-            raise ConfigError(f"run_dir: {self.path} cannot be written ({err.strerror or err}): give a run "
-                              "directory this process can write") from None  # fmt: skip
+            raise self._unwritable(err) from None
+
+    def _unwritable(self, err: OSError) -> ConfigError:
+        return ConfigError(f"run_dir: {self.path} cannot be written ({err.strerror or err}): give a run directory "
+                           "this process can write")  # fmt: skip
 
     def describes(self, described: dict[str, Any]) -> bool:
         """Whether ``run.json`` describes this run (the same input and steps); False when it is missing or cannot be

@@ -364,9 +364,22 @@ def test_a_run_stopped_after_its_export_finishes_on_the_same_command_without_ove
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exported"]["reused"] is True and summary["exported"]["shards"] == out_shards(out)
     assert all(s["shards_computed"] == 0 for s in summary["steps"])
-    assert main(["run", config, "--overwrite"]) == 0  # the same run: --overwrite changes nothing it wrote
-    assert _files(out) == exported and (run_dir / "summary.json").exists()
     assert main(["run", _small_config(sample_dir, tmp_path, min_width=300)]) == 2  # another run's export is there
+    (out / "00001.tar").unlink()  # a damaged export: the same run no longer takes it as its own
+    assert main(["run", config]) == 2
+    assert main(["run", config, "--overwrite"]) == 0  # and --overwrite writes it again
+    assert _files(out) == exported and (run_dir / "summary.json").exists()
+    assert "reused" not in json.loads((run_dir / "summary.json").read_text())["exported"]
+    # another run's export of the same shard sizes, published over it: the first run's rerun does not take it
+    other = yaml.safe_load(open(config))
+    other["export"]["old_id_col"] = "old_key"
+    other["run_dir"] = str(tmp_path / "other.run")
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert main(["run", str(tmp_path / "other.yaml"), "--overwrite"]) == 0
+    theirs = _files(out)
+    assert theirs != exported and theirs["00000.tar"] == exported["00000.tar"]  # same samples, other columns
+    assert main(["run", config]) == 2
+    assert _files(out) == theirs
 
 
 def out_shards(folder):

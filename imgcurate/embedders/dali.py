@@ -13,13 +13,12 @@ DALI's own webdataset reader would bind the file list when the pipeline is built
 each shard's ``.idx`` (configurations written for DALI's reader keep failing early the same way), but the bytes come
 from imgcurate's reader, which seeks past the members it does not need.
 
-Each image's header is read with PIL first (:func:`~imgcurate.embedders.decode.check_header`): an unreadable one,
-or one declaring more pixels than PIL decodes, is that row's error and never reaches DALI, which would allocate what
-the header declares. DALI stops a whole batch when one image in it cannot be decoded; the loader then drops that
-pipeline (the next shard builds a fresh one) and hands the rest of the shard to its fallback loader (torchvision or
-PIL), which records the failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument,
-no GPU for ``mixed``) is an error, never a silent fallback: otherwise every shard would quietly decode on the slower
-path.
+Each image's header is read with PIL first (:func:`~imgcurate.embedders.decode.check_header`): one declaring more
+pixels than PIL decodes is that row's error and never reaches DALI, which would allocate what the header declares.
+DALI stops a whole batch when one image in it cannot be decoded; the loader then drops that pipeline (the next shard
+builds a fresh one) and hands the rest of the shard to its fallback loader (torchvision or PIL), which records the
+failure for that one row. A pipeline that cannot be *built* (a DALI too old for an argument, no GPU for ``mixed``)
+is an error, never a silent fallback: otherwise every shard would quietly decode on the slower path.
 
 DALI >= 2.2 is required (:data:`DALI_MIN_VERSION`): before it ``decoders.image`` has no ``adjust_orientation``.
 """
@@ -283,7 +282,7 @@ class DaliLoader:
             if data is None:  # img2dataset's failed downloads, samples without an image member
                 yield Batch([], None, {row: error})
                 continue
-            try:  # DALI allocates whatever size a header declares, and stops the batch on an unreadable image
+            try:  # DALI allocates whatever size a header declares
                 check_header(data)
             except Exception as err:
                 yield Batch([], None, {row: error_text(err)})

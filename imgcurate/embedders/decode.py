@@ -100,12 +100,18 @@ def decode_rgb(data: bytes, draft_size: int | None = None, exif_transpose: bool 
 
 
 def check_header(data: bytes) -> None:
-    """Reads an image's header the way :func:`decode_rgb` starts, and raises what PIL raises there: an unidentified
-    format, or ``DecompressionBombError`` for more pixels than PIL decodes (twice ``Image.MAX_IMAGE_PIXELS``; a
-    600-byte JPEG may declare 20000 x 20000). Decoders that allocate from the header themselves (torchvision's
-    ``decode_jpeg``, DALI) call it first, so such an image is an error row on every decoder instead of gigabytes of
-    pixels on some. About 20 us a JPEG."""
-    Image.open(io.BytesIO(data))
+    """Raises PIL's ``DecompressionBombError`` for an image whose header declares more pixels than PIL decodes (twice
+    ``Image.MAX_IMAGE_PIXELS``; a 600-byte JPEG may declare 20000 x 20000), as :func:`decode_rgb` does when it opens
+    it. Decoders that allocate from the header themselves (torchvision's ``decode_jpeg``, DALI) call it first, so
+    such an image is an error row on every decoder instead of gigabytes of pixels on some. A header PIL cannot read
+    is left to the decoder, which may read it (libjpeg takes a JPEG with a ``TEM`` marker that PIL does not
+    identify) or reports it itself. About 20 us a JPEG."""
+    try:
+        Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise
+    except Exception:  # PIL raises many types for headers it cannot read
+        return
 
 
 def _torchvision_jpeg(header: Image.Image, data: bytes, full_size: tuple[int, int]) -> torch.Tensor | None:

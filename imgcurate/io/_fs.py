@@ -22,6 +22,7 @@ __all__ = [
     "open_input",
     "open_output",
     "files_in",
+    "remove_temporaries",
     "in_the_way",
     "folder_fs",
     "shard_tars",
@@ -125,6 +126,13 @@ def in_the_way(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str] | No
     if os.path.islink(path) and not os.path.exists(path):
         return path, "a broken symbolic link"
     return (path, "a file") if os.path.exists(path) and not os.path.isdir(path) else None
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Removes the temporary files (:func:`temp_name`'s ``*.tmp-*``) that writers killed before their rename left
+    directly in ``folder``."""
+    for stale in files_in(fs, folder, "*.tmp-*"):
+        fs.rm(stale)
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:

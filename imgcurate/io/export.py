@@ -43,7 +43,16 @@ from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import backend_of, from_arrow, to_arrow, to_pandas
 from imgcurate.cpu import reuse_freed_memory
 from imgcurate.errors import ConcurrentExportError, ShardError
-from imgcurate.io._fs import atomic_open, check_reachable, files_in, in_the_way, same_folder, task_url, temp_name
+from imgcurate.io._fs import (
+    atomic_open,
+    check_reachable,
+    files_in,
+    in_the_way,
+    remove_temporaries,
+    same_folder,
+    task_url,
+    temp_name,
+)
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
@@ -321,12 +330,6 @@ def existing_shards(fs: fsspec.AbstractFileSystem, root: str, path: str, overwri
         raise FileExistsError(f"{path}: already holds shards; pass overwrite=True (--overwrite) to replace them")
 
 
-def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Removes what killed writers left in the output folder: ``*.tmp-*`` files."""
-    for stale in files_in(fs, root, "*.tmp-*"):
-        fs.rm(stale)
-
-
 def export_webdataset(
     metadata: dd.DataFrame,
     shards: dd.DataFrame,
@@ -384,7 +387,7 @@ def export_webdataset(
         where, what = blocked
         raise NotADirectoryError(f"{path}: cannot be made a folder: {task_url(fs, where)} is {what}")
     fs.makedirs(out_root, exist_ok=True)
-    _remove_temporaries(fs, out_root)
+    remove_temporaries(fs, out_root)
     out_dir = task_url(fs, out_root)
     stage_dir = posixpath.join(out_dir, STAGING)
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
@@ -419,7 +422,7 @@ def export_webdataset(
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
     progress.compute(tasks, desc="export: writing shards", unit="shard")
     _check_own_staging(fs, posixpath.join(out_root, STAGING), fingerprint, path)
-    publish(fs, out_root, len(plan), index_files, [sum(b - a for _, a, b in slices) for slices in plan])
+    publish(fs, out_root, len(plan), index_files, [sum(b - a for _, a, b in slices) for slices in plan], fingerprint)
     return sum(b - a for slices in plan for _, a, b in slices)
 
 
@@ -428,22 +431,13 @@ def _staged_shards(
     storage_options: dict | None = None,
 ) -> set[int]:  # fmt: skip
     """The output shards already complete in the staging folder from a run of the same plan (none otherwise)."""
-    marker = posixpath.join(stage_root, "plan.json")
-    same = False
-    if fs.exists(marker):
-        with fs.open(marker, "rb") as f:
-            try:
-                same = json.loads(f.read()).get("fingerprint") == fingerprint
-            except (ValueError, AttributeError):  # not what an export writes: the staged shards are of no known plan
-                same = False
-    if not same:
+    if _staged_plan(fs, stage_root) != fingerprint:
         for stale in files_in(fs, stage_root, *_SHARD_FILES):
             fs.rm(stale)
-        with atomic_open(task_url(fs, marker), "wb", storage_options) as f:
+        with atomic_open(task_url(fs, posixpath.join(stage_root, "plan.json")), "wb", storage_options) as f:
             f.write(json.dumps({"fingerprint": fingerprint}).encode())
         return set()
-    for stale in files_in(fs, stage_root, "*.tmp-*"):
-        fs.rm(stale)
+    remove_temporaries(fs, stage_root)
     exts = _SHARD_EXTS if index_files else _SHARD_EXTS[:2]
     present = set(files_in(fs, stage_root, "*.*"))
     return {s for s in range(n_out) if all(posixpath.join(stage_root, f"{s:05d}.{e}") in present for e in exts)}
@@ -453,27 +447,37 @@ def _staged_shards(
 CONCURRENT = "another export into this folder ran at the same time (run one export per folder at a time), then rerun"
 
 
+def _staged_plan(fs: fsspec.AbstractFileSystem, stage_root: str) -> str | None:
+    """The fingerprint of the plan whose shards the staging folder holds; None without one, or for a ``plan.json``
+    that is not what an export writes (an empty file a kill left: its staged shards are of no known plan)."""
+    marker = posixpath.join(stage_root, "plan.json")
+    fs.invalidate_cache(stage_root)  # an object store's listing cached before the plan was written
+    try:
+        with fs.open(marker, "rb") as f:
+            found = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    return found.get("fingerprint") if isinstance(found, dict) else None
+
+
 def _check_own_staging(fs: fsspec.AbstractFileSystem, stage_root: str, fingerprint: str, path: str) -> None:
     """Raises :class:`ConcurrentExportError` when the staging folder's plan is no longer this export's: another
     export into the same folder replaced it (and its staged shards) while this one wrote."""
-    marker = posixpath.join(stage_root, "plan.json")
-    try:
-        with fs.open(marker, "rb") as f:
-            ours = json.loads(f.read()).get("fingerprint") == fingerprint
-    except (FileNotFoundError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    if _staged_plan(fs, stage_root) != fingerprint:
         raise ConcurrentExportError(f"{path}: the staged shards are not this export's: {CONCURRENT}")
 
 
 def publish(
-    fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool, rows: list[int] | None = None
-) -> None:
+    fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool, rows: list[int] | None = None,
+    plan: str | None = None,
+) -> None:  # fmt: skip
     """Replaces the shards in ``root`` by the staged ones, behind the incomplete-export marker (see module docs).
 
     ``rows`` (the samples each new shard must hold) is checked against the published parquets before the manifest
     is written: a shard of another export published at the same time leaves the folder marked as not finished, with
-    an error, instead of a mix that opens."""
+    an error, instead of a mix that opens. ``plan`` (the export's fingerprint: what it selected from which input,
+    and how it wrote it) goes into the manifest, so that the manifest names this export and no other with the same
+    shard sizes."""
     stage_root = posixpath.join(root, STAGING)
     marker = posixpath.join(root, INCOMPLETE_MARKER)
     with fs.open(marker, "wb") as f:
@@ -502,7 +506,8 @@ def publish(
                                         f"export wrote {rows[s]}: {CONCURRENT}")  # fmt: skip
     tmp = temp_name(manifest)
     with fs.open(tmp, "wb") as f:
-        f.write(json.dumps({"shards": shards, "samples": sum(s["samples"] for s in shards)}, indent=1).encode())
+        done = {"shards": shards, "samples": sum(s["samples"] for s in shards)}
+        f.write(json.dumps({**done, "plan": plan} if plan else done, indent=1).encode())
     fs.mv(tmp, manifest)
     fs.rm(stage_root, recursive=True)
     fs.rm(marker)
