@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # the CLI shows the message, not a traceback, for our own errors
         from imgcurate.errors import ImgcurateError
 
-        if isinstance(err, ImgcurateError | FileNotFoundError | FileExistsError | ValueError):
+        if isinstance(err, ImgcurateError | FileNotFoundError | FileExistsError | NotADirectoryError | ValueError):
             print(f"imgcurate: error: {err}", file=sys.stderr)
             return 2
         raise

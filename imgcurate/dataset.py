@@ -149,13 +149,6 @@ class ImageTextPairDataset:
         tars = shard_tars(fs, root, path)
         existing = set(files_in(fs, root, "*.parquet"))
         check_listed_shards(fs, root, tars)
-        with_tar = {parquet_path_for(t) for t in tars}
-        orphans = sorted(existing - with_tar)
-        if orphans:  # its shard would be left out without a word: a tar deleted, not copied yet, or not a file
-            tar = posixpath.basename(orphans[0])[: -len(".parquet")] + ".tar"
-            raise ShardError(task_url(fs, orphans[0]), f"has no {tar} beside it (no such regular file): the shard's "
-                                                       "tar is missing; restore it, or remove the parquet to leave the "
-                                                       "shard out")  # fmt: skip
 
         def prepare(tar: str) -> tuple[_Part, pa.Schema, int]:
             full_tar = task_url(fs, tar)

@@ -92,14 +92,17 @@ def _count_input(path: str, storage_options: dict | None) -> tuple[int, int, int
 
     from imgcurate.errors import ShardError
     from imgcurate.io._fs import folder_fs, shard_tars, task_url
+    from imgcurate.io.export import check_listed_shards
+    from imgcurate.io.schema import parquet_path_for
     from imgcurate.io.tar import read_keys
 
     fs, root = folder_fs(path, storage_options)
     tars = shard_tars(fs, root, path)
+    check_listed_shards(fs, root, tars)
     samples = tar_bytes = 0
     for tar in tars:
         tar_bytes += fs.size(tar)
-        parquet = tar[: -len(".tar")] + ".parquet"
+        parquet = parquet_path_for(tar)
         if fs.exists(parquet):
             try:
                 with fs.open(parquet, "rb") as f:

@@ -121,22 +121,25 @@ def test_non_tar_files_are_ignored_and_fake_tars_named(sample_dir):
 @pytest.mark.parametrize("how", ["deleted", "a folder", "a broken link"])
 def test_a_shard_whose_tar_is_gone_is_named_not_left_out(sample_dir, how):
     """A parquet whose tar is missing (deleted, not copied yet, or not a regular file) fails at open: its rows would
-    otherwise be left out of every count and output without a word. A folder that an export wrote names the tar from
-    its manifest; any other folder names the parquet left without its tar."""
+    otherwise be left out of every count and output without a word; so does a tar that the folder's export manifest
+    lists and the folder lacks. A parquet not named like a shard is only warned about."""
     tar = sample_dir / "00001.tar"
     tar.unlink()
     if how == "a folder":
         tar.mkdir()
     elif how == "a broken link":
         tar.symlink_to(sample_dir / "nowhere.tar")
+    with pytest.raises(ShardError, match=r"00001\.parquet: has no 00001\.tar beside it .+ remove the parquet to leave"):
+        _open(sample_dir)
+    (sample_dir / "00001.parquet").unlink()
     assert (sample_dir / "_imgcurate_export.json").exists()
     with pytest.raises(ShardError, match=r"00001\.tar: missing: the export manifest _imgcurate_export\.json lists it"):
         _open(sample_dir)
-    (sample_dir / "_imgcurate_export.json").unlink()
-    with pytest.raises(ShardError, match=r"00001\.parquet: has no 00001\.tar beside it .+ remove the parquet to leave"):
-        _open(sample_dir)
-    (sample_dir / "00001.parquet").unlink()  # the shard left out on purpose: the rest opens
+    (sample_dir / "_imgcurate_export.json").unlink()  # the shard left out on purpose: the rest opens
     assert _open(sample_dir).metadata.npartitions == 3
+    (sample_dir / "stats.parquet").write_bytes(b"a table of the user's, not named like a shard")
+    with pytest.warns(UserWarning, match=r"stats\.parquet: no stats\.tar beside it; not read as a shard"):
+        assert _open(sample_dir).metadata.npartitions == 3
 
 
 def test_unreadable_parquet_is_named(sample_dir):

@@ -296,6 +296,8 @@ def test_estimate_of_an_input_folder_names_what_is_wrong_with_it(sample_dir, tmp
     (sample_dir / "00001.parquet").write_bytes(b"not a parquet")
     assert main(["estimate", "--input-path", str(sample_dir)]) == 2
     assert _one_error(capsys).startswith(f"{sample_dir / '00001.parquet'}: cannot read parquet (")
+    assert main(["estimate", "--input-path", str(sample_dir / "00000.tar")]) == 2
+    assert _one_error(capsys) == f"{sample_dir / '00000.tar'}: a file, not a folder of .tar shards"
     assert main(["estimate", "--input-path", "memory://imgcurate-nothing-here"]) == 2
     assert _one_error(capsys) == "memory://imgcurate-nothing-here: no such folder"
     assert main(["estimate", "--input-path", "nosuchprotocol://bucket/shards"]) == 2

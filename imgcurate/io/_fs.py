@@ -6,6 +6,7 @@ import fnmatch
 import os
 import posixpath
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
@@ -14,6 +15,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from imgcurate.errors import ShardError
 
 __all__ = [
     "atomic_open",
@@ -107,6 +110,16 @@ def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]
         if fs.isfile(root):
             raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
         raise FileNotFoundError(f"{path}: no .tar shards in this folder")
+    stems = {posixpath.basename(t)[: -len(".tar")] for t in tars}
+    for parquet in files_in(fs, root, "*.parquet"):
+        stem = posixpath.basename(parquet)[: -len(".parquet")]
+        if stem in stems:
+            continue
+        if stem.isdigit():  # a shard's metadata: its shard would be left out without a word
+            raise ShardError(task_url(fs, parquet), f"has no {stem}.tar beside it (no such regular file): the "
+                                                    "shard's tar is missing; restore it, or remove the parquet to "
+                                                    "leave the shard out")  # fmt: skip
+        warnings.warn(f"{task_url(fs, parquet)}: no {stem}.tar beside it; not read as a shard", stacklevel=3)
     return tars
 
 
