@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import pandas as pd
 import pytest
 from conftest import tar_members, write_tar
 from hypothesis import HealthCheck, given, settings
@@ -432,8 +433,8 @@ def test_same_key_in_two_shards_names_both(sample_dir):
 
 def test_json_fields_named_like_our_columns_are_kept_when_a_tar_is_scanned(tmp_path, jpeg):
     """A json member's ``key``, ``caption`` and ``error`` do not replace the sample's own values and are not lost:
-    they become ``source_*`` columns, as ``imgcurate shard`` keeps them; without a txt member the json's caption is
-    the caption."""
+    they become ``source_*`` columns, as ``imgcurate shard`` keeps them, unless they say what the sample's own value
+    says (img2dataset's json repeats the key and caption); without a txt member the json's caption is the caption."""
     fields = {"key": "orig-17", "caption": "from the json", "error": "upstream: blurry", "url": "http://x"}
     members = json.dumps(fields).encode()
     write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("a.json", members),
@@ -441,9 +442,14 @@ def test_json_fields_named_like_our_columns_are_kept_when_a_tar_is_scanned(tmp_p
     df = _open(tmp_path).metadata.compute().set_index("key")
     assert df["caption"].tolist() == ["from the json", "from the txt"]
     assert df["error"].isna().all()  # the json's error is the source's word, not a problem of this sample
-    for column, value in [("source_key", "orig-17"), ("source_caption", "from the json"),
-                          ("source_error", "upstream: blurry"), ("url", "http://x")]:  # fmt: skip
+    for column, value in [("source_key", "orig-17"), ("source_error", "upstream: blurry"), ("url", "http://x")]:
         assert df[column].tolist() == [value, value], column
+    assert df["source_caption"].isna().tolist() == [True, False] and df.loc["b", "source_caption"] == "from the json"
+    repeated = {"key": "c", "caption": "the same caption", "url": "http://y"}  # as img2dataset writes its json
+    write_tar(tmp_path / "00001.tar", [("c.jpg", jpeg), ("c.txt", b"the same caption"),
+                                       ("c.json", json.dumps(repeated).encode())])  # fmt: skip
+    df = _open(tmp_path).metadata.compute().set_index("key")
+    assert pd.isna(df.loc["c", "source_key"]) and pd.isna(df.loc["c", "source_caption"])
 
 
 def test_json_field_int_in_some_shards_and_text_in_one_becomes_text(tmp_path, jpeg):

@@ -242,10 +242,16 @@ def _json_fields(data: bytes) -> tuple[dict[str, Any], str | None]:
     return fields, None
 
 
-def own_fields(fields: dict[str, Any], reserved: tuple[str, ...]) -> dict[str, Any]:
+def own_fields(fields: dict[str, Any], reserved: tuple[str, ...], own: dict[str, Any] | None = None) -> dict[str, Any]:
     """A sample's json fields with those named like the columns imgcurate fills itself (key, caption, error)
-    renamed ``source_<name>``, so that they neither replace the sample's own values nor are lost."""
-    return {(f"source_{name}" if name in reserved else name): value for name, value in fields.items()}
+    renamed ``source_<name>``, so that they neither replace the sample's own values nor are lost; a field that says
+    what ``own`` (the sample's own values) says already is dropped instead (img2dataset's json repeats the key and
+    the caption), and a ``source_<name>`` field of the json's own is kept as it is."""
+    out = {name: value for name, value in fields.items() if name not in reserved}
+    for name in reserved:
+        if name in fields and (own is None or fields[name] != own.get(name)):
+            out.setdefault(f"source_{name}", fields[name])
+    return out
 
 
 def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None = None) -> pa.Table:
@@ -279,7 +285,9 @@ def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None
             errors.append("sample has no image member")
         if caption is None and isinstance(fields.get(CAPTION_COLUMN), str):
             caption = fields[CAPTION_COLUMN]  # no txt member: the json's caption is the caption
-        fields = own_fields(fields, (id_col, CAPTION_COLUMN, ERROR_COLUMN))
+        fields = own_fields(
+            fields, (id_col, CAPTION_COLUMN, ERROR_COLUMN), {id_col: sample.key, CAPTION_COLUMN: caption}
+        )
         fields.update({id_col: sample.key, CAPTION_COLUMN: caption, ERROR_COLUMN: "; ".join(errors) or None})
         rows.append(fields)
     names = [id_col, CAPTION_COLUMN, ERROR_COLUMN]
