@@ -517,6 +517,11 @@ def test_rows_matrix_gathers_from_the_pieces_a_shuffle_concatenates():
     rows = rng.permutation(np.flatnonzero(column["valid"].to_numpy()))
     np.testing.assert_array_equal(rows_matrix(column["embedding"], rows), expected[rows])
     np.testing.assert_array_equal(rows_matrix(column["embedding"], rows[:1]), expected[rows[:1]])
+    empty = np.flatnonzero(~column["valid"].to_numpy())[0]  # a row without an embedding is not a row of zeros
+    with pytest.raises(ValueError, match="every requested row must hold an embedding"):
+        rows_matrix(column["embedding"], np.array([rows[0], empty]))
+    with pytest.raises(IndexError, match="outside the column"):
+        rows_matrix(column["embedding"], np.array([len(column)]))
 
 
 def test_assign_nearest_centroid():

@@ -193,6 +193,8 @@ def rows_matrix(column: pd.Series, rows: np.ndarray) -> np.ndarray:
         return np.zeros((0, 0), dtype=np.float32)
     chunks = arrow_column(column).chunks
     starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
+    if rows.min() < 0 or rows.max() >= starts[-1]:
+        raise IndexError(f"rows_matrix: a row outside the column's {starts[-1]} rows")
     which = np.searchsorted(starts, rows, side="right") - 1
     order = np.argsort(which, kind="stable")
     bounds = np.searchsorted(which[order], np.arange(len(chunks) + 1))
@@ -203,9 +205,13 @@ def rows_matrix(column: pd.Series, rows: np.ndarray) -> np.ndarray:
             continue
         offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
         local = rows[picked] - starts[k]
+        lengths = offsets[local + 1] - offsets[local]
         if out is None:
-            out = np.empty((len(rows), int(offsets[local[0] + 1] - offsets[local[0]]) // 4), dtype=np.float32)
+            out = np.empty((len(rows), int(lengths[0]) // 4), dtype=np.float32)
         width = out.shape[1] * 4
+        if (lengths != width).any() or chunk.null_count:
+            raise ValueError("rows_matrix: every requested row must hold an embedding of one length, in a column "
+                             "rows_column made (no null slots)")  # fmt: skip
         if not width:
             continue
         # the entries that hold a row are back to back in the data buffer: entry i is row (offset_i - offset_0) / width
