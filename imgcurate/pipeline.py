@@ -527,9 +527,9 @@ class Pipeline:
         """
         if dataset is not None:
             self.check(dataset)
-        self._check_paths()
+        self._check_paths(dataset.path if dataset is not None else self.input)
 
-    def _check_paths(self) -> None:
+    def _check_paths(self, input_path: str | None = None) -> None:
         """The export folder and the run directory are folders (no part of their paths is a file), and each report
         file's folder exists (local files)."""
         import os
@@ -553,7 +553,7 @@ class Pipeline:
             folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
             if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
                 raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
-        self._check_overlaps()
+        self._check_overlaps(input_path or self.input)
         if _worker_processes(self.cluster):
             from imgcurate.io._fs import process_local
 
@@ -565,14 +565,16 @@ class Pipeline:
                                       "processes do not share: use a filesystem they all reach, or a cluster with "
                                       "processes: false")  # fmt: skip
 
-    def _check_overlaps(self) -> None:
-        """No place the run writes is a place it reads or another place it writes: a report is not written in the
-        input folder (a report named like a shard would replace it) nor in the export folder (which the export
-        replaces), nor over the run directory's own files; the run directory is neither the input nor the export
-        folder."""
+    def _check_overlaps(self, input_path: str | None) -> None:
+        """No place the run writes is a place it reads or another place it writes: a report is not named like a file
+        of the datasets in the input and export folders (a shard, its index, the export's manifest), nor like one of
+        the run directory's own files, nor over an existing file that is not a report (:func:`check_replaceable`);
+        the run directory is neither the input nor the export folder."""
         import fsspec
 
         from imgcurate.io._fs import same_folder, within
+        from imgcurate.io.export import INCOMPLETE_MARKER, MANIFEST
+        from imgcurate.reports._html import REPORT_STARTS, check_replaceable
         from imgcurate.rundir import FINISHED
 
         so = self.storage_options or {}
@@ -581,23 +583,28 @@ class Pipeline:
             return fsspec.core.url_to_fs(str(path), **so) if path else None
 
         run_dir = self.resolved_run_dir()
-        folders = {"the input folder": place(self.input), "the export folder": place((self.export or {}).get("path"))}
+        folders = {"the input folder": place(input_path), "the export folder": place((self.export or {}).get("path"))}
         run = place(run_dir)
         for what, found in folders.items():
             if found and run and type(found[0]) is type(run[0]) and same_folder(run[0], run[1], found[1]):
                 raise ConfigError(f"run_dir: {run_dir} is {what}: give the run directory a folder of its own")
         for name, kwargs in self.reports.items():
             fs, path = place(kwargs["path"])
+            base = posixpath.basename(path.rstrip("/"))
+            dataset_file = base.endswith((".tar", ".parquet", ".idx")) or base in (MANIFEST, INCOMPLETE_MARKER)
             for what, found in folders.items():
-                if found and type(found[0]) is type(fs) and within(fs, path, found[1]):
-                    does = "only reads" if what == "the input folder" else "replaces"
-                    raise ConfigError(f"reports.{name}.path: {kwargs['path']} is in {what}, which the run {does}: "
-                                      "write reports outside it")  # fmt: skip
+                if dataset_file and found and type(found[0]) is type(fs) and within(fs, path, found[1]):
+                    raise ConfigError(f"reports.{name}.path: {kwargs['path']} is named like a file of the dataset "
+                                      f"in {what}: give the report another name")  # fmt: skip
             if run and type(run[0]) is type(fs) and within(fs, path, run[1]):
                 inner = posixpath.relpath(posixpath.normpath(path), posixpath.normpath(run[1]))
                 if inner in ("run.json", *FINISHED) or inner.split("/")[0] == "steps":
                     raise ConfigError(f"reports.{name}.path: {kwargs['path']} is one of the run directory's own "
                                       "files: give the report another name")  # fmt: skip
+            try:
+                check_replaceable(str(kwargs["path"]), so, REPORT_STARTS, "a report")
+            except FileExistsError as err:
+                raise ConfigError(f"reports.{name}.path: {err}") from None
 
     def _published_export(self, described: dict[str, Any] | None) -> bool:
         """Whether this same run (the run directory's ``run.json`` is ``described``) already published its export,

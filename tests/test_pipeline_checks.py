@@ -150,7 +150,7 @@ MISTAKES = {
     ),
     "a report named like an input shard": (
         lambda c: c.update(reports={"scores": c["input"] + "/00000.tar"}),
-        "reports.scores.path: " + "{input}/00000.tar is in the input folder, which the run only reads: write reports",
+        "reports.scores.path: {input}/00000.tar is named like a file of the dataset in the input folder: give the",
     ),
     "a report over a file of the run directory": (
         lambda c: c.update(
@@ -194,20 +194,24 @@ def test_a_config_mistake_is_one_line_and_exit_2_before_any_partition_is_compute
     assert not (tmp_path / "out").exists()
 
 
-def test_a_report_in_the_export_folder_is_refused_before_any_work(sample_dir, tmp_path, capsys, monkeypatch):
-    """The export replaces its folder's shards: a report written there first could be replaced by a shard of the
-    same name, or be taken for part of the dataset."""
+def test_a_report_over_a_dataset_file_or_a_file_of_another_kind_is_refused_before_any_work(
+    sample_dir, tmp_path, capsys, monkeypatch
+):
+    """A report may go in the export folder, but not under a name the export writes (the export would replace it,
+    or it would be taken for part of the dataset), nor over an existing file that is not a report."""
     monkeypatch.setattr(ImageEmbedder, "embed_shard", lambda *a, **k: pytest.fail("a step ran"))
-    config = _base(sample_dir, tmp_path)
     (tmp_path / "out").mkdir()
-    config["reports"] = {"scores": str(tmp_path / "out" / "scores.png")}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
-    assert main(["run", str(tmp_path / "p.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert (
-        f"reports.scores.path: {tmp_path / 'out' / 'scores.png'} is in the export folder, which the run replaces" in err
-    )
-    assert os.listdir(tmp_path / "out") == []
+    (tmp_path / "notes.txt").write_text("a file of the user's")
+    for path, problem in [
+        (tmp_path / "out" / "00000.tar", "is named like a file of the dataset in the export folder"),
+        (tmp_path / "notes.txt", "holds a file that is not a report; a report does not replace it"),
+    ]:
+        config = _base(sample_dir, tmp_path)
+        config["reports"] = {"scores": str(path)}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+        assert main(["run", str(tmp_path / "p.yaml")]) == 2
+        assert f"reports.scores.path: {path}" in (err := capsys.readouterr().err) and problem in err, err
+    assert os.listdir(tmp_path / "out") == [] and (tmp_path / "notes.txt").read_text() == "a file of the user's"
 
 
 def test_config_file_mistakes_name_the_file(sample_dir, tmp_path, capsys):

@@ -88,17 +88,23 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def check_replaceable(path: str, storage_options: dict | None, starts: bytes, kind: str) -> None:
-    """Raises :class:`FileExistsError` when ``path`` holds a file that does not begin with ``starts`` (what the report
-    writes): a report replaces an earlier report, never a file of another kind (a shard named by mistake)."""
+#: How the files that reports write begin: an HTML page, a PNG image.
+REPORT_STARTS = (b"<!doctype html", b"\x89PNG")
+
+
+def check_replaceable(path: str, storage_options: dict | None, starts: bytes | tuple[bytes, ...], kind: str) -> None:
+    """Raises :class:`FileExistsError` when ``path`` holds a non-empty file that does not begin with ``starts`` (what
+    the report writes): a report replaces an earlier report or an empty file, never a file of another kind (a shard
+    named by mistake)."""
     import fsspec
 
     fs, where = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.isfile(where):
         return
+    starts = (starts,) if isinstance(starts, bytes) else starts
     with fs.open(where, "rb") as f:
-        head = f.read(len(starts))
-    if head.lower() != starts.lower():
+        head = f.read(max(map(len, starts)))
+    if head and not any(head[: len(s)].lower() == s.lower() for s in starts):
         raise FileExistsError(f"{path}: holds a file that is not {kind}; a report does not replace it")
 
 

@@ -157,7 +157,7 @@ def score_histograms(
         ax.barh(reasons.index.astype(str), reasons.to_numpy(), color="#dd8452")
         ax.set_title(f"dropped {dropped} of {total}, by reason")
     fig.tight_layout()
-    check_replaceable(path, None, b"\x89PNG", "a PNG image")
-    with atomic_open(path, "wb") as f:
+    check_replaceable(path, dataset.storage_options, b"\x89PNG", "a PNG image")
+    with atomic_open(path, "wb", dataset.storage_options) as f:
         fig.savefig(f, format="png", dpi=90)
     return path
