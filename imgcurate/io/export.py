@@ -422,7 +422,7 @@ def export_webdataset(
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
     progress.compute(tasks, desc="export: writing shards", unit="shard")
     _check_own_staging(fs, posixpath.join(out_root, STAGING), fingerprint, path)
-    publish(fs, out_root, len(plan), index_files, [sum(b - a for _, a, b in slices) for slices in plan], fingerprint)
+    publish(fs, out_root, len(plan), index_files, [sum(b - a for _, a, b in slices) for slices in plan])
     return sum(b - a for slices in plan for _, a, b in slices)
 
 
@@ -441,6 +441,14 @@ def _staged_shards(
     exts = _SHARD_EXTS if index_files else _SHARD_EXTS[:2]
     present = set(files_in(fs, stage_root, "*.*"))
     return {s for s in range(n_out) if all(posixpath.join(stage_root, f"{s:05d}.{e}") in present for e in exts)}
+
+
+def _footer(f: Any) -> bytes:
+    """The footer of an open parquet file (its metadata: schema, row groups, column sizes and statistics)."""
+    f.seek(-8, 2)
+    length = int.from_bytes(f.read(4), "little")
+    f.seek(-8 - length, 2)
+    return f.read(length)
 
 
 #: What an export says when it finds that another export into the same folder ran at the same time.
@@ -468,16 +476,15 @@ def _check_own_staging(fs: fsspec.AbstractFileSystem, stage_root: str, fingerpri
 
 
 def publish(
-    fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool, rows: list[int] | None = None,
-    plan: str | None = None,
-) -> None:  # fmt: skip
+    fs: fsspec.AbstractFileSystem, root: str, n_out: int, index_files: bool, rows: list[int] | None = None
+) -> None:
     """Replaces the shards in ``root`` by the staged ones, behind the incomplete-export marker (see module docs).
 
     ``rows`` (the samples each new shard must hold) is checked against the published parquets before the manifest
     is written: a shard of another export published at the same time leaves the folder marked as not finished, with
-    an error, instead of a mix that opens. ``plan`` (the export's fingerprint: what it selected from which input,
-    and how it wrote it) goes into the manifest, so that the manifest names this export and no other with the same
-    shard sizes."""
+    an error, instead of a mix that opens. The manifest also holds a digest of the shards' parquet footers (their
+    schema, sizes and column statistics), so that it names this export and not another one of the same shard sizes;
+    it depends on the shards' bytes only, so the same export written twice has the same manifest."""
     stage_root = posixpath.join(root, STAGING)
     marker = posixpath.join(root, INCOMPLETE_MARKER)
     with fs.open(marker, "wb") as f:
@@ -492,6 +499,7 @@ def publish(
         if posixpath.basename(old) not in new:
             fs.rm(old)
     shards = []
+    footers = hashlib.sha256()
     for s in range(n_out):
         for ext in exts:
             name = f"{s:05d}.{ext}"
@@ -500,14 +508,15 @@ def publish(
                 fs.mv(staged, posixpath.join(root, name))
         with fs.open(posixpath.join(root, f"{s:05d}.parquet"), "rb") as f:
             shards.append({"tar": f"{s:05d}.tar", "samples": pq.ParquetFile(f).metadata.num_rows})
+            footers.update(_footer(f))
         if rows is not None and shards[-1]["samples"] != rows[s]:
             found = shards[-1]["samples"]
             raise ConcurrentExportError(f"{task_url(fs, root)}: {s:05d}.parquet holds {found} samples where this "
                                         f"export wrote {rows[s]}: {CONCURRENT}")  # fmt: skip
     tmp = temp_name(manifest)
     with fs.open(tmp, "wb") as f:
-        done = {"shards": shards, "samples": sum(s["samples"] for s in shards)}
-        f.write(json.dumps({**done, "plan": plan} if plan else done, indent=1).encode())
+        done = {"shards": shards, "samples": sum(s["samples"] for s in shards), "parquet_footers": footers.hexdigest()}
+        f.write(json.dumps(done, indent=1).encode())
     fs.mv(tmp, manifest)
     fs.rm(stage_root, recursive=True)
     fs.rm(marker)
