@@ -375,3 +375,24 @@ def test_a_published_shard_of_another_export_leaves_the_folder_marked_unfinished
         publish(fsspec.filesystem("file"), str(out), 1, False, [9])
     with pytest.raises(ShardError, match="did not finish"):
         ImageTextPairDataset.from_webdataset(str(out))
+
+
+def test_overwrite_replaces_the_shards_and_leaves_a_users_other_files(sample_ds, tmp_path):
+    """--overwrite replaces the shards of the folder (tars, their parquets and indexes, img2dataset's stats), never a
+    file that is no shard's: a user's own table or notes stay, and the folder still opens (with a warning)."""
+    out = tmp_path / "out"
+    sample_ds.to_webdataset(str(out), samples_per_shard=5)
+    for name, data in [
+        ("my_analysis.parquet", b"a user's table"),
+        ("notes.txt", b"notes"),
+        ("00000_stats.json", b"{}"),
+    ]:
+        (out / name).write_bytes(data)
+    back = sample_ds.to_webdataset(str(out), samples_per_shard=20, overwrite=True)
+    assert back.num_shards == 2 and len(back.metadata) == 36
+    assert (out / "my_analysis.parquet").read_bytes() == b"a user's table" and (out / "notes.txt").exists()
+    assert not (out / "00000_stats.json").exists() and not (out / "00002.tar").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "my_analysis.parquet").write_bytes(b"a user's table")
+    sample_ds.to_webdataset(str(other), samples_per_shard=20)  # a folder with no shard: no overwrite needed

@@ -321,12 +321,26 @@ def _check_arguments(
         raise ValueError(f"old_id_col {old_id_col!r} is already a metadata column")
 
 
+def _shard_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The files of the shards in the folder ``root``: tars, DALI indexes, img2dataset's ``*_stats.json``, and the
+    parquets beside a tar or named like a shard (digits). Another parquet there (a user's table) is not a shard's,
+    as opening the folder reads it too (:func:`imgcurate.io._fs.shard_tars`)."""
+    found = files_in(fs, root, *_SHARD_FILES, "*_stats.json")
+    tars = {posixpath.basename(f)[: -len(".tar")] for f in found if f.endswith(".tar")}
+
+    def of_a_shard(path: str) -> bool:
+        stem, dot, ext = posixpath.basename(path).rpartition(".")
+        return ext != "parquet" or stem in tars or stem.isdigit()
+
+    return [f for f in found if of_a_shard(f)]
+
+
 def existing_shards(fs: fsspec.AbstractFileSystem, root: str, path: str, overwrite: bool) -> None:
     """Raises :class:`FileExistsError` when the folder ``root`` already holds shards and ``overwrite`` is false, unless
     a write into it was stopped while publishing (rerunning it finishes that)."""
     if overwrite or fs.exists(posixpath.join(root, INCOMPLETE_MARKER)):
         return
-    if files_in(fs, root, *_SHARD_FILES):
+    if _shard_files(fs, root):
         raise FileExistsError(f"{path}: already holds shards; pass overwrite=True (--overwrite) to replace them")
 
 
@@ -495,7 +509,7 @@ def publish(
     if fs.exists(manifest):
         fs.rm(manifest)
     # the old shards, and img2dataset's statistics files, which describe the old shards, not the new ones
-    for old in files_in(fs, root, *_SHARD_FILES, "*_stats.json"):
+    for old in _shard_files(fs, root):
         if posixpath.basename(old) not in new:
             fs.rm(old)
     shards = []
