@@ -608,9 +608,9 @@ class Pipeline:
 
     def _published_export(self, described: dict[str, Any] | None) -> bool:
         """Whether this same run (the run directory's ``run.json`` is ``described``) already published its export,
-        and the export folder still holds exactly that export, whole: its manifest (which names the export's plan)
-        has the digest recorded in ``exported.json``, and every shard it lists is there. A rerun after a stop
-        between the export and the end of the run then finishes without exporting again, and without
+        and the export folder still holds exactly that export, whole: its manifest (with its digest of the shards'
+        parquet footers) has the digest recorded in ``exported.json``, and every shard it lists is there. A rerun
+        after a stop between the export and the end of the run then finishes without exporting again, and without
         ``--overwrite``; with ``--overwrite`` it exports again (what repairs a damaged export folder)."""
         from imgcurate.io.export import manifest_digest
         from imgcurate.rundir import RunDir
@@ -627,7 +627,7 @@ class Pipeline:
         digest = manifest_digest(str(self.export["path"]), self.storage_options)
         if not (isinstance(recorded, dict) and digest is not None and recorded.get("manifest") == digest):
             return False
-        try:  # the manifest names this export's plan: its shards must all still be there
+        try:  # the manifest is this export's: its shards must all still be there
             self._open_export()
         except (OSError, ValueError):
             return False

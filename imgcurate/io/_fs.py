@@ -29,6 +29,7 @@ __all__ = [
     "in_the_way",
     "folder_fs",
     "shard_tars",
+    "shard_parquet",
     "within",
     "same_folder",
     "missing_folder",
@@ -115,12 +116,19 @@ def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]
         stem = posixpath.basename(parquet)[: -len(".parquet")]
         if stem in stems:
             continue
-        if stem.isdigit():  # a shard's metadata: its shard would be left out without a word
+        if shard_parquet(stem, stems):  # a shard's metadata: its shard would be left out without a word
             raise ShardError(task_url(fs, parquet), f"has no {stem}.tar beside it (no such regular file): the "
                                                     "shard's tar is missing; restore it, or remove the parquet to "
                                                     "leave the shard out")  # fmt: skip
         warnings.warn(f"{task_url(fs, parquet)}: no {stem}.tar beside it; not read as a shard", stacklevel=3)
     return tars
+
+
+def shard_parquet(stem: str, tar_stems: set[str]) -> bool:
+    """Whether the parquet ``<stem>.parquet`` in a shard folder is a shard's metadata: beside a tar of that name, or
+    named like a shard (digits, as img2dataset and imgcurate name them) whose tar is missing. Another parquet there
+    (a user's own table) is no shard's."""
+    return stem in tar_stems or stem.isdigit()
 
 
 def in_the_way(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str] | None:

@@ -50,6 +50,7 @@ from imgcurate.io._fs import (
     in_the_way,
     remove_temporaries,
     same_folder,
+    shard_parquet,
     task_url,
     temp_name,
 )
@@ -324,13 +325,13 @@ def _check_arguments(
 def _shard_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The files of the shards in the folder ``root``: tars, DALI indexes, img2dataset's ``*_stats.json``, and the
     parquets beside a tar or named like a shard (digits). Another parquet there (a user's table) is not a shard's,
-    as opening the folder reads it too (:func:`imgcurate.io._fs.shard_tars`)."""
+    (:func:`imgcurate.io._fs.shard_parquet`, the rule opening the folder follows too)."""
     found = files_in(fs, root, *_SHARD_FILES, "*_stats.json")
     tars = {posixpath.basename(f)[: -len(".tar")] for f in found if f.endswith(".tar")}
 
     def of_a_shard(path: str) -> bool:
-        stem, dot, ext = posixpath.basename(path).rpartition(".")
-        return ext != "parquet" or stem in tars or stem.isdigit()
+        stem, _, ext = posixpath.basename(path).rpartition(".")
+        return ext != "parquet" or shard_parquet(stem, tars)
 
     return [f for f in found if of_a_shard(f)]
 
