@@ -69,9 +69,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if not tars:
         raise FileNotFoundError(f"{args.folder}: no .tar shards")
     tars = [task_url(fs, t) for t in tars]
-    written = write_indexes(tars, overwrite=args.overwrite)
-    print(f"wrote {len(written)} DALI index files ({len(tars) - len(written)} shards skipped: indexed or empty)")
-    return 0
+    errors: list = []
+    written = write_indexes(tars, overwrite=args.overwrite, errors=errors)
+    skipped = len(tars) - len(written) - len(errors)
+    print(f"wrote {len(written)} DALI index files ({skipped} shards skipped: indexed or empty)")
+    for err in errors:  # every shard that cannot be indexed, after the others have been
+        print(f"imgcurate: error: {err}", file=sys.stderr)
+    if errors:
+        print(f"imgcurate: error: {len(errors)} shards could not be indexed", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _print_summary(facts: dict) -> None:

@@ -97,3 +97,25 @@ def test_cli_index_skips_indexed_shards_unless_asked(sample_dir, capsys):
     assert main(["index", str(sample_dir), "--overwrite"]) == 0
     assert "wrote 4 DALI index files" in capsys.readouterr().out
     assert main(["index", str(sample_dir / "nowhere")]) == 2
+
+
+def test_cli_index_indexes_every_readable_shard_and_names_each_broken_one(sample_dir, capsys):
+    from imgcurate.cli import main
+
+    tars = sorted(sample_dir.glob("*.tar"))
+    tars[1].write_bytes(b"this is not a tar file" * 100)
+    with ShardWriter(str(sample_dir / "00009.tar")) as writer:  # a name with white space: no index can hold it
+        writer.write("a b", {"jpg": b"x"})
+    assert main(["index", str(sample_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert "wrote 3 DALI index files (0 shards skipped" in out
+    assert f"{tars[1]}: not a readable tar file" in err
+    assert "00009.tar: member 'a b.jpg' has white space" in err
+    assert "2 shards could not be indexed" in err
+    for tar in tars[:1] + tars[2:]:
+        assert tar.with_suffix(".idx").read_text().startswith("v1.2 ")
+    assert not tars[1].with_suffix(".idx").exists() and not (sample_dir / "00009.idx").exists()
+    with pytest.raises(ShardError, match="not a readable tar"):  # the API raises the first error unless it collects
+        from imgcurate.io.index import write_indexes
+
+        write_indexes([str(t) for t in tars], overwrite=True)

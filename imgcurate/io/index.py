@@ -90,20 +90,41 @@ def write_index(tar: str, storage_options: dict | None = None) -> str:
     return _write(tar, _entries(tar, storage_options), storage_options)
 
 
-def write_indexes(tars: Sequence[str], storage_options: dict | None = None, overwrite: bool = False) -> list[str]:
+def write_indexes(
+    tars: Sequence[str],
+    storage_options: dict | None = None,
+    overwrite: bool = False,
+    errors: list[ShardError] | None = None,
+) -> list[str]:
     """Writes the DALI index of each tar that has none (or of every tar with ``overwrite``); skips empty tars.
+
+    Args:
+        tars: the shards.
+        storage_options: for fsspec.
+        overwrite: index every tar again, even those that have an index.
+        errors: when given, a shard that cannot be indexed (unreadable tar, a member name with white space) is
+            appended here as its :class:`ShardError` and the other shards are still indexed; else the first such
+            error is raised (the indexes written before it stay).
 
     Returns:
         The index paths written.
+
+    Raises:
+        ShardError: a tar cannot be indexed, when ``errors`` is None.
     """
     written = []
     for tar in progress.bar(tars, desc="writing DALI indexes", unit="shard"):
         fs = fsspec.core.url_to_fs(tar, **(storage_options or {}))[0]
         if not overwrite and fs.exists(index_path_for(tar)):
             continue
-        entries = _entries(tar, storage_options)
-        if entries:
-            written.append(_write(tar, entries, storage_options))
+        try:
+            entries = _entries(tar, storage_options)
+            if entries:
+                written.append(_write(tar, entries, storage_options))
+        except ShardError as err:
+            if errors is None:
+                raise
+            errors.append(err)
     return written
 
 

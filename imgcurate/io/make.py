@@ -23,6 +23,7 @@ from imgcurate.io.shards import (
     ERROR_COLUMN,
     KEY_COLUMN,
     ShardWriter,
+    caption_or_json,
     columns_to_table,
     encodable,
     load_json,
@@ -177,8 +178,7 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
                 extra = load_json(fs.cat_file(f"{stem}.json"))
                 if isinstance(extra, dict):
                     fields = {**extra, **fields}
-                    if caption is None and isinstance(extra.get(CAPTION_COLUMN), str):
-                        caption = extra[CAPTION_COLUMN]  # no txt beside the image: the json's caption is the caption
+                    caption = caption_or_json(caption, extra)
                 else:
                     error = _also(error, "sidecar json is not an object")
             except OSError as err:

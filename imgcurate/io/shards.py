@@ -19,6 +19,7 @@ __all__ = [
     "new_key",
     "scan_shard",
     "own_fields",
+    "caption_or_json",
     "columns_to_table",
     "load_json",
     "encodable",
@@ -242,6 +243,14 @@ def _json_fields(data: bytes) -> tuple[dict[str, Any], str | None]:
     return fields, None
 
 
+def caption_or_json(caption: str | None, fields: dict[str, Any]) -> str | None:
+    """A sample's caption: its own (a ``txt`` member or file) when it has one, else its json's ``caption`` field
+    when that is text (the rule for tars scanned without a parquet and for ``imgcurate shard``'s sidecar files)."""
+    if caption is None and isinstance(fields.get(CAPTION_COLUMN), str):
+        return fields[CAPTION_COLUMN]
+    return caption
+
+
 def own_fields(fields: dict[str, Any], reserved: tuple[str, ...], own: dict[str, Any] | None = None) -> dict[str, Any]:
     """A sample's json fields with those named like the columns imgcurate fills itself (key, caption, error)
     renamed ``source_<name>``, so that they neither replace the sample's own values nor are lost; a field that says
@@ -283,8 +292,7 @@ def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None
                 errors.append(problem)
         if sample.image_ext is None:
             errors.append("sample has no image member")
-        if caption is None and isinstance(fields.get(CAPTION_COLUMN), str):
-            caption = fields[CAPTION_COLUMN]  # no txt member: the json's caption is the caption
+        caption = caption_or_json(caption, fields)
         fields = own_fields(
             fields, (id_col, CAPTION_COLUMN, ERROR_COLUMN), {id_col: sample.key, CAPTION_COLUMN: caption}
         )
