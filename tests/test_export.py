@@ -215,6 +215,27 @@ def test_bad_export_arguments(sample_ds, tmp_path):
     none = sample_ds.with_metadata(df.assign(k=df.width < 0))
     with pytest.raises(ValueError, match="no sample is selected"):
         none.to_webdataset(str(tmp_path / "o"), filter_column="k")
+    assert not (tmp_path / "o").exists()  # nothing was made: the folder is as it was
+    sample_ds.to_webdataset(str(tmp_path / "o"))
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+    with pytest.raises(ValueError, match="no sample is selected"):
+        none.to_webdataset(str(tmp_path / "o"), filter_column="k", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before  # the earlier export, nothing staged
+
+
+def test_rows_whose_keys_name_no_sample_are_an_error_not_an_empty_export(sample_ds, tmp_path):
+    df = sample_ds.metadata
+    renamed = sample_ds.with_metadata(df.assign(key="img-" + df.key))
+    with pytest.raises(ShardError, match=r"0000\d\.tar: the metadata's row for key 'img-.*' has no sample"):
+        renamed.to_webdataset(str(tmp_path / "o"))
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".tar", ".parquet")]
+    # a row that records its failure (img2dataset's failed downloads) is still exported without a sample
+    first = df.key.compute().iloc[0]
+    failed = sample_ds.with_metadata(df.assign(key=df.key.where(df.key != first, "gone"),
+                                               error=df.error.where(df.key != first, "failed: 404")))  # fmt: skip
+    failed.to_webdataset(str(tmp_path / "p"))
+    got = ImageTextPairDataset.from_webdataset(str(tmp_path / "p")).metadata.compute()
+    assert len(got) == len(df) and got["error"].eq("failed: 404").sum() == 1
 
 
 def test_reordered_partition_is_an_alignment_error(sample_ds, tmp_path):

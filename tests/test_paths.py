@@ -124,3 +124,25 @@ def test_generated_configs_go_where_a_home_path_says(tmp_path, monkeypatch, caps
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["init-config", "~/pipeline.yaml"]) == 0
     assert yaml.safe_load((tmp_path / "pipeline.yaml").read_text())["steps"]
+
+
+def test_shards_that_are_symbolic_links_are_read_as_their_files(sample_dir, tmp_path):
+    import pandas as pd
+
+    from imgcurate import ImageTextPairDataset
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for path in sorted(sample_dir.iterdir()):  # every tar, and all but one parquet, a link to the original
+        if path.suffix == ".tar" or (path.suffix == ".parquet" and path.name != "00000.parquet"):
+            os.symlink(path, linked / path.name)
+    (linked / "00000.parquet").write_bytes((sample_dir / "00000.parquet").read_bytes())
+    original = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata.compute()
+    ds = ImageTextPairDataset.from_webdataset(str(linked))
+    assert [os.path.basename(t) for t in ds.tar_files] == sorted(p.name for p in sample_dir.glob("*.tar"))
+    pd.testing.assert_frame_equal(ds.metadata.compute(), original)
+    assert all(os.path.islink(linked / p.name) for p in sample_dir.glob("*.tar"))  # nothing replaced by a copy
+
+    os.symlink(tmp_path / "nowhere.tar", linked / "00099.tar")  # a broken link is named, not left out
+    with pytest.raises(FileNotFoundError, match="00099.tar"):
+        ImageTextPairDataset.from_webdataset(str(linked))

@@ -173,9 +173,21 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list
         if path == folder.rstrip("/"):  # ``folder`` is a file: ls lists the file itself
             continue
         name = posixpath.basename(path)
-        if entry.get("type") == "file" and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if _a_file(fs, entry) and any(fnmatch.fnmatchcase(name, p) for p in patterns):
             found.append(entry["name"])
     return sorted(found)
+
+
+def _a_file(fs: fsspec.AbstractFileSystem, entry: dict) -> bool:
+    """Whether a listing's entry is a file. fsspec's local listing gives a symbolic link the type ``other`` whatever
+    it points at: a link to a file counts as the file (as every reader opens it), and so does a broken link, so that
+    opening it names it rather than leaving it out without a word."""
+    if entry.get("type") == "file":
+        return True
+    if not (entry.get("islink") and isinstance(fs, LocalFileSystem)):
+        return False
+    target = os.path.realpath(entry["name"])
+    return os.path.isfile(target) or not os.path.exists(target)
 
 
 def same_folder(fs: fsspec.AbstractFileSystem, a: str, b: str) -> bool:

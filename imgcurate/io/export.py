@@ -57,6 +57,7 @@ from imgcurate.io._fs import (
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
 from imgcurate.io.tar import aligned_samples
+from imgcurate.io.validate import failed_rows
 
 __all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "manifest_digest", "check_sizes",
            "existing_shards", "publish", "MANIFEST", "INCOMPLETE_MARKER", "STAGING"]  # fmt: skip
@@ -228,9 +229,20 @@ def _write_shard(
         for part, tar, first, end in slices:
             with fsspec.open(posixpath.join(stage_dir, "select", f"{part:05d}.parquet"), "rb", **so) as f:
                 table = pq.read_table(f).slice(first, end - first)
-            for sample in aligned_samples(tar, table.column(id_col).to_pylist(), so):
-                # a row without a sample (img2dataset's failed downloads) stays a row without a sample
+            keys = table.column(id_col).to_pylist()
+            missing = []
+            for row, sample in enumerate(aligned_samples(tar, keys, so)):
+                if sample is None:
+                    missing.append(row)
                 writer.write(new_key(shard, writer.count, samples_per_shard), {} if sample is None else sample.members)
+            # img2dataset's failed downloads stay rows without a sample; any other such row is an error (checked
+            # once the whole slice is read, so that rows out of tar order are named as such first)
+            failed = failed_rows(table) if missing else []
+            unexplained = next((row for row in missing if not failed[row]), None)
+            if unexplained is not None:
+                raise ShardError(tar, f"the metadata's row for key {keys[unexplained]!r} has no sample in this tar "
+                                      "and no status or error recording a failure: its key was changed after the "
+                                      "dataset was opened, or its error column dropped")  # fmt: skip
             tables.append(conform(table, schema))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         new_keys = pa.array([new_key(shard, j, samples_per_shard) for j in range(table.num_rows)], pa.string())
@@ -401,6 +413,7 @@ def export_webdataset(
     if blocked is not None:
         where, what = blocked
         raise NotADirectoryError(f"{path}: cannot be made a folder: {task_url(fs, where)} is {what}")
+    made = not fs.exists(out_root)
     fs.makedirs(out_root, exist_ok=True)
     remove_temporaries(fs, out_root)
     out_dir = task_url(fs, out_root)
@@ -422,7 +435,10 @@ def export_webdataset(
     schemas = sorted(first_with)
     schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in schemas], [first_with[s] for s in schemas])
     plan = _plan(counts, samples_per_shard, max_shards)
-    if not plan:
+    if not plan:  # nothing to write or resume: the folder is left as it was (the select pass staged no rows)
+        fs.rm(posixpath.join(out_root, STAGING), recursive=True)
+        if made:
+            fs.rm(out_root, recursive=True)
         raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
     tars = table["tar"].tolist()
     table = table.drop(columns=["schema"])

@@ -71,7 +71,7 @@ def _read_columns(pf: pq.ParquetFile, parquet: str, id_col: str) -> pa.Table:
     return pa.table({name: pa.chunked_array(chunks, schema.field(name).type) for name, chunks in kept.items()})
 
 
-def _failed_rows(table: pa.Table) -> list[bool]:
+def failed_rows(table: pa.Table) -> list[bool]:
     """Rows that record a failure: img2dataset's status other than success, or an error."""
     failed = pa.array([False] * table.num_rows, pa.bool_())
     if STATUS_COLUMN in table.column_names:
@@ -177,7 +177,7 @@ def check_shard(tar: str, parquet: str, id_col: str, storage_options: dict, vali
             twice = pd.Series(pq_keys)[pd.Series(pq_keys).duplicated()].iloc[0]
             raise ShardError(parquet, f"lists the key {twice!r} twice: each row describes one sample of the tar")
         tar_keys = read_keys(tar, storage_options=storage_options)
-        _compare_keys(tar, pq_keys, _failed_rows(table), tar_keys)
+        _compare_keys(tar, pq_keys, failed_rows(table), tar_keys)
         samples = len(tar_keys)
     _check_stats(tar, storage_options, rows, samples)
     return with_status_errors(schema.empty_table()).schema, rows
