@@ -130,6 +130,10 @@ def test_a_shard_whose_tar_is_gone_is_named_not_left_out(sample_dir, how):
         tar.mkdir()
     elif how == "a broken link":
         tar.symlink_to(sample_dir / "nowhere.tar")
+    if how == "a broken link":  # named as what it is
+        with pytest.raises(ShardError, match=r"00001\.tar: a broken symbolic link"):
+            _open(sample_dir)
+        tar.unlink()
     with pytest.raises(ShardError, match=r"00001\.parquet: has no 00001\.tar beside it .+ remove the parquet to leave"):
         _open(sample_dir)
     (sample_dir / "00001.parquet").unlink()
@@ -625,3 +629,24 @@ def test_half_an_emoji_in_json_or_a_caption_becomes_the_replacement_character(tm
         assert sample.members["txt"].decode("utf-8") == caption
         meta = ImageTextPairDataset.from_webdataset(str(tmp_path / folder)).metadata.compute()
         assert meta["caption"].tolist() == [caption]
+
+
+def test_json_integers_beyond_int64_are_kept_in_scanned_tars_and_made_shards(tmp_path, jpeg):
+    from imgcurate.cli import main
+
+    big = 17357386176853808775  # a 64-bit unsigned hash: no int64 holds it
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "00000.tar", [
+        ("a.jpg", jpeg), ("a.json", json.dumps({"hash": big, "huge": 2**70}).encode()),
+        ("b.jpg", jpeg), ("b.json", json.dumps({"hash": 5, "huge": 1}).encode()),
+    ])  # fmt: skip
+    got = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
+    assert got["hash"].tolist() == [big, 5]
+    assert got["huge"].tolist() == [str(2**70), "1"]  # beyond 64 bits: the JSON text of each value
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "p.jpg").write_bytes(jpeg)
+    (tmp_path / "photos" / "p.json").write_text(json.dumps({"hash": big}))
+    assert main(["shard", str(tmp_path / "photos"), str(tmp_path / "made")]) == 0
+    made = ImageTextPairDataset.from_webdataset(str(tmp_path / "made")).metadata.compute()
+    assert made["hash"].tolist() == [big]

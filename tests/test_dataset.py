@@ -140,3 +140,54 @@ sys.exit(1 if gpu else 0)
 def test_metadata_is_a_plain_dask_frame(sample_ds):
     assert isinstance(sample_ds.metadata, dd.DataFrame)
     assert "shards=4" in repr(sample_ds)
+
+
+def _shards_with_columns(folder, columns_per_shard):
+    """One 1-sample shard per entry of ``columns_per_shard`` ({column: arrow array of length 1}), a parquet beside."""
+    import pyarrow as pa
+    from conftest import write_tar
+
+    folder.mkdir()
+    for s, columns in enumerate(columns_per_shard):
+        write_tar(folder / f"{s:05d}.tar", [(f"k{s}.jpg", b"jpeg bytes")])
+        pq.write_table(pa.table({"key": [f"k{s}"], **columns}), folder / f"{s:05d}.parquet")
+    return str(folder)
+
+
+def test_column_types_that_other_shards_or_nulls_make_awkward_compute_and_export(tmp_path):
+    import warnings
+
+    import pyarrow as pa
+
+    big = 0xF0E1D2C3B4A59687  # a 64-bit hash, above 2**63 - 1
+    shards = [
+        {
+            "phash": pa.array([big], pa.uint64()),
+            "mixed": pa.array([big], pa.uint64()),
+            "n": pa.array([2**53 + 1], pa.int64()),
+            "lang": pa.array(["en"]).dictionary_encode(),
+            "only_here": pa.array(["x"]).dictionary_encode(),
+        },
+        {
+            "phash": pa.array([7], pa.uint64()),
+            "mixed": pa.array([-3], pa.int8()),
+            "n": pa.array([0.5], pa.float64()),
+            "lang": pa.array([None], pa.string()).dictionary_encode(),  # a categorical column all null here
+        },
+    ]
+    path = _shards_with_columns(tmp_path / "in", shards)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageTextPairDataset.from_webdataset(path)
+    assert any("'mixed' is uint64" in str(w.message) and "text" in str(w.message) for w in caught)
+    got = ds.metadata.compute()
+    assert got["phash"].tolist() == [big, 7]
+    assert got["mixed"].tolist() == [str(big), "-3"]  # no integer type holds both: text, every digit kept
+    assert got["n"].tolist() == [float(2**53), 0.5]  # read as floating point, as pandas would
+    assert got["lang"].astype(object).tolist()[0] == "en" and pd.isna(got["lang"].iloc[1])
+    assert got["only_here"].astype(object).tolist()[0] == "x" and pd.isna(got["only_here"].iloc[1])
+
+    ds.to_webdataset(str(tmp_path / "out"))
+    exported = pq.read_table(str(tmp_path / "out" / "00000.parquet"))
+    assert exported.schema.field("phash").type == pa.uint64() and exported.column("phash").to_pylist() == [big, 7]
+    assert ImageTextPairDataset.from_webdataset(str(tmp_path / "out")).metadata.compute()["phash"].tolist() == [big, 7]

@@ -143,6 +143,8 @@ def _text_error(name: str) -> TypeError:
 # ---------------------------------------------------------------------------------------------------- backends
 def _pandas_type(arrow_type: pa.DataType) -> Any:
     """Pandas dtype for an arrow type, chosen so that every partition gets the same dtype whatever its nulls."""
+    if pa.types.is_uint64(arrow_type):  # above 2**63 - 1 a value does not fit Int64
+        return pd.UInt64Dtype()
     if pa.types.is_integer(arrow_type):
         return pd.Int64Dtype()
     if pa.types.is_boolean(arrow_type):
@@ -200,7 +202,15 @@ class PandasBackend(Backend):
         return isinstance(frame, pd.DataFrame | pd.Series)
 
     def from_arrow(self, table: pa.Table) -> pd.DataFrame:
-        return table.to_pandas(types_mapper=_pandas_type)
+        frame = table.to_pandas(types_mapper=_pandas_type)
+        for field in table.schema:
+            if pa.types.is_dictionary(field.type) and not len(frame[field.name].cat.categories):
+                # a dictionary without values (an empty or all-null partition, and ``meta``) would get object
+                # categories, where partitions with values get their values' dtype: pandas refuses to concatenate
+                # categoricals whose categories differ in dtype
+                empty = pd.Index(pa.array([], field.type.value_type).to_pandas())
+                frame[field.name] = frame[field.name].cat.set_categories(empty)
+        return frame
 
     def to_arrow(self, frame: pd.DataFrame) -> pa.Table:
         return pa.Table.from_pandas(frame, preserve_index=False)

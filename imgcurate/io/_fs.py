@@ -111,6 +111,9 @@ def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]
         if fs.isfile(root):
             raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
         raise FileNotFoundError(f"{path}: no .tar shards in this folder")
+    for tar in tars:
+        if isinstance(fs, LocalFileSystem) and not os.path.exists(tar):  # listed, yet not there: a broken link
+            raise ShardError(tar, "a broken symbolic link: the file it points to is missing")
     stems = {posixpath.basename(t)[: -len(".tar")] for t in tars}
     for parquet in files_in(fs, root, "*.parquet"):
         stem = posixpath.basename(parquet)[: -len(".parquet")]

@@ -27,7 +27,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for field in schema:
         if field.name in table.column_names:
             column = table.column(field.name)
-            arrays.append(column if column.type == field.type else column.cast(field.type))
+            if column.type != field.type:
+                # an integer column that is floating point in another shard is read as floating point, as pandas
+                # reads an integer column with nulls (integers above 2**53 are rounded to the nearest float)
+                lossy = pa.types.is_integer(column.type) and pa.types.is_floating(field.type)
+                column = column.cast(field.type, safe=not lossy)
+            arrays.append(column)
         else:
             arrays.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(arrays, schema=schema)

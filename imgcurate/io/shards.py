@@ -187,7 +187,8 @@ def _with_suffix(path: str, suffix: str) -> str:
 
 
 def columns_to_table(columns: dict[str, list[Any]]) -> pa.Table:
-    """Builds a table from python lists, falling back to JSON text for a column whose values mix types.
+    """Builds a table from python lists, falling back to JSON text for a column whose values mix types or hold an
+    integer that no 64-bit integer type holds (a column of integers up to 2**64 - 1 that only uint64 holds is uint64).
 
     A column with no value at all keeps arrow's null type, so that a shard where, say, no image had a readable size
     unifies with the shards where ``width`` is an integer (the dataset turns columns that are null everywhere into
@@ -197,9 +198,19 @@ def columns_to_table(columns: dict[str, list[Any]]) -> pa.Table:
     for name, values in columns.items():
         try:
             arrays[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            arrays[name] = pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+        except OverflowError:  # an integer above 2**63 - 1: uint64 when every value fits it (a hash), else text
+            arrays[name] = pa.array(values, pa.uint64()) if _unsigned(values) else _text(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types
+            arrays[name] = _text(values)
     return pa.table(arrays)
+
+
+def _text(values: list[Any]) -> pa.Array:
+    return pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+
+
+def _unsigned(values: list[Any]) -> bool:
+    return all(v is None or (type(v) is int and 0 <= v < 2**64) for v in values)
 
 
 def _as_text(value: Any) -> str:

@@ -225,7 +225,24 @@ def unify_schemas(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Sche
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         schema = _unify_by_column(schemas, paths)
-    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema])
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+    return pa.schema([_unsigned_as_text(f, schemas, paths) for f in fields])
+
+
+def _unsigned_as_text(field: pa.Field, schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Field:
+    """A column that is uint64 in some shard and a signed integer in another: arrow unifies them to int64, which
+    cannot hold uint64 values above 2**63 - 1 (a 64-bit hash); no integer type holds both, so it is read as text,
+    with a warning."""
+    if not pa.types.is_signed_integer(field.type):
+        return field
+    typed = [(s.field(field.name).type, p) for s, p in zip(schemas, paths, strict=True) if field.name in s.names]
+    unsigned = next((p for t, p in typed if pa.types.is_uint64(t)), None)
+    signed = next((p for t, p in typed if pa.types.is_signed_integer(t)), None)
+    if unsigned is None or signed is None:
+        return field
+    warnings.warn(f"column {field.name!r} is uint64 in {unsigned} but a signed integer in {signed}; reading it as "
+                  "text in every shard", stacklevel=3)  # fmt: skip
+    return pa.field(field.name, pa.string())
 
 
 def _unify_by_column(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Schema:
