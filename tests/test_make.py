@@ -176,3 +176,51 @@ def test_a_member_with_an_empty_extension_stays_with_its_sample(tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
     out = ds.to_webdataset(str(tmp_path / "out"))
     assert tar_members(out.tar_files[0])["000000000."] == b"no extension"
+
+
+def test_an_empty_source_is_an_error_that_leaves_the_output_as_it_was(tmp_path):
+    import pytest
+
+    from imgcurate.cli import main
+
+    folder, _ = _photo_folder(tmp_path, n=2)
+    make_shards(str(folder), str(tmp_path / "shards"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir() if p.is_file()}
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.md").write_text("no image here")
+    with pytest.raises(FileNotFoundError, match=r"empty: no images \(jpg"):
+        make_shards(str(tmp_path / "empty"), str(tmp_path / "shards"), overwrite=True)
+    assert main(["shard", str(tmp_path / "empty"), str(tmp_path / "shards"), "--overwrite"]) == 2
+    pd.DataFrame({"path": []}).to_csv(tmp_path / "list.csv", index=False)
+    with pytest.raises(ValueError, match=r"list\.csv: the list has no rows"):
+        make_shards(str(tmp_path / "list.csv"), str(tmp_path / "shards"), overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir() if p.is_file()} == before
+    assert not (tmp_path / "shards" / ".imgcurate-staging").exists()
+    with pytest.raises(ValueError, match="no samples to write"):  # the writer's own guard
+        from imgcurate.io.make import write_shards
+
+        write_shards([], str(tmp_path / "new"))
+
+
+def test_a_list_on_another_filesystem_takes_relative_paths_from_its_folder(tmp_path):
+    import fsspec
+
+    folder, files = _photo_folder(tmp_path, n=2)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/lists-of-make-test/img0.jpg", files["img0.jpg"])
+    fs.pipe("/lists-of-make-test/list.csv", b"path,caption\nimg0.jpg,a\n")
+    try:
+        make_shards("memory://lists-of-make-test/list.csv", str(tmp_path / "shards"))
+    finally:
+        fs.rm("/lists-of-make-test", recursive=True)
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
+    assert df["error"].isna().all() and df["width"].tolist() == [40]
+
+
+def test_a_records_own_size_and_source_path_are_kept_beside_the_measured_ones(tmp_path):
+    folder, _ = _photo_folder(tmp_path, n=1)
+    (folder / "img0.json").write_text(json.dumps({"width": 9999, "source_path": "s3://elsewhere/img0.jpg"}))
+    make_shards(str(folder), str(tmp_path / "shards"))
+    row = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().iloc[0]
+    assert (row["width"], row["height"], row["source_path"]) == (40, 30, "img0.jpg")
+    assert (row["source_width"], row["source_source_path"]) == (9999, "s3://elsewhere/img0.jpg")

@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from imgcurate import progress
+from imgcurate.io._fs import task_url
 from imgcurate.io.export import STAGING, existing_shards, publish
 from imgcurate.io.shards import (
     CAPTION_COLUMN,
@@ -75,14 +76,16 @@ def write_shards(
 
     Each record's json member holds its fields (plus width/height read from the image header); the parquet has the
     key, the caption, the error and the same fields. A field named like one of those three is kept as
-    ``source_<name>``. ``index_files`` also writes each shard's DALI index.
+    ``source_<name>``, and so is a ``width`` or ``height`` that differs from the image's. ``index_files`` also writes
+    each shard's DALI index.
 
     The shards are written into a staging folder inside ``out`` and published when all are done, as an export is
     (:mod:`imgcurate.io.export`): a run that stops leaves ``out`` as it was (or, stopped while publishing, a folder
     that does not open until a rerun finishes), never old and new shards side by side.
 
     Raises:
-        ValueError: ``samples_per_shard`` is not a positive integer.
+        ValueError: ``samples_per_shard`` is not a positive integer, or there is no record (``out`` is left as it
+            was).
         FileExistsError: ``out`` already holds shards and ``overwrite`` is false.
 
     Returns:
@@ -126,8 +129,12 @@ def write_shards(
             error = record.error
             if image is not None and size is None:
                 error = _also(error, "image header is unreadable")
-            fields.setdefault("width", size[0] if size else None)
-            fields.setdefault("height", size[1] if size else None)
+            if size is not None:  # the image's own size; a record's field that says otherwise is kept as source_*
+                fields = own_fields(fields, ("width", "height"), {"width": size[0], "height": size[1]})
+                fields["width"], fields["height"] = size
+            else:
+                fields.setdefault("width", None)
+                fields.setdefault("height", None)
             members = dict(record.members)
             caption = encodable(record.caption)  # a lone surrogate (half an emoji) becomes U+FFFD
             fields = encodable(fields)
@@ -142,12 +149,14 @@ def write_shards(
     finally:
         if writer is not None:
             writer.abort()
+    if not written:  # nothing to publish: the output keeps its shards, if it has any
+        fs.rm(stage_root, recursive=True)
+        raise ValueError(f"{out}: no samples to write")
     publish(fs, root, written, index_files)
     return [posixpath.join(out.rstrip("/"), f"{s:05d}.tar") for s in range(written)]
 
 
-def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Record]:
-    files = sorted(fs.find(folder))
+def _folder_records(folder: str, fs: fsspec.AbstractFileSystem, files: list[str]) -> Iterator[Record]:
     present = set(files)
     stems = {p.rpartition(".")[0] for p in files if p.rpartition(".")[2].lower() in IMAGE_EXTENSIONS}
     left = [p for p in files if p.rpartition(".")[0] not in stems]  # neither an image nor a sidecar beside one
@@ -176,8 +185,8 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem) -> Iterator[Reco
         if f"{stem}.json" in present:
             try:
                 extra = load_json(fs.cat_file(f"{stem}.json"))
-                if isinstance(extra, dict):
-                    fields = {**extra, **fields}
+                if isinstance(extra, dict):  # a field named source_path is kept as source_source_path
+                    fields = {**own_fields(extra, ("source_path",), fields), **fields}
                     caption = caption_or_json(caption, extra)
                 else:
                     error = _also(error, "sidecar json is not an object")
@@ -227,14 +236,16 @@ def _table_records(table: pd.DataFrame, base: str, path_col: str, caption_col: s
     for row in table.to_dict("records"):
         caption = _plain(row.get(caption_col)) if caption_col else None
         caption = None if caption is None else str(caption)
-        fields = {c: _plain(row[c]) for c in extra_cols}
         source = _plain(row[path_col])
+        # a column named source_path (other than the path column) is kept as source_source_path
+        fields = own_fields({c: _plain(row[c]) for c in extra_cols}, ("source_path",),
+                            {"source_path": None if source is None else str(source)})  # fmt: skip
         if source is None or not str(source).strip():
             fields["source_path"] = None
             yield Record({}, fields, caption, "the list gives no image path")
             continue
         source = str(source)
-        path = source if os.path.isabs(source) or "://" in source else os.path.join(base, source)
+        path = source if os.path.isabs(source) or "://" in source else posixpath.join(base, source)
         fields["source_path"] = source
         ext = path.rpartition(".")[2].lower()
         try:
@@ -289,17 +300,28 @@ def make_shards(
     Returns:
         The tar paths written. Image bytes are copied unchanged; an unreadable file becomes a sample with an error.
 
+    Raises:
+        FileNotFoundError: a folder with no image in it or below (checked before ``out`` is touched).
+        ValueError: a list without rows, or a ``source`` that is neither a folder nor a list.
+
     Example:
         >>> make_shards("photos/", "shards/", samples_per_shard=1000)  # doctest: +SKIP
     """
     fs, root = fsspec.core.url_to_fs(source)
     if fs.isdir(root):
-        records: Iterable[Record] = _folder_records(root, fs)
-        total = None
+        files = sorted(fs.find(root))
+        total = sum(p.rpartition(".")[2].lower() in IMAGE_EXTENSIONS for p in files)
+        if not total:  # checked before the output is touched
+            raise FileNotFoundError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
+        records: Iterable[Record] = _folder_records(root, fs, files)
     elif root.endswith((".csv", ".parquet")):
         table = pd.read_csv(source) if root.endswith(".csv") else pd.read_parquet(source)
         path_col, caption_col = _table_columns(table, source, path_col, caption_col)
-        records = _table_records(table, posixpath.dirname(root), path_col, caption_col)
+        if table.empty:
+            raise ValueError(f"{source}: the list has no rows")
+        # relative paths are taken from the list's folder, on the list's filesystem
+        base = task_url(fs, posixpath.dirname(root))
+        records = _table_records(table, base, path_col, caption_col)
         total = len(table)
     else:
         raise ValueError(f"{source}: expected a folder of images or a .csv/.parquet list of image paths")
