@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 import subprocess
 
+import numpy as np
 import pytest
 
 from imgcurate import ImageTextPairDataset
@@ -119,3 +121,55 @@ def test_cli_index_indexes_every_readable_shard_and_names_each_broken_one(sample
         from imgcurate.io.index import write_indexes
 
         write_indexes([str(t) for t in tars], overwrite=True)
+
+
+@pytest.mark.parametrize("damage", ["cut after the first member", "second header overwritten"])
+def test_a_damaged_tar_gets_no_index_of_its_first_members(sample_dir, damage):
+    tar = sorted(sample_dir.glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as archive:
+        members = archive.getmembers()
+    second = members[1].offset
+    if damage == "cut after the first member":
+        data = data[:second]
+    else:
+        data[second : second + 512] = b"\xff" * 512
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"0000\d\.tar: truncated"):
+        write_index(str(tar))
+    assert not tar.with_suffix(".idx").exists()
+
+
+def test_exports_with_odd_member_extensions_stay_readable_by_dali_or_are_refused(tmp_path):
+    from conftest import write_tar
+
+    from imgcurate.testing import encode_image
+
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    jpeg = encode_image(Image.new("RGB", (8, 8), (10, 20, 30)), "jpg")
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "00000.tar", [("a.jpg", jpeg), ("a.", b"no extension"), ("b.jpg", jpeg)])
+    out = ImageTextPairDataset.from_webdataset(str(tmp_path / "in")).to_webdataset(str(tmp_path / "out"),
+                                                                                   index_files=True)  # fmt: skip
+    index = (tmp_path / "out" / "00000.idx").read_text()
+    assert "000000000. " not in index and index.startswith("v1.2 2\n")  # the member without extension left out
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def read():
+        return fn.readers.webdataset(paths=out.tar_files, index_paths=[t[:-4] + ".idx" for t in out.tar_files],
+                                     ext=["jpg"], random_shuffle=False, name="r")  # fmt: skip
+
+    pipe = read()
+    pipe.build()
+    got = [bytes(np.asarray(pipe.run()[0].at(0))) for _ in range(pipe.reader_meta("r")["epoch_size"])]
+    assert got == [jpeg, jpeg]
+
+    (tmp_path / "spaced").mkdir()
+    write_tar(tmp_path / "spaced" / "00000.tar", [("a.jpg", jpeg), ("a.my notes.txt", b"x")])
+    spaced = ImageTextPairDataset.from_webdataset(str(tmp_path / "spaced"))
+    with pytest.raises(ShardError, match=r"spaced/00000\.tar: sample 'a' has a member 'my notes\.txt'.+index_files"):
+        spaced.to_webdataset(str(tmp_path / "out2"), index_files=True)
+    spaced.to_webdataset(str(tmp_path / "out2"))  # without indexes it exports

@@ -56,7 +56,7 @@ from imgcurate.io._fs import (
 )
 from imgcurate.io.schema import conform, unify
 from imgcurate.io.shards import ShardWriter, new_key
-from imgcurate.io.tar import aligned_samples
+from imgcurate.io.tar import Sample, aligned_samples
 from imgcurate.io.validate import failed_rows
 
 __all__ = ["export_webdataset", "check_export_complete", "check_listed_shards", "manifest_digest", "check_sizes",
@@ -234,6 +234,8 @@ def _write_shard(
             for row, sample in enumerate(aligned_samples(tar, keys, so)):
                 if sample is None:
                     missing.append(row)
+                elif index:
+                    _check_indexable(tar, sample)
                 writer.write(new_key(shard, writer.count, samples_per_shard), {} if sample is None else sample.members)
             # img2dataset's failed downloads stay rows without a sample; any other such row is an error (checked
             # once the whole slice is read, so that rows out of tar order are named as such first)
@@ -254,6 +256,15 @@ def _write_shard(
             )
         writer.set_metadata(table)
     return writer.count
+
+
+def _check_indexable(tar: str, sample: Sample) -> None:
+    """Raises unless each member of ``sample`` can go in a DALI index (whose fields are separated by spaces): the
+    input tar is named, where the index written at the end of the output shard would name a staging file."""
+    for ext in sample.members:
+        if any(c.isspace() for c in ext):
+            raise ShardError(tar, f"sample {sample.key!r} has a member {ext!r} whose extension holds white space, "
+                                  "which a DALI index cannot hold: export with index_files=False")  # fmt: skip
 
 
 def selection(

@@ -17,7 +17,7 @@ import fsspec
 from imgcurate import progress
 from imgcurate.errors import ShardError
 from imgcurate.io._fs import atomic_open
-from imgcurate.io.tar import split_member_name
+from imgcurate.io.tar import check_end, split_member_name
 
 __all__ = [
     "INDEX_VERSION",
@@ -55,6 +55,8 @@ def format_index(tar: str, entries: Iterable[IndexEntry]) -> str:
         key = split_member_name(name)[0]
         if key is None:  # hidden files (``._x.jpg``) and names without a key: wds2idx skips them too
             continue
+        if not entry[0]:  # a member named ``key.`` has no extension: DALI reads an empty field as a broken index
+            continue
         if key != last:
             samples.append([])
             last = key
@@ -67,6 +69,8 @@ def format_index(tar: str, entries: Iterable[IndexEntry]) -> str:
 
 
 def _entries(tar: str, storage_options: dict | None) -> list[IndexEntry]:
+    """The regular-file members of ``tar``, read from its headers; a tar that is damaged before its end-of-archive
+    blocks is an error (``tarfile`` stops at a bad header without one), not an index of its first members."""
     entries = []
     with fsspec.open(tar, "rb", **(storage_options or {})) as f:
         try:
@@ -76,8 +80,10 @@ def _entries(tar: str, storage_options: dict | None) -> list[IndexEntry]:
                         entries.append(
                             (split_member_name(info.name, lower=False)[1], info.offset_data, info.size, info.name)
                         )
+                end = archive.offset
         except tarfile.TarError as err:
             raise ShardError(tar, f"not a readable tar file ({err})") from None
+        check_end(tar, f, end, len({split_member_name(name)[0] for *_, name in entries}))
     return entries
 
 

@@ -219,7 +219,7 @@ def _open_tar(path: str, fileobj: IO[bytes]) -> tarfile.TarFile:
         raise ShardError(path, f"not a readable tar file ({err})") from None
 
 
-def _check_end(path: str, fileobj: IO[bytes], offset: int, samples: int) -> None:
+def check_end(path: str, fileobj: IO[bytes], offset: int, samples: int) -> None:
     """Raises unless the archive ends at ``offset``: two zero blocks there, or zeros up to the end of the file.
 
     ``tarfile`` stops without an error at a header it cannot parse (a bad checksum, a cut), so this is the only way
@@ -341,7 +341,7 @@ def iter_samples(
                         current.members[ext] = data
             except tarfile.ReadError as err:
                 raise ShardError(path, f"truncated or corrupt tar after {len(seen)} samples ({err})") from None
-            _check_end(path, f, members.end, len(seen))
+            check_end(path, f, members.end, len(seen))
             if current is not None:
                 yield current
         except (tarfile.TarError, OSError, EOFError) as err:
