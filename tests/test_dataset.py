@@ -191,3 +191,17 @@ def test_column_types_that_other_shards_or_nulls_make_awkward_compute_and_export
     exported = pq.read_table(str(tmp_path / "out" / "00000.parquet"))
     assert exported.schema.field("phash").type == pa.uint64() and exported.column("phash").to_pylist() == [big, 7]
     assert ImageTextPairDataset.from_webdataset(str(tmp_path / "out")).metadata.compute()["phash"].tolist() == [big, 7]
+
+
+def test_shards_past_99999_open_in_numeric_order(tmp_path):
+    import pyarrow as pa
+    from conftest import write_tar
+
+    names = ["09999", "10000", "99999", "100000", "100001"]
+    (tmp_path / "in").mkdir()
+    for name in names:
+        write_tar(tmp_path / "in" / f"{name}.tar", [(f"k{name}.jpg", b"jpeg bytes")])
+        pq.write_table(pa.table({"key": [f"k{name}"]}), tmp_path / "in" / f"{name}.parquet")
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
+    assert [os.path.basename(t)[:-4] for t in ds.tar_files] == names
+    assert ds.metadata.compute()["key"].tolist() == [f"k{n}" for n in names]

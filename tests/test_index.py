@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import tarfile
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest

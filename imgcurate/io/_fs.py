@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import re
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -160,8 +161,8 @@ def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:
-    """The files directly inside ``folder`` whose names match one of the glob ``patterns`` (``"*.tar"``), sorted;
-    none when the folder does not exist.
+    """The files directly inside ``folder`` whose names match one of the glob ``patterns`` (``"*.tar"``), sorted
+    with runs of digits compared as numbers (shard ``100000`` after ``99999``); none when the folder does not exist.
 
     The folder's own path is taken literally: ``fs.glob`` would read ``[``, ``]``, ``?`` and ``*`` in it as patterns,
     and so list a sibling folder's files (``data?x`` matching ``dataAx``) or none of its own (``data[2024]``).
@@ -178,7 +179,13 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list
         name = posixpath.basename(path)
         if _a_file(fs, entry) and any(fnmatch.fnmatchcase(name, p) for p in patterns):
             found.append(entry["name"])
-    return sorted(found)
+    return sorted(found, key=_natural)
+
+
+def _natural(path: str) -> list[str | int]:
+    """A sort key that compares runs of digits as numbers: ``99999.tar`` before ``100000.tar`` (shard numbers grow
+    past five digits), the same order as plain sorting for zero-padded names of one width."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path))]
 
 
 def _a_file(fs: fsspec.AbstractFileSystem, entry: dict) -> bool:

@@ -38,7 +38,8 @@ def new_key(shard_index: int, index_in_shard: int, samples_per_shard: int) -> st
 
     Keys are the shard number (5 digits or more) followed by the position in the shard, zero-padded to as many
     digits as ``samples_per_shard - 1`` has: with 10,000 samples per shard, sample 7 of shard 3 is ``000030007``.
-    Keys sort in export order and never collide.
+    Keys never collide, and sort in export order as text up to shard 99,999 (past it the shard number has more
+    digits: compare keys as numbers, as shard folders are listed).
     """
     width = len(str(max(samples_per_shard - 1, 1)))
     return f"{shard_index:05d}{index_in_shard:0{width}d}"
