@@ -650,3 +650,13 @@ def test_json_integers_beyond_int64_are_kept_in_scanned_tars_and_made_shards(tmp
     assert main(["shard", str(tmp_path / "photos"), str(tmp_path / "made")]) == 0
     made = ImageTextPairDataset.from_webdataset(str(tmp_path / "made")).metadata.compute()
     assert made["hash"].tolist() == [big]
+
+
+def test_a_compressed_tar_named_tar_is_named_as_such(tmp_path, jpeg):
+    import gzip
+
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "plain.tar", [("a.jpg", jpeg)])
+    (tmp_path / "shards" / "00000.tar").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    with pytest.raises(ShardError, match=r"00000\.tar: a gzip-compressed file, not an uncompressed tar"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path / "shards"))

@@ -17,7 +17,7 @@ import fsspec
 from imgcurate import progress
 from imgcurate.errors import ShardError
 from imgcurate.io._fs import atomic_open
-from imgcurate.io.tar import check_end, split_member_name
+from imgcurate.io.tar import check_end, split_member_name, unreadable_tar
 
 __all__ = [
     "INDEX_VERSION",
@@ -82,7 +82,7 @@ def _entries(tar: str, storage_options: dict | None) -> list[IndexEntry]:
                         )
                 end = archive.offset
         except tarfile.TarError as err:
-            raise ShardError(tar, f"not a readable tar file ({err})") from None
+            raise ShardError(tar, unreadable_tar(f, err)) from None
         check_end(tar, f, end, len({split_member_name(name)[0] for *_, name in entries}))
     return entries
 

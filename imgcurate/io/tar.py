@@ -216,7 +216,25 @@ def _open_tar(path: str, fileobj: IO[bytes]) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape")
     except tarfile.ReadError as err:
-        raise ShardError(path, f"not a readable tar file ({err})") from None
+        raise ShardError(path, unreadable_tar(fileobj, err)) from None
+
+
+#: The first bytes of compressed files that a shard named ``.tar`` sometimes is.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def unreadable_tar(fileobj: IO[bytes], err: Exception) -> str:
+    """What is wrong with a file that ``tarfile`` cannot open as an uncompressed tar: a compressed tar is named as
+    such (shards are read uncompressed, seeking to each member)."""
+    try:
+        fileobj.seek(0)
+        head = fileobj.read(6)
+    except OSError:
+        head = b""
+    kind = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is not None:
+        return f"a {kind}-compressed file, not an uncompressed tar: decompress it (shards are read by seeking)"
+    return f"not a readable tar file ({err})"
 
 
 def check_end(path: str, fileobj: IO[bytes], offset: int, samples: int) -> None:
