@@ -167,12 +167,14 @@ def test_column_types_that_other_shards_or_nulls_make_awkward_compute_and_export
             "n": pa.array([2**53 + 1], pa.int64()),
             "lang": pa.array(["en"]).dictionary_encode(),
             "only_here": pa.array(["x"]).dictionary_encode(),
+            "source": pa.array(["camera"]).dictionary_encode(),
         },
         {
             "phash": pa.array([7], pa.uint64()),
             "mixed": pa.array([-3], pa.int8()),
             "n": pa.array([0.5], pa.float64()),
             "lang": pa.array([None], pa.string()).dictionary_encode(),  # a categorical column all null here
+            "source": pa.array(["scan"]),  # plain text here, a categorical in the other shard
         },
     ]
     path = _shards_with_columns(tmp_path / "in", shards)
@@ -186,6 +188,7 @@ def test_column_types_that_other_shards_or_nulls_make_awkward_compute_and_export
     assert got["n"].tolist() == [float(2**53), 0.5]  # read as floating point, as pandas would
     assert got["lang"].astype(object).tolist()[0] == "en" and pd.isna(got["lang"].iloc[1])
     assert got["only_here"].astype(object).tolist()[0] == "x" and pd.isna(got["only_here"].iloc[1])
+    assert got["source"].tolist() == ["camera", "scan"]
 
     ds.to_webdataset(str(tmp_path / "out"))
     exported = pq.read_table(str(tmp_path / "out" / "00000.parquet"))

@@ -252,6 +252,9 @@ def _unify_by_column(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.S
     fields = []
     for name in names:
         typed = [(s.field(name).type, p) for s, p in zip(schemas, paths, strict=True) if name in s.names]
+        if any(pa.types.is_dictionary(t) for t, _ in typed) and not all(pa.types.is_dictionary(t) for t, _ in typed):
+            # dictionary-encoded in some shards (pandas' categoricals), plain in others: read as the plain values
+            typed = [(t.value_type if pa.types.is_dictionary(t) else t, p) for t, p in typed]
         try:
             fields.append(
                 pa.unify_schemas(
