@@ -360,8 +360,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from imgcurate.pipeline import Pipeline
 
     pipeline = Pipeline.from_config(config)  # every step and argument checked before the file is written
-    if _has_shards(args.input_path):  # and the column flow (a head that cannot read the model's embeddings)
-        pipeline.check(pipeline.open_input())
+    # and the places it writes, and the column flow (a head that cannot read the model's embeddings) when there are
+    # shards to open
+    pipeline.check_config(pipeline.open_input() if _has_shards(args.input_path) else None)
     text = "# written by imgcurate config; run it with: imgcurate run FILE\n" + yaml.safe_dump(config, sort_keys=False)
     return _write_text(args.output_file, text, args.force)
 

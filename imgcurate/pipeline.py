@@ -569,7 +569,7 @@ class Pipeline:
         """No place the run writes is a place it reads or another place it writes: a report is not named like a file
         of the datasets in the input and export folders (a shard, its index, the export's manifest), nor like one of
         the run directory's own files, nor over an existing file that is not a report (:func:`check_replaceable`);
-        the run directory is neither the input nor the export folder."""
+        the run directory is neither the input nor the export folder, and the export folder is not the input folder."""
         import fsspec
 
         from imgcurate.io._fs import same_folder, within
@@ -585,6 +585,10 @@ class Pipeline:
         run_dir = self.resolved_run_dir()
         folders = {"the input folder": place(input_path), "the export folder": place((self.export or {}).get("path"))}
         run = place(run_dir)
+        source, target = folders.values()
+        if source and target and type(source[0]) is type(target[0]) and same_folder(target[0], target[1], source[1]):
+            raise ConfigError(f"export.path: {self.export['path']} is the input folder: export into a folder of its "
+                              "own")  # fmt: skip
         for what, found in folders.items():
             if found and run and type(found[0]) is type(run[0]) and same_folder(run[0], run[1], found[1]):
                 raise ConfigError(f"run_dir: {run_dir} is {what}: give the run directory a folder of its own")
@@ -788,6 +792,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     seen: set = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: its keys may be given again, to override
+            continue
         key = loader.construct_object(key_node, deep=True)
         try:
             twice = key in seen

@@ -167,6 +167,22 @@ MISTAKES = {
         lambda c: c["export"].update(old_id_col="caption"),
         "export.old_id_col: 'caption' is already a column at the end of the steps",
     ),
+    "an export into the input folder": (
+        lambda c: c.update(output=c["input"]),
+        "export.path: {input} is the input folder: export into a folder of its own",
+    ),
+    "a negative tile size": (
+        lambda c: c["steps"].insert(2, {"SemanticDeduplicator": {"n_clusters": 2, "block_size": -5}}),
+        "steps[2].SemanticDeduplicator: block_size must be an integer of at least 1, got -5",
+    ),
+    "no KMeans iterations": (
+        lambda c: c["steps"].insert(2, {"SemanticDeduplicator": {"n_clusters": 2, "max_iter": 0}}),
+        "steps[2].SemanticDeduplicator: max_iter must be an integer of at least 1, got 0",
+    ),
+    "a ranking column named twice": (
+        lambda c: c["steps"].insert(2, {"SemanticDeduplicator": {"n_clusters": 2, "which_to_keep": ["width"] * 2}}),
+        "steps[2].SemanticDeduplicator: which_to_keep names the column 'width' twice",
+    ),
     "a report into a folder that does not exist": (
         lambda c: c.update(reports={"scores": "/nonexistent-folder/s.html"}),
         "reports.scores.path: the folder /nonexistent-folder does not exist",
@@ -288,3 +304,19 @@ def test_a_scheduler_address_where_none_answers_is_one_line(sample_dir, tmp_path
         err == "imgcurate: error: cluster.address: no Dask scheduler answered at tcp://127.0.0.1:9 within 1s (OSError)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_yaml_merge_keys_are_read_and_may_be_overridden(sample_dir, tmp_path):
+    from imgcurate.pipeline import read_config
+
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"input: {sample_dir}\n"
+        "size: &size {min_width: 10, min_height: 5}\n"
+        "steps:\n"
+        "  - SampleFilter: {<<: *size, min_height: 7}\n"
+    )
+    assert read_config(str(config))["steps"] == [{"SampleFilter": {"min_width": 10, "min_height": 7}}]
+    config.write_text("a: 1\nb: &b {x: 1}\nc: {<<: *b, y: 2, y: 3}\n")  # a key given twice is still refused
+    with pytest.raises(Exception, match="the key 'y' is given twice"):
+        read_config(str(config))

@@ -427,6 +427,9 @@ class SemanticDeduplicator(Step):
             self.keep_by = [str(c) for c in which_to_keep]
             if not self.keep_by:
                 raise ValueError("which_to_keep: give hard, easy, random or a non-empty list of column names")
+            twice = next((c for i, c in enumerate(self.keep_by) if c in self.keep_by[:i]), None)
+            if twice is not None:
+                raise ValueError(f"which_to_keep names the column {twice!r} twice")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
         self.eps = [float(eps)] if isinstance(eps, int | float) else [float(e) for e in eps]
@@ -434,6 +437,10 @@ class SemanticDeduplicator(Step):
             raise ValueError(f"eps must be in [0, 2), got {eps!r}")
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
+        for name, value, least in (("max_iter", max_iter, 1), ("block_size", block_size, 1),
+                                   ("random_state", random_state, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
         if kmeans_backend is not None:
             _check_kmeans_backend(kmeans_backend)
         if device not in ("auto", "cpu", "cuda"):
