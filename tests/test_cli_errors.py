@@ -286,7 +286,9 @@ def test_files_that_are_not_images_are_counted_when_a_folder_is_sharded(tmp_path
     (tmp_path / "src" / "a.jpg").write_bytes(encode_image(Image.new("RGB", (9, 7)), "jpg"))
     (tmp_path / "src" / "a.txt").write_text("a caption")
     (tmp_path / "src" / "notes.md").write_text("not an image")
-    with pytest.warns(UserWarning, match=r"1 file\(s\) are neither images .* \(the first: 'notes.md'\)"):
+    (tmp_path / "src" / "a.gif").write_bytes(b"GIF89a: beside an image, but neither it nor its caption")
+    (tmp_path / "src" / "a.csv").write_text("x\n1\n")
+    with pytest.warns(UserWarning, match=r"3 file\(s\) are neither images .* \(the first: 'a.csv'\)"):
         make_shards(str(tmp_path / "src"), str(tmp_path / "out"))
 
 

@@ -159,7 +159,12 @@ def write_shards(
 def _folder_records(folder: str, fs: fsspec.AbstractFileSystem, files: list[str]) -> Iterator[Record]:
     present = set(files)
     stems = {p.rpartition(".")[0] for p in files if p.rpartition(".")[2].lower() in IMAGE_EXTENSIONS}
-    left = [p for p in files if p.rpartition(".")[0] not in stems]  # neither an image nor a sidecar beside one
+
+    def taken(path: str) -> bool:  # an image, or the caption or json beside one (``cat.gif`` beside ``cat.jpg`` is not)
+        stem, _, ext = path.rpartition(".")
+        return ext.lower() in IMAGE_EXTENSIONS or (ext in ("txt", "json") and stem in stems)
+
+    left = [p for p in files if not taken(p)]
     if left:
         import warnings
 
