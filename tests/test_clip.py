@@ -123,3 +123,27 @@ def test_checkpoint_file_and_clear_errors(tmp_path, sample_ds, tiny, monkeypatch
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not a checkpoint of this open_clip model"):
         ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "bad.safetensors")).load_model("cpu")
+
+
+def test_local_dir_without_weights_or_with_a_broken_config_is_a_file_error(tmp_path, tiny):
+    import shutil
+
+    from imgcurate.errors import FileError
+
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(tiny.removeprefix("local-dir:") + "/open_clip_config.json", folder)
+    emb = ClipEmbedder(f"local-dir:{folder}", device="cpu")
+    with pytest.raises(FileError, match=f"^{folder}: holds no weights file"):
+        emb.check_resources()  # before any work, not random weights on every worker
+    with pytest.raises(FileError, match=f"^{folder}: holds no weights file"):
+        emb.load_model("cpu")
+    # with checkpoint_path the folder needs only its config
+    checkpoint = tiny.removeprefix("local-dir:") + "/open_clip_model.safetensors"
+    ClipEmbedder(f"local-dir:{folder}", checkpoint_path=checkpoint, device="cpu").check_resources()
+    (folder / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 64,')
+    with pytest.raises(FileError, match="open_clip_config.json: not valid JSON"):
+        ClipEmbedder(f"local-dir:{folder}")
+    (folder / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    with pytest.raises(FileError, match="open_clip_config.json: not an open_clip model config"):
+        ClipEmbedder(f"local-dir:{folder}")

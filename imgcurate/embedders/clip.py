@@ -191,6 +191,7 @@ class ClipEmbedder(ImageEmbedder):
         import open_clip
         import torch
 
+        self._check_local_dir()
         tag = self.pretrained if self.checkpoint_path is None else None
         quick_gelu = bool(tag and (open_clip.get_pretrained_cfg(self.model_name, tag) or {}).get("quick_gelu"))
         try:
@@ -217,10 +218,7 @@ class ClipEmbedder(ImageEmbedder):
         import open_clip
 
         super().check_resources()
-        if self.model_name.startswith("local-dir:") and not os.path.isdir(self.model_name.removeprefix("local-dir:")):
-            from imgcurate.errors import FileError
-
-            raise FileError(self.model_name, "no such folder")
+        self._check_local_dir()
 
         tag = self.pretrained if self.checkpoint_path is None else None
         if not tag or not hf_offline():
@@ -232,6 +230,27 @@ class ClipEmbedder(ImageEmbedder):
             repo = hub.split("/")[0] + "/" + repo
             if not in_hf_cache(repo, [filename] if filename else names):
                 raise MissingWeightsError(_missing_weights(self.model_name, tag, None))
+
+    def _check_local_dir(self) -> None:
+        """A ``local-dir:`` folder must exist and, unless ``checkpoint_path`` brings the weights, hold a weights file:
+        open_clip would otherwise build the model with random weights and only log a line.
+
+        Raises:
+            FileError: naming the folder and what it lacks.
+        """
+        if not self.model_name.startswith("local-dir:"):
+            return
+        from imgcurate.errors import FileError
+
+        folder = self.model_name.removeprefix("local-dir:")
+        if not os.path.isdir(folder):
+            raise FileError(folder, "no such folder (ClipEmbedder's local-dir: model)")
+        if self.checkpoint_path is None and _local_dir_weights(folder) is None:
+            raise FileError(
+                folder,
+                "holds no weights file (*.safetensors, *.bin or *.pth beside open_clip_config.json): open_clip would "
+                "build the model with random weights; put the weights there or pass checkpoint_path=",
+            )
 
     def embedding_dim(self) -> int:
         """The embedding's length, from the model config (no weights are loaded)."""
@@ -339,8 +358,7 @@ def _configs(model_name: str, pretrained: str | None) -> tuple[dict, dict]:
         path = os.path.join(rest, "open_clip_config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{model_name}: no open_clip_config.json in {rest}")
-        with open(path) as f:
-            config = json.load(f)
+        config = _read_config(path)
     elif schema == "hf-hub":
         from huggingface_hub import hf_hub_download
 
@@ -367,11 +385,38 @@ def _configs(model_name: str, pretrained: str | None) -> tuple[dict, dict]:
                 )
         config = {"model_cfg": model_cfg, "preprocess_cfg": tag_cfg}
     model_cfg = config.get("model_cfg", config)
+    if schema == "local-dir" and not (isinstance(model_cfg, dict) and isinstance(model_cfg.get("embed_dim"), int)):
+        from imgcurate.errors import FileError
+
+        raise FileError(os.path.join(rest, "open_clip_config.json"), "not an open_clip model config (no embed_dim)")
     preprocess = merge_preprocess_dict(PreprocessCfg(), config.get("preprocess_cfg") or {})
     image_size = model_cfg.get("vision_cfg", {}).get("image_size")
     if image_size is not None:
         preprocess["size"] = image_size
     return model_cfg, preprocess
+
+
+def _read_config(path: str) -> dict:
+    """An ``open_clip_config.json``, or FileError naming it when it is not a JSON object."""
+    from imgcurate.errors import FileError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FileError(path, f"not valid JSON ({type(err).__name__} at character {getattr(err, 'pos', 0)})") from None
+    if not isinstance(config, dict):
+        raise FileError(path, "not an open_clip model config (not a JSON object)")
+    return config
+
+
+def _local_dir_weights(folder: str) -> str | None:
+    """The weights file open_clip loads from a ``local-dir:`` folder (its own choice among the files), or None."""
+    from pathlib import Path
+
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    return _find_checkpoint_in_dir(Path(folder))
 
 
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
