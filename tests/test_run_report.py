@@ -171,6 +171,11 @@ def test_a_folder_that_is_not_a_finished_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "half.run" / "run.json").write_text("{}")
     assert main(["report", str(tmp_path / "half.run")]) == 2
     assert "no summary.json; not a finished run" in capsys.readouterr().err
+    for run, summary in (("{}", "{}"), ('{"input": "x"}', '{"steps": [{"step": "A"}]}'), ("[1]", "{}")):
+        (tmp_path / "half.run" / "run.json").write_text(run)  # another version's, or hand-written
+        (tmp_path / "half.run" / "summary.json").write_text(summary)
+        assert main(["report", str(tmp_path / "half.run")]) == 2
+        assert "half.run: its run.json or summary.json is not what this version" in capsys.readouterr().err
 
 
 def test_examples_and_histograms_are_bounded_reductions_equal_to_the_table(finished_run):

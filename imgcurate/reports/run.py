@@ -288,11 +288,18 @@ def report_run_dir(
         if not run.exists(name):
             raise ConfigError(f"{run_dir}: no {name}; not a finished run (rerun the pipeline to finish it)")
     info, summary = run.read_json("run.json"), run.read_json("summary.json")
-    source, id_col = info.get("input_url") or info["input"], info.get("id_col", "key")
+    source = info.get("input_url") or info.get("input") if isinstance(info, dict) else None
+    steps = summary.get("steps", []) if isinstance(summary, dict) else None
+    if not isinstance(source, str) or not (
+        isinstance(steps, list) and all(isinstance(s, dict) and isinstance(s.get("folder"), str) for s in steps)
+    ):
+        raise ConfigError(f"{run_dir}: its run.json or summary.json is not what this version of imgcurate writes (no "
+                          "input, or steps without their folders); rerun the pipeline to report on it")  # fmt: skip
+    id_col = info.get("id_col", "key")
     if fingerprint_chain([input_fingerprint(source, so), id_col]) != info.get("fingerprint"):
         raise ConfigError(f"{run_dir}: the input {source} changed since this run; rerun the pipeline to report on it")
     dataset = ImageTextPairDataset.from_webdataset(source, id_col, backend=backend, storage_options=so)
-    for step in summary.get("steps", []):
+    for step in steps:
         folder = step["folder"]
         first = run.url("steps", folder, f"{0:06d}.parquet")
         with run.fs.open(first, "rb") as f:
@@ -301,4 +308,4 @@ def report_run_dir(
         meta = empty_frame(types, backend_of(dataset.metadata._meta).name)
         dataset = dataset.with_columns(run.read_step(folder, dataset, meta, types))
     out = path or posixpath.join(run_dir.rstrip("/"), REPORT_NAME)
-    return run_report(dataset, out, summary, title=str(info["input"]), **kwargs)
+    return run_report(dataset, out, summary, title=str(info.get("input") or source), **kwargs)
