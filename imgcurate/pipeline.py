@@ -508,13 +508,43 @@ class Pipeline:
         if old_id_col is not None and old_id_col in columns:
             raise ConfigError(f"export.old_id_col: {old_id_col!r} is already a column at the end of the steps (the "
                               "export would have to replace it): give the old keys another column name")  # fmt: skip
-        if "duplicates" in self.reports and not self.reports["duplicates"].get("columns"):
+        self._check_report_columns(columns)
+
+    def _check_report_columns(self, columns: list[str]) -> None:
+        """The columns each report reads are there at the end of the steps."""
+        import inspect
+
+        if "duplicates" in self.reports:
             from imgcurate.reports.duplicates import find_dedup_columns
 
-            try:
-                find_dedup_columns(columns)
-            except ValueError as err:
-                raise ConfigError(f"reports.duplicates: {err}") from None
+            given = self.reports["duplicates"].get("columns")
+            if not given:
+                try:
+                    find_dedup_columns(columns)
+                except ValueError as err:
+                    raise ConfigError(f"reports.duplicates: {err}") from None
+            else:
+                if isinstance(given, str) or len(given) != 3 or None in given[:2]:
+                    raise ConfigError(
+                        "reports.duplicates.columns: give three columns: the duplicate flag, the "
+                        f"duplicate-of column and the similarity column (or null), not {given!r}"
+                    )
+                missing = [c for c in given if c is not None and c not in columns]
+                if missing:
+                    raise ConfigError(f"reports.duplicates.columns: no column {', '.join(map(repr, missing))} at the "
+                                      "end of the steps")  # fmt: skip
+        if "scores" in self.reports:
+            from imgcurate.reports.scores import score_histograms
+
+            defaults = inspect.signature(score_histograms).parameters
+            kwargs = self.reports["scores"]
+            wanted = kwargs.get("columns", defaults["columns"].default)
+            reason = kwargs.get("reason_column", defaults["reason_column"].default)
+            if not any(c in columns for c in wanted) and reason not in columns:
+                raise ConfigError(
+                    f"reports.scores: none of the columns {', '.join(map(repr, wanted))} (nor "
+                    f"{reason!r}) is there at the end of the steps: name the scores in 'columns'"
+                )
 
     def check_config(self, dataset: ImageTextPairDataset | None) -> None:
         """The checks of the config that need neither an image nor a cluster, as :meth:`run` makes them before any
@@ -592,8 +622,14 @@ class Pipeline:
         for what, found in folders.items():
             if found and run and type(found[0]) is type(run[0]) and same_folder(run[0], run[1], found[1]):
                 raise ConfigError(f"run_dir: {run_dir} is {what}: give the run directory a folder of its own")
+        written: dict[tuple, str] = {}
         for name, kwargs in self.reports.items():
             fs, path = place(kwargs["path"])
+            where = (type(fs).__name__, posixpath.normpath(path))
+            if where in written:
+                raise ConfigError(f"reports.{name}.path: {kwargs['path']} is the file of reports.{written[where]} "
+                                  "too: give each report a file of its own")  # fmt: skip
+            written[where] = name
             base = posixpath.basename(path.rstrip("/"))
             dataset_file = base.endswith((".tar", ".parquet", ".idx")) or base in (MANIFEST, INCOMPLETE_MARKER)
             for what, found in folders.items():

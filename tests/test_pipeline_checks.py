@@ -183,6 +183,24 @@ MISTAKES = {
         lambda c: c["steps"].insert(2, {"SemanticDeduplicator": {"n_clusters": 2, "which_to_keep": ["width"] * 2}}),
         "steps[2].SemanticDeduplicator: which_to_keep names the column 'width' twice",
     ),
+    "duplicates report columns that are not three": (
+        lambda c: c.update(reports={"duplicates": {"path": "d.html", "columns": ["exact_duplicate"]}}),
+        "reports.duplicates.columns: give three columns",
+    ),
+    "duplicates report columns that no step makes": (
+        lambda c: c.update(reports={"duplicates": {"path": "d.html", "columns": ["nope", "exact_duplicate_of", None]}}),
+        "reports.duplicates.columns: no column 'nope' at the end of the steps",
+    ),
+    "a scores report with no score": (
+        lambda c: c.update(
+            reports={"scores": {"path": "s.png", "columns": ["aesthetic_score"], "reason_column": "why"}}
+        ),  # fmt: skip
+        "reports.scores: none of the columns 'aesthetic_score' (nor 'why') is there at the end of the steps",
+    ),
+    "two reports in one file": (
+        lambda c: c.update(reports={"duplicates": "same.html", "scores": "same.html"}),
+        "reports.scores.path: same.html is the file of reports.duplicates too",
+    ),
     "a report into a folder that does not exist": (
         lambda c: c.update(reports={"scores": "/nonexistent-folder/s.html"}),
         "reports.scores.path: the folder /nonexistent-folder does not exist",
