@@ -218,7 +218,38 @@ def check_cluster(spec: Any) -> dict[str, Any] | None:
     for key in ("n_workers", "threads_per_worker"):
         if key in spec and spec[key] < 1:
             raise ConfigError(f"cluster.{key}: expected at least 1, got {spec[key]!r}")
+    _check_cluster_values(spec)
     return spec
+
+
+def _check_cluster_values(spec: dict[str, Any]) -> None:
+    """The values of the LocalCluster options that a YAML file most often gets wrong; others are checked when the
+    cluster starts (:func:`_cluster` names the section then)."""
+    import os
+
+    from dask.utils import parse_bytes
+
+    env = spec.get("env")
+    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) for k in env)):
+        raise ConfigError(f"cluster.env: expected 'NAME: value' environment variables, got {env!r}")
+    for key in ("dashboard_address", "local_directory", "host"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(f"cluster.{key}: expected a string, got {spec[key]!r}")
+    port = spec.get("scheduler_port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536):
+        raise ConfigError(f"cluster.scheduler_port: expected a port number (0 for any), got {port!r}")
+    limit = spec.get("memory_limit")
+    if isinstance(limit, str) and limit != "auto":
+        try:
+            parse_bytes(limit)
+        except ValueError:
+            raise ConfigError(f"cluster.memory_limit: expected bytes ('4GiB', an integer), a fraction of the "
+                              f"machine's memory or 'auto', got {limit!r}") from None  # fmt: skip
+    elif limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float | str) or limit < 0):
+        raise ConfigError(f"cluster.memory_limit: expected bytes, a fraction or 'auto', got {limit!r}")
+    folder = spec.get("local_directory")
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"cluster.local_directory: {folder} is a file, not a folder")
 
 
 def cuda_cluster_options(spec: dict[str, Any]) -> dict[str, Any]:
@@ -253,14 +284,20 @@ def _cluster(spec: dict | None, steps: list[Any] = ()) -> Iterator[Any]:
         return
     kind = spec.pop("type", "local")
     tasks_here = False
-    if kind == "cuda":
-        from dask_cuda import LocalCUDACluster
+    try:
+        if kind == "cuda":
+            from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(**cuda_cluster_options(spec))
-    else:
-        kwargs = local_cluster_kwargs(spec)  # one 1-thread worker per core, malloc settings
-        tasks_here = kwargs.get("processes", True) is False
-        cluster = LocalCluster(**kwargs)
+            cluster = LocalCUDACluster(**cuda_cluster_options(spec))
+        else:
+            kwargs = local_cluster_kwargs(spec)  # one 1-thread worker per core, malloc settings
+            tasks_here = kwargs.get("processes", True) is False
+            cluster = LocalCluster(**kwargs)
+    except (RuntimeError, ValueError, TypeError, OSError) as err:  # an option's value it could not start with
+        from imgcurate.errors import ClusterError
+
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ClusterError(f"cluster: the local cluster did not start with these options ({reason})") from None
     # The scheduler builds each graph in this process; with the tasks in worker processes, this process does only
     # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
     with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:

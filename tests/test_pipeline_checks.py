@@ -201,6 +201,26 @@ MISTAKES = {
         lambda c: c.update(reports={"duplicates": "same.html", "scores": "same.html"}),
         "reports.scores.path: same.html is the file of reports.duplicates too",
     ),
+    "cluster environment that is not a mapping": (
+        lambda c: c.update(cluster={"n_workers": 1, "env": 5}),
+        "cluster.env: expected 'NAME: value' environment variables, got 5",
+    ),
+    "a memory limit that is not bytes": (
+        lambda c: c.update(cluster={"n_workers": 1, "memory_limit": "lots"}),
+        "cluster.memory_limit: expected bytes ('4GiB', an integer)",
+    ),
+    "a negative scheduler port": (
+        lambda c: c.update(cluster={"n_workers": 1, "scheduler_port": -5}),
+        "cluster.scheduler_port: expected a port number (0 for any), got -5",
+    ),
+    "a file as the cluster's local directory": (
+        lambda c: c.update(cluster={"n_workers": 1, "local_directory": c["input"] + "/00000.tar"}),
+        "cluster.local_directory: {input}/00000.tar is a file, not a folder",
+    ),
+    "a dashboard address the cluster cannot start with": (
+        lambda c: c.update(cluster={"n_workers": 1, "dashboard_address": "not-a-host-name.invalid:0"}),
+        "cluster: the local cluster did not start with these options",
+    ),
     "a report into a folder that does not exist": (
         lambda c: c.update(reports={"scores": "/nonexistent-folder/s.html"}),
         "reports.scores.path: the folder /nonexistent-folder does not exist",
