@@ -209,3 +209,103 @@ def test_score_histogram_png(sample_ds, tmp_path):
     path = score_histograms(ds, str(tmp_path / "scores.png"), thresholds={"aesthetic_score": 6.0})
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width > 500
+
+
+def _zip_of(state, path):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("clip_autokeras_binary_nsfw.pth", buf.getvalue())
+
+
+def test_nsfw_zip_is_read_in_memory_so_a_replaced_zip_gives_its_new_weights(tmp_path):
+    from imgcurate._models import clear
+
+    path = tmp_path / "nsfw.zip"
+    x = _embeddings()
+    for seed in (0, 1):  # the same path with other weights: a new step, never a stale copy beside the zip
+        clear()
+        _zip_of(_nsfw_state(seed), path)
+        got = NsfwClassifier(model_path=str(path), device="cpu").predict(x)
+        np.testing.assert_allclose(got, _nsfw_numpy(_nsfw_state(seed), x.astype(np.float64)), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsfw.zip"]  # nothing extracted for workers to race on
+
+
+def _damaged(tmp_path, name):
+    state = _aesthetic_state()
+    save_file(state, str(tmp_path / "good.safetensors"))
+    torch.save(state, tmp_path / "good.pth")
+    st, pth = (tmp_path / "good.safetensors").read_bytes(), (tmp_path / "good.pth").read_bytes()
+    data = {
+        "trunc.safetensors": st[: len(st) // 2],
+        "trunc.pth": pth[: len(pth) // 2],
+        "empty.pth": b"",
+        "bad.zip": b"PK\x03\x04 not really a zip",
+        "text.pth": b"hello, not weights",
+        "zip-without-pth.zip": None,
+    }[name]
+    path = tmp_path / name
+    if data is None:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme.txt", "no weights here")
+    else:
+        path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("trunc.safetensors", "a truncated safetensors file"),
+        ("trunc.pth", "damaged or truncated: its zip directory cannot be read"),
+        ("empty.pth", "empty file"),
+        ("bad.zip", "damaged or truncated: its zip directory cannot be read"),
+        ("text.pth", "not a weight file"),
+        ("zip-without-pth.zip", "a zip holding no .pth file"),
+    ],
+)
+@pytest.mark.parametrize("cls", [AestheticClassifier, NsfwClassifier])
+def test_damaged_weight_files_are_errors_naming_the_file_at_check_time_and_at_load(tmp_path, cls, name, problem):
+    from imgcurate.errors import WeightFileError
+
+    path = _damaged(tmp_path, name)
+    clf = cls(model_path=path, device="cpu")
+    with pytest.raises(WeightFileError, match=f"^{path}: {problem}"):
+        clf.check_resources()  # what a pipeline runs before any work
+    with pytest.raises(WeightFileError, match=f"^{path}: {problem}"):
+        clf.predict(_embeddings())
+
+
+@pytest.mark.parametrize("name", ["aesthetic.pth", "AESTHETIC.SAFETENSORS", "aesthetic.bin"])
+def test_the_format_is_told_by_the_first_bytes_not_the_suffix(tmp_path, name):
+    state = _aesthetic_state()
+    path = tmp_path / name
+    save_file(state, str(path))  # safetensors under any name
+    x = _embeddings()
+    clf = AestheticClassifier(model_path=str(path), device="cpu")
+    clf.check_resources()
+    np.testing.assert_allclose(clf.predict(x), _aesthetic_numpy(state, x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+
+
+def test_another_heads_file_is_an_error_at_check_time_naming_both_sizes(tmp_path):
+    from imgcurate.errors import WeightFileError
+
+    path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(_aesthetic_state(), path)  # the 768-d L/14 head
+    clf = AestheticClassifier(model_path=str(path), device="cpu")
+    clf.check_dimension(512, source="TimmImageEmbedder")  # what a pipeline's column check does: auto picks B/32
+    message = (
+        f"^{path}: the aesthetic predictor's ViT-L-14 head, for 768-d embeddings, but the embeddings here are 512-d"
+    )
+    with pytest.raises(WeightFileError, match=message.replace("+", r"\+")):
+        clf.check_resources()
+    with pytest.raises(WeightFileError, match=message.replace("+", r"\+")):
+        clf.predict(np.zeros((2, 512), np.float32))
+    torch.save({"weight": torch.zeros(1, 640), "bias": torch.zeros(1)}, tmp_path / "odd.pth")
+    clf = AestheticClassifier(model_path=str(tmp_path / "odd.pth"), head="ViT-B-32")
+    with pytest.raises(
+        WeightFileError, match=r"not the aesthetic predictor's weights .*weight \[1, 640\] \(expected \[1, 512\]\)"
+    ):
+        clf.check_resources()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from imgcurate.classifiers.base import ImageClassifier, head_size, pick_head
+from imgcurate.classifiers.base import ImageClassifier, check_head_file, head_size, pick_head
 from imgcurate.classifiers.weights import WeightFile, cached_weights
 from imgcurate.steps.base import local_path
 
@@ -79,6 +79,9 @@ def AestheticMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a mo
     return _MLP()
 
 
+#: How errors name the classifier.
+WHAT = "the aesthetic predictor"
+
 #: head name -> (embedding size, layers factory, published weights). ``auto`` picks by the embedding's size.
 HEADS = {
     "ViT-L-14": (768, AestheticMLP, AESTHETIC_WEIGHTS),
@@ -128,16 +131,24 @@ class AestheticClassifier(ImageClassifier):
     def cache_key(self) -> tuple:
         return ("aesthetic", self.model_path, self.embedding_size, tuple(self.loaded_files().items()))
 
+    def check_resources(self) -> None:
+        """As :meth:`Step.check_resources`; and ``model_path``'s tensors, read from its header, fit the head for the
+        embeddings (a damaged file, or another head's, is an error before any work)."""
+        from imgcurate.embedders.state_dict import state_dict_shapes
+
+        super().check_resources()
+        if self.model_path is not None:
+            shapes = {k.removeprefix("model."): v for k, v in state_dict_shapes(self.model_path).items()}
+            check_head_file(HEADS, self.embedding_size, self.model_path, shapes, WHAT)
+
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 
         _, layers, weights = next(h for h in HEADS.values() if h[0] == self.embedding_size)
-        path = self.model_path or cached_weights(weights)
-        model = layers(self.embedding_size)
-        state = load_state_dict_file(str(path))
+        path = str(self.model_path or cached_weights(weights))
+        state = load_state_dict_file(path)
         state = {k.removeprefix("model."): v for k, v in state.items()}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"{path}: not the aesthetic predictor's weights ({err})") from None
+        check_head_file(HEADS, self.embedding_size, path, {k: tuple(v.shape) for k, v in state.items()}, WHAT)
+        model = layers(self.embedding_size)
+        model.load_state_dict(state)
         return model.eval().to(device)

@@ -17,7 +17,7 @@ from imgcurate.steps.base import ColumnError, ShardIO, ShardStep
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ImageClassifier", "head_size", "pick_head"]
+__all__ = ["ImageClassifier", "head_size", "pick_head", "check_head_file"]
 
 
 class ImageClassifier(ShardStep):
@@ -151,3 +151,59 @@ def pick_head(heads: dict[str, tuple], head: str, dim: int, current: int) -> int
     if head == "auto" and any(spec[0] == dim for spec in heads.values()):
         return dim
     return current
+
+
+def check_head_file(
+    heads: dict[str, tuple], size: int, path: str, shapes: dict[str, tuple[int, ...]], what: str
+) -> None:
+    """Checks a head's weight file against the head for ``size``-d embeddings by its tensors' names and shapes (read
+    at check time from the file's header, before any work; again when it loads).
+
+    Args:
+        heads: the classifier's table, name -> (embedding size, layers factory or None, published weights).
+        size: the embedding size the classifier scores.
+        path: the file (named in the error).
+        shapes: its tensors' shapes by name (``model.`` and ``module.`` prefixes removed).
+        what: the classifier, as the error names it (``the aesthetic predictor``).
+
+    Raises:
+        WeightFileError: naming the file and, when it is another head's file, the embedding size it is for.
+    """
+    from imgcurate.errors import WeightFileError
+
+    name, (_, layers, _) = next((n, h) for n, h in heads.items() if h[0] == size)
+    if layers is None:
+        others = ", ".join(f"{n} ({h[0]}-d)" for n, h in heads.items() if h[1] is not None)
+        raise WeightFileError(
+            path,
+            f"a state dict, but {what}'s {name} head (for {size}-d embeddings) is read from a Keras SavedModel "
+            f"(a folder or a zip of one); a state dict fits the {others} heads",
+        )
+    expected = _head_shapes(layers, size)
+    if shapes == expected:
+        return
+    for other, (other_size, other_layers, _) in heads.items():
+        if other_layers is not None and other_size != size and shapes == _head_shapes(other_layers, other_size):
+            raise WeightFileError(
+                path,
+                f"{what}'s {other} head, for {other_size}-d embeddings, but the embeddings here are {size}-d (the "
+                f"{name} head): pass that head's file, or embeddings of {other_size} dimensions",
+            )
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {list(shapes[k])} (expected {list(v)})" for k, v in expected.items() if shapes.get(k, v) != v]
+    detail = "; ".join(
+        f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong))
+        if items
+    )
+    raise WeightFileError(path, f"not {what}'s weights for the {name} head ({size}-d embeddings): {detail}")
+
+
+def _head_shapes(layers: Any, size: int) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a head's state dict, from its layers built on torch's meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model = layers(size)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -8,10 +8,10 @@ builds the torch module from the saved layer configuration and checkpoint. Any S
 
 from __future__ import annotations
 
-import zipfile
+import os
 from typing import TYPE_CHECKING
 
-from imgcurate.classifiers.base import ImageClassifier, head_size, pick_head
+from imgcurate.classifiers.base import ImageClassifier, check_head_file, head_size, pick_head
 from imgcurate.classifiers.keras_savedmodel import is_keras_savedmodel, keras_to_torch
 from imgcurate.classifiers.weights import WeightFile, cached_weights
 from imgcurate.steps.base import local_path
@@ -104,6 +104,9 @@ def NsfwMLP(input_size: int = 768) -> torch.nn.Module:  # noqa: N802 - a module 
     return _MLP()
 
 
+#: How errors name the classifier.
+WHAT = "the NSFW detector"
+
 #: head name -> (embedding size, layers factory, published weights). ``auto`` picks by the embedding's size. A factory
 #: of None: the head is published as a Keras SavedModel, whose layers are read from the file.
 HEADS = {
@@ -157,6 +160,17 @@ class NsfwClassifier(ImageClassifier):
     def cache_key(self) -> tuple:
         return ("nsfw", self.model_path, self.embedding_size, tuple(self.loaded_files().items()))
 
+    def check_resources(self) -> None:
+        """As :meth:`Step.check_resources`; and a state dict given as ``model_path`` (a file, or the published zip)
+        is read from its header and must fit the head for the embeddings: a damaged file, or another head's, is an
+        error before any work."""
+        from imgcurate.embedders.state_dict import state_dict_shapes
+
+        super().check_resources()
+        path = self.model_path
+        if path is not None and os.path.isfile(path) and not is_keras_savedmodel(path):
+            check_head_file(HEADS, self.embedding_size, path, state_dict_shapes(path), WHAT)
+
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 
@@ -176,27 +190,8 @@ class NsfwClassifier(ImageClassifier):
                 f"{path}: the NSFW {name} head (for {self.embedding_size}-d embeddings) is read from a Keras "
                 f"SavedModel, as published in {weights.name}; a state dict fits the {others} heads"
             )
-        if path.endswith(".zip"):
-            path = _extract_pth(path)
+        state = load_state_dict_file(path)
+        check_head_file(HEADS, self.embedding_size, path, {k: tuple(v.shape) for k, v in state.items()}, WHAT)
         model = layers(self.embedding_size)
-        try:
-            model.load_state_dict(load_state_dict_file(path))
-        except RuntimeError as err:
-            raise ValueError(f"{path}: not the NSFW detector's weights ({err})") from None
+        model.load_state_dict(state)
         return model.eval().to(device)
-
-
-def _extract_pth(zip_path: str) -> str:
-    """Extracts the ``.pth`` of the published zip beside it (once) and returns its path."""
-    import pathlib
-
-    target = pathlib.Path(zip_path).with_suffix(".pth")
-    if not target.exists():
-        with zipfile.ZipFile(zip_path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(".pth")]
-            if not names:
-                raise ValueError(f"{zip_path}: holds no .pth file ({', '.join(archive.namelist()[:5])})")
-            tmp = target.with_suffix(".pth.tmp")
-            tmp.write_bytes(archive.read(names[0]))
-            tmp.replace(target)
-    return str(target)

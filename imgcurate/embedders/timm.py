@@ -33,25 +33,18 @@ _OUTPUTS = ("auto", "head", "pre_logits")
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
-    """Reads a state dict from safetensors or a torch file, never running code from it (``weights_only=True``).
+    """Reads a state dict from safetensors or a torch file, never running code from it (``weights_only=True``); the
+    format is told by the file's first bytes (:func:`imgcurate.embedders.state_dict.read_state_dict`).
 
     A checkpoint that wraps its weights (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped, and a
     ``module.`` prefix (DataParallel) is removed.
+
+    Raises:
+        WeightFileError: the file is damaged or not a state dict, naming it.
     """
-    import torch
+    from imgcurate.embedders.state_dict import read_state_dict
 
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict (got {type(state).__name__})")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return read_state_dict(str(path))
 
 
 class TimmImageEmbedder(ImageEmbedder):
