@@ -187,7 +187,7 @@ def check_head_file(
             raise WeightFileError(
                 path,
                 f"{what}'s {other} head, for {other_size}-d embeddings, but the embeddings here are {size}-d (the "
-                f"{name} head): pass that head's file, or embeddings of {other_size} dimensions",
+                f"{name} head): pass the {name} head's file, or score {other_size}-d embeddings",
             )
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
