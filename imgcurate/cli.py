@@ -530,10 +530,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: what finished is kept (a rerun of ``run`` resumes), no traceback
+        print("imgcurate: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # the CLI shows the message, not a traceback, for our own errors
         from imgcurate.errors import ImgcurateError
 
-        if isinstance(err, ImgcurateError | FileNotFoundError | FileExistsError | NotADirectoryError | ValueError):
+        mistakes = (ImgcurateError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                    PermissionError, ValueError)  # fmt: skip
+        if isinstance(err, mistakes):
             print(f"imgcurate: error: {err}", file=sys.stderr)
             return 2
         raise

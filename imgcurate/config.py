@@ -27,6 +27,24 @@ def get(key: str, default: Any = None) -> Any:
     return dask.config.get(f"imgcurate.{key}", default=default)
 
 
+def get_int(key: str, default: int) -> int:
+    """``imgcurate.<key>`` as an integer (``default`` when unset or null).
+
+    Raises:
+        ValueError: naming the setting and its environment variable, when the value is not an integer.
+    """
+    value = get(key, default)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        variable = "DASK_IMGCURATE__" + key.upper().replace("-", "_").replace(".", "__")
+        raise ValueError(f"imgcurate.{key} (environment: {variable}): expected an integer, got {value!r}") from None
+
+
 def home() -> pathlib.Path:
     """The cache folder for weight files: ``$IMGCURATE_HOME``, else ``imgcurate.home`` from the config."""
     value = os.environ.get("IMGCURATE_HOME") or get("home") or "~/.cache/imgcurate"

@@ -65,7 +65,11 @@ REPORTS: dict[str, str] = {
 
 def _load(table: dict[str, str], kind: str, name: str) -> Any:
     if name not in table:
-        raise ConfigError(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(table))}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown {kind} {name!r}{hint}: choose one of {', '.join(sorted(table))}")
     module, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -81,7 +85,7 @@ def load_stage(name: str) -> type:
     module, _, attr = name.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 - missing, a relative or empty name, or a module that fails as it loads
         raise ConfigError(f"step {name!r}: cannot import it ({type(err).__name__}: {err})") from None
     if not (isinstance(cls, type) and issubclass(cls, Step)):
         raise ConfigError(f"step {name!r} is not a subclass of imgcurate.steps.Step")
@@ -163,10 +167,12 @@ def build_step(spec: Any, where: str = "steps") -> Step:
     bind(cls, kwargs, where)
     try:
         return cls(**kwargs)
+    except (ConfigError, MissingDependencyError):
+        raise
     except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
         raise ConfigError(f"{where}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a user's step that fails as it is built: named, in one line
+        raise ConfigError(f"{where}: could not be built ({type(err).__name__}: {err})") from None
 
 
 #: LocalCluster options besides its own parameters: those it passes to each worker.

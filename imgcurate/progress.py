@@ -81,7 +81,7 @@ class GraphGC:
         self._held = False
 
     def __enter__(self) -> GraphGC:
-        threshold = int(config.get("graph-gc-threshold", 0) or 0)
+        threshold = config.get_int("graph-gc-threshold", 0)
         if threshold <= 0:
             return self
         cls = type(self)

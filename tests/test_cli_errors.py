@@ -4,6 +4,7 @@ doctor; a failed rerun leaves no stale summary; a sample that cannot be hashed s
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -326,3 +327,72 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(sample_dir, tmp_path
     assert main(["run", config, "--run-dir", str(tmp_path / "ro.run")]) == 2
     assert _one_error(capsys) == (f"run_dir: {tmp_path / 'ro.run'} cannot be written (Read-only file system): give a "
                                   "run directory this process can write")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        (".user_steps:CaptionLength", "step '.user_steps:CaptionLength': cannot import it (TypeError"),
+        (":CaptionLength", "step ':CaptionLength': cannot import it (ValueError: Empty module name)"),
+        ("user_steps:BrokenBuild", "steps[0].user_steps:BrokenBuild: could not be built (RuntimeError: the service"),
+        ("SampleFiltr", "unknown step 'SampleFiltr' (did you mean 'SampleFilter'?)"),
+    ],
+)
+def test_steps_that_cannot_be_loaded_or_built_are_one_line(sample_dir, tmp_path, capsys, step, message):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"input": str(sample_dir), "steps": [{step: {}}]}))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ("WrongLength", r"0000\d\.tar: WrongLength\.process returned \d+ values of 'short' for the shard's \d+ rows"),
+        ("WrongType", r"0000\d\.tar: WrongType\.process returned values of the wrong type for its declared columns"),
+    ],
+)
+def test_a_users_step_that_returns_the_wrong_values_names_itself_and_the_shard(sample_dir, tmp_path, capsys, step,
+                                                                               message):  # fmt: skip
+    config = {"input": str(sample_dir), "steps": [{f"user_steps:{step}": {}}], "run_dir": str(tmp_path / "run")}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_mistakes_of_place_and_setting_are_one_line(sample_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty.csv").write_text("")
+    cases = [
+        (["init-config", str(tmp_path / "folder"), "--force"], "Is a directory"),
+        (["sample", str(tmp_path / "a-file")], f"a-file: cannot be made a folder: {tmp_path / 'a-file'} is a file"),
+        (["shard", str(tmp_path / "empty.csv"), str(tmp_path / "out")], "empty.csv: not a readable list of images"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("DASK_IMGCURATE__GRAPH_GC_THRESHOLD", "abc")
+    import dask
+
+    dask.config.refresh()
+    try:
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({"input": str(sample_dir), "steps": [],
+                                                         "cluster": {"n_workers": 1}}))  # fmt: skip
+        assert main(["run", str(tmp_path / "p.yaml")]) == 2
+        assert "DASK_IMGCURATE__GRAPH_GC_THRESHOLD): expected an integer, got 'abc'" in capsys.readouterr().err
+    finally:
+        monkeypatch.delenv("DASK_IMGCURATE__GRAPH_GC_THRESHOLD")
+        dask.config.refresh()
+
+
+def test_ctrl_c_is_exit_130_without_a_traceback(monkeypatch, capsys):
+    import imgcurate.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imgcurate.cli, "_cmd_stages", interrupted)
+    assert main(["stages"]) == 130
+    assert capsys.readouterr().err == "imgcurate: interrupted\n"

@@ -34,3 +34,36 @@ class Fails(ShardStep):
 
     def process(self, part, shard, io):
         raise RuntimeError(f"shard {shard.index}: this step always fails")
+
+
+class BrokenBuild(ShardStep):
+    """Fails as it is built, with an error of its own kind."""
+
+    def __init__(self):
+        raise RuntimeError("the service this step needs is not configured")
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {"never": pa.int64()}
+
+    def process(self, part, shard, io):  # pragma: no cover - never built
+        return {}
+
+
+class WrongLength(ShardStep):
+    """Returns one value fewer than its shard has rows."""
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {"short": pa.int64()}
+
+    def process(self, part, shard, io):
+        return {"short": list(range(len(part) - 1))}
+
+
+class WrongType(ShardStep):
+    """Returns text for an integer column."""
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {"number": pa.int64()}
+
+    def process(self, part, shard, io):
+        return {"number": ["a"] * len(part)}

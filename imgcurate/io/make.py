@@ -14,10 +14,11 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from PIL import Image
 
 from imgcurate import progress
-from imgcurate.io._fs import task_url
+from imgcurate.io._fs import in_the_way, task_url
 from imgcurate.io.export import STAGING, existing_shards, publish
 from imgcurate.io.shards import (
     CAPTION_COLUMN,
@@ -96,6 +97,9 @@ def write_shards(
     so = storage_options or {}
     fs, root = fsspec.core.url_to_fs(out, **so)
     existing_shards(fs, root, out, overwrite)
+    blocked = in_the_way(fs, root)
+    if blocked is not None:
+        raise NotADirectoryError(f"{out}: cannot be made a folder: {task_url(fs, blocked[0])} is {blocked[1]}")
     stage_root = posixpath.join(root, STAGING)
     if fs.exists(stage_root):  # what a stopped run staged: it is written again from the records
         fs.rm(stage_root, recursive=True)
@@ -320,7 +324,10 @@ def make_shards(
             raise FileNotFoundError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
         records: Iterable[Record] = _folder_records(root, fs, files)
     elif root.endswith((".csv", ".parquet")):
-        table = pd.read_csv(source) if root.endswith(".csv") else pd.read_parquet(source)
+        try:
+            table = pd.read_csv(source) if root.endswith(".csv") else pd.read_parquet(source)
+        except (ValueError, OSError, pa.ArrowException) as err:  # empty, not CSV or parquet, unreadable
+            raise ValueError(f"{source}: not a readable list of images ({' '.join(str(err).split())})") from None
         path_col, caption_col = _table_columns(table, source, path_col, caption_col)
         if table.empty:
             raise ValueError(f"{source}: the list has no rows")

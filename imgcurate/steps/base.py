@@ -334,7 +334,15 @@ class ShardStep(Step):
         if set(columns) != set(types):
             got, declared = ", ".join(sorted(columns)), ", ".join(sorted(types))
             raise ValueError(f"{self.name}.process returned the columns [{got}], but it declares [{declared}]")
-        return with_columns(part[[]], columns, types)[list(types)]
+        for name, values in columns.items():
+            if len(values) != len(part):
+                raise ValueError(f"{shard.tar}: {self.name}.process returned {len(values)} values of {name!r} for "
+                                 f"the shard's {len(part)} rows")  # fmt: skip
+        try:
+            return with_columns(part[[]], columns, types)[list(types)]
+        except (TypeError, ValueError, pa.ArrowException) as err:
+            raise ValueError(f"{shard.tar}: {self.name}.process returned values of the wrong type for its declared "
+                             f"columns ({err})") from None  # fmt: skip
 
 
 def _run_shard(part: Any, shard: Shard, step: ShardStep, io: ShardIO) -> Any:
