@@ -224,3 +224,20 @@ def test_a_records_own_size_and_source_path_are_kept_beside_the_measured_ones(tm
     row = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().iloc[0]
     assert (row["width"], row["height"], row["source_path"]) == (40, 30, "img0.jpg")
     assert (row["source_width"], row["source_source_path"]) == (9999, "s3://elsewhere/img0.jpg")
+
+
+def test_a_decompression_bomb_is_named_as_such_when_sharded(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a PNG header that declares 30000 x 30000 pixels (PIL refuses to decode it), with a few bytes of data
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "big.png").write_bytes(bomb)
+    make_shards(str(tmp_path / "photos"), str(tmp_path / "shards"))
+    row = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute().iloc[0]
+    assert row["error"].startswith("image is a decompression bomb (Image size (900000000 pixels) exceeds limit")

@@ -53,13 +53,15 @@ class Record:
     error: str | None = None
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from an image header without decoding the pixels; None when unreadable."""
+def image_size(data: bytes) -> tuple[int, int] | str:
+    """(width, height) read from an image header without decoding the pixels, or what is wrong with the header."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
+    except Image.DecompressionBombError as err:  # the header is read: it declares too many pixels to decode
+        return f"image is a decompression bomb ({' '.join(str(err).split())})"
     except Exception:  # PIL raises many types for bad input
-        return None
+        return "image header is unreadable"
 
 
 def write_shards(
@@ -131,8 +133,8 @@ def write_shards(
             image = next((data for ext, data in record.members.items() if ext.lower() in IMAGE_EXTENSIONS), None)
             size = image_size(image) if image is not None else None
             error = record.error
-            if image is not None and size is None:
-                error = _also(error, "image header is unreadable")
+            if isinstance(size, str):
+                error, size = _also(error, size), None
             if size is not None:  # the image's own size; a record's field that says otherwise is kept as source_*
                 fields = own_fields(fields, ("width", "height"), {"width": size[0], "height": size[1]})
                 fields["width"], fields["height"] = size
