@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import posixpath
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -518,6 +519,7 @@ class Pipeline:
             ConfigError: naming the step (or export key) and the column.
         """
         meta, id_col = dataset.metadata._meta, dataset.id_col
+        read = set(map(str, meta.columns))
         written: dict[str, str] = {}  # column -> the step that writes it
         for i, step in enumerate(self.steps):
             if not isinstance(step, Step):
@@ -535,6 +537,8 @@ class Pipeline:
                 if column in written:
                     raise ConfigError(f"{where}: writes the column {column!r}, which {written[column]} writes too, "
                                       "so the earlier result would be lost: give one of them another name")  # fmt: skip
+                if column in read:  # curating an export again replaces its columns; a caption replaced is a mistake
+                    warnings.warn(f"{where}: replaces the input's column {column!r}", stacklevel=2)
                 written[column] = where
             meta = zip_columns_meta(meta, step.output_meta(meta))
         columns = list(map(str, meta.columns))

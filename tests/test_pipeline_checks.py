@@ -358,3 +358,10 @@ def test_yaml_merge_keys_are_read_and_may_be_overridden(sample_dir, tmp_path):
     config.write_text("a: 1\nb: &b {x: 1}\nc: {<<: *b, y: 2, y: 3}\n")  # a key given twice is still refused
     with pytest.raises(Exception, match="the key 'y' is given twice"):
         read_config(str(config))
+
+
+def test_a_step_that_replaces_an_input_column_is_warned_about(sample_dir, tmp_path):
+    config = {"input": str(sample_dir), "steps": [{"user_steps:CaptionLength": {"column": "caption"}}]}
+    pipeline = Pipeline.from_config(config)
+    with pytest.warns(UserWarning, match=r"steps\[0\]\.CaptionLength: replaces the input's column 'caption'"):
+        pipeline.check(pipeline.open_input())
