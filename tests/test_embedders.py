@@ -266,3 +266,56 @@ def test_random_weights_are_the_same_in_every_process_and_leave_the_callers_seed
     torch.manual_seed(123)
     TimmImageEmbedder("test_resnet").model("cpu")
     assert torch.equal(torch.rand(3), after_first)  # building a model drew nothing from the caller's generator
+
+
+@pytest.mark.parametrize("output", ["pre_logits", "head"])
+def test_checkpoint_of_a_fine_tuned_model_with_another_head_size(tmp_path, output):
+    model, ckpt = _checkpoint(tmp_path, "test_resnet", num_classes=10)  # a fine-tuned model's head: 10 classes
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=ckpt, output=output, normalize_embeddings=False)
+    emb.check_resources()
+    assert emb.embedding_dim() == (10 if output == "head" else 96)  # the head's size follows the file
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        want = model(x) if output == "head" else model.forward_head(model.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(emb.load_model("cpu")(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_damaged_or_mismatched_checkpoints_are_errors_naming_the_file_before_any_work(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from imgcurate.errors import WeightFileError
+
+    _, ckpt = _checkpoint(tmp_path, "test_resnet")
+    data = open(ckpt, "rb").read()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=str(truncated))
+    with pytest.raises(WeightFileError, match=f"^{truncated}: a truncated safetensors file"):
+        emb.check_resources()
+    with pytest.raises(WeightFileError, match=f"^{truncated}: a truncated safetensors file"):
+        emb.load_model("cpu")
+    state = load_file(ckpt)
+    state["conv1.0.weight"] = torch.zeros(4, 3, 3, 3)
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=str(other))
+    with pytest.raises(
+        WeightFileError, match=r"^.*other.pth: weights of other shapes than test_resnet's: conv1.0.weight"
+    ):
+        emb.check_resources()
+    with pytest.raises(
+        WeightFileError, match=r"^.*other.pth: weights of other shapes than test_resnet's: conv1.0.weight"
+    ):
+        emb.load_model("cpu")
+    save_file(load_file(ckpt), str(tmp_path / "named.pth"))  # safetensors under a torch name: told by its bytes
+    TimmImageEmbedder("test_resnet", checkpoint_path=str(tmp_path / "named.pth")).check_resources()
+
+
+def test_unknown_pretrained_tag_and_other_channel_counts_are_refused_when_built():
+    with pytest.raises(
+        ValueError, match="unknown pretrained tag 'r160_in1kk' for timm model 'test_resnet': .*r160_in1k"
+    ):
+        TimmImageEmbedder("test_resnet.r160_in1kk")
+    TimmImageEmbedder("test_resnet.r160_in1k")
+    with pytest.raises(ValueError, match="in_chans=1: the decoders give the model RGB images"):
+        TimmImageEmbedder("test_resnet", model_kwargs={"in_chans": 1})

@@ -118,6 +118,17 @@ class TimmImageEmbedder(ImageEmbedder):
         if not timm.is_model(model_name):
             close = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:10]
             raise ValueError(f"unknown timm model {model_name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        arch, tag = timm.models.split_model_name_tag(model_name)
+        if tag and model_name not in timm.list_pretrained(f"{arch}.*"):
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+            raise ValueError(
+                f"unknown pretrained tag {tag!r} for timm model {arch!r}: choose one of {', '.join(tags) or '(none)'}"
+            )
+        if (model_kwargs or {}).get("in_chans", 3) != 3:
+            raise ValueError(
+                f"model_kwargs in_chans={model_kwargs['in_chans']!r}: the decoders give the model RGB images "
+                "(3 channels)"
+            )
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(_OUTPUTS)}, got {output!r}")
         if checkpoint_path is not None and not os.path.exists(local_path(checkpoint_path)):
@@ -169,6 +180,27 @@ class TimmImageEmbedder(ImageEmbedder):
                 weights)  # fmt: skip
 
     # ------------------------------------------------------------------ model
+    def _kwargs(self) -> dict[str, Any]:
+        """``timm.create_model``'s keyword arguments: ``model_kwargs`` and, for ``output="head"`` with a checkpoint
+        whose classifier head has another number of outputs (a fine-tuned model), that number as ``num_classes``, so
+        that the embedding follows the file."""
+        if self.checkpoint_path is None or self.output != "head" or "num_classes" in self.model_kwargs:
+            return self.model_kwargs
+        if "_checkpoint_classes" not in self.__dict__:
+            import timm
+            import torch
+
+            from imgcurate.embedders.state_dict import state_dict_shapes
+
+            shapes = state_dict_shapes(self.checkpoint_path)
+            with torch.device("meta"):
+                model = timm.create_model(self.model_name, pretrained=False, **self.model_kwargs)
+            weight = next((k for k in _head_names(model) if k.endswith("weight")), None)
+            found = shapes.get(weight) if weight is not None else None
+            self.__dict__["_checkpoint_classes"] = int(found[0]) if found else None
+        classes = self.__dict__["_checkpoint_classes"]
+        return self.model_kwargs if classes is None else {**self.model_kwargs, "num_classes": classes}
+
     def _create(self) -> torch.nn.Module:
         import timm
         import torch
@@ -177,7 +209,7 @@ class TimmImageEmbedder(ImageEmbedder):
             pretrained = self.pretrained and self.checkpoint_path is None
             with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same model in every worker process
-                model = timm.create_model(self.model_name, pretrained=pretrained, **self.model_kwargs)
+                model = timm.create_model(self.model_name, pretrained=pretrained, **self._kwargs())
         except Exception as err:
             if not self.pretrained:
                 raise
@@ -215,25 +247,53 @@ class TimmImageEmbedder(ImageEmbedder):
         wanted = self.pretrained is True and self.checkpoint_path is None
         if wanted and hf_offline() and pretrained_weights_cached(self.model_name) is False:
             raise MissingWeightsError(self._missing_weights("are not available offline"))
+        if self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
+            import timm
+            import torch
+
+            from imgcurate.embedders.state_dict import state_dict_shapes
+
+            shapes = state_dict_shapes(self.checkpoint_path)  # a damaged file is an error here, before any work
+            with torch.device("meta"):
+                model = timm.create_model(self.model_name, pretrained=False, **self._kwargs())
+            self._check_checkpoint(model, shapes)
+
+    def _check_checkpoint(self, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> set[str]:
+        """Compares the checkpoint's tensors with the model's; returns the head's names that are not to be loaded
+        (the classifier head, unused for ``pre_logits``, when its shapes differ: a fine-tuned model's head).
+
+        Raises:
+            WeightFileError: naming the file and the tensors missing, stray or of other shapes.
+        """
+        from imgcurate.errors import WeightFileError
+
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        head = _head_names(model) if self.output != "head" else set()
+        missing = [k for k in expected if k not in shapes and k not in head]
+        if missing:
+            raise WeightFileError(
+                self.checkpoint_path,
+                f"missing weights for {self.model_name}: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else ""),
+            )
+        stray = [k for k in shapes if k not in expected and not _is_head_key(k)]
+        if stray:
+            raise WeightFileError(
+                self.checkpoint_path, f"weights that {self.model_name} does not have: {', '.join(stray[:5])}"
+            )
+        wrong = [k for k in expected if k in shapes and shapes[k] != expected[k] and k not in head]
+        if wrong:
+            listed = ", ".join(f"{k} {list(shapes[k])} (the model's: {list(expected[k])})" for k in wrong[:3])
+            hint = " (model_kwargs such as num_classes or img_size must be those it was trained with)"
+            raise WeightFileError(
+                self.checkpoint_path, f"weights of other shapes than {self.model_name}'s: {listed}" + hint
+            )
+        return {k for k in head if k in shapes and shapes[k] != expected[k]}
 
     def _load_checkpoint(self, model: torch.nn.Module) -> None:
         state = load_state_dict_file(self.checkpoint_path)
-        head: set[str] = set()
-        if hasattr(model, "get_classifier"):
-            head_ids = {id(p) for p in model.get_classifier().parameters()}
-            head = {n for n, p in model.named_parameters() if id(p) in head_ids}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        needed_missing = [k for k in missing if k not in head or self.output == "head"]
-        if needed_missing:
-            raise ValueError(
-                f"{self.checkpoint_path}: missing weights for {self.model_name}: {', '.join(needed_missing[:5])}"
-                + (" ..." if len(needed_missing) > 5 else "")
-            )
-        stray = [k for k in unexpected if not _is_head_key(k)]
-        if stray:
-            raise ValueError(
-                f"{self.checkpoint_path}: weights that {self.model_name} does not have: {', '.join(stray[:5])}"
-            )
+        skip = self._check_checkpoint(model, {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
+        model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
 
     def load_model(self, device: str) -> torch.nn.Module:
         model = self._create().to(device)
@@ -262,7 +322,7 @@ class TimmImageEmbedder(ImageEmbedder):
         import torch
 
         with torch.device("meta"):
-            model = timm.create_model(self.model_name, pretrained=False, **self.model_kwargs).eval()
+            model = timm.create_model(self.model_name, pretrained=False, **self._kwargs()).eval()
             self._data_config = timm.data.resolve_model_data_config(model)
             x = torch.empty(1, *self._data_config["input_size"])
             out = model(x) if self.output == "head" else model.forward_head(model.forward_features(x), pre_logits=True)
@@ -327,6 +387,17 @@ def _auto_output(model_name: str) -> str:
     cfg = timm.models.get_pretrained_cfg(model_name)
     tag = (cfg.tag if cfg is not None else None) or ""
     return "pre_logits" if "_ft_" in f"_{tag}_" else "head"
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of a timm model's classifier head (parameters and buffers)."""
+    if not hasattr(model, "get_classifier"):
+        return set()
+    classifier = model.get_classifier()
+    if not hasattr(classifier, "state_dict"):
+        return set()
+    ids = {id(v) for v in classifier.state_dict(keep_vars=True).values()}
+    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in ids}
 
 
 def _is_head_key(key: str) -> bool:
