@@ -132,6 +132,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if config:
         print(estimate_config(config, measure=args.measure, input_path=args.input_path).to_text())
     elif args.input_path:
+        if args.measure:  # what it would time is the config's model and dedup
+            raise ValueError("estimate: --measure times a pipeline's steps: give its config too (--config FILE)")
         print(estimate_input(args.input_path).to_text())
     else:
         raise ValueError("estimate: give --input-path DIR, a config (--config FILE), or both")

@@ -307,6 +307,8 @@ def test_estimate_of_an_input_folder_names_what_is_wrong_with_it(sample_dir, tmp
     assert _one_error(capsys).startswith("nosuchprotocol://bucket/shards: cannot open this location (ValueError: ")
     with pytest.raises(ValueError, match=r"^nosuchprotocol://bucket/shards: cannot open this location"):
         ImageTextPairDataset.from_webdataset("nosuchprotocol://bucket/shards")
+    assert main(["estimate", "--input-path", str(sample_dir), "--measure"]) == 2  # nothing to time without a config
+    assert _one_error(capsys) == "estimate: --measure times a pipeline's steps: give its config too (--config FILE)"
 
 
 def test_a_run_directory_that_cannot_be_written_is_one_line(sample_dir, tmp_path, capsys, monkeypatch):
