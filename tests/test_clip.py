@@ -147,3 +147,32 @@ def test_local_dir_without_weights_or_with_a_broken_config_is_a_file_error(tmp_p
     (folder / "open_clip_config.json").write_text('{"model_cfg": {}}')
     with pytest.raises(FileError, match="open_clip_config.json: not an open_clip model config"):
         ClipEmbedder(f"local-dir:{folder}")
+
+
+def test_damaged_weight_files_are_errors_naming_the_file_before_any_work(tmp_path, tiny):
+    import shutil
+
+    from imgcurate.errors import WeightFileError
+
+    source = tiny.removeprefix("local-dir:")
+    data = open(f"{source}/open_clip_model.safetensors", "rb").read()
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    shutil.copy(f"{source}/open_clip_config.json", folder)
+    (folder / "open_clip_model.safetensors").write_bytes(data[: len(data) // 2])
+    weights = folder / "open_clip_model.safetensors"
+    emb = ClipEmbedder(f"local-dir:{folder}", device="cpu")
+    for call in (emb.check_resources, lambda: emb.load_model("cpu")):
+        with pytest.raises(WeightFileError, match=f"^{weights}: a truncated safetensors file"):
+            call()
+    emb = ClipEmbedder(tiny, checkpoint_path=str(weights), device="cpu")
+    for call in (emb.check_resources, lambda: emb.load_model("cpu")):
+        with pytest.raises(WeightFileError, match=f"^{weights}: a truncated safetensors file"):
+            call()
+    named = tmp_path / "weights.pth"
+    shutil.copy(f"{source}/open_clip_model.safetensors", named)
+    with pytest.raises(WeightFileError, match=f"^{named}: a safetensors file without the .safetensors suffix"):
+        ClipEmbedder(tiny, checkpoint_path=str(named)).check_resources()
+    torch.save({"visual.nope": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightFileError, match="other.pth: not a checkpoint of this open_clip model"):
+        ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "other.pth")).load_model("cpu")

@@ -219,6 +219,8 @@ class ClipEmbedder(ImageEmbedder):
 
         super().check_resources()
         self._check_local_dir()
+        if self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
+            _check_weights_file(self.checkpoint_path)
 
         tag = self.pretrained if self.checkpoint_path is None else None
         if not tag or not hf_offline():
@@ -245,12 +247,16 @@ class ClipEmbedder(ImageEmbedder):
         folder = self.model_name.removeprefix("local-dir:")
         if not os.path.isdir(folder):
             raise FileError(folder, "no such folder (ClipEmbedder's local-dir: model)")
-        if self.checkpoint_path is None and _local_dir_weights(folder) is None:
+        if self.checkpoint_path is not None:
+            return
+        weights = _local_dir_weights(folder)
+        if weights is None:
             raise FileError(
                 folder,
                 "holds no weights file (*.safetensors, *.bin or *.pth beside open_clip_config.json): open_clip would "
                 "build the model with random weights; put the weights there or pass checkpoint_path=",
             )
+        _check_weights_file(weights)
 
     def embedding_dim(self) -> int:
         """The embedding's length, from the model config (no weights are loaded)."""
@@ -419,13 +425,36 @@ def _local_dir_weights(folder: str) -> str | None:
     return _find_checkpoint_in_dir(Path(folder))
 
 
+def _check_weights_file(path: str) -> None:
+    """Reads a weights file's header (a damaged file is an error before any work), and refuses a safetensors file
+    under another suffix, which open_clip would hand to ``torch.load``.
+
+    Raises:
+        WeightFileError: naming the file and the problem.
+    """
+    from imgcurate.embedders.state_dict import state_dict_shapes, weight_format
+    from imgcurate.errors import WeightFileError
+
+    if weight_format(path) == "safetensors" and not path.endswith(".safetensors"):
+        raise WeightFileError(
+            path, "a safetensors file without the .safetensors suffix, which open_clip needs to read it"
+        )
+    state_dict_shapes(path)
+
+
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     from open_clip.factory import load_checkpoint
 
+    from imgcurate.errors import WeightFileError
+
+    _check_weights_file(path)
     try:
         load_checkpoint(model, path, strict=True, weights_only=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: not a checkpoint of this open_clip model ({err})") from None
+    except Exception as err:  # open_clip's own errors name no file
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise WeightFileError(
+            path, f"not a checkpoint of this open_clip model ({type(err).__name__}: {first})"
+        ) from None
 
 
 def _missing_weights(model_name: str, tag: str | None, err: Exception | None) -> str:
