@@ -173,3 +173,24 @@ def test_dali_reads_long_member_names_through_our_index(tmp_path):
     assert got["image_embedding_error"].isna().all()
     cos = (np.stack(got["image_embedding"]) * np.stack(pil["image_embedding"])).sum(axis=1)
     assert cos.min() > 0.99
+
+
+def test_a_decompression_bomb_is_the_same_error_row_on_every_decoder(tmp_path, sample_dir):
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    bomb = bytearray(buf.getvalue())
+    struct.pack_into(">HH", bomb, bomb.find(b"\xff\xc0") + 5, 30000, 30000)  # the header declares 30000 x 30000
+    write_tar(tmp_path / "00000.tar", [("a.jpg", buf.getvalue()), ("b.jpg", bytes(bomb))])
+    tar = str(tmp_path / "00000.tar")
+    texts = set()
+    for decoder in ("pil", "cpu", "torchvision", "dali"):
+        emb = TimmImageEmbedder("test_vit", batch_size=2, decoder=decoder, device="cpu")
+        images, errors = _rows(emb.loader("cpu"), tar, ["a", "b"])
+        assert list(images) == [0] and list(errors) == [1], decoder
+        texts.add(errors[1])
+    assert len(texts) == 1 and texts.pop().startswith("cannot decode image: "), texts

@@ -31,8 +31,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from imgcurate.embedders.decode import check_header, error_text
-from imgcurate.embedders.loaders import Batch, ResizeCrop, _prefetch
+from imgcurate.embedders.decode import check_header
+from imgcurate.embedders.loaders import Batch, ResizeCrop, _decode_error, _prefetch
 from imgcurate.errors import MissingDependencyError, ShardError
 from imgcurate.io.index import index_path_for
 from imgcurate.io.tar import aligned_images
@@ -285,7 +285,7 @@ class DaliLoader:
             try:  # DALI allocates whatever size a header declares
                 check_header(data)
             except Exception as err:
-                yield Batch([], None, {row: error_text(err)})
+                yield Batch([], None, {row: _decode_error(err)})
                 continue
             rows.append(row)
             encoded.append(np.frombuffer(data, dtype=np.uint8))
