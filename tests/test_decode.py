@@ -232,3 +232,30 @@ def test_a_batch_normalised_at_once_gives_each_images_own_floats():
         assert torch.equal(got, resize_crop(spec, image))
     loader = CpuLoader(spec, batch_size=4, num_threads=2)
     assert torch.equal(loader.collate([loader.convert(data) for _, data in _sample_images()[:3]]), batch[:3])
+
+
+@pytest.mark.parametrize("decoder", ["pil", "cpu", "torchvision", "dali"])
+def test_orientation_only_in_xmp_is_applied_alike_on_every_decoder(tmp_path, decoder):
+    """PIL's exif_transpose reads XMP's tiff:Orientation when EXIF has none; torchvision and DALI read EXIF only, so
+    such images go to PIL on every decoder."""
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    xmp = (
+        b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+    )
+    stored = _quadrants()
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, xmp=xmp)
+    rotated = buf.getvalue()
+    assert decode_rgb(rotated, exif_transpose=True).size == (64, 96)  # PIL turns it
+    upright = _jpeg(stored.transpose(Image.Transpose.ROTATE_270))
+    write_tar(tmp_path / "00000.tar", [("rot.jpg", rotated), ("up.jpg", upright), ("raw.jpg", _jpeg(stored))])
+    tar, keys = str(tmp_path / "00000.tar"), ["rot", "up", "raw"]
+    for exif in (True, False):
+        emb = TimmImageEmbedder("test_vit", batch_size=3, decoder=decoder, device="cpu", exif_transpose=exif)
+        rot, up, raw = _rows(emb.loader("cpu"), tar, keys)
+        same, other = (up, raw) if exif else (raw, up)
+        assert (rot - same).abs().mean().item() < 0.02, (decoder, exif)
+        assert (rot - other).abs().mean().item() > 0.3, (decoder, exif)

@@ -31,8 +31,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from imgcurate.embedders.decode import check_header
-from imgcurate.embedders.loaders import Batch, ResizeCrop, _decode_error, _prefetch
+from imgcurate.embedders.decode import check_header, decode_rgb, orientation_only_in_xmp
+from imgcurate.embedders.loaders import Batch, ResizeCrop, _decode_error, _prefetch, resize_crop
 from imgcurate.errors import MissingDependencyError, ShardError
 from imgcurate.io.index import index_path_for
 from imgcurate.io.tar import aligned_images
@@ -259,6 +259,18 @@ class DaliLoader:
             )
             yield from self.fallback.batches(tar, keys, storage_options, frozenset(done))
 
+    def _pil_row(self, row: int, data: bytes) -> Batch:
+        """One row decoded by PIL (EXIF or XMP orientation applied) and preprocessed with tensor operations."""
+        import numpy as np
+        import torch
+
+        try:
+            image = decode_rgb(data, exif_transpose=True)
+            tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(self.device)
+            return Batch([row], resize_crop(self.spec, tensor)[None])
+        except Exception as err:
+            return Batch([], None, {row: _decode_error(err)})
+
     def _decoded(
         self, pipeline: Any, tar: str, keys: list[str], storage_options: dict | None, skip: frozenset
     ) -> Iterator[Batch]:
@@ -286,6 +298,9 @@ class DaliLoader:
                 check_header(data)
             except Exception as err:
                 yield Batch([], None, {row: _decode_error(err)})
+                continue
+            if self.exif_transpose and orientation_only_in_xmp(data):  # DALI reads EXIF only; PIL reads XMP too
+                yield self._pil_row(row, data)
                 continue
             rows.append(row)
             encoded.append(np.frombuffer(data, dtype=np.uint8))

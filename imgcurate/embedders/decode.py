@@ -201,6 +201,25 @@ def _orientation(image: Image.Image) -> int | None:
     return image.getexif().get(ExifTags.Base.Orientation)
 
 
+def orientation_only_in_xmp(data: bytes) -> bool:
+    """Whether PIL's ``exif_transpose`` would turn the image by an orientation its EXIF does not carry (PIL reads XMP's
+    ``tiff:Orientation`` when EXIF has none); torchvision's and DALI's decoders read EXIF only, so the loaders hand
+    such an image to PIL. Only images whose bytes hold the word ``Orientation`` (XMP is text) are opened."""
+    if b"Orientation" not in data:
+        return False
+    try:
+        image = Image.open(io.BytesIO(data))
+        orientation = _orientation(image)
+        if orientation in (None, 1):
+            return False
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        return exif.get(ExifTags.Base.Orientation) != orientation
+    except Exception:  # a header PIL cannot read: the decoders report it
+        return False
+
+
 @functools.cache
 def warm_up_samples() -> tuple[bytes, ...]:
     """A tiny image in each common format (JPEG, PNG, WebP, and BMP or TIFF: the last two make PIL load its

@@ -34,7 +34,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from imgcurate.embedders.decode import check_header, decode_rgb, decode_tensor_sized, error_text, warm_up_samples
+from imgcurate.embedders.decode import (
+    check_header,
+    decode_rgb,
+    decode_tensor_sized,
+    error_text,
+    orientation_only_in_xmp,
+    warm_up_samples,
+)
 from imgcurate.io.tar import aligned_images
 
 if TYPE_CHECKING:
@@ -292,9 +299,11 @@ class TorchvisionLoader:
             if data[:3] == b"\xff\xd8\xff":
                 try:
                     check_header(data)  # decode_jpeg would allocate whatever size the header declares
-                    jpegs.append(i)
                 except Exception as err:
                     out[i] = err
+                    continue
+                if not (self.exif_transpose and orientation_only_in_xmp(data)):  # else PIL, which reads XMP too
+                    jpegs.append(i)
         if jpegs:
             encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
             try:
