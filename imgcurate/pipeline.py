@@ -239,9 +239,12 @@ def _check_cluster_values(spec: dict[str, Any]) -> None:
     env = spec.get("env")
     if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) for k in env)):
         raise ConfigError(f"cluster.env: expected 'NAME: value' environment variables, got {env!r}")
-    for key in ("dashboard_address", "local_directory", "host"):
+    for key in ("local_directory", "host"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ConfigError(f"cluster.{key}: expected a string, got {spec[key]!r}")
+    dashboard = spec.get("dashboard_address")
+    if dashboard is not None and (isinstance(dashboard, bool) or not isinstance(dashboard, str | int)):
+        raise ConfigError(f"cluster.dashboard_address: expected an address (':8787') or a port, got {dashboard!r}")
     port = spec.get("scheduler_port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536):
         raise ConfigError(f"cluster.scheduler_port: expected a port number (0 for any), got {port!r}")

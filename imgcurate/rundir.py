@@ -39,7 +39,7 @@ from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, ShardError
-from imgcurate.io._fs import atomic_open, check_reachable, files_in, remove_temporaries
+from imgcurate.io._fs import atomic_open, check_reachable, files_in, remove_temporaries, shard_order
 from imgcurate.io.schema import conform, is_error_column
 
 __all__ = ["FINISHED", "ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
@@ -54,10 +54,11 @@ FINISHED = ("summary.json", "report.html", "exported.json")
 
 def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
     """A digest of every tar and parquet in an input folder: names, sizes and modification times (or ETags), read
-    from one listing of the folder."""
+    from one listing of the folder, in the order the dataset opens its shards (:func:`shard_order`): the step results
+    of shard ``i`` belong to the ``i``-th tar, so another order is another input."""
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     digest = hashlib.sha256()
-    for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]):
+    for info in sorted(fs.ls(root, detail=True), key=lambda i: shard_order(i["name"])):
         name = posixpath.basename(info["name"])
         if name.endswith((".tar", ".parquet")):
             stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""

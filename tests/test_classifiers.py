@@ -303,7 +303,11 @@ def test_another_heads_file_is_an_error_at_check_time_naming_both_sizes(tmp_path
         clf.check_resources()
     with pytest.raises(WeightFileError, match=message.replace("+", r"\+")):
         clf.predict(np.zeros((2, 512), np.float32))
+    # before the column check (imgcurate doctor without the input) head="auto" knows no size yet: any head's file passes
+    AestheticClassifier(model_path=str(path), device="cpu").check_resources()
     torch.save({"weight": torch.zeros(1, 640), "bias": torch.zeros(1)}, tmp_path / "odd.pth")
+    with pytest.raises(WeightFileError, match="not the aesthetic predictor's weights"):
+        AestheticClassifier(model_path=str(tmp_path / "odd.pth")).check_resources()  # a file of no head does not
     clf = AestheticClassifier(model_path=str(tmp_path / "odd.pth"), head="ViT-B-32")
     with pytest.raises(
         WeightFileError, match=r"not the aesthetic predictor's weights .*weight \[1, 640\] \(expected \[1, 512\]\)"

@@ -208,3 +208,25 @@ def test_shards_past_99999_open_in_numeric_order(tmp_path):
     ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
     assert [os.path.basename(t)[:-4] for t in ds.tar_files] == names
     assert ds.metadata.compute()["key"].tolist() == [f"k{n}" for n in names]
+
+
+def test_shard_files_sort_one_way_and_the_input_fingerprint_follows_that_order(tmp_path):
+    import hashlib
+
+    import fsspec
+
+    from imgcurate.io._fs import files_in
+    from imgcurate.rundir import input_fingerprint
+
+    for name in ("s-10", "s-2", "1", "01"):
+        (tmp_path / f"{name}.tar").write_bytes(b"")
+    assert [os.path.basename(p) for p in files_in(fsspec.filesystem("file"), str(tmp_path), "*.tar")] == [
+        "01.tar", "1.tar", "s-2.tar", "s-10.tar"
+    ]  # fmt: skip
+    # the fingerprint of a run directory's input hashes the names in that order (the step results of shard i belong
+    # to the i-th tar): a run directory made when shards sorted as text is not reused for s-2 and s-10
+    digest = hashlib.sha256()
+    for name in ("01.tar", "1.tar", "s-2.tar", "s-10.tar"):
+        info = os.stat(tmp_path / name)
+        digest.update(f"{name}\0{info.st_size}\0{info.st_mtime}\n".encode())
+    assert input_fingerprint(str(tmp_path)) == digest.hexdigest()

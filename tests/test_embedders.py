@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -309,6 +310,19 @@ def test_damaged_or_mismatched_checkpoints_are_errors_naming_the_file_before_any
         emb.load_model("cpu")
     save_file(load_file(ckpt), str(tmp_path / "named.pth"))  # safetensors under a torch name: told by its bytes
     TimmImageEmbedder("test_resnet", checkpoint_path=str(tmp_path / "named.pth")).check_resources()
+    # BatchNorm's step counters left out (many checkpoints do): the model keeps its own
+    counted = {k: v for k, v in load_file(ckpt).items() if not k.endswith("num_batches_tracked")}
+    assert len(counted) < len(load_file(ckpt))
+    save_file(counted, str(tmp_path / "no-counters.safetensors"))
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=str(tmp_path / "no-counters.safetensors"))
+    emb.check_resources()
+    emb.load_model("cpu")
+    # a safetensors header whose offsets are not integers is a damaged file, not a TypeError
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}).encode()
+    (tmp_path / "text-offsets.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    emb = TimmImageEmbedder("test_resnet", checkpoint_path=str(tmp_path / "text-offsets.safetensors"))
+    with pytest.raises(WeightFileError, match="a damaged safetensors file"):
+        emb.check_resources()
 
 
 def test_unknown_pretrained_tag_and_other_channel_counts_are_refused_when_built():
@@ -317,5 +331,6 @@ def test_unknown_pretrained_tag_and_other_channel_counts_are_refused_when_built(
     ):
         TimmImageEmbedder("test_resnet.r160_in1kk")
     TimmImageEmbedder("test_resnet.r160_in1k")
+    TimmImageEmbedder("botnet50ts_256.untrained", pretrained=False)  # a tag timm builds without published weights
     with pytest.raises(ValueError, match="in_chans=1: the decoders give the model RGB images"):
         TimmImageEmbedder("test_resnet", model_kwargs={"in_chans": 1})

@@ -108,12 +108,15 @@ def test_cli_index_indexes_every_readable_shard_and_names_each_broken_one(sample
     tars[1].write_bytes(b"this is not a tar file" * 100)
     with ShardWriter(str(sample_dir / "00009.tar")) as writer:  # a name with white space: no index can hold it
         writer.write("a b", {"jpg": b"x"})
+    (sample_dir / "00010.tar").symlink_to(sample_dir / "gone.tar")  # a broken link
     assert main(["index", str(sample_dir)]) == 1
     out, err = capsys.readouterr()
     assert "wrote 3 DALI index files (0 shards skipped" in out
     assert f"{tars[1]}: not a readable tar file" in err
     assert "00009.tar: member 'a b.jpg' has white space" in err
-    assert "2 shards could not be indexed" in err
+    assert "00010.tar: cannot be read (No such file or directory)" in err
+    assert "3 shards could not be indexed" in err
+    (sample_dir / "00010.tar").unlink()
     for tar in tars[:1] + tars[2:]:
         assert tar.with_suffix(".idx").read_text().startswith("v1.2 ")
     assert not tars[1].with_suffix(".idx").exists() and not (sample_dir / "00009.idx").exists()

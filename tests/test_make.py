@@ -200,6 +200,7 @@ def test_an_empty_source_is_an_error_that_leaves_the_output_as_it_was(tmp_path):
         from imgcurate.io.make import write_shards
 
         write_shards([], str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()  # a folder it made is not left behind
 
 
 def test_a_list_on_another_filesystem_takes_relative_paths_from_its_folder(tmp_path):

@@ -365,3 +365,11 @@ def test_a_step_that_replaces_an_input_column_is_warned_about(sample_dir, tmp_pa
     pipeline = Pipeline.from_config(config)
     with pytest.warns(UserWarning, match=r"steps\[0\]\.CaptionLength: replaces the input's column 'caption'"):
         pipeline.check(pipeline.open_input())
+
+
+def test_cluster_options_that_distributed_takes_pass_the_checks():
+    from imgcurate.pipeline import check_cluster
+
+    spec = {"n_workers": 1, "dashboard_address": 8787, "memory_limit": "2GiB", "env": {"OMP_NUM_THREADS": 1}}
+    assert check_cluster(spec) == spec
+    assert check_cluster({"dashboard_address": ":0", "memory_limit": 0.5, "scheduler_port": 0})

@@ -123,8 +123,10 @@ class AestheticClassifier(ImageClassifier):
         super().__init__(embedding_column, pred_column, "float32", batch_size, size, device)
         self.model_path = local_path(model_path)
         self.head = head
+        self._size_known = head != "auto"  # with auto, known once the column check has run
 
     def check_dimension(self, dim: int, source: str | None = None) -> None:
+        self._size_known = True
         self.embedding_size = pick_head(HEADS, self.head, dim, self.embedding_size)
         super().check_dimension(dim, source)
 
@@ -139,7 +141,7 @@ class AestheticClassifier(ImageClassifier):
         super().check_resources()
         if self.model_path is not None:
             shapes = {k.removeprefix("model."): v for k, v in state_dict_shapes(self.model_path).items()}
-            check_head_file(HEADS, self.embedding_size, self.model_path, shapes, WHAT)
+            check_head_file(HEADS, self.embedding_size, self.model_path, shapes, WHAT, any_size=not self._size_known)
 
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file

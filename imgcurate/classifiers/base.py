@@ -154,8 +154,9 @@ def pick_head(heads: dict[str, tuple], head: str, dim: int, current: int) -> int
 
 
 def check_head_file(
-    heads: dict[str, tuple], size: int, path: str, shapes: dict[str, tuple[int, ...]], what: str
-) -> None:
+    heads: dict[str, tuple], size: int, path: str, shapes: dict[str, tuple[int, ...]], what: str,
+    any_size: bool = False,
+) -> None:  # fmt: skip
     """Checks a head's weight file against the head for ``size``-d embeddings by its tensors' names and shapes (read
     at check time from the file's header, before any work; again when it loads).
 
@@ -165,12 +166,16 @@ def check_head_file(
         path: the file (named in the error).
         shapes: its tensors' shapes by name (``model.`` and ``module.`` prefixes removed).
         what: the classifier, as the error names it (``the aesthetic predictor``).
+        any_size: the embedding size is not known yet (``head="auto"`` before the column check): a file of any of
+            the heads passes.
 
     Raises:
         WeightFileError: naming the file and, when it is another head's file, the embedding size it is for.
     """
     from imgcurate.errors import WeightFileError
 
+    if any_size and any(spec[1] is not None and shapes == _head_shapes(spec[1], spec[0]) for spec in heads.values()):
+        return
     name, (_, layers, _) = next((n, h) for n, h in heads.items() if h[0] == size)
     if layers is None:
         others = ", ".join(f"{n} ({h[0]}-d)" for n, h in heads.items() if h[1] is not None)

@@ -152,8 +152,10 @@ class NsfwClassifier(ImageClassifier):
         super().__init__(embedding_column, pred_column, "float32", batch_size, size, device)
         self.model_path = local_path(model_path)
         self.head = head
+        self._size_known = head != "auto"  # with auto, known once the column check has run
 
     def check_dimension(self, dim: int, source: str | None = None) -> None:
+        self._size_known = True
         self.embedding_size = pick_head(HEADS, self.head, dim, self.embedding_size)
         super().check_dimension(dim, source)
 
@@ -169,7 +171,8 @@ class NsfwClassifier(ImageClassifier):
         super().check_resources()
         path = self.model_path
         if path is not None and os.path.isfile(path) and not is_keras_savedmodel(path):
-            check_head_file(HEADS, self.embedding_size, path, state_dict_shapes(path), WHAT)
+            shapes = state_dict_shapes(path)
+            check_head_file(HEADS, self.embedding_size, path, shapes, WHAT, any_size=not self._size_known)
 
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file

@@ -204,8 +204,9 @@ def _orientation(image: Image.Image) -> int | None:
 def orientation_only_in_xmp(data: bytes) -> bool:
     """Whether PIL's ``exif_transpose`` would turn the image by an orientation its EXIF does not carry (PIL reads XMP's
     ``tiff:Orientation`` when EXIF has none); torchvision's and DALI's decoders read EXIF only, so the loaders hand
-    such an image to PIL. Only images whose bytes hold the word ``Orientation`` (XMP is text) are opened."""
-    if b"Orientation" not in data:
+    such an image to PIL. Only images whose metadata holds the word ``Orientation`` (XMP is text) are opened; in a
+    JPEG only the segments before the image data are searched."""
+    if data.find(b"Orientation", 0, _metadata_end(data)) < 0:
         return False
     try:
         image = Image.open(io.BytesIO(data))
@@ -218,6 +219,27 @@ def orientation_only_in_xmp(data: bytes) -> bool:
         return exif.get(ExifTags.Base.Orientation) != orientation
     except Exception:  # a header PIL cannot read: the decoders report it
         return False
+
+
+def _metadata_end(data: bytes) -> int:
+    """Where a JPEG's image data begins (its first start-of-scan marker), found by walking its segments; the whole
+    length for other formats and for a JPEG whose segments cannot be walked."""
+    if not data.startswith(b"\xff\xd8"):
+        return len(data)
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return len(data)
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # start of scan: the metadata segments are all before it
+            return pos
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return len(data)
 
 
 @functools.cache

@@ -147,8 +147,10 @@ def _safetensors_header(path: str, f: IO[bytes], size: int) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         try:
-            start, stop = entry["data_offsets"]
+            start, stop = (int(n) if isinstance(n, int) else None for n in entry["data_offsets"])
             shape = [int(n) for n in entry["shape"]]
+            if start is None or stop is None:
+                raise ValueError
         except (TypeError, KeyError, ValueError):
             raise WeightFileError(
                 path, f"a damaged safetensors file (tensor {name!r} has no offsets or shape)"

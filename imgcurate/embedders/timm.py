@@ -119,8 +119,9 @@ class TimmImageEmbedder(ImageEmbedder):
             close = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:10]
             raise ValueError(f"unknown timm model {model_name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
         arch, tag = timm.models.split_model_name_tag(model_name)
-        if tag and model_name not in timm.list_pretrained(f"{arch}.*"):
-            tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        known = timm.list_models(f"{arch}.*", include_tags=True)  # every tag timm builds (``.untrained`` included)
+        if tag and model_name not in known:
+            tags = [n.partition(".")[2] for n in known]
             raise ValueError(
                 f"unknown pretrained tag {tag!r} for timm model {arch!r}: choose one of {', '.join(tags) or '(none)'}"
             )
@@ -269,7 +270,8 @@ class TimmImageEmbedder(ImageEmbedder):
 
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         head = _head_names(model) if self.output != "head" else set()
-        missing = [k for k in expected if k not in shapes and k not in head]
+        # BatchNorm's step counters are often left out of a checkpoint: torch keeps the model's own
+        missing = [k for k in expected if k not in shapes and k not in head and not k.endswith("num_batches_tracked")]
         if missing:
             raise WeightFileError(
                 self.checkpoint_path,

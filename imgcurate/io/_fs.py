@@ -26,6 +26,7 @@ __all__ = [
     "open_input",
     "open_output",
     "files_in",
+    "shard_order",
     "remove_temporaries",
     "in_the_way",
     "folder_fs",
@@ -179,13 +180,14 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list
         name = posixpath.basename(path)
         if _a_file(fs, entry) and any(fnmatch.fnmatchcase(name, p) for p in patterns):
             found.append(entry["name"])
-    return sorted(found, key=_natural)
+    return sorted(found, key=shard_order)
 
 
-def _natural(path: str) -> list[str | int]:
-    """A sort key that compares runs of digits as numbers: ``99999.tar`` before ``100000.tar`` (shard numbers grow
-    past five digits), the same order as plain sorting for zero-padded names of one width."""
-    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path))]
+def shard_order(path: str) -> tuple[list[str | int], str]:
+    """The sort key of shard files: runs of digits compared as numbers (``99999.tar`` before ``100000.tar``: shard
+    numbers grow past five digits), then the name itself (``1.tar`` before ``01.tar``, whatever the listing's order).
+    The same order as plain sorting for zero-padded names of one width."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path))], path
 
 
 def _a_file(fs: fsspec.AbstractFileSystem, entry: dict) -> bool:

@@ -72,7 +72,11 @@ def _entries(tar: str, storage_options: dict | None) -> list[IndexEntry]:
     """The regular-file members of ``tar``, read from its headers; a tar that is damaged before its end-of-archive
     blocks is an error (``tarfile`` stops at a bad header without one), not an index of its first members."""
     entries = []
-    with fsspec.open(tar, "rb", **(storage_options or {})) as f:
+    try:
+        opened = fsspec.open(tar, "rb", **(storage_options or {})).open()
+    except OSError as err:  # a broken symbolic link, no permission: named, and the other shards still indexed
+        raise ShardError(tar, f"cannot be read ({err.strerror or type(err).__name__})") from None
+    with opened as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as archive:
                 for info in archive:

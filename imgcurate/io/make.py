@@ -102,6 +102,7 @@ def write_shards(
     blocked = in_the_way(fs, root)
     if blocked is not None:
         raise NotADirectoryError(f"{out}: cannot be made a folder: {task_url(fs, blocked[0])} is {blocked[1]}")
+    made = not fs.exists(root)
     stage_root = posixpath.join(root, STAGING)
     if fs.exists(stage_root):  # what a stopped run staged: it is written again from the records
         fs.rm(stage_root, recursive=True)
@@ -156,7 +157,7 @@ def write_shards(
         if writer is not None:
             writer.abort()
     if not written:  # nothing to publish: the output keeps its shards, if it has any
-        fs.rm(stage_root, recursive=True)
+        fs.rm(root if made else stage_root, recursive=True)
         raise ValueError(f"{out}: no samples to write")
     publish(fs, root, written, index_files)
     return [posixpath.join(out.rstrip("/"), f"{s:05d}.tar") for s in range(written)]

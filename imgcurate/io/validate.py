@@ -220,7 +220,11 @@ def unify_schemas(schemas: Sequence[pa.Schema], paths: Sequence[str]) -> pa.Sche
         ShardError: a column's types cannot be reconciled, naming the first shard whose type differs from the
             first shard that has the column.
     """
-    schemas = [s.remove_metadata() for s in schemas]
+    # each distinct schema once, with the first shard that has it (10^5 shards usually hold a handful of schemas)
+    first_with: dict[pa.Schema, str] = {}
+    for schema, path in zip(schemas, paths, strict=True):
+        first_with.setdefault(schema.remove_metadata(), path)
+    schemas, paths = list(first_with), list(first_with.values())
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):
