@@ -109,7 +109,8 @@ def test_b32_nsfw_published_file_from_the_cache(tmp_path):
 
 def test_b32_nsfw_wrong_files_are_clear_errors(tmp_path):
     torch.save(_b32_aesthetic_state(), tmp_path / "b32.pth")
-    with pytest.raises(ValueError, match=r"b32.pth: the NSFW ViT-B-32 head \(for 512-d embeddings\) is read from"):
+    with pytest.raises(ValueError, match=r"b32.pth: a state dict, but the NSFW detector's ViT-B-32 head \(for 512-d "
+                       r"embeddings\) is read from a Keras SavedModel"):  # fmt: skip
         NsfwClassifier(str(tmp_path / "b32.pth")).predict_rows(_unit(2, 512))
     with pytest.raises(ValueError, match=r"from 512-d input to 1 outputs, not the ViT-L-14 head \(768-d input"):
         NsfwClassifier(str(DATA / "keras_nsfw_b32.zip"), head="ViT-L-14").predict_rows(_unit(2, 768))

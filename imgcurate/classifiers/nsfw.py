@@ -187,13 +187,8 @@ class NsfwClassifier(ImageClassifier):
                     f"{name} head ({self.embedding_size}-d input, one score)"
                 )
             return model.eval().to(device)
-        if layers is None:
-            others = ", ".join(f"{n} ({h[0]}-d)" for n, h in HEADS.items() if h[1] is not None)
-            raise ValueError(
-                f"{path}: the NSFW {name} head (for {self.embedding_size}-d embeddings) is read from a Keras "
-                f"SavedModel, as published in {weights.name}; a state dict fits the {others} heads"
-            )
         state = load_state_dict_file(path)
+        # a state dict for a head published only as a Keras model (B/32) is refused here too, naming the heads it fits
         check_head_file(HEADS, self.embedding_size, path, {k: tuple(v.shape) for k, v in state.items()}, WHAT)
         model = layers(self.embedding_size)
         model.load_state_dict(state)
