@@ -78,6 +78,12 @@ def test_captions_from_txt_members_and_missing_captions(sample_ds, tiny):
     df = ClipEmbedder(tiny, device="cpu")(ds).metadata.compute().set_index("key")
     assert np.isnan(df.loc["000003", "clip_score"]) and df["text_embedding"].isna().sum() == 1
     assert df["clip_score"].notna().sum() == len(df) - 1
+    # a caption of white space only is no caption either, not the score of an empty prompt
+    blank = meta["caption"].mask(meta["key"].isin(["000004", "000005"]), "")
+    blank = blank.mask(meta["key"] == "000005", " \n\t")
+    df = ClipEmbedder(tiny, device="cpu")(sample_ds.with_metadata(meta.assign(caption=blank))).metadata.compute()
+    df = df.set_index("key")
+    assert df.loc[["000004", "000005"], "clip_score"].isna().all() and df["clip_score"].notna().sum() == len(df) - 2
 
 
 def test_declares_columns_before_work_and_checks_its_input(sample_ds, tiny):

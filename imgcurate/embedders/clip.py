@@ -93,9 +93,9 @@ class ClipEmbedder(ImageEmbedder):
 
     One pass over each shard decodes and batches the images as every embedder does (same decoders, per-sample error
     rows, device rules, fused classifiers), embeds the captions, and adds ``score_column``: the cosine of the image and
-    caption embeddings (null where the image failed or the caption is missing). DataComp's and LAION's CLIP-score
-    thresholds are on this raw cosine; ``scale_score=True`` multiplies it by the model's learned logit scale (100 for
-    the OpenAI models), the figure CLIP reports as a logit.
+    caption embeddings (null where the image failed or the caption is missing or blank). DataComp's and LAION's
+    CLIP-score thresholds are on this raw cosine; ``scale_score=True`` multiplies it by the model's learned logit
+    scale (100 for the OpenAI models), the figure CLIP reports as a logit.
 
     Args:
         model_name: an open_clip architecture (``ViT-B-32``, ``ViT-L-14``, ``ViT-H-14``, ...; ``open_clip.
@@ -295,17 +295,19 @@ class ClipEmbedder(ImageEmbedder):
 
     # ------------------------------------------------------------------ captions
     def captions(self, part: Any, shard: Shard, io: ShardIO) -> list[str | None]:
-        """The partition's captions, in row order: the caption column, or each sample's ``.txt`` member."""
+        """The partition's captions, in row order: the caption column, or each sample's ``.txt`` member. A caption of
+        white space only is no caption (a null text embedding and CLIP score, not the score of an empty prompt)."""
         if self.caption_column is not None:
             values = to_pandas(part[[self.caption_column]])[self.caption_column]
-            return [v if isinstance(v, str) else None for v in values.tolist()]
+            return [v if isinstance(v, str) and v.strip() else None for v in values.tolist()]
         from imgcurate.io.tar import aligned_samples
 
         keys = to_pandas(part[[io.id_col]])[io.id_col].tolist()
         out: list[str | None] = []
         for sample in aligned_samples(shard.tar, keys, io.storage_options, exts={"txt"}):
             data = None if sample is None else sample.members.get("txt")
-            out.append(None if data is None else data.decode("utf-8", errors="replace"))
+            text = None if data is None else data.decode("utf-8", errors="replace")
+            out.append(text if text and text.strip() else None)
         return out
 
     def embed_texts(self, texts: Sequence[str | None], device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
