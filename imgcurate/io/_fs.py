@@ -185,7 +185,7 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list
 
 def shard_order(path: str) -> tuple[list[str | int], str]:
     """The sort key of shard files: runs of digits compared as numbers (``99999.tar`` before ``100000.tar``: shard
-    numbers grow past five digits), then the name itself (``1.tar`` before ``01.tar``, whatever the listing's order).
+    numbers grow past five digits), then the name itself (``01.tar`` before ``1.tar``, whatever the listing's order).
     The same order as plain sorting for zero-padded names of one width."""
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", path))], path
 
