@@ -105,3 +105,20 @@ def test_an_export_under_a_key_of_the_same_name_is_accepted(sample_dir, s3):
     check("s3://data/exports/v2")
     with pytest.raises(ConfigError, match="^export.path: s3://data/exports is a file, not a folder$"):
         check("s3://data/exports")
+
+
+def test_nothing_to_write_on_s3_is_the_same_clear_error_and_leaves_nothing(sample_dir, s3):
+    import s3fs
+
+    from imgcurate.io.make import write_shards
+
+    fs = s3fs.S3FileSystem(**s3)
+    for path in sorted(sample_dir.glob("*")):
+        fs.put(str(path), f"data/shards/{path.name}")
+    ds = ImageTextPairDataset.from_webdataset("s3://data/shards", storage_options=s3)
+    df = ds.metadata
+    with pytest.raises(ValueError, match="no sample is selected"):
+        ds.with_metadata(df.assign(k=df.width < 0)).to_webdataset("s3://data/none", filter_column="k")
+    with pytest.raises(ValueError, match="no samples to write"):
+        write_shards([], "s3://data/none-made", storage_options=s3)
+    assert not fs.find("data/none") and not fs.find("data/none-made")

@@ -28,6 +28,7 @@ __all__ = [
     "files_in",
     "shard_order",
     "remove_temporaries",
+    "remove_tree",
     "in_the_way",
     "folder_fs",
     "shard_tars",
@@ -159,6 +160,15 @@ def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     directly in ``folder``."""
     for stale in files_in(fs, folder, "*.tmp-*"):
         fs.rm(stale)
+
+
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Removes ``path`` and all under it, if there is anything: on an object store a folder with no object in it
+    does not exist, and removing it would raise."""
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def files_in(fs: fsspec.AbstractFileSystem, folder: str, *patterns: str) -> list[str]:

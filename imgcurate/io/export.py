@@ -49,6 +49,7 @@ from imgcurate.io._fs import (
     files_in,
     in_the_way,
     remove_temporaries,
+    remove_tree,
     same_folder,
     shard_parquet,
     task_url,
@@ -447,9 +448,7 @@ def export_webdataset(
     schema = unify([pa.ipc.read_schema(pa.py_buffer(s)) for s in schemas], [first_with[s] for s in schemas])
     plan = _plan(counts, samples_per_shard, max_shards)
     if not plan:  # nothing to write or resume: the folder is left as it was (the select pass staged no rows)
-        fs.rm(posixpath.join(out_root, STAGING), recursive=True)
-        if made:
-            fs.rm(out_root, recursive=True)
+        remove_tree(fs, out_root if made else posixpath.join(out_root, STAGING))
         raise ValueError(f"{path}: no sample is selected for export (filter_column={filter_column!r})")
     tars = table["tar"].tolist()
     table = table.drop(columns=["schema"])

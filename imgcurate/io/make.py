@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from imgcurate import progress
-from imgcurate.io._fs import in_the_way, task_url
+from imgcurate.io._fs import in_the_way, remove_tree, task_url
 from imgcurate.io.export import STAGING, existing_shards, publish
 from imgcurate.io.shards import (
     CAPTION_COLUMN,
@@ -157,7 +157,7 @@ def write_shards(
         if writer is not None:
             writer.abort()
     if not written:  # nothing to publish: the output keeps its shards, if it has any
-        fs.rm(root if made else stage_root, recursive=True)
+        remove_tree(fs, root if made else stage_root)
         raise ValueError(f"{out}: no samples to write")
     publish(fs, root, written, index_files)
     return [posixpath.join(out.rstrip("/"), f"{s:05d}.tar") for s in range(written)]
