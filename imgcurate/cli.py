@@ -67,6 +67,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     fs, root = fsspec.core.url_to_fs(args.folder)
     tars = files_in(fs, root, "*.tar")
     if not tars:
+        if fs.isfile(root):
+            raise NotADirectoryError(f"{args.folder}: a file, not a folder of .tar shards")
         raise FileNotFoundError(f"{args.folder}: no .tar shards")
     tars = [task_url(fs, t) for t in tars]
     errors: list = []

@@ -229,6 +229,31 @@ def check_cluster(spec: Any) -> dict[str, Any] | None:
     return spec
 
 
+#: The least memory limit a worker is given (0 is no limit): distributed restarts a worker over its limit, so a few
+#: bytes (a fraction such as 1.5 is read as 1 byte) would restart every worker without end.
+_LEAST_MEMORY_LIMIT = 1 << 26
+
+
+def _check_memory_limit(limit: Any, parse_bytes: Callable[[str], int]) -> None:
+    """``cluster.memory_limit``: ``auto``, a fraction of the machine's memory in (0, 1], or bytes (an integer or
+    ``'4GiB'``): 0 for none, else at least 64 MiB."""
+    problem = f"expected bytes ('4GiB', at least 64MiB; 0 for no limit), a fraction in (0, 1] or 'auto', got {limit!r}"
+    if limit is None or limit == "auto":
+        return
+    if isinstance(limit, str):
+        try:
+            limit = parse_bytes(limit)
+        except ValueError:
+            raise ConfigError(f"cluster.memory_limit: {problem}") from None
+    if isinstance(limit, bool) or not isinstance(limit, int | float):
+        raise ConfigError(f"cluster.memory_limit: {problem}")
+    if isinstance(limit, float) and not limit.is_integer():
+        if not 0 < limit <= 1:
+            raise ConfigError(f"cluster.memory_limit: {problem}")
+    elif limit != 0 and not (limit == 1 or limit >= _LEAST_MEMORY_LIMIT):
+        raise ConfigError(f"cluster.memory_limit: {problem}")
+
+
 def _check_cluster_values(spec: dict[str, Any]) -> None:
     """The values of the LocalCluster options that a YAML file most often gets wrong; others are checked when the
     cluster starts (:func:`_cluster` names the section then)."""
@@ -243,20 +268,16 @@ def _check_cluster_values(spec: dict[str, Any]) -> None:
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ConfigError(f"cluster.{key}: expected a string, got {spec[key]!r}")
     dashboard = spec.get("dashboard_address")
-    if dashboard is not None and (isinstance(dashboard, bool) or not isinstance(dashboard, str | int)):
+    if dashboard is not None and (
+        isinstance(dashboard, bool)
+        or not isinstance(dashboard, str | int)
+        or (isinstance(dashboard, int) and not 0 <= dashboard < 65536)
+    ):
         raise ConfigError(f"cluster.dashboard_address: expected an address (':8787') or a port, got {dashboard!r}")
     port = spec.get("scheduler_port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536):
         raise ConfigError(f"cluster.scheduler_port: expected a port number (0 for any), got {port!r}")
-    limit = spec.get("memory_limit")
-    if isinstance(limit, str) and limit != "auto":
-        try:
-            parse_bytes(limit)
-        except ValueError:
-            raise ConfigError(f"cluster.memory_limit: expected bytes ('4GiB', an integer), a fraction of the "
-                              f"machine's memory or 'auto', got {limit!r}") from None  # fmt: skip
-    elif limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float | str) or limit < 0):
-        raise ConfigError(f"cluster.memory_limit: expected bytes, a fraction or 'auto', got {limit!r}")
+    _check_memory_limit(spec.get("memory_limit"), parse_bytes)
     folder = spec.get("local_directory")
     if folder and os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"cluster.local_directory: {folder} is a file, not a folder")
@@ -590,6 +611,10 @@ class Pipeline:
             kwargs = self.reports["scores"]
             wanted = kwargs.get("columns", defaults["columns"].default)
             reason = kwargs.get("reason_column", defaults["reason_column"].default)
+            unknown = [c for c in kwargs.get("thresholds") or {} if c not in wanted or c not in columns]
+            if unknown:
+                raise ConfigError(f"reports.scores.thresholds: {', '.join(map(repr, unknown))} is not one of the "
+                                  "report's score columns at the end of the steps")  # fmt: skip
             if not any(c in columns for c in wanted) and reason not in columns:
                 raise ConfigError(
                     f"reports.scores: none of the columns {', '.join(map(repr, wanted))} (nor "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from imgcurate import progress
 from imgcurate._dask import shard_divisions
@@ -53,16 +55,26 @@ FINISHED = ("summary.json", "report.html", "exported.json")
 
 
 def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
-    """A digest of every tar and parquet in an input folder: names, sizes and modification times (or ETags), read
-    from one listing of the folder, in the order the dataset opens its shards (:func:`shard_order`): the step results
-    of shard ``i`` belong to the ``i``-th tar, so another order is another input."""
+    """A digest of every tar and parquet in an input folder: names, sizes and modification times (and ETags on
+    object stores, whose times have whole seconds), read from one listing of the folder, in the order the dataset
+    opens its shards (:func:`shard_order`): the step results of shard ``i`` belong to the ``i``-th tar, so another
+    order is another input. A symbolic link is stamped with its target's size and time, as it is read as its target."""
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     digest = hashlib.sha256()
     for info in sorted(fs.ls(root, detail=True), key=lambda i: shard_order(i["name"])):
         name = posixpath.basename(info["name"])
         if name.endswith((".tar", ".parquet")):
+            size = info.get("size")
             stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
-            digest.update(f"{name}\0{info.get('size')}\0{stamp}\n".encode())
+            if info.get("islink") and isinstance(fs, LocalFileSystem):
+                try:
+                    target = os.stat(info["name"])  # follows the link
+                    size, stamp = target.st_size, target.st_mtime
+                except OSError:  # a broken link: opening the dataset names it
+                    pass
+            if info.get("ETag") and info.get("LastModified"):
+                stamp = f"{stamp}\0{info['ETag']}"
+            digest.update(f"{name}\0{size}\0{stamp}\n".encode())
     return digest.hexdigest()
 
 

@@ -146,3 +146,23 @@ def test_shards_that_are_symbolic_links_are_read_as_their_files(sample_dir, tmp_
     os.symlink(tmp_path / "nowhere.tar", linked / "00099.tar")  # a broken link is named, not left out
     with pytest.raises(FileError, match="00099.tar: a broken symbolic link"):
         ImageTextPairDataset.from_webdataset(str(linked))
+
+
+def test_the_run_directory_sees_a_linked_shard_change(sample_dir, tmp_path):
+    """A link is read as its target, so the input fingerprint stamps it with the target's size and time: a target
+    rewritten in place (same size) is another input, whose step results are not reused."""
+    from imgcurate.rundir import input_fingerprint
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for path in sorted(sample_dir.iterdir()):
+        if path.suffix in (".tar", ".parquet"):
+            os.symlink(path, linked / path.name)
+    before = input_fingerprint(str(linked))
+    tar = sorted(sample_dir.glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[-2000] ^= 0xFF  # a byte of the last member, size unchanged
+    stat = tar.stat()
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert input_fingerprint(str(linked)) != before

@@ -197,6 +197,22 @@ MISTAKES = {
         ),  # fmt: skip
         "reports.scores: none of the columns 'aesthetic_score' (nor 'why') is there at the end of the steps",
     ),
+    "a threshold for a column the scores report does not draw": (
+        lambda c: c.update(reports={"scores": {"path": "s.png", "columns": ["width"], "thresholds": {"nope": 5}}}),
+        "reports.scores.thresholds: 'nope' is not one of the report's score columns",
+    ),
+    "a memory limit of a fraction above one": (
+        lambda c: c.update(cluster={"n_workers": 1, "memory_limit": 1.5}),
+        "cluster.memory_limit: expected bytes ('4GiB', at least 64MiB; 0 for no limit), a fraction in (0, 1]",
+    ),
+    "a negative memory limit in text": (
+        lambda c: c.update(cluster={"n_workers": 1, "memory_limit": "-1GB"}),
+        "cluster.memory_limit: expected bytes",
+    ),
+    "a negative dashboard port": (
+        lambda c: c.update(cluster={"n_workers": 1, "dashboard_address": -5}),
+        "cluster.dashboard_address: expected an address (':8787') or a port, got -5",
+    ),
     "two reports in one file": (
         lambda c: c.update(reports={"duplicates": "same.html", "scores": "same.html"}),
         "reports.scores.path: same.html is the file of reports.duplicates too",
@@ -207,7 +223,8 @@ MISTAKES = {
     ),
     "a memory limit that is not bytes": (
         lambda c: c.update(cluster={"n_workers": 1, "memory_limit": "lots"}),
-        "cluster.memory_limit: expected bytes ('4GiB', an integer)",
+        "cluster.memory_limit: expected bytes ('4GiB', at least 64MiB; 0 for no limit), a fraction in (0, 1] or "
+        "'auto', got 'lots'",
     ),
     "a negative scheduler port": (
         lambda c: c.update(cluster={"n_workers": 1, "scheduler_port": -5}),

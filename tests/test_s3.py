@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e .[test])")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
@@ -122,3 +123,22 @@ def test_nothing_to_write_on_s3_is_the_same_clear_error_and_leaves_nothing(sampl
     with pytest.raises(ValueError, match="no samples to write"):
         write_shards([], "s3://data/none-made", storage_options=s3)
     assert not fs.find("data/none") and not fs.find("data/none-made")
+
+
+def test_imgcurate_shard_publishes_on_s3(tmp_path, s3):
+    """make_shards moves every staged file out before removing the staging folder, which then no longer exists on an
+    object store."""
+    import s3fs
+
+    from imgcurate.io.make import make_shards
+    from imgcurate.testing import encode_image
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(encode_image(Image.new("RGB", (9, 7), (1, 2, 3)), "png"))
+    make_shards(str(tmp_path / "photos"), "s3://data/made", storage_options=s3)
+    fs = s3fs.S3FileSystem(**s3)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find("data/made")) == [
+        "00000.parquet", "00000.tar", "_imgcurate_export.json"
+    ]  # fmt: skip
+    meta = ImageTextPairDataset.from_webdataset("s3://data/made", storage_options=s3).metadata.compute()
+    assert meta["width"].tolist() == [9] and meta["error"].isna().all()

@@ -559,5 +559,5 @@ def publish(
         done = {"shards": shards, "samples": sum(s["samples"] for s in shards), "parquet_footers": footers.hexdigest()}
         f.write(json.dumps(done, indent=1).encode())
     fs.mv(tmp, manifest)
-    fs.rm(stage_root, recursive=True)
+    remove_tree(fs, stage_root)  # on an object store it is gone once its last file has moved
     fs.rm(marker)

@@ -243,7 +243,9 @@ def _table_columns(table: pd.DataFrame, where: str, path_col: str | None, captio
     return path_col, caption_col or next((c for c in _CAPTION_COLUMNS if c in table.columns), None)
 
 
-def _table_records(table: pd.DataFrame, base: str, path_col: str, caption_col: str | None) -> Iterator[Record]:
+def _table_records(
+    table: pd.DataFrame, base: str, path_col: str, caption_col: str | None, storage_options: dict
+) -> Iterator[Record]:
     extra_cols = [c for c in table.columns if c not in (path_col, caption_col)]
     for row in table.to_dict("records"):
         caption = _plain(row.get(caption_col)) if caption_col else None
@@ -261,7 +263,7 @@ def _table_records(table: pd.DataFrame, base: str, path_col: str, caption_col: s
         fields["source_path"] = source
         ext = path.rpartition(".")[2].lower()
         try:
-            with fsspec.open(path, "rb") as f:
+            with fsspec.open(path, "rb", **storage_options) as f:
                 data = f.read()
         except OSError as err:
             yield Record({}, fields, caption, f"cannot read image file {source!r} ({_reason(err)})")
@@ -295,6 +297,7 @@ def make_shards(
     caption_col: str | None = None,
     index_files: bool = False,
     overwrite: bool = False,
+    storage_options: dict | None = None,
 ) -> list[str]:
     """Turns images into WebDataset shards with their parquet (and their DALI indexes with ``index_files``).
 
@@ -308,6 +311,8 @@ def make_shards(
         path_col: the column of image paths in a list (default: the first of path, image_path, filepath, file, image).
         caption_col: the caption column in a list (default: the first of caption, text, txt).
         overwrite: replace the shards already in ``out``; otherwise a folder with shards in it is an error.
+        storage_options: fsspec options for ``source``, the images it lists and ``out`` (an object store's
+            credentials and endpoint).
 
     Returns:
         The tar paths written. Image bytes are copied unchanged; an unreadable file becomes a sample with an error.
@@ -319,7 +324,8 @@ def make_shards(
     Example:
         >>> make_shards("photos/", "shards/", samples_per_shard=1000)  # doctest: +SKIP
     """
-    fs, root = fsspec.core.url_to_fs(source)
+    so = dict(storage_options or {})
+    fs, root = fsspec.core.url_to_fs(source, **so)
     if fs.isdir(root):
         files = sorted(fs.find(root))
         total = sum(p.rpartition(".")[2].lower() in IMAGE_EXTENSIONS for p in files)
@@ -328,7 +334,8 @@ def make_shards(
         records: Iterable[Record] = _folder_records(root, fs, files)
     elif root.endswith((".csv", ".parquet")):
         try:
-            table = pd.read_csv(source) if root.endswith(".csv") else pd.read_parquet(source)
+            read = pd.read_csv if root.endswith(".csv") else pd.read_parquet
+            table = read(source, storage_options=so or None)
         except (ValueError, OSError, pa.ArrowException) as err:  # empty, not CSV or parquet, unreadable
             raise ValueError(f"{source}: not a readable list of images ({' '.join(str(err).split())})") from None
         path_col, caption_col = _table_columns(table, source, path_col, caption_col)
@@ -336,9 +343,9 @@ def make_shards(
             raise ValueError(f"{source}: the list has no rows")
         # relative paths are taken from the list's folder, on the list's filesystem
         base = task_url(fs, posixpath.dirname(root))
-        records = _table_records(table, base, path_col, caption_col)
+        records = _table_records(table, base, path_col, caption_col, so)
         total = len(table)
     else:
         raise ValueError(f"{source}: expected a folder of images or a .csv/.parquet list of image paths")
     return write_shards(records, out, samples_per_shard=samples_per_shard, total=total, index_files=index_files,
-                        overwrite=overwrite)  # fmt: skip
+                        overwrite=overwrite, storage_options=so)  # fmt: skip
