@@ -99,6 +99,8 @@ def test_cli_index_skips_indexed_shards_unless_asked(sample_dir, capsys):
     assert main(["index", str(sample_dir), "--overwrite"]) == 0
     assert "wrote 4 DALI index files" in capsys.readouterr().out
     assert main(["index", str(sample_dir / "nowhere")]) == 2
+    assert main(["index", str(sample_dir / "00000.tar")]) == 2
+    assert "00000.tar: a file, not a folder of .tar shards" in capsys.readouterr().err
 
 
 def test_cli_index_indexes_every_readable_shard_and_names_each_broken_one(sample_dir, capsys):
