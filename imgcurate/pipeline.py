@@ -611,10 +611,10 @@ class Pipeline:
             kwargs = self.reports["scores"]
             wanted = kwargs.get("columns", defaults["columns"].default)
             reason = kwargs.get("reason_column", defaults["reason_column"].default)
-            unknown = [c for c in kwargs.get("thresholds") or {} if c not in wanted or c not in columns]
+            unknown = [c for c in kwargs.get("thresholds") or {} if c not in wanted]
             if unknown:
                 raise ConfigError(f"reports.scores.thresholds: {', '.join(map(repr, unknown))} is not one of the "
-                                  "report's score columns at the end of the steps")  # fmt: skip
+                                  f"report's columns ({', '.join(map(repr, wanted))})")  # fmt: skip
             if not any(c in columns for c in wanted) and reason not in columns:
                 raise ConfigError(
                     f"reports.scores: none of the columns {', '.join(map(repr, wanted))} (nor "

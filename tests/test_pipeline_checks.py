@@ -199,7 +199,7 @@ MISTAKES = {
     ),
     "a threshold for a column the scores report does not draw": (
         lambda c: c.update(reports={"scores": {"path": "s.png", "columns": ["width"], "thresholds": {"nope": 5}}}),
-        "reports.scores.thresholds: 'nope' is not one of the report's score columns",
+        "reports.scores.thresholds: 'nope' is not one of the report's columns ('width')",
     ),
     "a memory limit of a fraction above one": (
         lambda c: c.update(cluster={"n_workers": 1, "memory_limit": 1.5}),
