@@ -142,3 +142,22 @@ def test_imgcurate_shard_publishes_on_s3(tmp_path, s3):
     ]  # fmt: skip
     meta = ImageTextPairDataset.from_webdataset("s3://data/made", storage_options=s3).metadata.compute()
     assert meta["width"].tolist() == [9] and meta["error"].isna().all()
+
+
+def test_the_input_fingerprint_sees_a_same_size_rewrite_on_s3(s3):
+    """An object store's modification times have whole seconds: a shard rewritten with other bytes of the same size
+    within that second is told apart by its ETag."""
+    import time
+
+    import s3fs
+
+    from imgcurate.rundir import input_fingerprint
+
+    fs = s3fs.S3FileSystem(**s3)
+    time.sleep(1.05 - time.time() % 1)  # the start of a second: both writes fall in it
+    fs.pipe("data/fp/00000.tar", b"a" * 1024)
+    before = input_fingerprint("s3://data/fp", s3)
+    fs.pipe("data/fp/00000.tar", b"b" * 1024)
+    fs.invalidate_cache()
+    assert fs.info("data/fp/00000.tar")["size"] == 1024
+    assert input_fingerprint("s3://data/fp", s3) != before
