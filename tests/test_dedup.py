@@ -387,18 +387,9 @@ class _DaskKMeansStandIn:
 def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
     """The cuml-dask code path on CPU: the worker-side array, the client check, centroids copied back. cuML itself
     runs only in the GPU test below."""
-    import importlib.machinery
-    import sys
-    import types
-
     from distributed import Client, LocalCluster
 
-    for name in ("cuml", "cuml.dask", "cuml.dask.cluster", "raft_dask", "dask_cudf"):
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        monkeypatch.setitem(sys.modules, name, module)
-    sys.modules["cuml.dask.cluster"].KMeans = _DaskKMeansStandIn
-    _DaskKMeansStandIn.fitted = []
+    _cuml_stand_in(monkeypatch)
     ds = _with_embeddings(sample_ds)
     dedup = SemanticDeduplicator(n_clusters=3, kmeans_backend="cuml-dask")
     with pytest.raises(RuntimeError, match="distributed client"):
@@ -412,6 +403,44 @@ def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
     reference = SemanticDeduplicator(n_clusters=3, kmeans_backend="sklearn")
     expected = reference(ds).metadata.compute()
     assert got.cluster.equals(expected.cluster)  # same seed, same rows: the same clustering as sklearn on the host
+
+
+def _cuml_stand_in(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    for name in ("cuml", "cuml.dask", "cuml.dask.cluster", "raft_dask", "dask_cudf"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["cuml.dask.cluster"].KMeans = _DaskKMeansStandIn
+    _DaskKMeansStandIn.fitted = []
+
+
+def test_cuml_dask_computes_its_input_once_and_names_an_empty_sample(sample_ds, monkeypatch):
+    """cuML's Dask fit runs from the client before the rest of the graph; the input (an embedder's lazy output, say)
+    is still computed once per shard, not once for the fit and again for the assignment."""
+    from distributed import Client, LocalCluster
+
+    _cuml_stand_in(monkeypatch)
+    ds = _with_embeddings(sample_ds)
+    computed = []
+
+    def counted(part, partition_info=None):
+        computed.append(partition_info["number"])
+        return part
+
+    df = ds.metadata
+    ds = ds.with_metadata(df.map_partitions(counted, meta=df._meta))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            got = SemanticDeduplicator(n_clusters=3, kmeans_backend="cuml-dask").added(ds).compute()
+            assert sorted(computed) == list(range(ds.num_shards))
+            assert got.cluster.notna().sum() == len(got) - ds.num_shards  # row 2 of each shard has no embedding
+            nothing = _with_embeddings(sample_ds, null_rows=range(100))
+            with pytest.raises(ValueError, match="0 samples with embeddings is fewer than n_clusters=3"):
+                SemanticDeduplicator(n_clusters=3, kmeans_backend="cuml-dask")(nothing).metadata.compute()
 
 
 def test_similarity_device_is_checked_when_built_and_reported():

@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from imgcurate import backends
 from imgcurate.backends import CudfBackend, embedding_array, embedding_matrix, embedding_type
@@ -110,3 +111,84 @@ def test_cudf_backend_conversions_keep_nan_and_give_arrow_columns(monkeypatch):
     assert (
         back.column("emb").type == embedding_type(3) and back.column("emb").combine_chunks().flatten().null_count == 0
     )
+
+
+class _FakeCudfSeries:
+    """What the cuDF backend uses of a cudf list Series (``notna``, a boolean mask, ``.list.len``, ``.list.leaves``),
+    over an arrow list array, as cuDF holds list columns."""
+
+    def __init__(self, array):
+        self.array = array
+        self.list = self
+
+    def notna(self):
+        return _FakeCudfSeries(self.array.is_valid())
+
+    def to_numpy(self):
+        return self.array.to_numpy(zero_copy_only=False)
+
+    def __getitem__(self, mask):
+        return _FakeCudfSeries(self.array.filter(mask.array))
+
+    def len(self):
+        return _FakeCudfSeries(pa.compute.list_value_length(self.array))
+
+    def unique(self):
+        return _FakeCudfSeries(self.array.unique())
+
+    @property
+    def leaves(self):
+        values = self.array.flatten().cast(pa.float32())
+        return types.SimpleNamespace(null_count=0, astype=lambda _: _FakeCudfSeries(values))
+
+
+def test_cudf_backend_refuses_rows_of_different_lengths_and_takes_large_lists(monkeypatch):
+    backend = CudfBackend()
+    rows = pa.array([[1.0, 2.0, 3.0], None, [4.0, 5.0, 6.0]], pa.list_(pa.float32()))
+    valid, matrix = backend.embedding_matrix(_FakeCudfSeries(rows), "emb")
+    assert valid.tolist() == [True, False, True] and matrix.tolist() == [[1, 2, 3], [4, 5, 6]]
+    uneven = pa.array([[1.0, 2.0, 3.0], [4.0, 5.0], [6.0, 7.0, 8.0]], pa.list_(pa.float32()))  # 8 values, 3 rows
+    with pytest.raises(ValueError, match=r"'emb' holds embeddings of different lengths \(2, 3 values\)"):
+        backend.embedding_matrix(_FakeCudfSeries(uneven), "emb")
+    uneven = pa.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0]], pa.list_(pa.float32()))  # 8 values, 2 rows: 2x4
+    with pytest.raises(ValueError, match="different lengths"):
+        backend.embedding_matrix(_FakeCudfSeries(uneven), "emb")
+
+    fake = types.ModuleType("cudf")
+    fake.DataFrame = types.SimpleNamespace(from_arrow=lambda table: _FakeCudfFrame(table))
+    monkeypatch.setitem(backend.__dict__, "_cudf", fake)
+    large = pa.table({"emb": pa.array([[1.0, 2.0]], pa.large_list(pa.float32()))})
+    assert backend.from_arrow(large).table.schema.field("emb").type == pa.list_(pa.float32())
+
+
+def test_cudf_backend_gives_an_all_null_list_column_its_type(monkeypatch):
+    """cuDF exports an empty or all-null list column (``meta`` itself) as arrow's null type; the backend gives it
+    the type its dtype holds, so that ``meta``'s schema matches the partitions'."""
+
+    class ListDtype:  # cuDF's list dtype says its arrow type through to_arrow
+        def to_arrow(self):
+            return pa.list_(pa.float32())
+
+    frame = _FakeCudfFrame(pa.table({"key": pa.array([], pa.string()), "emb": pa.nulls(0)}))
+    frame.__class__ = type("Frame", (_FakeCudfFrame,), {"__getitem__": lambda self, c: types.SimpleNamespace(
+        dtype=ListDtype() if c == "emb" else np.dtype(object))})  # fmt: skip
+    table = CudfBackend().to_arrow(frame)
+    assert table.schema.field("emb").type == pa.list_(pa.float32()) and table.schema.field("key").type == pa.string()
+    assert backends.to_arrow(frame, {"emb": embedding_type(4)}).schema.field("emb").type == embedding_type(4)
+
+
+def test_a_text_column_read_as_embeddings_is_refused_before_any_work(sample_ds):
+    """On either backend the dtype says what a column holds: text where a step reads embeddings is a ColumnError
+    when the step is checked, with what to do, instead of a failure in every task."""
+    from imgcurate.classifiers import AestheticClassifier
+    from imgcurate.dedup import SemanticDeduplicator
+    from imgcurate.steps.base import ColumnError
+
+    df = sample_ds.metadata
+    ds = sample_ds.with_metadata(df.assign(image_embedding=df["key"].astype(pd.StringDtype("pyarrow"))))
+    for step in (SemanticDeduplicator(n_clusters=2), AestheticClassifier(model_path="x")):
+        with pytest.raises(ColumnError, match=r"'image_embedding' holds text, not embeddings: dask turns"):
+            step(ds)
+    ds = sample_ds.with_metadata(df.assign(image_embedding=df["key"].str.len().astype(pd.ArrowDtype(pa.int64()))))
+    with pytest.raises(ColumnError, match=r"'image_embedding' holds int64, not embeddings"):
+        SemanticDeduplicator(n_clusters=2)(ds)

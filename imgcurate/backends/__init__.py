@@ -50,6 +50,8 @@ __all__ = [
     "embedding_array",
     "embedding_matrix",
     "is_embedding_type",
+    "arrow_type_of",
+    "not_embeddings",
 ]
 
 
@@ -64,6 +66,35 @@ def is_embedding_type(arrow_type: pa.DataType) -> bool:
     if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return pa.types.is_floating(arrow_type.value_type)
     return False
+
+
+def arrow_type_of(dtype: Any) -> pa.DataType | None:
+    """The arrow type a column's dtype holds, on either backend, or None where the dtype does not say (numpy
+    dtypes, pandas object columns): pandas' arrow dtypes, pandas' text dtypes (as text), and cuDF's nested dtypes
+    (lists, structs), which give their arrow type through ``to_arrow`` (a cuDF list has no fixed size)."""
+    if isinstance(dtype, pd.ArrowDtype):
+        return dtype.pyarrow_dtype
+    if isinstance(dtype, pd.StringDtype):
+        return pa.large_string()
+    to_arrow = getattr(dtype, "to_arrow", None)
+    if callable(to_arrow):
+        try:
+            found = to_arrow()
+        except Exception:  # noqa: BLE001 - a dtype that cannot say its arrow type says nothing
+            return None
+        return found if isinstance(found, pa.DataType) else None
+    return None
+
+
+def not_embeddings(dtype: Any, name: str) -> str | None:
+    """Why a column of this dtype (either backend) cannot hold embeddings, or None when it can or its dtype does not
+    say (a pandas object column is read row by row)."""
+    arrow_type = arrow_type_of(dtype)
+    if arrow_type is None or is_embedding_type(arrow_type):
+        return None
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return str(_text_error(name))
+    return f"column {name!r} holds {arrow_type}, not embeddings"
 
 
 def embedding_array(matrix: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
@@ -240,15 +271,26 @@ class CudfBackend(Backend):
         return type(frame).__module__.startswith("cudf")
 
     def from_arrow(self, table: pa.Table) -> Any:
-        # cuDF stores lists of any size; a fixed-size list goes in as a plain list and gets its size back in to_arrow
+        # cuDF stores lists of any size, with 32-bit offsets: a fixed-size or large list goes in as a plain list (the
+        # fixed size comes back in to_arrow from the declared type); its arrow import takes no other list type
         fields = [
-            pa.field(f.name, pa.list_(f.type.value_type)) if pa.types.is_fixed_size_list(f.type) else f
+            pa.field(f.name, pa.list_(f.type.value_type), f.nullable)
+            if pa.types.is_fixed_size_list(f.type) or pa.types.is_large_list(f.type)
+            else f
             for f in table.schema
         ]
         return self._cudf.DataFrame.from_arrow(table.cast(pa.schema(fields)))
 
     def to_arrow(self, frame: Any) -> pa.Table:
-        return frame.to_arrow(preserve_index=False)
+        table = frame.to_arrow(preserve_index=False)
+        # cuDF exports a list or struct column that is empty or all null (``meta``, a partition without values) as
+        # arrow's null type: give it the type its dtype holds, as for every other partition
+        for i, field in enumerate(table.schema):
+            if pa.types.is_null(field.type):
+                declared = arrow_type_of(frame[field.name].dtype)
+                if declared is not None:
+                    table = table.set_column(i, pa.field(field.name, declared), pa.nulls(len(table), declared))
+        return table
 
     def to_pandas(self, frame: Any) -> pd.DataFrame:
         """Through arrow, with the pandas backend's dtypes: a list column (embeddings) arrives as one arrow-backed
@@ -264,7 +306,11 @@ class CudfBackend(Backend):
         # a cuDF list column: its leaves are one flat device array, the non-null rows one after the other
         valid = values.notna().to_numpy()
         n_valid = int(valid.sum())
-        leaves = values[values.notna()].list.leaves
+        present = values[values.notna()]
+        lengths = present.list.len().unique().to_numpy()
+        if len(lengths) > 1:
+            raise ValueError(f"column {name!r} holds embeddings of different lengths ({_lengths(lengths.tolist())})")
+        leaves = present.list.leaves
         if leaves.null_count:
             leaves = leaves.fillna(np.nan)
         flat = leaves.astype(np.float32).to_numpy()

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from imgcurate._dask import Shard
 from imgcurate._models import cached_model, resolve_device
-from imgcurate.backends import embedding_matrix, is_embedding_type
+from imgcurate.backends import arrow_type_of, embedding_matrix, not_embeddings
 from imgcurate.steps.base import ColumnError, ShardIO, ShardStep
 
 if TYPE_CHECKING:
@@ -123,9 +123,10 @@ class ImageClassifier(ShardStep):
     def check(self, meta: Any, id_col: str) -> None:
         super().check(meta, id_col)
         dtype = meta[self.embedding_column].dtype
-        arrow_type = getattr(dtype, "pyarrow_dtype", None)
-        if arrow_type is not None and not is_embedding_type(arrow_type):
-            raise ColumnError(f"{self.name} reads {self.embedding_column!r}, which holds {arrow_type}, not embeddings")
+        reason = not_embeddings(dtype, self.embedding_column)
+        if reason is not None:
+            raise ColumnError(f"{self.name}: {reason}")
+        arrow_type = arrow_type_of(dtype)
         if arrow_type is not None and pa.types.is_fixed_size_list(arrow_type):
             self.check_dimension(arrow_type.list_size)
 

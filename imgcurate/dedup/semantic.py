@@ -64,7 +64,7 @@ from imgcurate.backends import (
     backend_of,
     embedding_matrix,
     from_arrow,
-    is_embedding_type,
+    not_embeddings,
     on_gpu,
     to_pandas,
 )
@@ -674,9 +674,9 @@ class SemanticDeduplicator(Step):
 
     def check(self, meta: Any, id_col: str) -> None:
         super().check(meta, id_col)
-        arrow_type = getattr(meta[self.embedding_column].dtype, "pyarrow_dtype", None)
-        if arrow_type is not None and not is_embedding_type(arrow_type):
-            raise ColumnError(f"{self.name} reads {self.embedding_column!r}, which holds {arrow_type}, not embeddings")
+        reason = not_embeddings(meta[self.embedding_column].dtype, self.embedding_column)
+        if reason is not None:
+            raise ColumnError(f"{self.name}: {reason}")
         sample = to_pandas(meta[self.keep_by]) if self.keep_by else None
         for column in self.keep_by:
             kind = sample[column].dtype
@@ -716,7 +716,9 @@ class SemanticDeduplicator(Step):
         Without ``centroids`` the fit is part of the same graph, which holds every shard's input on the workers from
         its sample draw until its assignment (KMeans needs a sample from every shard first): the right choice when
         the input is expensive to compute again, such as an embedder's lazy output. See :meth:`fit` for input that
-        is cheap to read again.
+        is cheap to read again. With ``kmeans_backend='cuml-dask'`` the fit cannot be part of the graph (cuML's Dask
+        estimators run from the client): the input is persisted on the workers first and held until the returned
+        columns are computed, so that it is still computed once.
         """
         df = dataset.metadata
         id_col = self._id(dataset.id_col)
@@ -728,6 +730,11 @@ class SemanticDeduplicator(Step):
         # centroids given and another rule nothing is counted: one task per shard fewer.
         random = self.which_to_keep == "random"
         counts = None
+        if centroids is None and backend == "cuml-dask":
+            # cuML's Dask fit runs now, before the rest of the graph: the input is held on the workers (as the
+            # in-graph fit holds it until each shard's assignment) so that the embedder behind it runs once
+            _require_client()
+            frame = progress.persist(frame, desc="semantic dedup: input for the cuML fit")
         if centroids is None or random:
             counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
         if centroids is not None:
@@ -802,16 +809,16 @@ class SemanticDeduplicator(Step):
         come back."""
         import dask.array as da
 
-        if progress.distributed_client() is None:
-            raise RuntimeError(
-                "kmeans backend 'cuml-dask' runs on the GPU workers of a Dask distributed client: start one (e.g. "
-                "dask_cuda.LocalCUDACluster, or 'cluster: {type: cuda}' in a pipeline) or choose kmeans_backend='cuml'"
-            )
+        _require_client()
         gpu = on_gpu(frame._meta)
+        if not isinstance(total, int | np.integer):  # added(): a lazy count over the input the caller persisted
+            total = progress.compute([total], desc="semantic dedup: counting embeddings")[0]
+        total = int(total)
         sample = dataset.map_shards(_sample_shard, self, total, meta=_SAMPLE_META, frame=frame)
         sample = progress.persist(sample, desc="semantic dedup: KMeans sample")
         shapes = sample[["n", "dim", "tar"]].compute()
         _check_dims(shapes, self.embedding_column)
+        _check_sample_size(int(shapes["n"].sum()), total, self)
         dim = int(shapes["dim"].max())
         empty = _device_block(pd.DataFrame({"embedding": [b""], "n": [0], "dim": [dim]}), gpu)
         blocks = [
@@ -824,6 +831,14 @@ class SemanticDeduplicator(Step):
         centroids, iterations = self._kmeans(da.concatenate(blocks), "cuml-dask")
         self.stats_["kmeans_iterations"] = iterations
         return centroids
+
+
+def _require_client() -> None:
+    if progress.distributed_client() is None:
+        raise RuntimeError(
+            "kmeans backend 'cuml-dask' runs on the GPU workers of a Dask distributed client: start one (e.g. "
+            "dask_cuda.LocalCUDACluster, or 'cluster: {type: cuda}' in a pipeline) or choose kmeans_backend='cuml'"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- on the workers
@@ -942,16 +957,26 @@ def _device_block(part: pd.DataFrame, on_gpu: bool) -> Any:
     return block
 
 
+def _check_sample_size(drawn: int, total: int | None, step: SemanticDeduplicator) -> None:
+    """KMeans needs at least ``n_clusters`` rows: a ValueError saying whether the data or the sample is too small.
+    ``total`` is the count of usable embeddings; None where it is not at hand (then a draw smaller than the sample
+    asked for means that every row was drawn)."""
+    if drawn >= step.n_clusters:
+        return
+    everything = drawn < _sample_size(step, drawn) if total is None else total < step.n_clusters
+    if everything:
+        raise ValueError(f"{drawn if total is None else total} samples with embeddings is fewer than "
+                         f"n_clusters={step.n_clusters}")  # fmt: skip
+    raise ValueError(f"the KMeans sample holds {drawn} rows, fewer than n_clusters={step.n_clusters}: raise "
+                     "fit_sample")  # fmt: skip
+
+
 def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) -> np.ndarray:
     """KMeans on the gathered sample (the root of a tree reduction, on a worker); returns the centroids."""
     _check_dims(sample, step.embedding_column)
     blocks = [_block(row) for _, row in sample.iterrows() if row["n"]]
     x = np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
-    if len(x) < step.n_clusters:
-        if int(sample["n"].sum()) == len(x) and len(x) < _sample_size(step, len(x)):  # everything was drawn
-            raise ValueError(f"{len(x)} samples with embeddings is fewer than n_clusters={step.n_clusters}")
-        raise ValueError(f"the KMeans sample holds {len(x)} rows, fewer than n_clusters={step.n_clusters}: raise "
-                         "fit_sample")  # fmt: skip
+    _check_sample_size(len(x), None, step)
     from threadpoolctl import threadpool_limits
 
     from imgcurate.cpu import cpu_count
