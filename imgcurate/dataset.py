@@ -12,7 +12,7 @@ import concurrent.futures
 import functools
 import posixpath
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,7 @@ class ImageTextPairDataset:
         input_rows: the number of rows the metadata was read with (:meth:`from_webdataset` gives it, from the
             parquet footers), kept through :meth:`with_metadata` (an upper bound on the rows of a frame given there);
             steps check against it before any work (see :attr:`input_rows`).
+        column_types: the arrow types that steps declare for the columns they added (see :attr:`column_types`).
 
     Example:
         >>> ds = ImageTextPairDataset.from_webdataset("shards/")  # doctest: +SKIP
@@ -94,6 +95,7 @@ class ImageTextPairDataset:
         shards: dd.DataFrame | None = None,
         input_schema: pa.Schema | None = None,
         input_rows: int | None = None,
+        column_types: Mapping[str, pa.DataType] | None = None,
     ):
         self.path = path
         self.tar_files = list(tar_files)
@@ -101,6 +103,8 @@ class ImageTextPairDataset:
         self.storage_options = dict(storage_options or {})
         self._input_schema = input_schema
         self._input_rows = input_rows
+        names = set(map(str, metadata.columns))
+        self._column_types = {name: t for name, t in (column_types or {}).items() if name in names}
         if shards is not None:
             self.__dict__["shards"] = shards
         self._metadata = self._checked(metadata)
@@ -201,6 +205,13 @@ class ImageTextPairDataset:
         return self._metadata
 
     @property
+    def column_types(self) -> dict[str, pa.DataType]:
+        """The arrow types that steps declared for the columns they added (kept through :meth:`with_metadata` while
+        the column exists). cuDF holds a fixed-size list (an embedding) as a plain list, so the export writes such a
+        column with its declared fixed size on either backend."""
+        return dict(self._column_types)
+
+    @property
     def input_schema(self) -> pa.Schema | None:
         """The arrow schema of the input's parquet files, unified over the shards (None for a dataset built from a
         frame of its own).
@@ -263,16 +274,26 @@ class ImageTextPairDataset:
         return type(self)(
             self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options,
             shards=self.__dict__.get("shards"), input_schema=self._input_schema, input_rows=self._input_rows,
+            column_types=self._column_types,
         )  # fmt: skip
 
-    def with_columns(self, columns: dd.DataFrame) -> ImageTextPairDataset:
+    def with_columns(
+        self, columns: dd.DataFrame, types: Mapping[str, pa.DataType] | None = None
+    ) -> ImageTextPairDataset:
         """A dataset whose metadata has the columns of ``columns`` added (or replaced).
 
         Args:
             columns: a frame with one partition per shard holding, for each metadata row in order, the new values
                 (what a step computes; see :mod:`imgcurate.steps.base`).
+            types: the arrow types the columns were declared with (a step's ``output_columns()``), kept in
+                :attr:`column_types`; a replaced column without one loses the type declared before.
         """
-        return self.with_metadata(zip_columns(self._metadata, columns))
+        out = self.with_metadata(zip_columns(self._metadata, columns))
+        new = set(map(str, columns.columns))
+        declared = {name: t for name, t in self._column_types.items() if name not in new}
+        declared.update({name: t for name, t in (types or {}).items() if name in new})
+        out._column_types = declared
+        return out
 
     def map_shards(self, func: Callable, *args: Any, meta: Any, frame: dd.DataFrame | None = None) -> dd.DataFrame:
         """``func(partition, shard, *args)`` on each metadata partition, ``shard`` being its
@@ -357,6 +378,7 @@ class ImageTextPairDataset:
             overwrite=overwrite,
             index_files=index_files,
             input_schema=self._input_schema,
+            column_types=self._column_types,
         )
         return ImageTextPairDataset.from_webdataset(path, self.id_col, storage_options=self.storage_options,
                                                     validate=False)  # fmt: skip

@@ -820,7 +820,7 @@ class Pipeline:
                 continue
             fingerprint = fingerprint_chain([fingerprint, step.fingerprint()])
             columns, record = run.compute_step(dataset, step, position, fingerprint)
-            dataset = dataset.with_columns(columns)
+            dataset = dataset.with_columns(columns, step.output_columns())
             records.append(record)
         return dataset, records
 

@@ -417,3 +417,38 @@ def test_overwrite_replaces_the_shards_and_leaves_a_users_other_files(sample_ds,
     other.mkdir()
     (other / "my_analysis.parquet").write_bytes(b"a user's table")
     sample_ds.to_webdataset(str(other), samples_per_shard=20)  # a folder with no shard: no overwrite needed
+
+
+def test_a_declared_embedding_is_exported_with_its_fixed_size_when_the_frame_holds_plain_lists(sample_ds, tmp_path):
+    """cuDF holds a fixed-size list as a plain list; the types steps declare travel with the dataset, so the export
+    writes the embedding column with its fixed size on either backend. Here the frame holds plain lists on pandas,
+    as a cuDF partition converts."""
+    from imgcurate.backends import embedding_type
+
+    df = sample_ds.metadata
+    plain = pd.ArrowDtype(pa.list_(pa.float32()))
+
+    def lists(part):
+        values = pa.array([[float(i), 1.0, 2.0] for i in range(len(part))], pa.list_(pa.float32()))
+        return pd.DataFrame({"emb": pd.Series(values, dtype=plain, index=part.index)})
+
+    columns = df.map_partitions(lists, meta=pd.DataFrame({"emb": pd.Series([], dtype=plain)}))
+    declared = sample_ds.with_columns(columns, {"emb": embedding_type(3)})
+    assert declared.column_types == {"emb": embedding_type(3)}
+    assert declared.with_metadata(declared.metadata.drop(columns=["emb"])).column_types == {}
+    declared.to_webdataset(str(tmp_path / "declared"))
+    sample_ds.with_columns(columns).to_webdataset(str(tmp_path / "undeclared"))
+    for name, expected in (("declared", embedding_type(3)), ("undeclared", pa.list_(pa.float32()))):
+        for path in sorted((tmp_path / name).glob("*.parquet")):
+            assert pq.read_schema(path).field("emb").type == expected
+    back = pq.read_table(sorted((tmp_path / "declared").glob("*.parquet"))[0])
+    assert back.column("emb").to_pylist()[:2] == [[0.0, 1.0, 2.0], [1.0, 1.0, 2.0]]
+    # a column replaced without a declared type loses the one declared before
+    assert declared.with_columns(columns).column_types == {}
+
+
+def test_steps_declare_their_column_types_on_the_dataset(sample_ds):
+    from imgcurate.dedup import ExactDuplicates
+
+    dedup = ExactDuplicates()
+    assert dedup(sample_ds).column_types == dedup.output_columns()

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import posixpath
+from collections.abc import Mapping
 from typing import Any
 
 import dask
@@ -142,6 +143,14 @@ def _input_types(metadata: dd.DataFrame, input_schema: pa.Schema | None) -> dict
         for field in input_schema
         if field.name in declared.names and declared.field(field.name).type == read.field(field.name).type
     }
+
+
+def _fixed_size_lists(metadata: dd.DataFrame, column_types: Mapping[str, pa.DataType] | None) -> dict:
+    """The declared fixed-size list types (embeddings) of columns that ``metadata`` still has. Only these: every
+    other declared type is what the frame converts to already, on either backend, and leaving them out keeps the
+    export's bytes as they were."""
+    names = set(map(str, metadata.columns))
+    return {name: t for name, t in (column_types or {}).items() if name in names and pa.types.is_fixed_size_list(t)}
 
 
 def _select(
@@ -384,6 +393,7 @@ def export_webdataset(
     overwrite: bool = False,
     index_files: bool = False,
     input_schema: pa.Schema | None = None,
+    column_types: Mapping[str, pa.DataType] | None = None,
 ) -> int:
     """Writes the rows of ``metadata`` whose ``filter_column`` is true, with their samples, as new shards in ``path``.
 
@@ -404,6 +414,10 @@ def export_webdataset(
         input_schema: the arrow schema the metadata was read from: columns whose dtype is still the one their type
             there is read as are written with that type (:func:`_input_types`), so that re-exporting an export keeps
             its parquet schema and bytes. None writes the types the frame converts to.
+        column_types: the arrow types steps declared for the columns they added
+            (:attr:`ImageTextPairDataset.column_types`): a declared fixed-size list (an embedding) is written with
+            its fixed size where the frame holds a plain list (as cuDF does), so an export has one schema on either
+            backend.
 
     Returns:
         The number of samples written.
@@ -433,6 +447,7 @@ def export_webdataset(
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
 
     types = _input_types(metadata, input_schema)
+    types.update(_fixed_size_lists(metadata, column_types))
     selected = selection(metadata, shards, stage_dir, filter_column, so, types)
     # one small row per shard comes back: its count, its digest, and its schema only where it differs from the meta's
     (table,) = progress.compute([selected], desc="export: selecting", unit="shard")

@@ -306,6 +306,6 @@ def report_run_dir(
             schema = pq.read_schema(f)
         types = {n: schema.field(n).type for n in schema.names if n not in (ROW_ID, id_col)}
         meta = empty_frame(types, backend_of(dataset.metadata._meta).name)
-        dataset = dataset.with_columns(run.read_step(folder, dataset, meta, types))
+        dataset = dataset.with_columns(run.read_step(folder, dataset, meta, types), types)
     out = path or posixpath.join(run_dir.rstrip("/"), REPORT_NAME)
     return run_report(dataset, out, summary, title=str(info.get("input") or source), **kwargs)

@@ -293,7 +293,7 @@ class Step(abc.ABC):
         self.check(dataset.metadata._meta, dataset.id_col)
         if dataset.input_rows is not None:
             self.check_rows(dataset.input_rows)
-        return dataset.with_columns(self.added(dataset))
+        return dataset.with_columns(self.added(dataset), self.output_columns())
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
