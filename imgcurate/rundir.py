@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import dask.dataframe as dd
 import fsspec
 import pandas as pd
@@ -165,12 +166,15 @@ class RunDir:
         """The step's columns read back from its folder, one partition per shard, with the metadata's row ids."""
         backend = backend_of(meta).name
         schema = pa.schema([pa.field(n, t) for n, t in types.items()])
-        return dd.from_map(
-            _read_shard, list(range(dataset.num_shards)), args=[self.url("steps", folder), schema, backend,
-                                                                self.storage_options],
-            meta=meta, divisions=shard_divisions(dataset.num_shards), label="imgcurate-step-results",
-            enforce_metadata=False,
-        )  # fmt: skip
+        # on cuDF the partitions keep cuDF's own text columns, as the input's do when it is opened: dask's conversion
+        # of text columns (an astype to pandas' arrow string dtype per partition) is for pandas partitions
+        with dask.config.set({"dataframe.convert-string": False} if backend == "cudf" else {}):
+            return dd.from_map(
+                _read_shard, list(range(dataset.num_shards)), args=[self.url("steps", folder), schema, backend,
+                                                                    self.storage_options],
+                meta=meta, divisions=shard_divisions(dataset.num_shards), label="imgcurate-step-results",
+                enforce_metadata=False,
+            )  # fmt: skip
 
     def begin(self, described: dict[str, Any]) -> None:
         """Starts a run: writes ``run.json``; when it describes another run than the last one (the input or a step
