@@ -334,3 +334,44 @@ def test_unknown_pretrained_tag_and_other_channel_counts_are_refused_when_built(
     TimmImageEmbedder("botnet50ts_256.untrained", pretrained=False)  # a tag timm builds without published weights
     with pytest.raises(ValueError, match="in_chans=1: the decoders give the model RGB images"):
         TimmImageEmbedder("test_resnet", model_kwargs={"in_chans": 1})
+
+
+def test_if_available_is_settled_where_the_run_starts_and_travels_to_the_workers(sample_ds, monkeypatch):
+    """``pretrained="if-available"`` decides once, when the step is checked: a worker whose cache differs builds the
+    model settled there (random weights without trying its cache; pretrained weights or an error, never random)."""
+    import pickle
+
+    import timm
+
+    import imgcurate.embedders.timm as timm_module
+    from imgcurate.errors import MissingWeightsError
+
+    asked = []
+    create = timm.create_model
+
+    def recorded(name, pretrained=False, **kwargs):
+        asked.append(pretrained)
+        if pretrained:
+            raise RuntimeError("no weights in this cache")
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recorded)
+    meta = sample_ds.metadata._meta
+    for here, settled in ((False, False), (True, True)):
+        monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name, here=here: here)
+        emb = TimmImageEmbedder("test_resnet", pretrained="if-available")
+        emb.check(meta, sample_ds.id_col)
+        worker = pickle.loads(pickle.dumps(emb))
+        monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name, here=here: not here)
+        assert worker._if_available_cached() is settled and worker.fingerprint() == emb.fingerprint()
+        asked.clear()
+        if settled:
+            with pytest.raises(MissingWeightsError, match="not here, though they were in the cache where the run"):
+                worker.check_resources()
+            with pytest.raises(MissingWeightsError, match="could not be loaded"):
+                worker._create()
+        else:
+            worker.check_resources()
+            with pytest.warns(UserWarning, match="not in the Hugging Face cache where the run started"):
+                worker._create()
+            assert asked == [False]  # the worker's own cache is not tried

@@ -25,6 +25,8 @@ __all__ = ["TimmImageEmbedder", "load_state_dict_file"]
 
 #: ``pretrained=IF_AVAILABLE``: the published weights when they can be loaded, else seeded random ones, with a warning.
 IF_AVAILABLE = "if-available"
+_RANDOM_WEIGHTS = ("no pretrained weights for {} could be loaded ({}): using seeded random weights, which find copies "
+                   "but say nothing about content")  # fmt: skip
 
 #: Seed of the random weights of a model built without pretrained weights or a checkpoint.
 RANDOM_WEIGHTS_SEED = 0
@@ -168,10 +170,22 @@ class TimmImageEmbedder(ImageEmbedder):
         return out
 
     def _if_available_cached(self) -> bool | None:
-        """With ``pretrained="if-available"``, whether the weights are cached now; None otherwise."""
+        """With ``pretrained="if-available"``, whether the weights are used: as settled by :meth:`check` where the run
+        started (the step travels to the workers with it), else whether they are cached now; None otherwise."""
         if self.pretrained == IF_AVAILABLE and self.checkpoint_path is None:
-            return pretrained_weights_cached(self.model_name)
+            settled = self.__dict__.get("_weights_cached")
+            return pretrained_weights_cached(self.model_name) if settled is None else settled
         return None
+
+    def check(self, meta: Any, id_col: str) -> None:
+        """As :meth:`Step.check`; with ``pretrained="if-available"`` also settles here, where the run starts, whether
+        the pretrained weights are used. Every worker then builds that model: a worker whose cache differs does not
+        embed its shards with other weights (it is an error where it lacks weights settled as used)."""
+        super().check(meta, id_col)
+        self.__dict__.pop("_weights_cached", None)
+        cached = self._if_available_cached()
+        if cached is not None:
+            self.__dict__["_weights_cached"] = cached
 
     def cache_key(self) -> tuple:
         # the weights' content and, for "if-available", whether they are cached: a worker that loaded other weights
@@ -206,20 +220,21 @@ class TimmImageEmbedder(ImageEmbedder):
         import timm
         import torch
 
+        settled = self.__dict__.get("_weights_cached") if self.pretrained == IF_AVAILABLE else None
+        if settled is False and self.checkpoint_path is None:
+            warnings.warn(_RANDOM_WEIGHTS.format(self.model_name, "not in the Hugging Face cache where the run "
+                                                 "started"), stacklevel=2)  # fmt: skip
         try:
-            pretrained = self.pretrained and self.checkpoint_path is None
+            pretrained = self.pretrained and self.checkpoint_path is None and settled is not False
             with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same model in every worker process
                 model = timm.create_model(self.model_name, pretrained=pretrained, **self._kwargs())
         except Exception as err:
-            if not self.pretrained:
+            if not self.pretrained or not pretrained:
                 raise
-            if self.pretrained == IF_AVAILABLE:
-                warnings.warn(
-                    f"no pretrained weights for {self.model_name} could be loaded (not in the Hugging Face cache, no "
-                    "network): using seeded random weights, which find copies but say nothing about content",
-                    stacklevel=2,
-                )
+            if self.pretrained == IF_AVAILABLE and settled is not True:
+                warnings.warn(_RANDOM_WEIGHTS.format(self.model_name, "not in the Hugging Face cache, no network"),
+                              stacklevel=2)  # fmt: skip
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(RANDOM_WEIGHTS_SEED)
                     return timm.create_model(self.model_name, pretrained=False, **self.model_kwargs).eval()
@@ -248,6 +263,12 @@ class TimmImageEmbedder(ImageEmbedder):
         wanted = self.pretrained is True and self.checkpoint_path is None
         if wanted and hf_offline() and pretrained_weights_cached(self.model_name) is False:
             raise MissingWeightsError(self._missing_weights("are not available offline"))
+        settled = self.__dict__.get("_weights_cached") if self.pretrained == IF_AVAILABLE else None
+        if settled and self.checkpoint_path is None and pretrained_weights_cached(self.model_name) is False:
+            raise MissingWeightsError(self._missing_weights(
+                "are not here, though they were in the cache where the run started (pretrained='if-available' "
+                "uses them on every worker or on none)"
+            ))  # fmt: skip
         if self.checkpoint_path is not None and os.path.isfile(self.checkpoint_path):
             import timm
             import torch
