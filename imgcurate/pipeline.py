@@ -21,6 +21,7 @@ when a config uses it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -35,7 +36,7 @@ import pandas as pd
 import yaml
 
 from imgcurate import progress
-from imgcurate.backends import to_pandas
+from imgcurate.backends import backend_of, to_pandas
 from imgcurate.config_check import bind, check_value, unknown_key
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, MissingDependencyError
@@ -299,8 +300,11 @@ def cuda_cluster_options(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _cluster(spec: dict | None, steps: list[Any] = ()) -> Iterator[Any]:
+def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") -> Iterator[Any]:
     if not spec:
+        client = progress.distributed_client()  # one the caller made: checked as a cluster given by its address
+        if client is not None:
+            check_workers(client, list(steps), backend)
         yield None
         return
     from distributed import Client, LocalCluster
@@ -310,7 +314,7 @@ def _cluster(spec: dict | None, steps: list[Any] = ()) -> Iterator[Any]:
     spec = dict(spec)
     if "address" in spec:
         with _connect(spec["address"]) as client:
-            check_workers(client, steps)
+            check_workers(client, list(steps), backend)
             yield client
         return
     kind = spec.pop("type", "local")
@@ -378,32 +382,97 @@ def _resource_problems(steps: list[Any]) -> list[str]:
     return problems
 
 
-def check_workers(client: Any, steps: list[Any]) -> None:
-    """Before any work on a cluster that the pipeline did not start (``cluster: {address: ...}``): every worker imports
-    each step's module and the packages it requires, and finds what it loads (:meth:`Step.check_resources`). Its
+def _identity_function() -> Callable[[], tuple[str, str]]:
+    """The function that says which imgcurate a process runs: its version, and a digest of its source files (their
+    paths and bytes), which tells two checkouts of one version apart. Made here, not at module level, so that it
+    travels to a worker by value and runs on a worker with another imgcurate too."""
+
+    def identity() -> tuple[str, str]:
+        import hashlib
+        import os
+
+        import imgcurate
+
+        root = os.path.dirname(os.path.abspath(imgcurate.__file__))
+        digest = hashlib.sha256()
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith((".py", ".yaml")):
+                    path = os.path.join(folder, name)
+                    with open(path, "rb") as f:
+                        digest.update(f"{os.path.relpath(path, root)}\0".encode() + hashlib.sha256(f.read()).digest())
+        return imgcurate.__version__, digest.hexdigest()
+
+    return identity
+
+
+@functools.cache
+def code_identity() -> tuple[str, str]:
+    """This process's imgcurate: its version and a digest of its source files (see :func:`_identity_function`)."""
+    return _identity_function()()
+
+
+def _run_check(run: Callable[..., Any], where: str, *args: Any) -> Any:
+    """One of :func:`check_workers`' calls on the cluster; a failure to run it there (imgcurate itself missing, a
+    step's module missing while the steps are unpickled) is a one-line ClusterError."""
+    from imgcurate.errors import ClusterError
+
+    try:
+        return run(*args)
+    except Exception as err:  # noqa: BLE001 - whatever the remote side raised: it could not run the check
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ClusterError(f"cluster: {where} could not run imgcurate's checks ({type(err).__name__}: {reason}); "
+                           "install imgcurate and the steps' modules where it runs") from None  # fmt: skip
+
+
+def check_workers(client: Any, steps: list[Any], backend: str = "pandas") -> None:
+    """Before any work on a cluster that the pipeline did not start (``cluster: {address: ...}``, or a distributed
+    client made before the run): every worker runs the same imgcurate as this process (version and source files),
+    imports each step's module (those of the steps among its arguments too) and the packages it uses there
+    (:meth:`Step.worker_requirements`, for a metadata frame of ``backend``), and finds what it loads
+    (:meth:`Step.check_resources`); the scheduler, which unpickles the task graph, imports the steps' modules. Its
     workers run elsewhere, maybe in another environment: without this check a missing package or weights file is a
-    task's error in the middle of the first pass.
+    task's error in the middle of a pass, and another imgcurate gives other results without a word.
 
     Raises:
-        ClusterError: naming the module or the missing resource and on how many of the workers.
+        ClusterError: naming the module, the missing resource or the other version, and on how many of the workers.
     """
     from imgcurate.errors import ClusterError
 
     steps = [s for s in steps if isinstance(s, Step)]
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    if not steps or not workers:
+        return
+    graph: dict[str, str] = {"imgcurate": "every step"}  # what unpickling the steps imports
     needed: dict[str, str] = {}
     for step in steps:
-        needed.setdefault(type(step).__module__, f"the step {step.name}")
-        for requirement in step.requires:
-            needed.setdefault(requirement.module, f"{step.name} (pip install {requirement.package})")
-    workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    if not needed or not workers:
-        return
-    found = client.run(_missing_modules, sorted(needed))
+        for inner in [step, *step.inner_steps()]:
+            graph.setdefault(type(inner).__module__, f"the step {step.name}")
+        for owner in [step, *(s for s in step.inner_steps() if isinstance(s, Step))]:
+            for requirement in owner.worker_requirements(backend):
+                needed.setdefault(requirement.module, f"{step.name} (pip install {requirement.package})")
+    needed = {**graph, **needed}
+    found = _run_check(client.run, "a worker", _missing_modules, sorted(needed))
     for module in sorted({m for missing in found.values() for m in missing}):
         count = sum(module in missing for missing in found.values())
         raise ClusterError(f"cluster: {count} of {workers} workers cannot import {module!r}, which {needed[module]} "
                            "needs: install it where the workers run (or put it on their PYTHONPATH)")  # fmt: skip
-    found = client.run(_resource_problems, steps)
+    missing = _run_check(client.run_on_scheduler, "the scheduler", _missing_modules, sorted(graph))
+    if missing:
+        raise ClusterError(f"cluster: the scheduler cannot import {missing[0]!r}, which {graph[missing[0]]} needs (it "
+                           "unpickles the task graph): install it where the scheduler runs (or put it on its "
+                           "PYTHONPATH)")  # fmt: skip
+    mine = code_identity()
+    others = [tuple(theirs) for theirs in _run_check(client.run, "a worker", _identity_function()).values()]
+    differ = [theirs for theirs in others if theirs != mine]
+    if differ:
+        versions = sorted({v for v, _ in differ} - {mine[0]})
+        what = f"version {', '.join(versions)}" if versions else "the same version from other source files"
+        raise ClusterError(f"cluster: {len(differ)} of {workers} workers run another imgcurate ({what}) than this "
+                           f"process (version {mine[0]}): install the same one where the workers run, so that every "
+                           "shard is computed by the same code")  # fmt: skip
+    found = _run_check(client.run, "a worker", _resource_problems, steps)
     for problem in sorted({p for problems in found.values() for p in problems}):
         count = sum(problem in problems for problems in found.values())
         raise ClusterError(f"cluster: on {count} of {workers} workers: {problem}")
@@ -850,7 +919,7 @@ class Pipeline:
         published = self._published_export(described)
         if not published:
             self._check_export_folder()
-        with _cluster(self.cluster, self.steps):
+        with _cluster(self.cluster, self.steps, backend_of(dataset.metadata._meta).name):
             started = time.perf_counter()
             result, records = self.compute_steps(dataset, described)
             for name, kwargs in self.reports.items():

@@ -126,6 +126,9 @@ class CaptionFeatures(ShardStep):
     def input_columns(self, id_col: str) -> list[str]:
         return [self.caption_column]
 
+    def worker_requirements(self, backend: str) -> list[Requirement]:
+        return [*super().worker_requirements(backend), *([_LANGID] if self.language else [])]
+
     def output_columns(self) -> dict[str, pa.DataType]:
         types = {f"{self.prefix}words": pa.int32(), f"{self.prefix}chars": pa.int32()}
         if self.language:

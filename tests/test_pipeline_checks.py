@@ -390,3 +390,36 @@ def test_cluster_options_that_distributed_takes_pass_the_checks():
     spec = {"n_workers": 1, "dashboard_address": 8787, "memory_limit": "2GiB", "env": {"OMP_NUM_THREADS": 1}}
     assert check_cluster(spec) == spec
     assert check_cluster({"dashboard_address": ":0", "memory_limit": 0.5, "scheduler_port": 0})
+
+
+def test_packages_a_step_chooses_are_checked_on_the_workers_of_a_client_made_before_the_run(sample_dir, tmp_path,
+                                                                                             monkeypatch):  # fmt: skip
+    """A step's packages that its configuration chooses (the KMeans backend, language identification) are checked
+    on every worker before any work, as its module is."""
+    from distributed import Client, LocalCluster
+
+    from imgcurate.dedup import SemanticDeduplicator
+    from imgcurate.errors import ClusterError
+    from imgcurate.pipeline import Pipeline
+    from imgcurate.steps.base import Requirement
+    from imgcurate.text import CaptionFeatures
+
+    def modules(step, backend="pandas"):
+        return [r.module for r in step.worker_requirements(backend)]
+
+    assert modules(SemanticDeduplicator(n_clusters=2)) == ["faiss"]
+    assert modules(SemanticDeduplicator(n_clusters=2), "cudf") == ["cuml"]
+    assert modules(SemanticDeduplicator(n_clusters=2, kmeans_backend="sklearn"), "cudf") == ["sklearn"]
+    assert modules(CaptionFeatures()) == ["py3langid"] and modules(CaptionFeatures(language=False)) == []
+    missing = Requirement("a_kmeans_package_not_installed", "faiss-cpu")
+    monkeypatch.setattr(SemanticDeduplicator, "worker_requirements", lambda self, backend: [missing])
+    config = {"input": str(sample_dir), "output": str(tmp_path / "out"),
+              "steps": [{"TimmImageEmbedder": {"model_name": "test_resnet"}},
+                        {"SemanticDeduplicator": {"n_clusters": 2}}]}  # fmt: skip
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            with pytest.raises(ClusterError, match=r"^cluster: 2 of 2 workers cannot import "
+                               r"'a_kmeans_package_not_installed', which SemanticDeduplicator \(pip install "
+                               r"faiss-cpu\) needs"):  # fmt: skip
+                Pipeline.from_config(config).run()
+    assert not (tmp_path / "out").exists()

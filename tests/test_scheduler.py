@@ -198,3 +198,121 @@ def test_memory_paths_are_refused_while_tasks_run_in_worker_processes(sample_ds,
                 call()
     out = sample_ds.to_webdataset("memory://x-export", old_id_col="old_key")  # the threaded scheduler: one process
     assert out.metadata.compute()["old_key"].tolist() == sample_ds.metadata.compute()["key"].tolist()
+
+
+def test_a_module_of_a_classifier_inside_an_embedder_is_checked_on_the_workers(sample_dir, tmp_path, scheduler,
+                                                                               capsys):  # fmt: skip
+    address, _ = scheduler
+    head = {"user_steps:SumHead": {"embedding_size": 96}}
+    embedder = {"model_name": "test_resnet", "batch_size": 8, "classifiers": [head]}
+    config = _pipeline(tmp_path, sample_dir, address, [{"TimmImageEmbedder": embedder}])
+    assert main(["run", config]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "imgcurate: error: cluster: 2 of 2 workers cannot import 'user_steps', which the step TimmImageEmbedder "
+        "needs: install it where the workers run (or put it on their PYTHONPATH)"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_if_available_weights_cached_here_but_not_on_the_workers_are_an_error_before_any_work(
+    sample_dir, tmp_path, scheduler, monkeypatch, capsys
+):  # fmt: skip
+    """With ``pretrained: if-available`` the weights are used or not as settled where the run starts: a worker
+    without them would embed its shards with seeded random weights, another model than the others'."""
+    import huggingface_hub.constants as hc
+    import timm
+
+    address, _ = scheduler
+    repo = timm.create_model("test_resnet").pretrained_cfg["hf_hub_id"]
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    _weights(folder / "snapshots" / commit / "model.safetensors", seed=0)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    embedder = {"model_name": "test_resnet", "pretrained": "if-available"}
+    config = _pipeline(tmp_path, sample_dir, address, [{"TimmImageEmbedder": embedder}])
+    assert main(["run", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("imgcurate: error: cluster: on 2 of 2 workers: pretrained weights for 'test_resnet' are "
+                          "not here, though they were in the cache where the run started")  # fmt: skip
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_workers_running_another_imgcurate_are_an_error_before_any_work(sample_dir, tmp_path, scheduler, monkeypatch,
+                                                                        capsys):  # fmt: skip
+    """The workers' imgcurate is compared with this process's by version and by its source files (here this process
+    says it runs another version)."""
+    import imgcurate.pipeline as pipeline
+
+    address, _ = scheduler
+    workers = pipeline.code_identity()
+    monkeypatch.setattr(pipeline, "code_identity", lambda: ("0.0.1", workers[1]))
+    config = _pipeline(tmp_path, sample_dir, address, [{"ExactDuplicates": {}}])
+    assert main(["run", config]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"imgcurate: error: cluster: 2 of 2 workers run another imgcurate (version {workers[0]}) than this process "
+        "(version 0.0.1): install the same one where the workers run, so that every shard is computed by the same code"
+    )
+    monkeypatch.setattr(pipeline, "code_identity", lambda: (workers[0], "another checkout"))
+    assert main(["run", config]) == 2
+    assert "2 of 2 workers run another imgcurate (the same version from other source files)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_client_made_before_the_run_is_checked_as_a_cluster_given_by_address(sample_dir, tmp_path, scheduler):
+    from imgcurate.errors import ClusterError
+    from imgcurate.pipeline import Pipeline
+
+    address, _ = scheduler
+    config = {"input": str(sample_dir), "output": str(tmp_path / "out"), "steps": [{"user_steps:CaptionLength": {}}]}
+    with Client(address) as client:
+        with pytest.raises(ClusterError, match="2 of 2 workers cannot import 'user_steps'"):
+            Pipeline.from_config(config).run()
+        assert client.status == "running"  # the caller's client is left as it was
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_module_the_scheduler_cannot_import_is_an_error_before_any_work(sample_dir, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    """The scheduler unpickles the task graph, so it needs the steps' modules too: here the worker has the user's
+    module on its path and the scheduler does not."""
+    mods, home = tmp_path / "mods", tmp_path / "elsewhere"
+    mods.mkdir()
+    home.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "user_steps.py"), mods / "only_on_workers.py")
+    monkeypatch.syspath_prepend(str(mods))
+    address_file = str(home / "scheduler.json")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    common = ["--no-dashboard", "--scheduler-file", address_file]
+    procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--port", "0", *common], cwd=home, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(address_file):
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.2)
+        procs.append(subprocess.Popen([sys.executable, "-m", "dask", "worker", "--nthreads", "1", *common], cwd=home,
+                                      env=dict(env, PYTHONPATH=str(mods)), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))  # fmt: skip
+        with Client(scheduler_file=address_file, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+            address = client.scheduler.address
+        config = _pipeline(tmp_path, sample_dir, address, [{"only_on_workers:CaptionLength": {}}])
+        assert main(["run", config]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "imgcurate: error: cluster: the scheduler cannot import 'only_on_workers', which the step CaptionLength "
+            "needs (it unpickles the task graph): install it where the scheduler runs (or put it on its PYTHONPATH)"
+        )
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from imgcurate.classifiers.base import ImageClassifier
 from imgcurate.steps import ShardStep
 
 
@@ -67,3 +68,18 @@ class WrongType(ShardStep):
 
     def process(self, part, shard, io):
         return {"number": ["a"] * len(part)}
+
+
+class SumHead(ImageClassifier):
+    """A classifier of a user's own, run fused in an embedder (``classifiers:``): a linear head of ones, the sum of
+    the embedding's values."""
+
+    def __init__(self, embedding_size: int = 512, pred_column: str = "emb_sum"):
+        super().__init__("image_embedding", pred_column, "float32", 256, embedding_size, "cpu")
+
+    def load_model(self, device):
+        import torch
+
+        head = torch.nn.Linear(self.embedding_size, 1, bias=False)
+        torch.nn.init.ones_(head.weight)
+        return head.to(device).eval()

@@ -70,7 +70,7 @@ from imgcurate.backends import (
 )
 from imgcurate.cpu import reuse_freed_memory
 from imgcurate.errors import ShardError
-from imgcurate.steps.base import ColumnError, ShardIO, Step
+from imgcurate.steps.base import ColumnError, Requirement, ShardIO, Step
 from imgcurate.steps.grouped import (
     GROUP,
     ROW,
@@ -695,6 +695,14 @@ class SemanticDeduplicator(Step):
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The similarity above which a sample is a duplicate (``1 - eps``), drawn on the report's histogram."""
         return {"max_similarity": [(f"1 - eps {e:g}", 1.0 - e) for e in self.eps]}
+
+    def worker_requirements(self, backend: str) -> list[Requirement]:
+        """As :meth:`Step.worker_requirements`: the KMeans backend's package (faiss by default on pandas, cuML on
+        cuDF), which the fit task imports on a worker."""
+        name = self.kmeans_backend or ("cuml" if backend == "cudf" else "faiss")
+        kmeans = _KMEANS[name]
+        own = [Requirement(module, kmeans.package, kmeans.extra) for module in kmeans.modules]
+        return [*super().worker_requirements(backend), *own]
 
     def kmeans_backend_for(self, meta: Any) -> str:
         """The KMeans backend for a metadata frame: the one asked for, else chosen by the frame's backend and by

@@ -16,7 +16,7 @@ import pyarrow as pa
 from imgcurate._dask import Shard
 from imgcurate._models import cached_model, resolve_device
 from imgcurate.backends import embedding_array, embedding_type, to_pandas
-from imgcurate.steps.base import ShardIO, ShardStep
+from imgcurate.steps.base import Requirement, ShardIO, ShardStep
 
 if TYPE_CHECKING:
     import torch
@@ -273,6 +273,16 @@ class ImageEmbedder(ShardStep):
         return valid, matrix, errors
 
     # ------------------------------------------------------------------ the step contract
+    def worker_requirements(self, backend: str) -> list[Requirement]:
+        """As :meth:`Step.worker_requirements`: also the engine and the decoder when they are named (``auto`` takes
+        what the worker has)."""
+        found = super().worker_requirements(backend)
+        if self.engine == "openvino":
+            found.append(Requirement("openvino", "openvino", "cpu"))
+        if self.decoder == "dali":
+            found.append(Requirement("nvidia.dali", "nvidia-dali-cuda130>=2.2", "gpu"))
+        return found
+
     def output_columns(self) -> dict[str, pa.DataType]:
         """The embedding (fixed-size list of float32), its error text, and each fused classifier's score."""
         types = {self.image_embedding_column: embedding_type(self.embedding_dim()), self.error_column: pa.string()}

@@ -226,11 +226,26 @@ class Step(abc.ABC):
         for name, path in self.local_files().items():
             if not os.path.exists(path):
                 raise FileError(path, f"not found ({self.name}'s {name})")
+        for inner in self.inner_steps():
+            if isinstance(inner, Step):
+                inner.check_resources()
+
+    def inner_steps(self) -> list[Any]:
+        """The steps among this step's arguments, as the constructor built them: an embedder's fused classifiers
+        (:class:`Step` objects, or any object with ``output_columns``)."""
+        found = []
         for name, value in self.config.items():
             value = getattr(self, name, value)  # as the constructor built it: an embedder's classifiers are objects
             for inner in value if isinstance(value, list | tuple) else [value]:
-                if isinstance(inner, Step):
-                    inner.check_resources()
+                if isinstance(inner, Step) or callable(getattr(inner, "output_columns", None)):
+                    found.append(inner)
+        return found
+
+    def worker_requirements(self, backend: str) -> list[Requirement]:
+        """The optional packages this step imports where its tasks run, for a metadata frame of ``backend``
+        (``pandas`` or ``cudf``): :attr:`requires`, and what the step chooses when it is configured (a KMeans
+        backend). A pipeline on a cluster it did not start checks them on every worker before any work."""
+        return list(type(self).requires)
 
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The numeric thresholds this step applies, ``column -> [(label, value)]``; the run report draws them on
