@@ -362,26 +362,21 @@ class ImageTextPairDataset:
         Returns:
             The new dataset, opened from ``path``.
         """
-        from imgcurate.io.export import export_webdataset
-
-        export_webdataset(
-            self._metadata,
-            self.shards,
-            path,
-            source=self.path,
-            id_col=self.id_col,
-            storage_options=self.storage_options,
-            filter_column=filter_column,
-            samples_per_shard=samples_per_shard,
-            max_shards=max_shards,
-            old_id_col=old_id_col,
-            overwrite=overwrite,
-            index_files=index_files,
-            input_schema=self._input_schema,
-            column_types=self._column_types,
-        )
+        self._export(path, filter_column=filter_column, samples_per_shard=samples_per_shard, max_shards=max_shards,
+                     old_id_col=old_id_col, overwrite=overwrite, index_files=index_files)  # fmt: skip
         return ImageTextPairDataset.from_webdataset(path, self.id_col, storage_options=self.storage_options,
                                                     validate=False)  # fmt: skip
+
+    def _export(self, path: str, **kwargs: Any) -> int:
+        """:meth:`to_webdataset` without opening the export afterwards (a pipeline records the export it published
+        first); returns the number of samples written."""
+        from imgcurate.io.export import export_webdataset
+
+        return export_webdataset(
+            self._metadata, self.shards, path, source=self.path, id_col=self.id_col,
+            storage_options=self.storage_options, input_schema=self._input_schema, column_types=self._column_types,
+            **kwargs,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         cols = ", ".join(map(str, self._metadata.columns))

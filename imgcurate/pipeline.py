@@ -823,6 +823,18 @@ class Pipeline:
             validate=False,
         )  # fmt: skip
 
+    def _remove_report_temporaries(self) -> None:
+        """Removes the temporaries that a run killed while writing a report left beside the report's file (only that
+        file's: the folder may be shared)."""
+        import fsspec
+
+        from imgcurate.io._fs import remove_temporaries
+
+        for kwargs in self.reports.values():
+            if kwargs.get("path"):
+                fs, path = fsspec.core.url_to_fs(str(kwargs["path"]), **(self.storage_options or {}))
+                remove_temporaries(fs, posixpath.dirname(path), of=posixpath.basename(path))
+
     def _check_export_folder(self) -> None:
         """The export folder holds no shards, unless the export may overwrite them (a run's own state, not the
         config's: ``run --overwrite`` changes the answer)."""
@@ -919,6 +931,7 @@ class Pipeline:
         published = self._published_export(described)
         if not published:
             self._check_export_folder()
+        self._remove_report_temporaries()
         with _cluster(self.cluster, self.steps, backend_of(dataset.metadata._meta).name):
             started = time.perf_counter()
             result, records = self.compute_steps(dataset, described)
@@ -940,15 +953,17 @@ class Pipeline:
             elif self.export:
                 kwargs = dict(self.export)
                 export_started = time.perf_counter()
-                out = result.to_webdataset(kwargs.pop("path"), **kwargs)
-                facts["exported"] = {"path": out.path, "shards": out.num_shards,
-                                     "seconds": round(time.perf_counter() - export_started, 3)}  # fmt: skip
-                if self.resolved_run_dir():
+                path = str(kwargs.pop("path"))
+                result._export(path, **kwargs)
+                if self.resolved_run_dir():  # recorded once published, before opening it (long at 10^5 shards)
                     from imgcurate.io.export import manifest_digest
 
                     RunDir(self.resolved_run_dir(), dict(self.storage_options or {})).write_json(
-                        "exported.json", {"path": out.path, "manifest": manifest_digest(out.path, self.storage_options)}
+                        "exported.json", {"path": path, "manifest": manifest_digest(path, self.storage_options)}
                     )
+                out = self._open_export()
+                facts["exported"] = {"path": out.path, "shards": out.num_shards,
+                                     "seconds": round(time.perf_counter() - export_started, 3)}  # fmt: skip
             facts["seconds"] = round(time.perf_counter() - started, 3)
             if self.resolved_run_dir():
                 run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}))

@@ -144,7 +144,10 @@ class RunDir:
         types = step.output_columns()
         if todo:
             self.fs.makedirs(posixpath.join(self.root, "steps", folder), exist_ok=True)
-            remove_temporaries(self.fs, posixpath.join(self.root, "steps", folder))  # a killed run's writers
+        # what a killed run's writers left, also in a folder whose shards are all done (its thresholds.json is
+        # written after the last shard)
+        remove_temporaries(self.fs, posixpath.join(self.root, "steps", folder))
+        if todo:
             added = step.added_from_storage(dataset)  # the input is read from disk: it may be read twice
             frame = dataset.metadata[[dataset.id_col]]
             written = dd.map_partitions(

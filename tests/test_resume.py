@@ -386,6 +386,50 @@ def out_shards(folder):
     return len(list(folder.glob("*.tar")))
 
 
+def test_a_run_stopped_while_opening_its_published_export_finishes_without_overwrite(sample_dir, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """The export is recorded in the run directory as soon as it is published, before the pipeline opens it (which
+    takes long at many shards): a stop there leaves a run that the same command finishes."""
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.cli import main
+
+    config = _small_config(sample_dir, tmp_path)
+    out = tmp_path / "out"
+    opened = ImageTextPairDataset.from_webdataset.__func__
+
+    def stop_at_the_export(cls, path, *args, **kwargs):
+        if os.path.abspath(str(path)) == str(out):
+            raise _Stop
+        return opened(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTextPairDataset, "from_webdataset", classmethod(stop_at_the_export))
+    with pytest.raises(_Stop):
+        main(["run", config])
+    monkeypatch.setattr(ImageTextPairDataset, "from_webdataset", classmethod(opened))
+    exported = _files(out)
+    assert (tmp_path / "out.run" / "exported.json").exists() and not (tmp_path / "out.run" / "summary.json").exists()
+    assert main(["run", config]) == 0
+    assert _files(out) == exported
+    assert json.loads((tmp_path / "out.run" / "summary.json").read_text())["exported"]["reused"] is True
+
+
+def test_a_rerun_removes_what_killed_writers_left_beside_its_reports_and_in_done_step_folders(sample_dir, tmp_path):
+    from imgcurate.cli import main
+
+    config = yaml.safe_load(open(_small_config(sample_dir, tmp_path)))
+    (tmp_path / "reports").mkdir()
+    config["reports"] = {"duplicates": str(tmp_path / "reports" / "dups.html")}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    steps = sorted((tmp_path / "out.run" / "steps").iterdir())
+    left = [tmp_path / "reports" / "dups.html.tmp-0123456789ab", steps[-1] / "thresholds.json.tmp-0123456789ab"]
+    others = tmp_path / "reports" / "notes.html.tmp-0123456789ab"  # another writer's, in a shared folder
+    for path in [*left, others]:
+        path.write_bytes(b"half")
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    assert not any(path.exists() for path in left) and others.exists()
+
+
 def test_a_damaged_run_directory_is_repaired_by_the_rerun(sample_dir, tmp_path, capsys):
     """A step result deleted behind its marker is computed again; what killed writers left is removed; a run.json
     or a staging plan that cannot be read is written again; a step result that cannot be read is named."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import glob
 import os
 import posixpath
 import re
@@ -155,10 +156,10 @@ def in_the_way(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str] | No
     return (path, "a file") if os.path.exists(path) and not os.path.isdir(path) else None
 
 
-def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str, of: str | None = None) -> None:
     """Removes the temporary files (:func:`temp_name`'s ``*.tmp-*``) that writers killed before their rename left
-    directly in ``folder``."""
-    for stale in files_in(fs, folder, "*.tmp-*"):
+    directly in ``folder``; with ``of``, only those of that file name (in a folder others write to as well)."""
+    for stale in files_in(fs, folder, "*.tmp-*" if of is None else f"{glob.escape(of)}.tmp-*"):
         fs.rm(stale)
 
 
