@@ -452,3 +452,23 @@ def test_steps_declare_their_column_types_on_the_dataset(sample_ds):
 
     dedup = ExactDuplicates()
     assert dedup(sample_ds).column_types == dedup.output_columns()
+
+
+def test_a_staging_folder_removed_by_another_export_while_selecting_is_named_as_such(sample_ds, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """Two exports into one folder at once: one may find the staging folder gone (the other published or cleaned
+    up); that is the concurrent-export error, not a missing path of the staging folder."""
+    import shutil
+
+    import imgcurate.io.export as export_module
+    from imgcurate.errors import ConcurrentExportError
+
+    select = export_module._select
+
+    def other_export_cleans_up(part, shard, stage_dir, *args):
+        shutil.rmtree(os.path.dirname(os.path.join(stage_dir, "select")), ignore_errors=True)
+        return select(part, shard, stage_dir, *args)
+
+    monkeypatch.setattr(export_module, "_select", other_export_cleans_up)
+    with pytest.raises(ConcurrentExportError, match="staging folder was removed while this export wrote into it"):
+        sample_ds.to_webdataset(str(tmp_path / "out"))

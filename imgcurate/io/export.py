@@ -25,11 +25,12 @@ of ``samples_per_shard - 1`` (see :func:`imgcurate.io.shards.new_key`); export o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dask
@@ -450,7 +451,8 @@ def export_webdataset(
     types.update(_fixed_size_lists(metadata, column_types))
     selected = selection(metadata, shards, stage_dir, filter_column, so, types)
     # one small row per shard comes back: its count, its digest, and its schema only where it differs from the meta's
-    (table,) = progress.compute([selected], desc="export: selecting", unit="shard")
+    with _staging_kept(fs, out_root, path):
+        (table,) = progress.compute([selected], desc="export: selecting", unit="shard")
     table = table.sort_values("shard")
     counts = table["count"].astype(int).tolist()
     declared = _declared_schema(metadata, types)
@@ -476,7 +478,8 @@ def export_webdataset(
     staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files, so)
     todo = [s for s in range(len(plan)) if s not in staged]
     tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
-    progress.compute(tasks, desc="export: writing shards", unit="shard")
+    with _staging_kept(fs, out_root, path):
+        progress.compute(tasks, desc="export: writing shards", unit="shard")
     _check_own_staging(fs, posixpath.join(out_root, STAGING), fingerprint, path)
     publish(fs, out_root, len(plan), index_files, [sum(b - a for _, a, b in slices) for slices in plan])
     return sum(b - a for slices in plan for _, a, b in slices)
@@ -509,6 +512,21 @@ def _footer(f: Any) -> bytes:
 
 #: What an export says when it finds that another export into the same folder ran at the same time.
 CONCURRENT = "another export into this folder ran at the same time (run one export per folder at a time), then rerun"
+
+
+@contextlib.contextmanager
+def _staging_kept(fs: fsspec.AbstractFileSystem, out_root: str, path: str) -> Iterator[None]:
+    """A task that finds the staging folder gone (another export published or cleaned up the same folder meanwhile)
+    is a :class:`ConcurrentExportError`, not the missing path."""
+    try:
+        yield
+    except FileNotFoundError:
+        stage_root = posixpath.join(out_root, STAGING)
+        fs.invalidate_cache(stage_root)
+        if fs.exists(posixpath.join(stage_root, "select")):
+            raise
+        raise ConcurrentExportError(f"{path}: the staging folder was removed while this export wrote into it: "
+                                    f"{CONCURRENT}") from None  # fmt: skip
 
 
 def _staged_plan(fs: fsspec.AbstractFileSystem, stage_root: str) -> str | None:
