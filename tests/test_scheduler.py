@@ -6,6 +6,7 @@ run directory, weights) are the client's, so they must reach the workers made ab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -24,36 +25,24 @@ from imgcurate import ImageTextPairDataset
 from imgcurate.cli import main
 
 
-@pytest.fixture(scope="module")
-def scheduler(tmp_path_factory):
-    """A ``dask scheduler`` and two ``dask worker`` processes, all started in a folder of their own (so the tests'
-    own modules do not import there) with a Hugging Face cache of their own."""
-    home = tmp_path_factory.mktemp("elsewhere")
+@contextlib.contextmanager
+def _dask_cluster(home, env, workers=2, worker_env=None):
+    """A ``dask scheduler`` and ``workers`` ``dask worker`` processes started in ``home``; yields the address."""
     address_file = str(home / "scheduler.json")
-    # the workers' Hugging Face cache is an empty folder of their own
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               HF_HUB_CACHE=str(home / "hub"))  # fmt: skip
     common = ["--no-dashboard", "--scheduler-file", address_file]
-    procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--port", "0", *common], cwd=home, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": home}
+    procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--port", "0", *common], env=env, **quiet)]
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(address_file):
             assert time.monotonic() < deadline, "the scheduler did not start"
             time.sleep(0.2)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "dask", "worker", "--nworkers", "2", "--nthreads", "1", *common],
-                cwd=home,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        )
+        procs.append(subprocess.Popen([sys.executable, "-m", "dask", "worker", "--nworkers", str(workers),
+                                       "--nthreads", "1", *common], env=worker_env or env, **quiet))  # fmt: skip
         with Client(scheduler_file=address_file, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
+            client.wait_for_workers(workers, timeout=120)
             address = client.scheduler.address
-        yield address, home
+        yield address
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -62,6 +51,18 @@ def scheduler(tmp_path_factory):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """A ``dask scheduler`` and two ``dask worker`` processes, all started in a folder of their own (so the tests'
+    own modules do not import there) with a Hugging Face cache of their own."""
+    home = tmp_path_factory.mktemp("elsewhere")
+    # the workers' Hugging Face cache is an empty folder of their own
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               HF_HUB_CACHE=str(home / "hub"))  # fmt: skip
+    with _dask_cluster(home, env) as address:
+        yield address, home
 
 
 def _weights(path, seed):
@@ -156,8 +157,15 @@ def test_a_step_module_the_workers_cannot_import_is_an_error_before_any_work(sam
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
+@pytest.mark.parametrize(
+    ("pretrained", "problem"),
+    [(True, "not available offline"),
+     # if-available is settled where the run starts: a worker without the weights would embed with random ones
+     ("if-available", "are not here, though they were in the cache where the run started")],
+)  # fmt: skip
 def test_weights_cached_here_but_not_on_the_workers_are_an_error_before_any_work(sample_dir, tmp_path, scheduler,
-                                                                                 monkeypatch, capsys):  # fmt: skip
+                                                                                 monkeypatch, capsys, pretrained,
+                                                                                 problem):  # fmt: skip
     """Offline, pretrained weights must be in every worker's cache: here they are in this process's only."""
     import huggingface_hub.constants as hc
     import timm
@@ -172,11 +180,12 @@ def test_weights_cached_here_but_not_on_the_workers_are_an_error_before_any_work
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    config = _pipeline(tmp_path, sample_dir, address, [{"TimmImageEmbedder": {"model_name": "test_resnet",
-                                                                              "pretrained": True}}])  # fmt: skip
+    embedder = {"model_name": "test_resnet", "pretrained": pretrained}
+    config = _pipeline(tmp_path, sample_dir, address, [{"TimmImageEmbedder": embedder}])
     assert main(["run", config]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("imgcurate: error: cluster: on 2 of 2 workers: ") and "not available offline" in err
+    assert err.startswith("imgcurate: error: cluster: on 2 of 2 workers: pretrained weights for 'test_resnet' ")
+    assert problem in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
@@ -211,33 +220,6 @@ def test_a_module_of_a_classifier_inside_an_embedder_is_checked_on_the_workers(s
         "imgcurate: error: cluster: 2 of 2 workers cannot import 'user_steps', which the step TimmImageEmbedder "
         "needs: install it where the workers run (or put it on their PYTHONPATH)"
     )
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
-
-
-def test_if_available_weights_cached_here_but_not_on_the_workers_are_an_error_before_any_work(
-    sample_dir, tmp_path, scheduler, monkeypatch, capsys
-):  # fmt: skip
-    """With ``pretrained: if-available`` the weights are used or not as settled where the run starts: a worker
-    without them would embed its shards with seeded random weights, another model than the others'."""
-    import huggingface_hub.constants as hc
-    import timm
-
-    address, _ = scheduler
-    repo = timm.create_model("test_resnet").pretrained_cfg["hf_hub_id"]
-    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
-    commit = "0" * 40
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(commit)
-    _weights(folder / "snapshots" / commit / "model.safetensors", seed=0)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    embedder = {"model_name": "test_resnet", "pretrained": "if-available"}
-    config = _pipeline(tmp_path, sample_dir, address, [{"TimmImageEmbedder": embedder}])
-    assert main(["run", config]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("imgcurate: error: cluster: on 2 of 2 workers: pretrained weights for 'test_resnet' are "
-                          "not here, though they were in the cache where the run started")  # fmt: skip
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
@@ -284,23 +266,9 @@ def test_a_step_module_the_scheduler_cannot_import_is_an_error_before_any_work(s
     home.mkdir()
     shutil.copy(os.path.join(os.path.dirname(__file__), "user_steps.py"), mods / "only_on_workers.py")
     monkeypatch.syspath_prepend(str(mods))
-    address_file = str(home / "scheduler.json")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
-    common = ["--no-dashboard", "--scheduler-file", address_file]
-    procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--port", "0", *common], cwd=home, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(address_file):
-            assert time.monotonic() < deadline, "the scheduler did not start"
-            time.sleep(0.2)
-        procs.append(subprocess.Popen([sys.executable, "-m", "dask", "worker", "--nthreads", "1", *common], cwd=home,
-                                      env=dict(env, PYTHONPATH=str(mods)), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))  # fmt: skip
-        with Client(scheduler_file=address_file, timeout=60) as client:
-            client.wait_for_workers(1, timeout=120)
-            address = client.scheduler.address
+    with _dask_cluster(home, env, workers=1, worker_env=dict(env, PYTHONPATH=str(mods))) as address:
         config = _pipeline(tmp_path, sample_dir, address, [{"only_on_workers:CaptionLength": {}}])
         assert main(["run", config]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -308,11 +276,3 @@ def test_a_step_module_the_scheduler_cannot_import_is_an_error_before_any_work(s
             "needs (it unpickles the task graph): install it where the scheduler runs (or put it on its PYTHONPATH)"
         )
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
