@@ -357,6 +357,7 @@ def test_if_available_is_settled_where_the_run_starts_and_travels_to_the_workers
 
     monkeypatch.setattr(timm, "create_model", recorded)
     meta = sample_ds.metadata._meta
+    monkeypatch.setattr(timm_module, "hf_offline", lambda: True)
     for here, settled in ((False, False), (True, True)):
         monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name, here=here: here)
         emb = TimmImageEmbedder("test_resnet", pretrained="if-available")
@@ -375,3 +376,24 @@ def test_if_available_is_settled_where_the_run_starts_and_travels_to_the_workers
             with pytest.warns(UserWarning, match="not in the Hugging Face cache where the run started"):
                 worker._create()
             assert asked == [False]  # the worker's own cache is not tried
+
+
+def test_if_available_downloads_the_weights_where_the_run_starts_when_online(sample_ds, monkeypatch):
+    """Online, weights not in the cache yet are fetched where the run starts (once, not by every worker) and then
+    settled as used; where the download fails, seeded random weights are settled."""
+    import imgcurate.embedders.timm as timm_module
+
+    fetched = []
+    monkeypatch.setattr(timm_module, "hf_offline", lambda: False)
+    monkeypatch.setattr(timm_module, "pretrained_weights_cached", lambda name: False)
+    for reachable in (True, False):
+        fetch = lambda name, ok=reachable: fetched.append(name) or ok  # noqa: E731
+        monkeypatch.setattr(timm_module, "fetch_pretrained_weights", fetch)
+        emb = TimmImageEmbedder("test_resnet", pretrained="if-available")
+        emb.check(sample_ds.metadata._meta, sample_ds.id_col)
+        assert emb._if_available_cached() is reachable
+    assert fetched == ["test_resnet", "test_resnet"]
+    offline = TimmImageEmbedder("test_resnet", pretrained="if-available")
+    monkeypatch.setattr(timm_module, "hf_offline", lambda: True)
+    offline.check(sample_ds.metadata._meta, sample_ds.id_col)
+    assert offline._if_available_cached() is False and len(fetched) == 2  # offline: nothing is fetched

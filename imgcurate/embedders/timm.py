@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TimmImageEmbedder", "load_state_dict_file"]
 
-#: ``pretrained=IF_AVAILABLE``: the published weights when they can be loaded, else seeded random ones, with a warning.
+#: ``pretrained=IF_AVAILABLE``: the published weights when they can be loaded (from the cache, or downloaded where the
+#: run starts), else seeded random ones, with a warning; settled once per run (:meth:`TimmImageEmbedder.check`).
 IF_AVAILABLE = "if-available"
 _RANDOM_WEIGHTS = ("no pretrained weights for {} could be loaded ({}): using seeded random weights, which find copies "
                    "but say nothing about content")  # fmt: skip
@@ -184,8 +185,14 @@ class TimmImageEmbedder(ImageEmbedder):
         super().check(meta, id_col)
         self.__dict__.pop("_weights_cached", None)
         cached = self._if_available_cached()
+        if cached is False and not hf_offline():  # online: downloaded here, once, into the cache the workers read
+            cached = fetch_pretrained_weights(self.model_name)
         if cached is not None:
             self.__dict__["_weights_cached"] = cached
+
+    def _settled(self) -> bool | None:
+        """What :meth:`check` settled for ``pretrained="if-available"`` (None otherwise, or before a check)."""
+        return self.__dict__.get("_weights_cached") if self.pretrained == IF_AVAILABLE else None
 
     def cache_key(self) -> tuple:
         # the weights' content and, for "if-available", whether they are cached: a worker that loaded other weights
@@ -220,7 +227,7 @@ class TimmImageEmbedder(ImageEmbedder):
         import timm
         import torch
 
-        settled = self.__dict__.get("_weights_cached") if self.pretrained == IF_AVAILABLE else None
+        settled = self._settled()
         if settled is False and self.checkpoint_path is None:
             warnings.warn(_RANDOM_WEIGHTS.format(self.model_name, "not in the Hugging Face cache where the run "
                                                  "started"), stacklevel=2)  # fmt: skip
@@ -263,8 +270,9 @@ class TimmImageEmbedder(ImageEmbedder):
         wanted = self.pretrained is True and self.checkpoint_path is None
         if wanted and hf_offline() and pretrained_weights_cached(self.model_name) is False:
             raise MissingWeightsError(self._missing_weights("are not available offline"))
-        settled = self.__dict__.get("_weights_cached") if self.pretrained == IF_AVAILABLE else None
-        if settled and self.checkpoint_path is None and pretrained_weights_cached(self.model_name) is False:
+        settled = self._settled()
+        missing = hf_offline() and pretrained_weights_cached(self.model_name) is False  # online, it downloads them
+        if settled and self.checkpoint_path is None and missing:
             raise MissingWeightsError(self._missing_weights(
                 "are not here, though they were in the cache where the run started (pretrained='if-available' "
                 "uses them on every worker or on none)"
@@ -443,6 +451,37 @@ def _pre_logits_module() -> type:
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     return PreLogits
+
+
+def fetch_pretrained_weights(model_name: str) -> bool:
+    """Downloads ``model_name``'s pretrained weights into the cache timm reads them from (the Hugging Face cache, or
+    torch hub's checkpoints for a URL), as far as the network allows; whether they are cached afterwards."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except Exception:  # noqa: BLE001 - an unknown name: timm's own error comes when the model is created
+        return False
+    if cfg is None:
+        return False
+    try:
+        if cfg.hf_hub_id:
+            from huggingface_hub import hf_hub_download
+
+            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+            for name in [*names, "model.safetensors", "pytorch_model.bin"]:
+                try:
+                    hf_hub_download(cfg.hf_hub_id, name)
+                    break
+                except Exception:  # noqa: BLE001 - not in the repository (try the next name), or no network
+                    continue
+        elif cfg.url:
+            from timm.models._hub import download_cached_file
+
+            download_cached_file(cfg.url)
+    except Exception:  # noqa: BLE001 - no network, or the source refused: the weights are not here
+        return False
+    return bool(pretrained_weights_cached(model_name))
 
 
 def pretrained_weights_cached(model_name: str) -> bool | None:
