@@ -60,6 +60,13 @@ def _read_partition(item: tuple[int, _Part], schema: pa.Schema, backend: str, st
     return frame
 
 
+def _still_declared(types: dict[str, pa.DataType], before: Any, after: Any) -> dict[str, pa.DataType]:
+    """The declared types of the columns that a new frame (``after``'s meta) still holds as they were (``before``'s):
+    a column replaced with values of another dtype, or dropped, loses its declared type."""
+    kept = set(map(str, after.columns)) & set(map(str, before.columns))
+    return {name: t for name, t in types.items() if name in kept and after[name].dtype == before[name].dtype}
+
+
 class ImageTextPairDataset:
     """Image-text pairs in WebDataset tar shards, described by a Dask metadata frame with one partition per shard.
 
@@ -274,7 +281,7 @@ class ImageTextPairDataset:
         return type(self)(
             self.path, metadata, self.tar_files, self.id_col, storage_options=self.storage_options,
             shards=self.__dict__.get("shards"), input_schema=self._input_schema, input_rows=self._input_rows,
-            column_types=self._column_types,
+            column_types=_still_declared(self._column_types, self._metadata._meta, metadata._meta),
         )  # fmt: skip
 
     def with_columns(

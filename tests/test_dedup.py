@@ -316,8 +316,8 @@ def test_ranking_by_a_column_that_is_not_numbers_is_refused_before_work(sample_d
     from imgcurate.steps.base import ColumnError
 
     with pytest.raises(ColumnError, match="which_to_keep ranks by 'variant', which holds"):
-        step = SemanticDeduplicator(n_clusters=3, which_to_keep=["variant"], embedding_column="width")
-        step.check(sample_ds.metadata._meta, "key")  # the column check comes first: give it some column
+        step = SemanticDeduplicator(n_clusters=3, which_to_keep=["variant"])
+        step.check(_with_embeddings(sample_ds).metadata._meta, "key")  # the embedding column's check comes first
 
 
 def _with_embeddings(ds, dims=(16,), null_rows=(2,)):

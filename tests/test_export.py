@@ -443,8 +443,11 @@ def test_a_declared_embedding_is_exported_with_its_fixed_size_when_the_frame_hol
             assert pq.read_schema(path).field("emb").type == expected
     back = pq.read_table(sorted((tmp_path / "declared").glob("*.parquet"))[0])
     assert back.column("emb").to_pylist()[:2] == [[0.0, 1.0, 2.0], [1.0, 1.0, 2.0]]
-    # a column replaced without a declared type loses the one declared before
+    # a column replaced without a declared type loses the one declared before, as one replaced by other values
     assert declared.with_columns(columns).column_types == {}
+    other = declared.metadata.assign(emb=declared.metadata["key"])
+    assert declared.with_metadata(other).column_types == {}
+    assert declared.with_metadata(declared.metadata.assign(n=1)).column_types == {"emb": embedding_type(3)}
 
 
 def test_steps_declare_their_column_types_on_the_dataset(sample_ds):
@@ -472,3 +475,13 @@ def test_a_staging_folder_removed_by_another_export_while_selecting_is_named_as_
     monkeypatch.setattr(export_module, "_select", other_export_cleans_up)
     with pytest.raises(ConcurrentExportError, match="staging folder was removed while this export wrote into it"):
         sample_ds.to_webdataset(str(tmp_path / "out"))
+
+
+def test_an_input_tar_missing_at_export_is_not_taken_for_a_concurrent_export(sample_dir, tmp_path):
+    from imgcurate import ConcurrentExportError, ImageTextPairDataset
+
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    os.remove(ds.tar_files[1])
+    with pytest.raises(Exception) as raised:
+        ds.to_webdataset(str(tmp_path / "out"))
+    assert not isinstance(raised.value, ConcurrentExportError) and "00001.tar" in str(raised.value)

@@ -189,6 +189,19 @@ def test_a_text_column_read_as_embeddings_is_refused_before_any_work(sample_ds):
     for step in (SemanticDeduplicator(n_clusters=2), AestheticClassifier(model_path="x")):
         with pytest.raises(ColumnError, match=r"'image_embedding' holds text, not embeddings: dask turns"):
             step(ds)
-    ds = sample_ds.with_metadata(df.assign(image_embedding=df["key"].str.len().astype(pd.ArrowDtype(pa.int64()))))
-    with pytest.raises(ColumnError, match=r"'image_embedding' holds int64, not embeddings"):
-        SemanticDeduplicator(n_clusters=2)(ds)
+    for dtype, name in ((pd.ArrowDtype(pa.int64()), "int64"), (np.float64, "double"), ("Int32", "int32")):
+        ds = sample_ds.with_metadata(df.assign(image_embedding=df["key"].str.len().astype(dtype)))
+        with pytest.raises(ColumnError, match=rf"'image_embedding' holds {name}, not embeddings"):
+            SemanticDeduplicator(n_clusters=2)(ds)
+
+
+def test_a_declared_fixed_size_that_the_values_do_not_have_is_left_where_values_need_not_fit():
+    plain = pd.DataFrame({"emb": pd.Series(pa.array([[1.0, 2.0]], pa.list_(pa.float32())),
+                                           dtype=pd.ArrowDtype(pa.list_(pa.float32())))})  # fmt: skip
+    assert backends.to_arrow(plain, {"emb": embedding_type(2)}).schema.field("emb").type == embedding_type(2)
+    kept = backends.to_arrow(plain, {"emb": embedding_type(8)}, where_fits=True)
+    assert kept.schema.field("emb").type == pa.list_(pa.float32())
+    fixed = pd.DataFrame({"emb": pd.Series(embedding_array(np.ones((1, 2), np.float32)),
+                                           dtype=pd.ArrowDtype(embedding_type(2)))})  # fmt: skip
+    kept = backends.to_arrow(fixed, {"emb": embedding_type(8)}, where_fits=True)  # arrow: a type error, not invalid
+    assert kept.schema.field("emb").type == embedding_type(2)

@@ -69,13 +69,19 @@ def is_embedding_type(arrow_type: pa.DataType) -> bool:
 
 
 def arrow_type_of(dtype: Any) -> pa.DataType | None:
-    """The arrow type a column's dtype holds, on either backend, or None where the dtype does not say (numpy
-    dtypes, pandas object columns): pandas' arrow dtypes, pandas' text dtypes (as text), and cuDF's nested dtypes
-    (lists, structs), which give their arrow type through ``to_arrow`` (a cuDF list has no fixed size)."""
+    """The arrow type a column's dtype holds, on either backend, or None where the dtype does not say (object
+    columns: pandas' of arrays, cuDF's text): pandas' arrow dtypes, pandas' text dtypes (as text), numbers and
+    booleans (numpy's and pandas' nullable dtypes), and cuDF's nested dtypes (lists, structs), which give their arrow
+    type through ``to_arrow`` (a cuDF list has no fixed size)."""
     if isinstance(dtype, pd.ArrowDtype):
         return dtype.pyarrow_dtype
     if isinstance(dtype, pd.StringDtype):
         return pa.large_string()
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype):
+        try:  # numpy dtypes (either backend) and pandas' nullable ones (their numpy dtype)
+            return pa.from_numpy_dtype(np.dtype(getattr(dtype, "numpy_dtype", dtype)))
+        except (TypeError, pa.ArrowNotImplementedError):
+            return None
     to_arrow = getattr(dtype, "to_arrow", None)
     if callable(to_arrow):
         try:
@@ -193,7 +199,7 @@ def _cast_declared(table: pa.Table, types: Mapping[str, pa.DataType] | None, whe
             index = table.column_names.index(name)
             try:
                 column = table.column(name).cast(arrow_type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
                 if not where_fits:
                     raise
                 continue
