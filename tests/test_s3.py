@@ -161,3 +161,21 @@ def test_the_input_fingerprint_sees_a_same_size_rewrite_on_s3(s3):
     fs.invalidate_cache()
     assert fs.info("data/fp/00000.tar")["size"] == 1024
     assert input_fingerprint("s3://data/fp", s3) != before
+
+
+def test_an_input_tar_missing_while_an_export_selects_on_s3_is_not_a_concurrent_export(sample_dir, s3):
+    """On an object store the staging folder has no object before the first selected parquet: a tar that a lazy step
+    finds gone in the select pass is named as missing, not taken for another export removing the staging folder."""
+    import s3fs
+
+    from imgcurate import ConcurrentExportError
+    from imgcurate.dedup import ExactDuplicates
+
+    fs = s3fs.S3FileSystem(**s3)
+    for path in sorted(sample_dir.glob("*.tar")):
+        fs.put(str(path), f"data/missing-tar/{path.name}")
+    ds = ExactDuplicates()(ImageTextPairDataset.from_webdataset("s3://data/missing-tar", storage_options=s3))
+    fs.rm("data/missing-tar/00001.tar")
+    with pytest.raises(Exception) as raised:
+        ds.to_webdataset("s3://data/out-of-a-missing-tar")  # moto's buckets outlive each test's server
+    assert not isinstance(raised.value, ConcurrentExportError) and "00001.tar" in str(raised.value)

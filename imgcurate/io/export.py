@@ -520,10 +520,12 @@ def _staging_kept(fs: fsspec.AbstractFileSystem, out_root: str, path: str) -> It
     is a :class:`ConcurrentExportError`, not the missing path."""
     try:
         yield
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        # only a path inside this export's own staging folder (which it made) counts: a missing input tar is itself
+        missing = str(err.filename or err)
         stage_root = posixpath.join(out_root, STAGING)
         fs.invalidate_cache(stage_root)
-        if fs.exists(posixpath.join(stage_root, "select")):
+        if STAGING not in missing or fs.exists(posixpath.join(stage_root, "select")):
             raise
         raise ConcurrentExportError(f"{path}: the staging folder was removed while this export wrote into it: "
                                     f"{CONCURRENT}") from None  # fmt: skip
