@@ -331,8 +331,7 @@ def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") 
     except (RuntimeError, ValueError, TypeError, OSError) as err:  # an option's value it could not start with
         from imgcurate.errors import ClusterError
 
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ClusterError(f"cluster: the local cluster did not start with these options ({reason})") from None
+        raise ClusterError(f"cluster: the local cluster did not start with these options ({_one_line(err)})") from None
     # The scheduler builds each graph in this process; with the tasks in worker processes, this process does only
     # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
     with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:
@@ -396,10 +395,11 @@ def _identity_function() -> Callable[[], tuple[str, str]]:
         root = os.path.dirname(os.path.abspath(imgcurate.__file__))
         digest = hashlib.sha256()
         for folder, dirs, files in os.walk(root):
-            dirs.sort()
+            # hidden folders and files (an editor's lock file, a notebook's checkpoints) are not imgcurate's
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")))
             for name in sorted(files):
-                if name.endswith((".py", ".yaml")):
-                    path = os.path.join(folder, name)
+                path = os.path.join(folder, name)
+                if name.endswith((".py", ".yaml")) and not name.startswith(".") and os.path.isfile(path):
                     with open(path, "rb") as f:
                         digest.update(f"{os.path.relpath(path, root)}\0".encode() + hashlib.sha256(f.read()).digest())
         return imgcurate.__version__, digest.hexdigest()
@@ -413,6 +413,11 @@ def code_identity() -> tuple[str, str]:
     return _identity_function()()
 
 
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line (its type's name when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _run_check(run: Callable[..., Any], where: str, *args: Any) -> Any:
     """One of :func:`check_workers`' calls on the cluster; a failure to run it there (imgcurate itself missing, a
     step's module missing while the steps are unpickled) is a one-line ClusterError."""
@@ -421,8 +426,8 @@ def _run_check(run: Callable[..., Any], where: str, *args: Any) -> Any:
     try:
         return run(*args)
     except Exception as err:  # noqa: BLE001 - whatever the remote side raised: it could not run the check
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ClusterError(f"cluster: {where} could not run imgcurate's checks ({type(err).__name__}: {reason}); "
+        raise ClusterError(f"cluster: {where} could not run imgcurate's checks ({type(err).__name__}: "
+                           f"{_one_line(err)}); "
                            "install imgcurate and the steps' modules where it runs") from None  # fmt: skip
 
 
@@ -452,6 +457,15 @@ def check_workers(client: Any, steps: list[Any], backend: str = "pandas") -> Non
         for owner in [step, *(s for s in step.inner_steps() if isinstance(s, Step))]:
             for requirement in owner.worker_requirements(backend):
                 needed.setdefault(requirement.module, f"{step.name} (pip install {requirement.package})")
+    mine = code_identity()
+    others = [tuple(theirs) for theirs in _run_check(client.run, "a worker", _identity_function()).values()]
+    differ = [theirs for theirs in others if theirs != mine]
+    if differ:
+        versions = sorted({v for v, _ in differ} - {mine[0]})
+        what = f"version {', '.join(versions)}" if versions else "the same version from other source files"
+        raise ClusterError(f"cluster: {len(differ)} of {workers} workers run another imgcurate ({what}) than this "
+                           f"process (version {mine[0]}): install the same one where the workers run, so that every "
+                           "shard is computed by the same code")  # fmt: skip
     needed = {**graph, **needed}
     found = _run_check(client.run, "a worker", _missing_modules, sorted(needed))
     for module in sorted({m for missing in found.values() for m in missing}):
@@ -463,15 +477,6 @@ def check_workers(client: Any, steps: list[Any], backend: str = "pandas") -> Non
         raise ClusterError(f"cluster: the scheduler cannot import {missing[0]!r}, which {graph[missing[0]]} needs (it "
                            "unpickles the task graph): install it where the scheduler runs (or put it on its "
                            "PYTHONPATH)")  # fmt: skip
-    mine = code_identity()
-    others = [tuple(theirs) for theirs in _run_check(client.run, "a worker", _identity_function()).values()]
-    differ = [theirs for theirs in others if theirs != mine]
-    if differ:
-        versions = sorted({v for v, _ in differ} - {mine[0]})
-        what = f"version {', '.join(versions)}" if versions else "the same version from other source files"
-        raise ClusterError(f"cluster: {len(differ)} of {workers} workers run another imgcurate ({what}) than this "
-                           f"process (version {mine[0]}): install the same one where the workers run, so that every "
-                           "shard is computed by the same code")  # fmt: skip
     found = _run_check(client.run, "a worker", _resource_problems, steps)
     for problem in sorted({p for problems in found.values() for p in problems}):
         count = sum(problem in problems for problems in found.values())

@@ -423,3 +423,28 @@ def test_packages_a_step_chooses_are_checked_on_the_workers_of_a_client_made_bef
                                r"faiss-cpu\) needs"):  # fmt: skip
                 Pipeline.from_config(config).run()
     assert not (tmp_path / "out").exists()
+
+
+def test_the_source_digest_workers_are_compared_by_follows_the_package_files_only(tmp_path, monkeypatch):
+    """What tells two checkouts of one version apart: the package's .py and .yaml files, by path and bytes; an
+    editor's lock file, a notebook's checkpoints and compiled files are not part of it."""
+    import shutil
+
+    import imgcurate
+    from imgcurate.pipeline import _identity_function
+
+    identity = _identity_function()
+    version, digest = identity()
+    copy = tmp_path / "imgcurate"
+    shutil.copytree(os.path.dirname(imgcurate.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(imgcurate, "__file__", str(copy / "__init__.py"))
+    assert identity() == (version, digest)
+    (copy / ".#cli.py").symlink_to(tmp_path / "gone")  # Emacs' lock file: a dangling link
+    (copy / ".ipynb_checkpoints").mkdir()
+    (copy / ".ipynb_checkpoints" / "cli-checkpoint.py").write_text("x = 1\n")
+    (copy / "__pycache__").mkdir()
+    (copy / "__pycache__" / "stray.py").write_text("x = 1\n")
+    assert identity() == (version, digest)
+    with open(copy / "cli.py", "a") as f:
+        f.write("# changed\n")
+    assert identity()[0] == version and identity()[1] != digest

@@ -159,11 +159,7 @@ def _fit_cuml(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
 def _fit_cuml_dask(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
     from cuml.dask.cluster import KMeans
 
-    if progress.distributed_client() is None:
-        raise RuntimeError(
-            "kmeans backend 'cuml-dask' runs on the GPU workers of a Dask distributed client: start one (e.g. "
-            "dask_cuda.LocalCUDACluster, or 'cluster: {type: cuda}' in a pipeline) or choose kmeans_backend='cuml'"
-        )
+    _require_client()
     km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed).fit(x)
     centroids = km.cluster_centers_
     centroids = centroids.get() if hasattr(centroids, "get") else np.asarray(centroids)  # CuPy -> host
