@@ -451,6 +451,9 @@ def check_workers(client: Any, steps: list[Any], backend: str = "pandas") -> Non
         return
     graph: dict[str, str] = {"imgcurate": "every step"}  # what unpickling the steps imports
     needed: dict[str, str] = {}
+    if backend == "cudf":  # every partition the workers hold is a cuDF frame of a dask_cudf collection
+        needed.update(cudf="the cudf backend (pip install cudf-cu13)", dask_cudf="the cudf backend (pip install "
+                      "dask-cudf-cu13)")  # fmt: skip
     for step in steps:
         for inner in [step, *step.inner_steps()]:
             graph.setdefault(type(inner).__module__, f"the step {step.name}")

@@ -425,6 +425,27 @@ def test_packages_a_step_chooses_are_checked_on_the_workers_of_a_client_made_bef
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cudf_run_checks_that_the_workers_have_cudf(sample_ds):
+    """With the cuDF backend every worker holds cuDF partitions: cudf and dask_cudf must import there (this machine
+    has neither, as a CPU-only worker of a GPU job would)."""
+    import importlib.util
+
+    from distributed import Client, LocalCluster
+
+    from imgcurate.dedup import ExactDuplicates
+    from imgcurate.errors import ClusterError
+    from imgcurate.pipeline import check_workers
+
+    if importlib.util.find_spec("cudf") is not None:
+        pytest.skip("cudf is installed here")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            check_workers(client, [ExactDuplicates()], "pandas")
+            with pytest.raises(ClusterError, match=r"^cluster: 2 of 2 workers cannot import 'cudf', which the cudf "
+                                                   r"backend \(pip install cudf-cu13\) needs"):  # fmt: skip
+                check_workers(client, [ExactDuplicates()], "cudf")
+
+
 def test_the_source_digest_workers_are_compared_by_follows_the_package_files_only(tmp_path, monkeypatch):
     """What tells two checkouts of one version apart: the package's .py and .yaml files, by path and bytes; an
     editor's lock file, a notebook's checkpoints and compiled files are not part of it."""
