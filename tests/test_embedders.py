@@ -390,10 +390,12 @@ def test_if_available_downloads_the_weights_where_the_run_starts_when_online(sam
         fetch = lambda name, ok=reachable: fetched.append(name) or ok  # noqa: E731
         monkeypatch.setattr(timm_module, "fetch_pretrained_weights", fetch)
         emb = TimmImageEmbedder("test_resnet", pretrained="if-available")
-        emb.check(sample_ds.metadata._meta, sample_ds.id_col)
+        emb.check(sample_ds.metadata._meta, sample_ds.id_col)  # what checking a config does: nothing is fetched
+        assert emb._if_available_cached() is False and len(fetched) == (0 if reachable else 1)
+        emb(sample_ds)  # a run: fetched where it starts, before the graph is built
         assert emb._if_available_cached() is reachable
     assert fetched == ["test_resnet", "test_resnet"]
     offline = TimmImageEmbedder("test_resnet", pretrained="if-available")
     monkeypatch.setattr(timm_module, "hf_offline", lambda: True)
-    offline.check(sample_ds.metadata._meta, sample_ds.id_col)
+    offline(sample_ds)
     assert offline._if_available_cached() is False and len(fetched) == 2  # offline: nothing is fetched

@@ -174,7 +174,7 @@ class TimmImageEmbedder(ImageEmbedder):
         """With ``pretrained="if-available"``, whether the weights are used: as settled by :meth:`check` where the run
         started (the step travels to the workers with it), else whether they are cached now; None otherwise."""
         if self.pretrained == IF_AVAILABLE and self.checkpoint_path is None:
-            settled = self.__dict__.get("_weights_cached")
+            settled = self._settled()
             return pretrained_weights_cached(self.model_name) if settled is None else settled
         return None
 
@@ -185,10 +185,15 @@ class TimmImageEmbedder(ImageEmbedder):
         super().check(meta, id_col)
         self.__dict__.pop("_weights_cached", None)
         cached = self._if_available_cached()
-        if cached is False and not hf_offline():  # online: downloaded here, once, into the cache the workers read
-            cached = fetch_pretrained_weights(self.model_name)
         if cached is not None:
             self.__dict__["_weights_cached"] = cached
+
+    def prepare(self) -> None:
+        """Online, ``pretrained="if-available"`` weights that :meth:`check` found missing are downloaded here, once,
+        into the cache the workers read, and then settled as used. The commands that only check a config
+        (``config``, ``estimate``, ``doctor``) download nothing."""
+        if self._settled() is False and self.checkpoint_path is None and not hf_offline():
+            self.__dict__["_weights_cached"] = fetch_pretrained_weights(self.model_name)
 
     def _settled(self) -> bool | None:
         """What :meth:`check` settled for ``pretrained="if-available"`` (None otherwise, or before a check)."""

@@ -211,6 +211,11 @@ class Step(abc.ABC):
     def name(self) -> str:
         return type(self).__name__
 
+    def prepare(self) -> None:  # noqa: B027 - a hook with nothing to do by default, not an abstract method
+        """Fetches, where a run starts and before it is described, what the step decides there (a download that
+        every worker then reads). Called by :meth:`__call__` and :meth:`Pipeline.run`, not by the commands that only
+        check a config. Default: nothing."""
+
     def check_resources(self) -> None:
         """Checks, before a run does any work, that what the step loads at run time is here (weights in the caches
         when offline). Not part of :meth:`check`, so a config can be written and checked on a machine without them.
@@ -308,6 +313,7 @@ class Step(abc.ABC):
         self.check(dataset.metadata._meta, dataset.id_col)
         if dataset.input_rows is not None:
             self.check_rows(dataset.input_rows)
+        self.prepare()
         return dataset.with_columns(self.added(dataset), self.output_columns())
 
     def __repr__(self) -> str:
