@@ -409,6 +409,11 @@ def test_packages_a_step_chooses_are_checked_on_the_workers_of_a_client_made_bef
 
     assert modules(SemanticDeduplicator(n_clusters=2)) == ["faiss"]
     assert modules(SemanticDeduplicator(n_clusters=2), "cudf") == ["cuml"]
+    # workers on distinct GPUs (dask-cuda's layout) make the default cuML's Dask KMeans, which needs its dask extra
+    monkeypatch.setattr("imgcurate.device.workers_have_distinct_gpus", lambda client: True)
+    assert modules(SemanticDeduplicator(n_clusters=2), "cudf") == ["cuml", "raft_dask", "dask_cudf"]
+    assert modules(SemanticDeduplicator(n_clusters=2)) == ["faiss"]
+    monkeypatch.undo()
     assert modules(SemanticDeduplicator(n_clusters=2, kmeans_backend="sklearn"), "cudf") == ["sklearn"]
     assert modules(CaptionFeatures()) == ["py3langid"] and modules(CaptionFeatures(language=False)) == []
     missing = Requirement("a_kmeans_package_not_installed", "faiss-cpu")

@@ -693,10 +693,15 @@ class SemanticDeduplicator(Step):
         return {"max_similarity": [(f"1 - eps {e:g}", 1.0 - e) for e in self.eps]}
 
     def worker_requirements(self, backend: str) -> list[Requirement]:
-        """As :meth:`Step.worker_requirements`: the KMeans backend's package (faiss by default on pandas, cuML on
-        cuDF), which the fit task imports on a worker."""
-        name = self.kmeans_backend or ("cuml" if backend == "cudf" else "faiss")
-        kmeans = _KMEANS[name]
+        """As :meth:`Step.worker_requirements`: the KMeans backend's package (faiss by default on pandas; on cuDF
+        cuML, with its Dask extra where the client's workers hold distinct GPUs, as :meth:`kmeans_backend_for`
+        chooses), which the fit imports on the workers."""
+        name = self.kmeans_backend
+        if name is None and backend == "cudf":
+            from imgcurate.device import workers_have_distinct_gpus
+
+            name = "cuml-dask" if workers_have_distinct_gpus(progress.distributed_client()) else "cuml"
+        kmeans = _KMEANS[name or "faiss"]
         own = [Requirement(module, kmeans.package, kmeans.extra) for module in kmeans.modules]
         return [*super().worker_requirements(backend), *own]
 
