@@ -281,12 +281,14 @@ def render(report: Report) -> str:
 
 
 def check_config(path: str) -> tuple[list[str], list[str]]:
-    """The checks ``imgcurate run`` makes of the config at ``path`` before any work, without an image or a cluster
-    (:meth:`~imgcurate.pipeline.Pipeline.check_config`), and whether what its steps load is here
-    (:meth:`~imgcurate.steps.Step.check_resources`).
+    """The checks ``imgcurate run`` makes of the config at ``path`` before any work, without an image
+    (:meth:`~imgcurate.pipeline.Pipeline.check_config`), whether what its steps load is here
+    (:meth:`~imgcurate.steps.Step.check_resources`), and with ``cluster: {address: ...}`` the checks of the running
+    scheduler's workers (:func:`~imgcurate.pipeline.check_workers`).
 
     Returns:
-        (what would not work here: a missing package or missing weights; notes: a check that could not be made).
+        (what would not work: a missing package or missing weights here, a problem of the cluster's workers or no
+        scheduler at its address; notes: a check that could not be made).
 
     Raises:
         ConfigError: the config is wrong, with the message ``run`` gives.
@@ -313,7 +315,28 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
                 step.check_resources()
             except ImgcurateError as err:
                 problems.append(str(err))
+    if pipeline.cluster and "address" in pipeline.cluster:
+        problems.extend(_cluster_problems(pipeline, dataset))
     return problems, notes
+
+
+def _cluster_problems(pipeline: Any, dataset: Any) -> list[str]:
+    """The checks ``imgcurate run`` makes on a running scheduler's workers before any work
+    (:func:`~imgcurate.pipeline.check_workers`): what would not work there, or that no scheduler answered."""
+    from imgcurate.backends import backend_of
+    from imgcurate.errors import ClusterError
+    from imgcurate.pipeline import check_workers, connect
+
+    if dataset is not None:
+        backend = backend_of(dataset.metadata._meta).name
+    else:  # the input is not readable here: the backend the config names (auto takes the CPU's)
+        backend = "cudf" if pipeline.backend == "cudf" else "pandas"
+    try:
+        with connect(pipeline.cluster["address"]) as client:
+            check_workers(client, list(pipeline.steps), backend)
+    except ClusterError as err:
+        return [str(err)]
+    return []
 
 
 def main(config_path: str | None = None) -> int:
@@ -335,5 +358,5 @@ def main(config_path: str | None = None) -> int:
     for line in notes:
         print(line)
     for line in problems:
-        print(f"would not work here: {line}")
+        print(f"would not work: {line}")
     return 1 if problems else report.exit_code

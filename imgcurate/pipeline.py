@@ -313,7 +313,7 @@ def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") 
 
     spec = dict(spec)
     if "address" in spec:
-        with _connect(spec["address"]) as client:
+        with connect(spec["address"]) as client:
             check_workers(client, list(steps), backend)
             yield client
         return
@@ -338,7 +338,7 @@ def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") 
         yield client
 
 
-def _connect(address: str) -> Any:
+def connect(address: str) -> Any:
     """A client of the running scheduler at ``address``.
 
     Raises:

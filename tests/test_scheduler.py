@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,6 +157,30 @@ def test_a_step_module_the_workers_cannot_import_is_an_error_before_any_work(sam
         "install it where the workers run (or put it on their PYTHONPATH)"
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_doctor_runs_the_cluster_checks_on_a_running_scheduler(sample_dir, tmp_path, scheduler, capsys):
+    """``imgcurate doctor --config`` with ``cluster: {address: ...}`` checks the workers as ``run`` would, so a
+    config that ``run`` refuses there does not pass it; a config the workers can run passes, and no scheduler at the
+    address is a failure too."""
+    address, _ = scheduler
+    config = _pipeline(tmp_path, sample_dir, address, [{"ExactDuplicates": {}}, {"user_steps:CaptionLength": {}}])
+    assert main(["doctor", "--config", config]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "would not work: cluster: 2 of 2 workers cannot import 'user_steps', which the step CaptionLength needs: "
+        "install it where the workers run (or put it on their PYTHONPATH)"
+    )
+    assert main(["doctor", "--config", _pipeline(tmp_path, sample_dir, address, [{"ExactDuplicates": {}}])]) == 0
+    assert "would not work" not in capsys.readouterr().out
+    with socket.socket() as free:  # a port no scheduler listens on
+        free.bind(("127.0.0.1", 0))
+        nobody = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        assert main(["doctor", "--config", _pipeline(tmp_path, sample_dir, nobody, [{"ExactDuplicates": {}}])]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"would not work: cluster.address: no Dask scheduler answered at {nobody} within 2s (OSError)"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
