@@ -662,7 +662,7 @@ def recording(self, x, backend):
     return np.asarray(x[: self.n_clusters]), 0
 semantic.SemanticDeduplicator._kmeans = recording
 x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
-sample = pd.DataFrame({"embedding": [x.tobytes()], "n": [40], "dim": [8], "tar": ["s.tar"]})
+sample = pd.DataFrame({"embedding": [x.tobytes()], "n": [40], "dim": [8], "tar": ["s.tar"], "usable": [40]})
 semantic._fit_sample(sample, semantic.SemanticDeduplicator(n_clusters=4), "faiss")
 print(seen[0])
 """
@@ -684,3 +684,143 @@ def test_the_kmeans_fit_uses_every_core_in_a_worker_that_limits_openmp_to_one_th
     done = subprocess.run([sys.executable, "-c", _FIT_THREADS_PROBE], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split()[-1]) == cpu_count()
+
+
+def _embedded(shards, *, score=None):
+    """A synthetic dataset whose partition ``i`` holds the float32 rows ``shards[i]`` as its embeddings (and
+    ``score[i]`` as a column ``score``)."""
+    from imgcurate.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(len(shards), rows_per_shard=max(len(s) for s in shards), dim=shards[0].shape[1], seed=2)
+    df = ds.metadata
+
+    def put(part, partition_info=None):
+        i = partition_info["number"]
+        part = part.iloc[: len(shards[i])].copy()
+        part["image_embedding"] = pd.Series(list(shards[i]), index=part.index, dtype=object)
+        if score is not None:
+            part["score"] = score[i]
+        return part
+
+    meta = {**df.dtypes.to_dict(), "image_embedding": object, **({"score": "float64"} if score is not None else {})}
+    return ds.with_metadata(df.map_partitions(put, meta=meta))
+
+
+def test_assign_gives_a_row_the_same_distance_whatever_rows_it_is_computed_with():
+    """A matrix product's value for a row can change in its last bit with the rows beside it; the hard and easy rules
+    order exact copies by the distance, so one shard at a time must give what the whole array gives."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        x = rng.standard_normal((int(rng.integers(20, 400)), 64)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        centroids = rng.standard_normal((2, 64)).astype(np.float32)
+        cut = int(rng.integers(1, len(x)))
+        labels, dist = _assign(x, centroids)
+        for part in (slice(0, cut), slice(cut, None)):
+            got_labels, got_dist = _assign(x[part].copy(), centroids)
+            np.testing.assert_array_equal(got_labels, labels[part])
+            np.testing.assert_array_equal(got_dist, dist[part])  # bit for bit
+
+
+@pytest.mark.parametrize("keep", ["hard", "easy"])
+def test_exact_copies_in_other_shards_keep_the_copy_find_keeps(keep):
+    rng = np.random.default_rng(3)
+    first = rng.standard_normal((120, 32)).astype(np.float32)
+    second = np.concatenate([first[rng.choice(120, 40, replace=False)], rng.standard_normal((5, 32))]).astype(
+        np.float32
+    )
+    ds = _embedded([first, second])
+    x = np.concatenate([first, second])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = x[:3].copy()
+    step = SemanticDeduplicator(n_clusters=3, eps=1e-3, which_to_keep=keep)
+    got = ds.with_columns(step.added(ds, centroids=centroids)).metadata.compute()
+    want = step.find(x, centroids=centroids)
+    assert want["is_duplicate_0.001"].sum() == 40
+    np.testing.assert_array_equal(got["is_duplicate"].to_numpy(), want["is_duplicate_0.001"])
+    keys = got["key"].to_numpy(dtype=object)
+    assert [None if v is None or v != v else v for v in got["duplicate_of"]] == [
+        keys[r] if r >= 0 else None for r in want["duplicate_of"]
+    ]
+
+
+def test_eps_zero_flags_exact_copies():
+    """The float32 similarity of a normalised row with its exact copy can come out below 1: eps below that rounding
+    counts as it."""
+    from imgcurate.dedup.semantic import similarity_rounding
+
+    rng = np.random.default_rng(0)
+    for dim in (8, 512):
+        x = rng.standard_normal((300, dim)).astype(np.float32) * rng.lognormal(0, 2, (300, 1)).astype(np.float32)
+        x = np.concatenate([x, x[:200]])
+        found = SemanticDeduplicator(n_clusters=1, eps=[0.0, 1e-9]).find(x)
+        assert found["is_duplicate_0.0"][300:].all() and not found["is_duplicate_0.0"][:300].any()
+        assert (found["is_duplicate_1e-09"] == found["is_duplicate_0.0"]).all()
+        assert similarity_rounding(dim) < 1e-5
+
+
+def test_given_centroids_must_be_one_row_per_cluster(sample_ds):
+    step = SemanticDeduplicator(n_clusters=2)
+    x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    for centroids in (x[:4], x[:1], x[0], np.full((2, 16), np.nan, np.float32)):
+        with pytest.raises(ValueError, match="centroids: "):
+            step.find(x, centroids=centroids)
+    with pytest.raises(ValueError, match=r"centroids: expected an array of n_clusters=2 rows, got shape \(4, 16\)"):
+        step.added(_with_embeddings(sample_ds), centroids=x[:4])
+
+
+def test_the_id_column_can_be_a_rank_column():
+    rng = np.random.default_rng(1)
+    first = rng.standard_normal((30, 8)).astype(np.float32)
+    ds = _embedded([first, first[:10].copy()], score=[np.arange(30.0), np.arange(30.0, 40.0)])
+    step = SemanticDeduplicator(n_clusters=2, eps=1e-3, which_to_keep=["score"], id_column="score")
+    x = np.concatenate([first, first[:10]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    got = ds.with_columns(step.added(ds, centroids=x[:2].copy())).metadata.compute()
+    want = step.find(x, centroids=x[:2].copy(), rank_values=np.arange(40.0)[:, None])
+    np.testing.assert_array_equal(got["is_duplicate"].to_numpy(), want["is_duplicate_0.001"])
+    assert got["is_duplicate"].to_numpy()[:10].all() and got["duplicate_of"].iloc[0] == "30"  # kept: the higher score
+
+
+def test_added_and_fit_check_the_step_as_a_call_does(sample_ds):
+    from imgcurate.steps.base import ColumnError
+
+    ds = _with_embeddings(sample_ds)
+    step = SemanticDeduplicator(n_clusters=2, which_to_keep=["variant"])
+    for call in (step.fit, step.added, lambda d: step.added(d, centroids=np.ones((2, 16), np.float32))):
+        with pytest.raises(ColumnError, match="which_to_keep ranks by 'variant', which holds"):
+            call(ds)
+
+
+def test_a_fit_sample_as_small_as_n_clusters_is_never_drawn_short():
+    """Each row is drawn with the same chance, so the sample's size varies: the chance keeps a margin above
+    n_clusters, for every seed."""
+    rng = np.random.default_rng(0)
+    ds = _embedded([rng.standard_normal((250, 8)).astype(np.float32) for _ in range(4)])
+    for seed in range(20):
+        for fit_sample in (10, 0.01):
+            centroids = SemanticDeduplicator(n_clusters=10, fit_sample=fit_sample, random_state=seed,
+                                             max_iter=2).fit(ds)  # fmt: skip
+            assert centroids.shape == (10, 8)
+
+
+def test_empty_embeddings_are_an_error_not_a_crash(sample_ds):
+    from imgcurate.errors import ShardError
+
+    ds = _with_embeddings(sample_ds, dims=(0,), null_rows=())
+    with pytest.raises(ShardError, match=r"0000\d\.tar: column 'image_embedding' holds empty \(0-d\) embeddings"):
+        SemanticDeduplicator(n_clusters=2)(ds).metadata.compute()
+    with pytest.raises(ValueError, match=r"expected a \(N, D\) array of D >= 1"):
+        SemanticDeduplicator(n_clusters=2).find(np.zeros((5, 0), np.float32))
+
+
+def test_finite_embeddings_of_extreme_magnitude_are_normalised():
+    """Squares of values above ~1.8e19 overflow float32 and those below ~1e-19 underflow it: the rows are finite and
+    their exact copies duplicates all the same."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    x[:10] *= np.float32(1e20)
+    x[10:20] *= np.float32(1e-25)
+    x = np.concatenate([x, x[:20]])
+    found = SemanticDeduplicator(n_clusters=1, eps=1e-4).find(x)
+    assert found["is_duplicate_0.0001"][40:].all() and not found["is_duplicate_0.0001"][:40].any()

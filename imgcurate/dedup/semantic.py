@@ -207,10 +207,22 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), block):
-        sims = x[start : start + block] @ unit.T
-        labels[start : start + block] = sims.argmax(axis=1)
-        dist[start : start + block] = 1.0 - sims[np.arange(len(sims)), labels[start : start + block]]
+        rows = x[start : start + block]
+        nearest = (rows @ unit.T).argmax(axis=1)
+        labels[start : start + block] = nearest
+        # the distance again, row by row: a matrix product's value for a row can differ in its last bit with the
+        # number of rows it is computed with (BLAS blocks by the matrix's shape), and the hard and easy rules order
+        # exact copies by it, so one shard at a time must give what the whole array gives
+        dist[start : start + block] = 1.0 - np.einsum("ij,ij->i", rows, unit[nearest])
     return labels, dist
+
+
+def similarity_rounding(dim: int) -> float:
+    """How far below 1 the float32 similarity of a normalised ``dim``-d embedding with an exact copy of itself can
+    come out (the rounding of its normalisation and of the dot product): ``2**-22 * (1 + sqrt(dim))``, about 4x what
+    was measured (5e-7 below 1 at 512-d, 1.4e-6 at 4096-d). An ``eps`` below it is taken as this much, so that
+    ``eps=0`` flags exact copies."""
+    return 2.0**-22 * (1.0 + float(np.sqrt(max(int(dim), 0))))
 
 
 class Pairs(NamedTuple):
@@ -355,7 +367,9 @@ class SemanticDeduplicator(Step):
         max_iter: KMeans iterations.
         random_state: seed for KMeans, the fit sample and ``which_to_keep="random"``.
         eps: similarity margin: a duplicate has similarity >= 1 - eps. A list evaluates several in one run
-            (one ``is_duplicate_eps<eps>`` column each; ``is_duplicate`` uses the first).
+            (one ``is_duplicate_eps<eps>`` column each; ``is_duplicate`` uses the first). An eps below the float32
+            rounding of a similarity (:func:`similarity_rounding`, 6e-6 at 512-d) counts as that much, so that
+            ``eps=0`` flags exact copies.
         which_to_keep: ``hard`` (keep the farthest from the centroid first), ``easy`` (nearest first), ``random``,
             or a list of metadata columns to rank by, highest first (e.g. ``["aesthetic_score"]``; nulls rank last,
             ties go to the earlier sample).
@@ -371,9 +385,10 @@ class SemanticDeduplicator(Step):
         device: where the in-cluster similarity tiles are computed: ``cpu`` (NumPy), ``cuda`` (CuPy, the same
             code) or ``auto`` (cuda when a GPU is usable and CuPy installed). Each cluster's embeddings are copied
             to the GPU in turn, so its memory holds one cluster at a time.
-        fit_sample: how many samples KMeans is fitted on: an int (at most that many), a float in (0, 1] (that
+        fit_sample: how many samples KMeans is fitted on: an int (about that many), a float in (0, 1] (about that
             fraction), or None for ``256 * n_clusters`` (what faiss itself would draw). The sample is drawn on the
-            workers, shard by shard, with a seeded draw.
+            workers, shard by shard, each row with the same seeded chance; the chance is raised where needed so that
+            the draw does not come short of ``n_clusters`` (a margin of a few times its square root).
         error_column: output column with why a sample was left out although it has an embedding: one that holds NaN
             or infinite values (a model overflow, say) is neither clustered nor compared, and gets
             :data:`NOT_FINITE` here; null for every other sample.
@@ -514,9 +529,20 @@ class SemanticDeduplicator(Step):
         if self.keep_by and (rank_values is None or len(rank_values) != len(x)):
             raise ValueError(f"which_to_keep={self.keep_by!r} ranks by metadata: give rank_values, one row per sample")
         if centroids is not None:
-            fixed = np.asarray(centroids, dtype=np.float32)
+            fixed = self._given_centroids(centroids)
             return self._find(x, copy, backend, lambda unit: (fixed, 0), rank_values)
         return self._find(x, copy, backend, lambda unit: self._kmeans(unit, backend), rank_values)
+
+    def _given_centroids(self, centroids: Any) -> np.ndarray:
+        """Centroids given by the caller as float32, one row per cluster: rows beyond ``n_clusters`` would hold rows
+        that are never compared (``find`` walks clusters ``0..n_clusters-1``)."""
+        fixed = np.asarray(centroids, dtype=np.float32)
+        if fixed.ndim != 2 or len(fixed) != self.n_clusters:
+            raise ValueError(f"centroids: expected an array of n_clusters={self.n_clusters} rows, got shape "
+                             f"{fixed.shape}")  # fmt: skip
+        if not np.isfinite(fixed).all():
+            raise ValueError("centroids: the array holds NaN or infinite values")
+        return fixed
 
     def _kmeans(self, data: Any, backend: str) -> tuple[np.ndarray, int]:
         return kmeans(data, self.n_clusters, self.max_iter, self.random_state, backend, self.tol)
@@ -538,6 +564,8 @@ class SemanticDeduplicator(Step):
                              "them, or run on a dataset, which records them as errors")  # fmt: skip
         if n < self.n_clusters:
             raise ValueError(f"{n} samples with embeddings is fewer than n_clusters={self.n_clusters}")
+        if x.ndim != 2 or x.shape[1] == 0:
+            raise ValueError(f"x: expected a (N, D) array of D >= 1, got shape {x.shape}")
         _normalize(x)
         values = None if rank_values is None else np.asarray(rank_values, dtype=np.float64).reshape(n, -1)
         fingerprint = self._fingerprint(x, values) if self.cache_dir is not None else ""  # keys the cache only
@@ -601,7 +629,7 @@ class SemanticDeduplicator(Step):
     def _cluster_result(self, rows: Any, device: str) -> _ClusterResult:
         """The answers for one cluster whose normalised embeddings ``rows`` are in rank order."""
         connected = self.mode == "connected"
-        thresholds = [1.0 - e for e in self.eps]
+        thresholds = [1.0 - max(e, similarity_rounding(rows.shape[1])) for e in self.eps]
         if device == "cuda":
             import cupy
 
@@ -730,6 +758,7 @@ class SemanticDeduplicator(Step):
         columns are computed, so that it is still computed once.
         """
         df = dataset.metadata
+        self.check(df._meta, dataset.id_col)  # as a call of the step does: added() is also called on its own
         id_col = self._id(dataset.id_col)
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]
@@ -747,7 +776,7 @@ class SemanticDeduplicator(Step):
         if centroids is None or random:
             counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
         if centroids is not None:
-            fitted: Any = np.asarray(centroids, dtype=np.float32)
+            fitted: Any = self._given_centroids(centroids)
         elif backend == "cuml-dask":
             fitted = self._fit_on_workers(dataset, frame, _total(counts))
         else:
@@ -789,6 +818,7 @@ class SemanticDeduplicator(Step):
         if dataset.input_rows is not None:
             self.check_rows(dataset.input_rows)  # before the count pass, which may run the embedder
         df = dataset.metadata
+        self.check(df._meta, dataset.id_col)
         backend = self.kmeans_backend_for(df._meta)
         frame = df[self.input_columns(dataset.id_col)]
         counts = dataset.map_shards(_count_valid, self.embedding_column, meta=_COUNT_META, frame=frame)
@@ -860,6 +890,7 @@ _SAMPLE_META = pd.DataFrame(
         "n": pd.Series([], dtype="int64"),
         "dim": pd.Series([], dtype="int64"),
         "tar": pd.Series([], dtype=object),
+        "usable": pd.Series([], dtype="int64"),  # the shard's usable embeddings, drawn or not
     }
 )
 
@@ -869,19 +900,34 @@ def _identity(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    """L2-normalises the rows of a float32 matrix in place (and returns it)."""
+    """L2-normalises the rows of a float32 matrix in place (and returns it); a zero row stays zero."""
     if len(x):  # the squared norms without an N x D temporary (np.linalg.norm makes one): ~20x faster
-        x /= np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
+        squares = np.einsum("ij,ij->i", x, x)
+        norms = np.sqrt(squares)
+        # finite values whose squares overflow float32 (above ~1.8e19) or underflow it (below ~1e-19): their norm
+        # again in float64, where neither happens
+        odd = np.flatnonzero(~(squares >= _SMALLEST_SQUARE) | np.isinf(squares))
+        if len(odd):
+            norms[odd] = np.linalg.norm(x[odd].astype(np.float64), axis=1)
+        x /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
     return x
 
 
+#: Squared norms below this may have lost digits in float32 (subnormal squares).
+_SMALLEST_SQUARE = np.float32(np.finfo(np.float32).tiny)
+
+
 def _finite_rows(x: np.ndarray) -> np.ndarray:
-    """Which rows of a float32 matrix hold only finite values (their squared norm is finite), in one pass without
-    an N x D temporary."""
+    """Which rows of a float32 matrix hold only finite values, in one pass without an N x D temporary (the squared
+    norm; rows whose square overflows are looked at value by value)."""
     if not len(x):
         return np.zeros(0, dtype=bool)
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.isfinite(np.einsum("ij,ij->i", x, x))
+        finite = np.isfinite(np.einsum("ij,ij->i", x, x))
+    overflow = np.flatnonzero(~finite)
+    if len(overflow):
+        finite[overflow] = np.isfinite(x[overflow]).all(axis=1)
+    return finite
 
 
 def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -891,6 +937,8 @@ def _valid_matrix(part: Any, column: str, shard: Shard | None = None) -> tuple[n
         valid, x = embedding_matrix(part[column], column)
     except ValueError as err:
         raise ShardError(shard.tar if shard else column, str(err)) from None
+    if len(x) and x.shape[1] == 0:
+        raise ShardError(shard.tar if shard else column, f"column {column!r} holds empty (0-d) embeddings")
     finite = _finite_rows(x)
     unusable = np.zeros(len(valid), dtype=bool)
     if not finite.all():
@@ -932,15 +980,26 @@ def _sample_size(step: SemanticDeduplicator, total: int) -> int:
     return step.fit_sample if step.fit_sample is not None else 256 * step.n_clusters
 
 
+def _draw_chance(step: SemanticDeduplicator, total: int) -> float:
+    """The chance of each usable row to be drawn into the KMeans sample. Each row is drawn on its own (a shard needs
+    only the total), so the sample's size varies around its expected value by about its square root: the expected
+    size is at least ``n_clusters`` plus 8 such deviations (and 8), so that the draw never comes short of
+    ``n_clusters`` unless the data does."""
+    wanted = max(_sample_size(step, total), step.n_clusters + int(np.ceil(8 * np.sqrt(step.n_clusters))) + 8)
+    return min(1.0, wanted / max(int(total), 1))
+
+
 def _sample_shard(part: Any, shard: Shard, step: SemanticDeduplicator, total: int) -> pd.DataFrame:
     """A seeded draw of this shard's normalised embeddings, each row kept with probability sample / total."""
     _, x, _ = _valid_matrix(part, step.embedding_column, shard)
-    p = min(1.0, _sample_size(step, int(total)) / max(int(total), 1))
+    usable = len(x)
+    p = _draw_chance(step, int(total))
     if p < 1.0:
         x = x[np.random.default_rng([step.random_state, shard.index]).random(len(x)) < p]
     x = _normalize(np.array(x, dtype=np.float32))
     dim = x.shape[1] if x.ndim == 2 and len(x) else 0
-    return pd.DataFrame({"embedding": [x.tobytes()], "n": [len(x)], "dim": [dim], "tar": [shard.tar]})
+    return pd.DataFrame({"embedding": [x.tobytes()], "n": [len(x)], "dim": [dim], "tar": [shard.tar],
+                         "usable": [usable]})  # fmt: skip
 
 
 def _block(row: pd.Series) -> np.ndarray:
@@ -966,16 +1025,13 @@ def _device_block(part: pd.DataFrame, on_gpu: bool) -> Any:
     return block
 
 
-def _check_sample_size(drawn: int, total: int | None, step: SemanticDeduplicator) -> None:
+def _check_sample_size(drawn: int, total: int, step: SemanticDeduplicator) -> None:
     """KMeans needs at least ``n_clusters`` rows: a ValueError saying whether the data or the sample is too small.
-    ``total`` is the count of usable embeddings; None where it is not at hand (then a draw smaller than the sample
-    asked for means that every row was drawn)."""
+    ``total`` is the count of usable embeddings."""
     if drawn >= step.n_clusters:
         return
-    everything = drawn < _sample_size(step, drawn) if total is None else total < step.n_clusters
-    if everything:
-        raise ValueError(f"{drawn if total is None else total} samples with embeddings is fewer than "
-                         f"n_clusters={step.n_clusters}")  # fmt: skip
+    if total < step.n_clusters:
+        raise ValueError(f"{total} samples with embeddings is fewer than n_clusters={step.n_clusters}")
     raise ValueError(f"the KMeans sample holds {drawn} rows, fewer than n_clusters={step.n_clusters}: raise "
                      "fit_sample")  # fmt: skip
 
@@ -985,7 +1041,7 @@ def _fit_sample(sample: pd.DataFrame, step: SemanticDeduplicator, backend: str) 
     _check_dims(sample, step.embedding_column)
     blocks = [_block(row) for _, row in sample.iterrows() if row["n"]]
     x = np.concatenate(blocks) if blocks else np.zeros((0, 0), dtype=np.float32)
-    _check_sample_size(len(x), None, step)
+    _check_sample_size(len(x), int(sample["usable"].sum()), step)
     from threadpoolctl import threadpool_limits
 
     from imgcurate.cpu import cpu_count
@@ -1049,7 +1105,7 @@ def _assign_shard(
     labels, dist = _assign(x, centroids) if len(x) else (np.zeros(0, np.int64), np.zeros(0, np.float32))
     n = len(valid)
     rows = np.flatnonzero(valid)
-    meta = host(part, [io.id_col, *step.keep_by])
+    meta = host(part, list(dict.fromkeys([io.id_col, *step.keep_by])))  # the id column may be a rank column too
     out = positions(valid, shard.index)
     if offset is None:
         out["_gidx"] = (np.int64(shard.index) << 40) + np.arange(n, dtype=np.int64)
