@@ -75,3 +75,8 @@ class ClusterError(ImgcurateError, RuntimeError):
 class ConcurrentExportError(ImgcurateError, RuntimeError):
     """Another export into the same folder ran at the same time as this one; the folder is left marked as an export
     that did not finish (it opens as an error), and rerunning one export finishes it."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (its type's name when it has none), to quote inside another message."""
+    return " ".join(str(err).split()) or type(err).__name__

@@ -39,7 +39,7 @@ from imgcurate import progress
 from imgcurate.backends import backend_of, to_pandas
 from imgcurate.config_check import bind, check_value, unknown_key
 from imgcurate.dataset import ImageTextPairDataset
-from imgcurate.errors import ConfigError, MissingDependencyError
+from imgcurate.errors import ConfigError, MissingDependencyError, one_line
 from imgcurate.steps.base import Step
 
 __all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config", "stage_info"]
@@ -331,7 +331,7 @@ def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") 
     except (RuntimeError, ValueError, TypeError, OSError) as err:  # an option's value it could not start with
         from imgcurate.errors import ClusterError
 
-        raise ClusterError(f"cluster: the local cluster did not start with these options ({_one_line(err)})") from None
+        raise ClusterError(f"cluster: the local cluster did not start with these options ({one_line(err)})") from None
     # The scheduler builds each graph in this process; with the tasks in worker processes, this process does only
     # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
     with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:
@@ -413,11 +413,6 @@ def code_identity() -> tuple[str, str]:
     return _identity_function()()
 
 
-def _one_line(err: BaseException) -> str:
-    """An error's message on one line (its type's name when it has none)."""
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _run_check(run: Callable[..., Any], where: str, *args: Any) -> Any:
     """One of :func:`check_workers`' calls on the cluster; a failure to run it there (imgcurate itself missing, a
     step's module missing while the steps are unpickled) is a one-line ClusterError."""
@@ -427,7 +422,7 @@ def _run_check(run: Callable[..., Any], where: str, *args: Any) -> Any:
         return run(*args)
     except Exception as err:  # noqa: BLE001 - whatever the remote side raised: it could not run the check
         raise ClusterError(f"cluster: {where} could not run imgcurate's checks ({type(err).__name__}: "
-                           f"{_one_line(err)}); "
+                           f"{one_line(err)}); "
                            "install imgcurate and the steps' modules where it runs") from None  # fmt: skip
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import time
 from collections.abc import Sequence
@@ -35,14 +34,13 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from imgcurate import progress
 from imgcurate._dask import shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, ShardError
-from imgcurate.io._fs import atomic_open, check_reachable, files_in, remove_temporaries, shard_order
+from imgcurate.io._fs import atomic_open, check_reachable, file_stamp, files_in, remove_temporaries, shard_order
 from imgcurate.io.schema import conform, is_error_column
 
 __all__ = ["FINISHED", "ROW_ID", "RunDir", "StepRecord", "input_fingerprint", "fingerprint_chain", "summarize"]
@@ -65,17 +63,7 @@ def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
     for info in sorted(fs.ls(root, detail=True), key=lambda i: shard_order(i["name"])):
         name = posixpath.basename(info["name"])
         if name.endswith((".tar", ".parquet")):
-            size = info.get("size")
-            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
-            if info.get("islink") and isinstance(fs, LocalFileSystem):
-                try:
-                    target = os.stat(info["name"])  # follows the link
-                    size, stamp = target.st_size, target.st_mtime
-                except OSError:  # a broken link: opening the dataset names it
-                    pass
-            if info.get("ETag") and info.get("LastModified"):
-                stamp = f"{stamp}\0{info['ETag']}"
-            digest.update(f"{name}\0{size}\0{stamp}\n".encode())
+            digest.update(f"{name}\0{file_stamp(fs, info)}\n".encode())
     return digest.hexdigest()
 
 

@@ -221,6 +221,25 @@ def test_bad_export_arguments(sample_ds, tmp_path):
     with pytest.raises(ValueError, match="no sample is selected"):
         none.to_webdataset(str(tmp_path / "o"), filter_column="k", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before  # the earlier export, nothing staged
+    for bad in (0, -1, 2.0, True, np.bool_(True), "10"):
+        with pytest.raises(ValueError, match="samples_per_shard must be an integer of at least 1"):
+            sample_ds.to_webdataset(str(tmp_path / "p"), samples_per_shard=bad)
+    # NumPy's integers are integers (a count computed with NumPy)
+    out = sample_ds.to_webdataset(str(tmp_path / "p"), samples_per_shard=np.int64(20), max_shards=np.int32(1))
+    assert out.num_shards == 1 and len(out.metadata) == 20
+
+
+def test_a_column_of_numbers_and_text_names_the_shard_it_cannot_write(sample_ds, tmp_path):
+    df = sample_ds.metadata
+
+    def mixed(part, partition_info=None):
+        values = [1 if partition_info["number"] == 2 and i == 0 else str(i) for i in range(len(part))]
+        return part.assign(note=pd.Series(values, index=part.index, dtype=object))
+
+    ds = sample_ds.with_metadata(df.map_partitions(mixed, meta={**df.dtypes.to_dict(), "note": object}))
+    with pytest.raises(ShardError, match=r"00002\.tar: its metadata rows cannot be written to parquet "
+                                         r"\(.*column note.*\): give each column one type$"):  # fmt: skip
+        ds.to_webdataset(str(tmp_path / "o"))
 
 
 def test_rows_whose_keys_name_no_sample_are_an_error_not_an_empty_export(sample_ds, tmp_path):
@@ -280,6 +299,40 @@ def test_a_crash_mid_export_publishes_nothing_and_a_rerun_finishes_from_the_stag
     for name in os.listdir(out):
         assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     assert len(clean.metadata) == 36
+
+
+def test_a_rerun_after_the_input_changed_does_not_reuse_shards_staged_from_the_old_bytes(sample_dir, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """An export that failed on its second shard is rerun after an image in the input was replaced (same key, same
+    metadata): the shard it staged holds the old bytes and is written again."""
+    from conftest import write_tar
+
+    original = ShardWriter.write
+    calls = {"n": 0}
+
+    def flaky(self, key, members):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError("disk full")
+        return original(self, key, members)
+
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    out = tmp_path / "o"
+    monkeypatch.setattr(ShardWriter, "write", flaky)
+    with dask.config.set(scheduler="sync"), pytest.raises(OSError, match="disk full"):
+        ds.to_webdataset(str(out), samples_per_shard=10)
+    monkeypatch.setattr(ShardWriter, "write", original)
+    assert [p.name for p in (out / ".imgcurate-staging").glob("*.tar")]  # a finished shard is staged
+    for tar in sorted(sample_dir.glob("*.tar")):  # every tar's first JPEG gets one byte more after its end
+        members = list(tar_members(tar).items())
+        first = next(n for n, _ in members if n.endswith(".jpg"))
+        write_tar(tar, [(n, d + b"\0" if n == first else d) for n, d in members])
+    again = ImageTextPairDataset.from_webdataset(str(sample_dir)).to_webdataset(str(out), samples_per_shard=10)
+
+    def member_bytes(tars):  # every member's extension and bytes, in order over the tars
+        return [(n.partition(".")[2], d) for tar in tars for n, d in tar_members(tar).items()]
+
+    assert member_bytes(again.tar_files) == member_bytes(sorted(sample_dir.glob("*.tar")))
 
 
 def _counting_close(close, written):
@@ -416,7 +469,14 @@ def test_overwrite_replaces_the_shards_and_leaves_a_users_other_files(sample_ds,
     other = tmp_path / "other"
     other.mkdir()
     (other / "my_analysis.parquet").write_bytes(b"a user's table")
+    # temporary-looking names of a user's, even one with our suffix's form: the export's own are its manifest's only
+    mine = {"thesis.tex.tmp-v2": b"draft", "notes.txt.tmp-0123456789ab": b"notes", "_imgcurate_export.json.tmp-x": b""}
+    for name, data in mine.items():
+        (other / name).write_bytes(data)
+    (other / "_imgcurate_export.json.tmp-0123456789ab").write_bytes(b"{")  # what a killed export leaves
     sample_ds.to_webdataset(str(other), samples_per_shard=20)  # a folder with no shard: no overwrite needed
+    assert all((other / name).read_bytes() == data for name, data in mine.items())
+    assert not (other / "_imgcurate_export.json.tmp-0123456789ab").exists()
 
 
 def test_a_declared_embedding_is_exported_with_its_fixed_size_when_the_frame_holds_plain_lists(sample_ds, tmp_path):

@@ -156,10 +156,32 @@ def in_the_way(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str] | No
     return (path, "a file") if os.path.exists(path) and not os.path.isdir(path) else None
 
 
+def file_stamp(fs: fsspec.AbstractFileSystem, info: dict) -> str:
+    """What tells a file's versions apart without reading it, from its fsspec ``info``: its size and modification
+    time, and the ETag on object stores (whose times have whole seconds). A local symbolic link is stamped with its
+    target's size and time, as it is read as its target."""
+    size = info.get("size")
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
+    if info.get("islink") and isinstance(fs, LocalFileSystem):
+        try:
+            target = os.stat(info["name"])  # follows the link
+            size, stamp = target.st_size, target.st_mtime
+        except OSError:  # a broken link: opening the dataset names it
+            pass
+    if info.get("ETag") and info.get("LastModified"):
+        stamp = f"{stamp}\0{info['ETag']}"
+    return f"{size}\0{stamp}"
+
+
+#: The glob of :func:`temp_name`'s suffix: ``.tmp-`` and 12 hex digits, so that a user's ``notes.tmp-v2`` is not one.
+_TEMP_SUFFIX = ".tmp-" + "[0-9a-f]" * 12
+
+
 def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str, of: str | None = None) -> None:
-    """Removes the temporary files (:func:`temp_name`'s ``*.tmp-*``) that writers killed before their rename left
-    directly in ``folder``; with ``of``, only those of that file name (in a folder others write to as well)."""
-    for stale in files_in(fs, folder, "*.tmp-*" if of is None else f"{glob.escape(of)}.tmp-*"):
+    """Removes the temporary files (:func:`temp_name`'s ``<name>.tmp-<12 hex digits>``) that writers killed before
+    their rename left directly in ``folder``; with ``of``, only those of that file name (in a folder others write to
+    as well)."""
+    for stale in files_in(fs, folder, ("*" if of is None else glob.escape(of)) + _TEMP_SUFFIX):
         fs.rm(stale)
 
 

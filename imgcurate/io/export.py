@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import posixpath
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import dask
 import dask.dataframe as dd
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,10 +46,11 @@ from imgcurate import progress
 from imgcurate._dask import Shard, map_with_shard
 from imgcurate.backends import backend_of, from_arrow, to_arrow, to_pandas
 from imgcurate.cpu import reuse_freed_memory
-from imgcurate.errors import ConcurrentExportError, ShardError
+from imgcurate.errors import ConcurrentExportError, ShardError, one_line
 from imgcurate.io._fs import (
     atomic_open,
     check_reachable,
+    file_stamp,
     files_in,
     in_the_way,
     remove_temporaries,
@@ -163,7 +166,9 @@ def _select(
     expected: bytes,
     types: dict[str, pa.DataType],
 ) -> pd.DataFrame:
-    """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest.
+    """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest and
+    the tar's stamp (:func:`file_stamp`: its bytes are what the staged shards copy, so a rerun after the input
+    changed must not reuse them).
 
     Columns named in ``types`` (:func:`_input_types`) are cast back to their input type where their values fit it
     (a column whose values do not fit, which a step changed but not its dtype, keeps its type: the shards' schemas
@@ -173,7 +178,11 @@ def _select(
     """
     mask = _keep_mask(part, filter_column)
     kept = part if mask is None else part[mask]
-    table = to_arrow(kept, types, where_fits=True)
+    try:
+        table = to_arrow(kept, types, where_fits=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:  # e.g. numbers and text in one
+        raise ShardError(shard.tar, f"its metadata rows cannot be written to parquet ({one_line(err)}): give each "
+                                    "column one type") from None  # fmt: skip
     digest = ""
     if table.num_rows:
         sink = pa.BufferOutputStream()
@@ -184,9 +193,15 @@ def _select(
             f.write(data)
     schema = table.schema.remove_metadata().serialize().to_pybytes()
     schema = b"" if schema == expected else schema
-    return pd.DataFrame(
-        {"shard": [shard.index], "tar": [shard.tar], "count": [table.num_rows], "schema": [schema], "digest": [digest]}
-    )
+    stamp = ""
+    if table.num_rows:
+        fs, tar = fsspec.core.url_to_fs(shard.tar, **so)
+        try:
+            stamp = file_stamp(fs, fs.info(tar))
+        except FileNotFoundError:  # the write pass names it
+            stamp = "missing"
+    return pd.DataFrame({"shard": [shard.index], "tar": [shard.tar], "count": [table.num_rows], "schema": [schema],
+                         "digest": [digest], "stamp": [stamp]})  # fmt: skip
 
 
 _SELECT_META = pd.DataFrame(
@@ -196,6 +211,7 @@ _SELECT_META = pd.DataFrame(
         "count": pd.Series([], dtype="int64"),
         "schema": pd.Series([], dtype=object),
         "digest": pd.Series([], dtype=object),
+        "stamp": pd.Series([], dtype=object),
     }
 )
 
@@ -332,10 +348,15 @@ def write_tasks(
 def check_sizes(samples_per_shard: Any, max_shards: Any) -> None:
     """Raises :class:`ValueError` unless ``samples_per_shard`` is an integer of at least 1 and ``max_shards`` None or
     an integer of at least 1 (no shard at all would export nothing); pipelines check them before any work, too."""
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+    if not _whole(samples_per_shard) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be an integer of at least 1, got {samples_per_shard!r}")
-    if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1):
+    if max_shards is not None and (not _whole(max_shards) or max_shards < 1):
         raise ValueError(f"max_shards must be None or an integer of at least 1, got {max_shards!r}")
+
+
+def _whole(value: Any) -> bool:
+    """An integer of Python's or NumPy's (``np.int64(5)``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def _check_arguments(
@@ -430,6 +451,7 @@ def export_webdataset(
     """
     so = dict(storage_options or {})
     _check_arguments(metadata, filter_column, samples_per_shard, max_shards, old_id_col)
+    samples_per_shard, max_shards = int(samples_per_shard), None if max_shards is None else int(max_shards)
     fs, out_root = fsspec.core.url_to_fs(path, **so)
     check_reachable(fs, path)
     src_fs, src_root = fsspec.core.url_to_fs(source, **so)
@@ -442,7 +464,7 @@ def export_webdataset(
         raise NotADirectoryError(f"{path}: cannot be made a folder: {task_url(fs, where)} is {what}")
     made = not fs.exists(out_root)
     fs.makedirs(out_root, exist_ok=True)
-    remove_temporaries(fs, out_root)
+    remove_temporaries(fs, out_root, of=MANIFEST)  # the one file an export writes there under a temporary name
     out_dir = task_url(fs, out_root)
     stage_dir = posixpath.join(out_dir, STAGING)
     fs.makedirs(posixpath.join(out_root, STAGING, "select"), exist_ok=True)
@@ -471,8 +493,8 @@ def export_webdataset(
     table = table.drop(columns=["schema"])
     fingerprint = hashlib.sha256(
         json.dumps(
-            [table["digest"].tolist(), tars, samples_per_shard, max_shards, id_col, old_id_col, index_files,
-             schema.serialize().to_pybytes().hex()]
+            [table["digest"].tolist(), table["stamp"].tolist(), tars, samples_per_shard, max_shards, id_col,
+             old_id_col, index_files, schema.serialize().to_pybytes().hex()]
         ).encode()
     ).hexdigest()  # fmt: skip
     staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files, so)
