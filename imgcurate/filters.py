@@ -289,6 +289,9 @@ class SampleFilter(ShardStep):
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.keep_column: pa.bool_(), self.reason_column: pa.string()}
 
+    def summary_columns(self) -> dict[str, str]:
+        return {"keep": self.keep_column, "drop_reason": self.reason_column}
+
     def read_columns(self, meta: Any, id_col: str) -> list[str]:
         """The rule columns, plus every error column present when ``drop_errors`` is set."""
         errors = [c for c in map(str, meta.columns) if is_error_column(c)] if self.drop_errors else []

@@ -820,6 +820,24 @@ class Pipeline:
             return False
         return True
 
+    def _export_begun(self, described: dict[str, Any] | None) -> bool:
+        """Whether this same run began its export into the same folder and was stopped before recording it as
+        published (``exporting.json`` without ``exported.json``): the folder then holds what this run was allowed
+        to replace when it began (no shards, or ``--overwrite`` was given), or this run's export, published in part
+        or whole. Either way the rerun may write it again without ``--overwrite``."""
+        from imgcurate.rundir import RunDir
+
+        if not (self.export and described) or self.export.get("overwrite"):
+            return False
+        run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}), create=False)
+        if not (run.describes(described) and run.exists("exporting.json")):
+            return False
+        try:
+            begun = run.read_json("exporting.json")
+        except ValueError:
+            return False
+        return isinstance(begun, dict) and begun.get("path") == str(self.export["path"])
+
     def _open_export(self) -> ImageTextPairDataset:
         return ImageTextPairDataset.from_webdataset(
             str(self.export["path"]), self.id_col, backend=self.backend, storage_options=self.storage_options,
@@ -868,7 +886,7 @@ class Pipeline:
         """What defines this run's results, as its run directory's ``run.json`` records it: the input (its
         fingerprint: :func:`~imgcurate.rundir.input_fingerprint`), the steps, the reports and the export (without
         ``overwrite``, which changes what the run may replace, not what it writes)."""
-        from imgcurate.rundir import fingerprint_chain, input_fingerprint
+        from imgcurate.rundir import callable_description, fingerprint_chain, input_fingerprint
 
         fingerprint = fingerprint_chain([input_fingerprint(dataset.path, dataset.storage_options), dataset.id_col])
         return {
@@ -876,7 +894,7 @@ class Pipeline:
             "input_url": _absolute_url(dataset.path, dataset.storage_options),
             "id_col": dataset.id_col,
             "fingerprint": fingerprint,
-            "steps": [s.describe() for s in self.steps if isinstance(s, Step)],
+            "steps": [s.describe() if isinstance(s, Step) else callable_description(s) for s in self.steps],
             # what the run writes after the steps: a rerun that changes only these must not keep the old summary
             "reports": self.reports,
             "export": None if self.export is None else {k: v for k, v in self.export.items() if k != "overwrite"},
@@ -888,7 +906,7 @@ class Pipeline:
         """Runs the steps into the run directory (reusing the shards already done), or persists them in memory
         without one; returns the dataset that reads the results, and a record per step. ``described`` is
         :meth:`describe`'s answer when the caller has it already."""
-        from imgcurate.rundir import RunDir, fingerprint_chain
+        from imgcurate.rundir import RunDir, callable_description, fingerprint_chain
 
         folder = self.resolved_run_dir()
         if folder is None:
@@ -901,6 +919,7 @@ class Pipeline:
         for position, step in enumerate(self.steps):
             if not isinstance(step, Step):  # a plain callable: applied lazily, recomputed where read
                 dataset = step(dataset)
+                fingerprint = fingerprint_chain([fingerprint, callable_description(step)["digest"]])
                 continue
             fingerprint = fingerprint_chain([fingerprint, step.fingerprint()])
             columns, record = run.compute_step(dataset, step, position, fingerprint)
@@ -933,7 +952,8 @@ class Pipeline:
                 step.check_resources()
         described = self.describe(dataset) if self.resolved_run_dir() else None
         published = self._published_export(described)
-        if not published:
+        begun = not published and self._export_begun(described)
+        if not (published or begun):
             self._check_export_folder()
         self._remove_report_temporaries()
         with _cluster(self.cluster, self.steps, backend_of(dataset.metadata._meta).name):
@@ -942,7 +962,8 @@ class Pipeline:
             for name, kwargs in self.reports.items():
                 _load(REPORTS, "report", name)(result, **kwargs)
             keep = (self.export or {}).get("filter_column")
-            facts = summarize(result, records, keep)
+            roles = [s.summary_columns() for s in self.steps if isinstance(s, Step)]
+            facts = summarize(result, records, keep, roles)
             out = result
             nothing = None
             if self.export and facts.get("samples_kept") == 0:
@@ -958,13 +979,17 @@ class Pipeline:
                 kwargs = dict(self.export)
                 export_started = time.perf_counter()
                 path = str(kwargs.pop("path"))
-                result._export(path, **kwargs)
-                if self.resolved_run_dir():  # recorded once published, before opening it (long at 10^5 shards)
+                run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {})) if described else None
+                if run is not None:  # a stop from here until exported.json is written: the rerun exports again
+                    run.write_json("exporting.json", {"path": path})
+                result._export(path, **{**kwargs, "overwrite": bool(kwargs.get("overwrite")) or begun})
+                if run is not None:  # recorded once published, before opening it (long at 10^5 shards)
                     from imgcurate.io.export import manifest_digest
 
-                    RunDir(self.resolved_run_dir(), dict(self.storage_options or {})).write_json(
+                    run.write_json(
                         "exported.json", {"path": path, "manifest": manifest_digest(path, self.storage_options)}
                     )
+                    run.fs.rm(posixpath.join(run.root, "exporting.json"))
                 out = self._open_export()
                 facts["exported"] = {"path": out.path, "shards": out.num_shards,
                                      "seconds": round(time.perf_counter() - export_started, 3)}  # fmt: skip

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgcurate import progress
-from imgcurate._dask import shard_divisions
+from imgcurate._dask import SHARD_BITS, shard_divisions
 from imgcurate.backends import backend_of, from_arrow, host_index, to_arrow, to_pandas
 from imgcurate.dataset import ImageTextPairDataset
 from imgcurate.errors import ConfigError, ShardError
@@ -50,7 +50,7 @@ ROW_ID = "_row_id"
 #: What only a finished run leaves in its run directory (the report is ``imgcurate.reports.run.REPORT_NAME``). A run
 #: of another input or config removes them when it starts (:meth:`RunDir.begin`), so that a rerun that fails leaves
 #: no summary or report of the earlier run beside the new ``run.json``.
-FINISHED = ("summary.json", "report.html", "exported.json")
+FINISHED = ("summary.json", "report.html", "exported.json", "exporting.json")
 
 
 def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
@@ -146,9 +146,18 @@ class RunDir:
             )  # fmt: skip
             progress.compute([written], desc=f"{step.name}: shards", unit="shard")
         marks = posixpath.join("steps", folder, "thresholds.json")
-        if todo or not self.exists(marks):  # a global threshold (a quantile) is known only where it was computed
+        # a global threshold (a quantile) is known only where it was computed: written then, and read back after;
+        # a file that a kill left out, or damaged, is written again with what the step knows here
+        thresholds = None
+        if not todo and self.exists(marks):
+            try:
+                thresholds = self.read_json(marks)
+            except ValueError:
+                pass
+        if thresholds is None:
             self.write_json(marks, step.thresholds() if hasattr(step, "thresholds") else {})
-        record.thresholds = self.read_json(marks)
+            thresholds = self.read_json(marks)
+        record.thresholds = thresholds
         record.seconds = time.perf_counter() - started
         meta = step.output_meta(dataset.metadata._meta)
         return self.read_step(folder, dataset, meta, types), record
@@ -194,10 +203,15 @@ class RunDir:
 
     def describes(self, described: dict[str, Any]) -> bool:
         """Whether ``run.json`` describes this run (the same input and steps); False when it is missing or cannot be
-        read (a damaged file is written again)."""
+        read (a damaged file is written again). The input is compared as its absolute URL (``input_url``), not as
+        it was spelled (``data`` and ``/home/me/data/`` are one input)."""
+
+        def defining(description: Any) -> Any:
+            return {k: v for k, v in description.items() if k != "input"} if isinstance(description, dict) else None
+
         try:
-            return self.exists("run.json") and self.read_json("run.json") == json.loads(
-                json.dumps(described, default=str)
+            return self.exists("run.json") and defining(self.read_json("run.json")) == defining(
+                json.loads(json.dumps(described, default=str))
             )
         except ValueError:
             return False
@@ -244,10 +258,44 @@ def _read_shard(index: int, folder: str, schema: pa.Schema, backend: str, so: di
     except (OSError, pa.ArrowException) as err:
         raise ShardError(path, f"cannot read this step result ({err}); delete it and rerun the pipeline to compute "
                                "it again") from None  # fmt: skip
+    again = "; delete it and rerun the pipeline to compute it again"
+    missing = [name for name in [ROW_ID, *schema.names] if name not in table.column_names]
+    if missing:  # written by another version of the step, or by hand
+        raise ShardError(path, f"this step result has no column {missing[0]!r}{again}")
     ids = table.column(ROW_ID).to_numpy()
+    if len(ids) and not (ids >> SHARD_BITS == index).all():  # a file copied from another shard's
+        raise ShardError(path, f"this step result holds rows of another shard than shard {index}{again}")
     frame = from_arrow(conform(table.select(schema.names), schema), backend)
     frame.index = ids
     return frame
+
+
+def callable_description(function: Any) -> dict[str, Any]:
+    """What defines a plain ``dataset -> dataset`` callable of a pipeline (not a :class:`~imgcurate.steps.Step`,
+    which describes itself), as far as can be told without running it: its name, a digest of its pickled form by
+    value (cloudpickle: the code of a function defined in ``__main__`` or a notebook, its closure and defaults, an
+    object's attributes) and of its source code where Python finds it (a function imported from a module is pickled
+    by name only). Files or global state it reads are not seen: make it a Step to describe them. A callable that
+    cannot be pickled gets a digest of its own for this run only, so the steps after it are always computed again."""
+    import inspect
+    import uuid
+
+    import cloudpickle
+
+    digest = hashlib.sha256()
+    try:
+        digest.update(cloudpickle.dumps(function, protocol=5))
+    except Exception:  # noqa: BLE001 - unpicklable (a lock, an open file in its closure): never reused
+        digest.update(uuid.uuid4().bytes)
+    for source_of in (function, type(function)):
+        try:
+            digest.update(inspect.getsource(source_of).encode())
+            break
+        except (OSError, TypeError):  # built-ins, code typed at a prompt
+            continue
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return {"callable": f"{getattr(function, '__module__', None) or type(function).__module__}:{name}",
+            "digest": digest.hexdigest()}  # fmt: skip
 
 
 def fingerprint_chain(parts: Sequence[str]) -> str:
@@ -255,20 +303,35 @@ def fingerprint_chain(parts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep_column: str | None) -> dict:
+def summarize(
+    dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep_column: str | None,
+    roles: Sequence[dict[str, str]] = (),
+) -> dict:  # fmt: skip
     """The run summary: samples in and kept, drops by reason, duplicates by kind, and per step the shards computed
-    and reused and the seconds spent. Small Dask reductions over the written results, in one pass."""
+    and reused and the seconds spent. Small Dask reductions over the written results, in one pass.
+
+    ``roles`` are the steps' :meth:`~imgcurate.steps.Step.summary_columns`, in order: the drops are counted in the
+    reason column of the filter that made ``keep_column`` (else of the last filter), the duplicates in each dedup's
+    column, under its kind (and its column's name where two dedups share a kind). Columns the input already had are
+    not counted: only what the steps wrote."""
 
     df = dataset.metadata
     columns = set(map(str, df.columns))
     wanted: dict[str, Any] = {"samples": df[dataset.id_col].size}
     if keep_column and keep_column in columns:
         wanted["kept"] = df[keep_column].fillna(False).astype(bool).sum()
-    if "drop_reason" in columns:
-        wanted["drops"] = df["drop_reason"].dropna().str.split(";").explode().value_counts()
-    for kind, column in (("exact", "exact_duplicate"), ("semantic", "is_duplicate")):
-        if column in columns:
-            wanted[f"duplicates_{kind}"] = df[column].fillna(False).astype(bool).sum()
+    filters = [r for r in roles if r.get("drop_reason") in columns]
+    reason = next((r for r in filters if r.get("keep") == keep_column), filters[-1] if filters else {})
+    reason_column = reason.get("drop_reason")
+    if reason_column:
+        wanted["drops"] = df[reason_column].dropna().str.split(";").explode().value_counts()
+    dedups = [(role.split(":", 1)[1], column) for r in roles for role, column in r.items()
+              if role.startswith("duplicates:") and column in columns]  # fmt: skip
+    for kind, column in dict.fromkeys(dedups):
+        shared = sum(k == kind for k, _ in dict.fromkeys(dedups)) > 1
+        wanted[f"duplicates_{kind} ({column})" if shared else f"duplicates_{kind}"] = (
+            df[column].fillna(False).astype(bool).sum()
+        )
     for column in sorted(c for c in columns if is_error_column(c)):
         wanted[f"errors:{column}"] = df[column].notnull().sum()
     got = dict(zip(wanted, progress.compute(list(wanted.values()), desc="run summary"), strict=True))
@@ -276,9 +339,9 @@ def summarize(dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep
     if "kept" in got:
         summary["samples_kept"] = int(got["kept"])
         summary["keep_column"] = keep_column
-    if "drops" in got:
-        drops = got["drops"]
-        drops = to_pandas(drops)
+    if reason_column:
+        summary["drop_reason_column"] = reason_column
+        drops = to_pandas(got["drops"])
         summary["drops_by_reason"] = {str(k): int(v) for k, v in sorted(drops.items())}
     summary["duplicates"] = {k.split("_", 1)[1]: int(v) for k, v in got.items() if k.startswith("duplicates_")}
     summary["errors"] = {k.split(":", 1)[1]: int(v) for k, v in got.items() if k.startswith("errors:")}

@@ -13,6 +13,7 @@ import time
 import dask
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -131,6 +132,57 @@ def test_changed_settings_recompute_only_that_step_and_the_ones_after(sample_dir
     df = out.metadata.compute()
     assert (df["keep"] == (df["width"] >= 400)).all()
     assert again["drops_by_reason"] == {"width < 400": int((df["width"] < 400).sum())}
+
+
+def _widened(factor):
+    def widen(ds):
+        df = ds.metadata
+        return ds.with_metadata(df.assign(width=df["width"] * factor))
+
+    return widen
+
+
+def test_a_plain_callable_among_the_steps_is_part_of_the_fingerprint_of_the_steps_after_it(sample_dir, tmp_path):
+    """A ``dataset -> dataset`` callable changes what the steps after it read: another callable (here the same
+    code with another value in its closure) computes them again, the same one reuses them."""
+    from imgcurate.filters import SampleFilter
+
+    def run(factor):
+        facts = {}
+        pipeline = Pipeline(steps=[_widened(factor), SampleFilter(min_width=300)], input=str(sample_dir),
+                            run_dir=str(tmp_path / "run"))  # fmt: skip
+        out = pipeline.run(summary=facts.update).metadata.compute()
+        return facts, out
+
+    first, out = run(1)
+    assert first["steps"][0]["shards_computed"] == 4 and not out["keep"].all()
+    again, _ = run(1)
+    assert (again["steps"][0]["shards_computed"], again["steps"][0]["shards_reused"]) == (0, 4)
+    wider, out = run(100)
+    assert wider["steps"][0]["shards_computed"] == 4 and out["keep"].all()
+
+
+def test_the_summary_counts_the_columns_the_steps_name_whatever_their_names(sample_dir, tmp_path):
+    """Drops and duplicates are read from the columns the steps were told to write, and the filter that makes the
+    export's column gives the reasons; the run report shows them."""
+    config = {
+        "input": str(sample_dir),
+        "output": str(tmp_path / "out"),
+        "steps": [{"ExactDuplicates": {"duplicate_column": "dup"}},
+                  {"SampleFilter": {"min_width": 10**6, "keep_column": "wide", "reason_column": "why_not_wide"}},
+                  {"SampleFilter": {"min_width": 300, "drop_duplicates": ["dup"], "keep_column": "ok",
+                                    "reason_column": "why"}}],
+        "export": {"filter_column": "ok"},
+    }  # fmt: skip
+    facts = {}
+    Pipeline.from_config(config).run(summary=facts.update)
+    df = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata.compute()
+    narrow = int((df["width"] < 300).sum())
+    assert facts["duplicates"] == {"exact": 2}
+    assert facts["drop_reason_column"] == "why" and facts["drops_by_reason"]["width < 300"] == narrow
+    assert facts["drops_by_reason"]["dup"] + narrow >= facts["samples_in"] - facts["samples_kept"]
+    report = (tmp_path / "out.run" / "report.html").read_text()
+    assert "width &lt; 300: " in report or "width < 300: " in report
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +388,45 @@ def _small_config(sample_dir, tmp_path, min_width=0):
     return str(path)
 
 
+@pytest.mark.parametrize("before", ["publish", "exported.json"])
+def test_a_run_stopped_while_exporting_finishes_on_the_same_command_without_overwrite(sample_dir, tmp_path,
+                                                                                      monkeypatch, before):  # fmt: skip
+    """Stopped after its export began, before it was recorded as published (here: before publishing, and after
+    publishing but before ``exported.json``), the same command exports again without --overwrite, into a folder
+    that held an earlier export that --overwrite allowed it to replace; the bytes are an uninterrupted run's."""
+    from imgcurate.cli import main
+    from imgcurate.io import export as export_module
+    from imgcurate.rundir import RunDir
+
+    config = _small_config(sample_dir, tmp_path)
+    assert main(["run", _small_config(sample_dir, tmp_path, min_width=300)]) == 0  # another export in the folder
+    write_json, publish = RunDir.write_json, export_module.publish
+
+    def stop_at_the_record(self, name, value):
+        if name == "exported.json":
+            raise _Stop
+        return write_json(self, name, value)
+
+    def stop_at_publish(*args, **kwargs):
+        raise _Stop
+
+    if before == "publish":
+        monkeypatch.setattr(export_module, "publish", stop_at_publish)
+    else:
+        monkeypatch.setattr(RunDir, "write_json", stop_at_the_record)
+    with pytest.raises(_Stop):
+        main(["run", config, "--overwrite"])
+    monkeypatch.setattr(RunDir, "write_json", write_json)
+    monkeypatch.setattr(export_module, "publish", publish)
+    assert (tmp_path / "out.run" / "exporting.json").exists()
+    assert main(["run", config]) == 0  # the same command without --overwrite
+    assert not (tmp_path / "out.run" / "exporting.json").exists()
+    exported = _files(tmp_path / "out")
+    assert main(["run", config, "--run-dir", str(tmp_path / "fresh.run"), "--output", str(tmp_path / "fresh")]) == 0
+    assert exported == _files(tmp_path / "fresh")
+    assert main(["run", _small_config(sample_dir, tmp_path, min_width=300)]) == 2  # another run's export is there
+
+
 def test_a_run_stopped_after_its_export_finishes_on_the_same_command_without_overwrite(sample_dir, tmp_path,
                                                                                        monkeypatch):  # fmt: skip
     """Stopped after the export was published (before the summary and the run report), the same command finishes
@@ -431,8 +522,9 @@ def test_a_rerun_removes_what_killed_writers_left_beside_its_reports_and_in_done
 
 
 def test_a_damaged_run_directory_is_repaired_by_the_rerun(sample_dir, tmp_path, capsys):
-    """A step result deleted behind its marker is computed again; what killed writers left is removed; a run.json
-    or a staging plan that cannot be read is written again; a step result that cannot be read is named."""
+    """A step result deleted behind its marker is computed again; what killed writers left is removed; a run.json,
+    a staging plan or a step's thresholds that cannot be read are written again; a step result that cannot be read
+    is named."""
     from imgcurate.cli import main
 
     config = _small_config(sample_dir, tmp_path)
@@ -446,7 +538,11 @@ def test_a_damaged_run_directory_is_repaired_by_the_rerun(sample_dir, tmp_path, 
     (run_dir / "summary.json.tmp-0123456789ab").write_text("{")
     (out / ".imgcurate-staging").mkdir()
     (out / ".imgcurate-staging" / "plan.json").write_text("")
+    marks = next((run_dir / "steps").glob("01-*")) / "thresholds.json"
+    wanted = json.loads(marks.read_text())
+    marks.write_text("{")  # damaged, its shards all done: written again
     assert main(["run", config, "--overwrite"]) == 0
+    assert json.loads(marks.read_text()) == wanted == {"width": [["min_width", 0.0]]}
     assert _files(out) == exported and not (out / ".imgcurate-staging").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(s["shards_computed"], s["shards_reused"]) for s in summary["steps"]][0] == (1, 3)
@@ -455,3 +551,12 @@ def test_a_damaged_run_directory_is_repaired_by_the_rerun(sample_dir, tmp_path, 
     capsys.readouterr()
     assert main(["run", config, "--overwrite"]) == 2
     assert re.search(r"000003\.parquet: cannot read this step result .+ delete it and rerun", capsys.readouterr().err)
+    (step / "000003.parquet").write_bytes((step / "000000.parquet").read_bytes())  # another shard's results
+    assert main(["run", config, "--overwrite"]) == 2
+    assert re.search(r"000003\.parquet: this step result holds rows of another shard than shard 3; delete it and "
+                     r"rerun", capsys.readouterr().err)  # fmt: skip
+    table = pq.read_table(step / "000000.parquet")
+    pq.write_table(table.drop_columns([table.column_names[-1]]), step / "000003.parquet")  # a column short
+    assert main(["run", config, "--overwrite"]) == 2
+    assert re.search(r"000003\.parquet: this step result has no column '.+'; delete it and rerun",
+                     capsys.readouterr().err)  # fmt: skip

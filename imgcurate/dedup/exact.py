@@ -155,6 +155,9 @@ class ExactDuplicates(Step):
         return {self.hash_column: pa.string(), self.duplicate_column: pa.bool_(), self.duplicate_of_column: pa.string(),
                 self.error_column: pa.string()}  # fmt: skip
 
+    def summary_columns(self) -> dict[str, str]:
+        return {"duplicates:exact": self.duplicate_column}
+
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         df = dataset.metadata
         io = ShardIO(dataset.id_col, dataset.storage_options)

@@ -716,6 +716,9 @@ class SemanticDeduplicator(Step):
             raise ValueError(f"{self.name}: the input has {rows} rows, fewer than n_clusters={self.n_clusters} "
                              "(KMeans needs a sample per cluster): lower n_clusters")  # fmt: skip
 
+    def summary_columns(self) -> dict[str, str]:
+        return {"duplicates:semantic": "is_duplicate"}
+
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The similarity above which a sample is a duplicate (``1 - eps``), drawn on the report's histogram."""
         return {"max_similarity": [(f"1 - eps {e:g}", 1.0 - e) for e in self.eps]}

@@ -257,6 +257,12 @@ class Step(abc.ABC):
         the columns' histograms. Filters fill this in; most steps apply none."""
         return {}
 
+    def summary_columns(self) -> dict[str, str]:
+        """Which of this step's output columns the run summary counts, by role: ``keep`` (a filter's boolean
+        column), ``drop_reason`` (its reasons, ``;``-separated) and ``duplicates:<kind>`` (a dedup's boolean column,
+        counted as duplicates of that kind). Most steps have none."""
+        return {}
+
     # ------------------------------------------------------------------ the column flow
     def input_columns(self, id_col: str) -> list[str]:
         """The metadata columns this step reads (the id column is always there)."""
