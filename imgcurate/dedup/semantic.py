@@ -207,13 +207,18 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), block):
-        rows = x[start : start + block]
+        rows = np.asarray(x[start : start + block])
         nearest = (rows @ unit.T).argmax(axis=1)
         labels[start : start + block] = nearest
         # the distance again, row by row: a matrix product's value for a row can differ in its last bit with the
         # number of rows it is computed with (BLAS blocks by the matrix's shape), and the hard and easy rules order
-        # exact copies by it, so one shard at a time must give what the whole array gives
-        dist[start : start + block] = 1.0 - np.einsum("ij,ij->i", rows, unit[nearest])
+        # exact copies by it, so one shard at a time must give what the whole array gives; the nearest centroids
+        # are gathered 4,096 rows at a time (8 MB at 512-d)
+        for at in range(0, len(rows), 4096):
+            part = slice(at, at + 4096)
+            dist[start + at : start + at + len(rows[part])] = 1.0 - np.einsum(
+                "ij,ij->i", rows[part], unit[nearest[part]]
+            )
     return labels, dist
 
 
