@@ -822,9 +822,10 @@ class Pipeline:
 
     def _export_begun(self, described: dict[str, Any] | None) -> bool:
         """Whether this same run began its export into the same folder and was stopped before recording it as
-        published (``exporting.json`` without ``exported.json``): the folder then holds what this run was allowed
-        to replace when it began (no shards, or ``--overwrite`` was given), or this run's export, published in part
-        or whole. Either way the rerun may write it again without ``--overwrite``."""
+        published (``exporting.json`` without ``exported.json``; it is written once the export found the folder fit
+        to write, so an export refused the folder leaves none): the folder then holds what this run was allowed to
+        replace when it began (no shards, or ``--overwrite`` was given), or this run's export, published in part or
+        whole. Either way the rerun may write it again without ``--overwrite``."""
         from imgcurate.rundir import RunDir
 
         if not (self.export and described) or self.export.get("overwrite"):
@@ -836,7 +837,8 @@ class Pipeline:
             begun = run.read_json("exporting.json")
         except ValueError:
             return False
-        return isinstance(begun, dict) and begun.get("path") == str(self.export["path"])
+        where = _absolute_url(str(self.export["path"]), self.storage_options)
+        return isinstance(begun, dict) and begun.get("path") == where
 
     def _open_export(self) -> ImageTextPairDataset:
         return ImageTextPairDataset.from_webdataset(
@@ -980,9 +982,13 @@ class Pipeline:
                 export_started = time.perf_counter()
                 path = str(kwargs.pop("path"))
                 run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {})) if described else None
-                if run is not None:  # a stop from here until exported.json is written: the rerun exports again
-                    run.write_json("exporting.json", {"path": path})
-                result._export(path, **{**kwargs, "overwrite": bool(kwargs.get("overwrite")) or begun})
+
+                def began() -> None:  # the folder was found fit to write: a stop from here until exported.json is
+                    # written is the same run's, and its rerun may write the folder again
+                    run.write_json("exporting.json", {"path": _absolute_url(path, self.storage_options)})
+
+                result._export(path, **{**kwargs, "overwrite": bool(kwargs.get("overwrite")) or begun},
+                               on_start=began if run is not None else None)  # fmt: skip
                 if run is not None:  # recorded once published, before opening it (long at 10^5 shards)
                     from imgcurate.io.export import manifest_digest
 

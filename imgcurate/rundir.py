@@ -272,30 +272,93 @@ def _read_shard(index: int, folder: str, schema: pa.Schema, backend: str, so: di
 
 def callable_description(function: Any) -> dict[str, Any]:
     """What defines a plain ``dataset -> dataset`` callable of a pipeline (not a :class:`~imgcurate.steps.Step`,
-    which describes itself), as far as can be told without running it: its name, a digest of its pickled form by
-    value (cloudpickle: the code of a function defined in ``__main__`` or a notebook, its closure and defaults, an
-    object's attributes) and of its source code where Python finds it (a function imported from a module is pickled
-    by name only). Files or global state it reads are not seen: make it a Step to describe them. A callable that
-    cannot be pickled gets a digest of its own for this run only, so the steps after it are always computed again."""
+    which describes itself), as far as can be told without running it, the same in every process: its source code
+    (or compiled code where Python finds no source), its defaults, the values in its closure, the globals its code
+    names, the function and arguments of a ``functools.partial``, and an object's class and attributes; values are
+    read down to plain data (numbers, text, containers, arrays), functions and objects in them likewise. What it
+    reads from elsewhere (files, other modules' state) is not seen: make it a Step to describe that. A value that
+    cannot be read this way gets a digest of its own for this run only, so the steps after it are always computed
+    again."""
+    digest = hashlib.sha256()
+    _digest_value(function, digest, depth=0, seen=set())
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None) or type(function).__module__
+    return {"callable": f"{module}:{name}", "digest": digest.hexdigest()}
+
+
+def _digest_value(value: Any, digest: Any, depth: int, seen: set[int]) -> None:
+    """Feeds ``value`` to ``digest`` in a form that does not depend on the process (see :func:`callable_description`):
+    no memory addresses, no set or hash order."""
+    import functools
     import inspect
+    import types
     import uuid
 
-    import cloudpickle
+    import numpy as np
 
-    digest = hashlib.sha256()
-    try:
-        digest.update(cloudpickle.dumps(function, protocol=5))
-    except Exception:  # noqa: BLE001 - unpicklable (a lock, an open file in its closure): never reused
-        digest.update(uuid.uuid4().bytes)
-    for source_of in (function, type(function)):
+    def feed(*parts: Any) -> None:
+        for part in parts:
+            digest.update(part if isinstance(part, bytes) else str(part).encode())
+            digest.update(b"\0")
+
+    if value is None or isinstance(value, bool | int | float | complex | str | bytes):
+        feed(type(value).__name__, repr(value))
+        return
+    if depth > 6 or id(value) in seen:  # deep or cyclic: not readable as plain data
+        feed("unread", uuid.uuid4().hex)
+        return
+    seen = seen | {id(value)}
+    inner = functools.partial(_digest_value, digest=digest, depth=depth + 1, seen=seen)
+    if isinstance(value, list | tuple):
+        feed(type(value).__name__, len(value))
+        for item in value:
+            inner(item)
+    elif isinstance(value, dict):
+        feed("dict", len(value))
+        for key in sorted(value, key=repr):
+            inner(key)
+            inner(value[key])
+    elif isinstance(value, set | frozenset):
+        feed("set", len(value), *sorted(repr(item) for item in value))
+    elif isinstance(value, np.ndarray | np.generic):
+        array = np.ascontiguousarray(value)
+        feed("array", array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+    elif isinstance(value, types.ModuleType):
+        feed("module", value.__name__)
+    elif isinstance(value, functools.partial):
+        feed("partial")
+        inner(value.func)
+        inner(value.args)
+        inner(value.keywords)
+    elif isinstance(value, types.FunctionType):
+        feed("function", value.__module__, value.__qualname__)
         try:
-            digest.update(inspect.getsource(source_of).encode())
-            break
-        except (OSError, TypeError):  # built-ins, code typed at a prompt
-            continue
-    name = getattr(function, "__qualname__", None) or type(function).__qualname__
-    return {"callable": f"{getattr(function, '__module__', None) or type(function).__module__}:{name}",
-            "digest": digest.hexdigest()}  # fmt: skip
+            feed(inspect.getsource(value))
+        except (OSError, TypeError):  # typed at a prompt: the compiled code
+            feed(value.__code__.co_code, repr(value.__code__.co_consts))
+        inner(value.__defaults__)
+        inner(value.__kwdefaults__)
+        inner([cell.cell_contents for cell in value.__closure__ or ()])
+        names = value.__code__.co_names
+        inner({name: value.__globals__[name] for name in names if name in value.__globals__})
+    elif isinstance(value, types.BuiltinFunctionType | types.MethodType):
+        feed("method", getattr(value, "__qualname__", ""))
+        inner(getattr(value, "__self__", None))
+        inner(getattr(value, "__func__", None))
+    elif isinstance(value, type):
+        feed("class", value.__module__, value.__qualname__)
+        try:
+            feed(inspect.getsource(value))
+        except (OSError, TypeError):
+            pass
+    else:  # an object: its class, then its attributes
+        inner(type(value))
+        try:
+            attributes = vars(value)
+        except TypeError:  # no __dict__ (slots, a C type): unreadable
+            feed("unread", uuid.uuid4().hex)
+            return
+        inner(dict(attributes))
 
 
 def fingerprint_chain(parts: Sequence[str]) -> str:
@@ -305,7 +368,7 @@ def fingerprint_chain(parts: Sequence[str]) -> str:
 
 def summarize(
     dataset: ImageTextPairDataset, records: Sequence[StepRecord], keep_column: str | None,
-    roles: Sequence[dict[str, str]] = (),
+    roles: Sequence[dict[str, str]] | None = None,
 ) -> dict:  # fmt: skip
     """The run summary: samples in and kept, drops by reason, duplicates by kind, and per step the shards computed
     and reused and the seconds spent. Small Dask reductions over the written results, in one pass.
@@ -313,10 +376,14 @@ def summarize(
     ``roles`` are the steps' :meth:`~imgcurate.steps.Step.summary_columns`, in order: the drops are counted in the
     reason column of the filter that made ``keep_column`` (else of the last filter), the duplicates in each dedup's
     column, under its kind (and its column's name where two dedups share a kind). Columns the input already had are
-    not counted: only what the steps wrote."""
+    not counted: only what the steps wrote. None takes the built-in steps' default names wherever they are columns
+    (:data:`~imgcurate.steps.base.SUMMARY_DEFAULTS`)."""
+    from imgcurate.steps.base import SUMMARY_DEFAULTS
 
     df = dataset.metadata
     columns = set(map(str, df.columns))
+    if roles is None:
+        roles = [{role: column for role, column in SUMMARY_DEFAULTS.items() if column in columns}]
     wanted: dict[str, Any] = {"samples": df[dataset.id_col].size}
     if keep_column and keep_column in columns:
         wanted["kept"] = df[keep_column].fillna(False).astype(bool).sum()

@@ -162,6 +162,43 @@ def test_a_plain_callable_among_the_steps_is_part_of_the_fingerprint_of_the_step
     assert wider["steps"][0]["shards_computed"] == 4 and out["keep"].all()
 
 
+_DESCRIBE_CALLABLES = """
+import functools, sys
+import numpy as np
+from imgcurate.rundir import callable_description
+LIMITS = {"width", "height", sys.argv[1]}
+class Widen:
+    def __init__(self, factor):
+        self.factor = factor
+    def __call__(self, ds):
+        return ds
+def reads_a_global(ds):
+    return LIMITS
+def closing_over(x):
+    table = np.arange(4) * x
+    return lambda ds: (x, table)
+for f in (Widen(2), reads_a_global, closing_over(2), functools.partial(reads_a_global), lambda ds: ds):
+    print(callable_description(f)["digest"])
+"""
+
+
+def test_a_plain_callable_is_described_the_same_in_every_process():
+    """The fingerprint of a callable must not change from one process to the next (hash seeds order sets; pickles
+    of classes defined in __main__ carry a random id), or the steps after it would never be reused; a value it
+    reads that differs changes it."""
+
+    def digests(seed, value="x"):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        done = subprocess.run([sys.executable, "-c", _DESCRIBE_CALLABLES, value], env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        return done.stdout.split()
+
+    first = digests(1)
+    assert len(set(first)) == 5 and digests(2) == first == digests(3)
+    other = digests(1, "y")  # another value in the global set: what reads it changes, the others do not
+    assert [a == b for a, b in zip(first, other, strict=True)] == [True, False, True, False, True]
+
+
 def test_the_summary_counts_the_columns_the_steps_name_whatever_their_names(sample_dir, tmp_path):
     """Drops and duplicates are read from the columns the steps were told to write, and the filter that makes the
     export's column gives the reasons; the run report shows them."""
@@ -183,6 +220,18 @@ def test_the_summary_counts_the_columns_the_steps_name_whatever_their_names(samp
     assert facts["drops_by_reason"]["dup"] + narrow >= facts["samples_in"] - facts["samples_kept"]
     report = (tmp_path / "out.run" / "report.html").read_text()
     assert "width &lt; 300: " in report or "width < 300: " in report
+
+
+def test_a_step_of_ones_own_is_counted_by_the_default_names_of_its_columns():
+    from user_steps import CaptionLength
+
+    from imgcurate.dedup import ExactDuplicates
+    from imgcurate.filters import SampleFilter
+
+    assert CaptionLength(column="is_duplicate").summary_columns() == {"duplicates:semantic": "is_duplicate"}
+    assert CaptionLength().summary_columns() == {}
+    assert ExactDuplicates(duplicate_column="dup").summary_columns() == {"duplicates:exact": "dup"}
+    assert SampleFilter().summary_columns() == {"keep": "keep", "drop_reason": "drop_reason"}
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +474,22 @@ def test_a_run_stopped_while_exporting_finishes_on_the_same_command_without_over
     assert main(["run", config, "--run-dir", str(tmp_path / "fresh.run"), "--output", str(tmp_path / "fresh")]) == 0
     assert exported == _files(tmp_path / "fresh")
     assert main(["run", _small_config(sample_dir, tmp_path, min_width=300)]) == 2  # another run's export is there
+
+
+def test_an_export_refused_the_folder_records_no_begun_export(sample_dir, tmp_path, monkeypatch):
+    """Another export reached the folder after the run's early check (the steps run in between): the run's export is
+    refused, and its rerun, without --overwrite, is refused too rather than taken for a stopped export."""
+    from imgcurate.cli import main
+
+    assert main(["run", _small_config(sample_dir, tmp_path, min_width=300)]) == 0  # another config's export
+    theirs = _files(tmp_path / "out")
+    monkeypatch.setattr(Pipeline, "_check_export_folder", lambda self: None)  # as if checked before theirs came
+    config = _small_config(sample_dir, tmp_path)
+    assert main(["run", config]) == 2
+    assert not (tmp_path / "out.run" / "exporting.json").exists()
+    monkeypatch.undo()
+    assert main(["run", config]) == 2
+    assert _files(tmp_path / "out") == theirs
 
 
 def test_a_run_stopped_after_its_export_finishes_on_the_same_command_without_overwrite(sample_dir, tmp_path,

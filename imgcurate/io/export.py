@@ -15,9 +15,11 @@ Two passes, both over Dask, then a publish step:
    mix of the two.
 
 The staging folder (``.imgcurate-staging`` inside the output folder) keeps the shards already written, with a
-fingerprint of the plan; a rerun of the same export after a crash reuses them and writes only the rest. Reruns
-remove temporaries (``*.tmp-*``) left by killed writers. The bytes of every file are the same on every run (fixed
-mtime, owner, mode and order), whatever the scheduler or the number of workers.
+fingerprint of the plan (the rows selected, and the size and time, or ETag, of each input tar they come from); a
+rerun of the same export after a crash reuses them and writes only the rest. Reruns remove the temporaries that
+killed writers left there (``<name>.tmp-`` and 12 hex digits), and in the output folder the manifest's only. The
+bytes of every file are the same on every run (fixed mtime, owner, mode and order), whatever the scheduler or the
+number of workers.
 
 New keys: sample ``j`` (from 0) of output shard ``s`` gets ``f"{s:05d}{j:0Nd}"`` where ``N`` is the number of digits
 of ``samples_per_shard - 1`` (see :func:`imgcurate.io.shards.new_key`); export order is input order.
@@ -31,7 +33,7 @@ import json
 import math
 import numbers
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import dask
@@ -416,6 +418,7 @@ def export_webdataset(
     index_files: bool = False,
     input_schema: pa.Schema | None = None,
     column_types: Mapping[str, pa.DataType] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> int:
     """Writes the rows of ``metadata`` whose ``filter_column`` is true, with their samples, as new shards in ``path``.
 
@@ -440,6 +443,8 @@ def export_webdataset(
             (:attr:`ImageTextPairDataset.column_types`): a declared fixed-size list (an embedding) is written with
             its fixed size where the frame holds a plain list (as cuDF does), so an export has one schema on either
             backend.
+        on_start: called once the output folder is found fit to write (no shards, or ``overwrite``), before
+            anything is written there: a pipeline records there that its export began.
 
     Returns:
         The number of samples written.
@@ -462,6 +467,8 @@ def export_webdataset(
     if blocked is not None:
         where, what = blocked
         raise NotADirectoryError(f"{path}: cannot be made a folder: {task_url(fs, where)} is {what}")
+    if on_start is not None:
+        on_start()
     made = not fs.exists(out_root)
     fs.makedirs(out_root, exist_ok=True)
     remove_temporaries(fs, out_root, of=MANIFEST)  # the one file an export writes there under a temporary name

@@ -138,6 +138,11 @@ def content_digest(path: str) -> str:
     return _DIGESTS[key]
 
 
+#: The run summary's roles (:meth:`Step.summary_columns`) and the column names the built-in steps give them by default.
+SUMMARY_DEFAULTS = {"keep": "keep", "drop_reason": "drop_reason", "duplicates:exact": "exact_duplicate",
+                    "duplicates:semantic": "is_duplicate"}  # fmt: skip
+
+
 class Step(abc.ABC):
     """Base class of all steps. See the module docs for the contract.
 
@@ -260,8 +265,11 @@ class Step(abc.ABC):
     def summary_columns(self) -> dict[str, str]:
         """Which of this step's output columns the run summary counts, by role: ``keep`` (a filter's boolean
         column), ``drop_reason`` (its reasons, ``;``-separated) and ``duplicates:<kind>`` (a dedup's boolean column,
-        counted as duplicates of that kind). Most steps have none."""
-        return {}
+        counted as duplicates of that kind). By default the output columns of the built-in steps' default names
+        (:data:`SUMMARY_DEFAULTS`): a step of one's own that writes ``drop_reason`` or ``is_duplicate`` is counted
+        without saying so; one whose columns have other names overrides this."""
+        outputs = set(self.output_columns())
+        return {role: column for role, column in SUMMARY_DEFAULTS.items() if column in outputs}
 
     # ------------------------------------------------------------------ the column flow
     def input_columns(self, id_col: str) -> list[str]:
