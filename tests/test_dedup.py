@@ -825,3 +825,43 @@ def test_finite_embeddings_of_extreme_magnitude_are_normalised():
     x = np.concatenate([x, x[:20]])
     found = SemanticDeduplicator(n_clusters=1, eps=1e-4).find(x)
     assert found["is_duplicate_0.0001"][40:].all() and not found["is_duplicate_0.0001"][:40].any()
+
+
+def test_pixels_hash_every_bit_of_the_decoded_pixels(tmp_path):
+    """by="pixels" finds the same picture in another format or mode (a lossless WebP of a PNG, the RGB copy of a
+    grayscale image, an opaque RGBA copy of an RGB one), and no two images whose pixels differ: 16-bit values
+    beyond their top 8 bits, 32-bit values, and alpha."""
+    import io
+
+    from conftest import write_tar
+    from PIL import Image
+
+    from imgcurate import ImageTextPairDataset
+
+    def encoded(image, fmt, **kwargs):
+        out = io.BytesIO()
+        image.save(out, fmt, **kwargs)
+        return out.getvalue()
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    gray = Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    deep = (rng.integers(0, 255, (16, 16)) * 257).astype(np.uint16)
+    wide = rng.integers(0, 100, (16, 16)).astype(np.int32)
+    clear = rgb.convert("RGBA")
+    clear.putalpha(0)
+    members = {
+        "rgb": encoded(rgb, "PNG"), "rgb-webp": encoded(rgb, "WEBP", lossless=True),
+        "rgb-opaque": encoded(rgb.convert("RGBA"), "PNG"), "rgb-clear": encoded(clear, "PNG"),
+        "gray": encoded(gray, "PNG"), "gray-rgb": encoded(gray.convert("RGB"), "PNG"),
+        "deep": encoded(Image.fromarray(deep), "PNG"), "deeper": encoded(Image.fromarray(deep + 7), "PNG"),
+        "wide": encoded(Image.fromarray(wide), "TIFF"), "wider": encoded(Image.fromarray(wide * 3), "TIFF"),
+    }  # fmt: skip
+    ext = {"rgb-webp": "webp", "wide": "tif", "wider": "tif"}
+    write_tar(tmp_path / "00000.tar", [(f"{k}.{ext.get(k, 'png')}", v) for k, v in members.items()])
+    df = ExactDuplicates(by="pixels")(ImageTextPairDataset.from_webdataset(str(tmp_path))).metadata.compute()
+    of = {k: (v if dup else None) for k, v, dup in zip(df["key"], df["exact_duplicate_of"], df["exact_duplicate"],
+                                                         strict=True)}  # fmt: skip
+    assert of == {"rgb": None, "rgb-webp": "rgb", "rgb-opaque": "rgb", "rgb-clear": None, "gray": None,
+                  "gray-rgb": "gray", "deep": None, "deeper": None, "wide": None, "wider": None}  # fmt: skip
+    assert df["image_sha256_error"].isna().all()

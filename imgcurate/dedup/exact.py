@@ -36,9 +36,26 @@ _BY = ("bytes", "pixels")
 
 
 def _pixel_digest(data: bytes) -> str:
-    from imgcurate.embedders.decode import decode_rgb
+    """The sha256 of the image's decoded pixels, without losing any: 8-bit images as RGB (grayscale, palette and RGB
+    copies of one picture agree), with their alpha where it is not opaque everywhere (a transparent copy is another
+    image), and images of more than 8 bits (16-bit PNG, 32-bit integer or float TIFF) as their own values."""
+    from imgcurate.embedders.decode import _open, to_rgb
 
-    image = decode_rgb(data)
+    image = _open(data, None)[0]
+    image.load()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image)
+        digest = hashlib.sha256(f"{image.size} {values.dtype.kind}".encode())
+        digest.update(np.ascontiguousarray(values.astype(np.float64 if values.dtype.kind == "f" else np.int64)))
+        return digest.hexdigest()
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # not opaque everywhere: the alpha is part of the picture
+            digest = hashlib.sha256(f"{image.size} RGBA".encode())
+            digest.update(rgba.tobytes())
+            return digest.hexdigest()
+        image = rgba.convert("RGB")
+    image = to_rgb(image)
     digest = hashlib.sha256(f"{image.size}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
@@ -119,8 +136,11 @@ class ExactDuplicates(Step):
     that grows with the dataset is held by the client or carried by a task.
 
     Args:
-        by: ``bytes`` hashes the stored image bytes (cheap); ``pixels`` hashes the decoded RGB pixels, which also
-            catches the same image saved twice with different metadata (EXIF, PNG chunks) but costs a decode.
+        by: ``bytes`` hashes the stored image bytes (cheap); ``pixels`` hashes the decoded pixels, which also
+            catches the same image saved twice with different metadata (EXIF, PNG chunks) or format (PNG, lossless
+            WebP) but costs a decode: 8-bit images as RGB (a grayscale or palette copy of an RGB image is the same
+            image), with their alpha where it is not opaque everywhere, deeper images (16-bit, 32-bit) as their own
+            values, so that no two images whose pixels differ share a hash.
         hash_column: output column with the sha256 hex digest (null when the sample has no readable image).
         duplicate_column: output bool column, true for every copy after the first.
         duplicate_of_column: output column with the id of the first copy (null for firsts and uniques).
