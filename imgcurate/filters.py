@@ -236,9 +236,11 @@ class SampleFilter(ShardStep):
                 raise ColumnError(f"{where} holds {_held(kind)}, not numbers, so {rule.op} cannot order it (== and != "
                                   "compare any type)")  # fmt: skip
             value = rule.value
-            number = isinstance(value, int | float) and not isinstance(value, bool)
+            number = isinstance(value, int | float | np.number) and not isinstance(value, bool | np.bool_)
             if numeric and not number:
                 raise ColumnError(f"{where} holds {kind}, which cannot be compared with {value!r} ({rule.op})")
+            if boolean and not isinstance(value, bool | np.bool_ | int | float | np.number):
+                raise ColumnError(f"{where} holds booleans, which cannot be compared with {value!r} ({rule.op})")
 
     def _rules(self, columns: list[str]) -> list[tuple[str, Any]]:
         """(reason, predicate on the frame) pairs; predicates return True where the sample passes."""
@@ -253,7 +255,8 @@ class SampleFilter(ShardStep):
             def aspect(df):
                 w, h = df["width"].astype("float64"), df["height"].astype("float64")
                 ratio = w.where(w >= h, h) / w.where(w < h, h)
-                return (ratio <= limit).fillna(False).astype(bool)
+                # a null side fails (both comparisons are false with a null, which took the other side twice)
+                return ((ratio <= limit) & w.notna() & h.notna()).fillna(False).astype(bool)
 
             rules.append((f"aspect ratio > {limit}", aspect))
         if self.min_aesthetic is not None:

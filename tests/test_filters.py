@@ -130,3 +130,18 @@ def test_column_names_with_the_separator_are_refused_where_they_would_become_rea
     report = drop_report(SampleFilter()(renamed)).to_dict()
     assert report == {"total": 4, "kept": 2, "dropped": 2, "resize_crop_error set": 1, "ocr_error set": 1}
     assert drop_report(SampleFilter(drop_errors=False)(ds)).to_dict() == {"total": 4, "kept": 4, "dropped": 0}
+
+
+def test_a_null_side_fails_the_aspect_ratio_and_odd_rule_values_are_refused_before_work(tmp_path):
+    ds = score_dataset(tmp_path / "s", [0.1, 0.5, 0.9])
+    df = ds.metadata
+    width = df["width"].astype("Int64").mask(df["clip_score"] < 0.3, pd.NA)
+    height = df["height"].astype("Int64").mask(df["clip_score"] > 0.7, pd.NA)
+    ds = ds.with_metadata(df.assign(width=width, height=height, flag=df["clip_score"] > 0.3))
+    out = SampleFilter(max_aspect_ratio=10.0, drop_errors=False)(ds).metadata.compute()
+    assert out["keep"].tolist() == [False, True, False]  # a null width, as a null height, fails
+    with pytest.raises(ColumnError, match=r"rules\[0\] \(flag >= 'yes'\): column 'flag' holds booleans, which cannot"):
+        SampleFilter(rules=[Rule("flag", ">=", "yes")])(ds)
+    # NumPy's numbers are numbers
+    kept = SampleFilter(rules=[Rule("clip_score", ">=", np.float64(0.4))])(ds).metadata["keep"].compute()
+    assert kept.tolist() == [False, True, True]
