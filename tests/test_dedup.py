@@ -865,3 +865,10 @@ def test_pixels_hash_every_bit_of_the_decoded_pixels(tmp_path):
     assert of == {"rgb": None, "rgb-webp": "rgb", "rgb-opaque": "rgb", "rgb-clear": None, "gray": None,
                   "gray-rgb": "gray", "deep": None, "deeper": None, "wide": None, "wider": None}  # fmt: skip
     assert df["image_sha256_error"].isna().all()
+
+
+def test_exact_duplicates_output_columns_must_have_different_names():
+    with pytest.raises(ValueError, match="duplicate_of_column and error_column are both 'exact_duplicate_of': give"):
+        ExactDuplicates(error_column="exact_duplicate_of")
+    with pytest.raises(ValueError, match="hash_column and duplicate_column are both 'image_sha256'"):
+        ExactDuplicates(duplicate_column="image_sha256")

@@ -170,6 +170,12 @@ class ExactDuplicates(Step):
         self.duplicate_column = duplicate_column
         self.duplicate_of_column = duplicate_of_column
         self.error_column = error_column or f"{hash_column}_error"
+        names = {"hash_column": hash_column, "duplicate_column": duplicate_column,
+                 "duplicate_of_column": duplicate_of_column, "error_column": self.error_column}  # fmt: skip
+        for i, (arg, name) in enumerate(names.items()):
+            other = next((a for a, n in list(names.items())[:i] if n == name), None)
+            if other is not None:
+                raise ValueError(f"{other} and {arg} are both {name!r}: give the output columns different names")
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return {self.hash_column: pa.string(), self.duplicate_column: pa.bool_(), self.duplicate_of_column: pa.string(),
