@@ -375,8 +375,9 @@ def summarize(
 
     ``roles`` are the steps' :meth:`~imgcurate.steps.Step.summary_columns`, in order: the drops are counted in the
     reason column of the filter that made ``keep_column`` (else of the last filter), the duplicates in each dedup's
-    column, under its kind (and its column's name where two dedups share a kind). Columns the input already had are
-    not counted: only what the steps wrote. None takes the built-in steps' default names wherever they are columns
+    column, under its kind (and its column's name where two dedups share a kind). Drops and duplicates are read from
+    the steps' columns only, not from columns the input already had (an earlier curation's); error columns
+    (``*_error``) are counted wherever they are, the input's too, as a filter's ``drop_errors`` drops them. None takes the built-in steps' default names wherever they are columns
     (:data:`~imgcurate.steps.base.SUMMARY_DEFAULTS`)."""
     from imgcurate.steps.base import SUMMARY_DEFAULTS
 
@@ -394,6 +395,10 @@ def summarize(
         wanted["drops"] = df[reason_column].dropna().str.split(";").explode().value_counts()
     dedups = [(role.split(":", 1)[1], column) for r in roles for role, column in r.items()
               if role.startswith("duplicates:") and column in columns]  # fmt: skip
+    # each dedup's (flag, duplicate-of, similarity) columns, for the run report's duplicate groups
+    groups = [[column, r.get(f"duplicate_of:{kind}"), r.get(f"similarity:{kind}")] for r in roles
+              for role, column in r.items() if role.startswith("duplicates:") and column in columns
+              for kind in [role.split(":", 1)[1]] if r.get(f"duplicate_of:{kind}") in columns]  # fmt: skip
     for kind, column in dict.fromkeys(dedups):
         shared = sum(k == kind for k, _ in dict.fromkeys(dedups)) > 1
         wanted[f"duplicates_{kind} ({column})" if shared else f"duplicates_{kind}"] = (
@@ -411,6 +416,7 @@ def summarize(
         drops = to_pandas(got["drops"])
         summary["drops_by_reason"] = {str(k): int(v) for k, v in sorted(drops.items())}
     summary["duplicates"] = {k.split("_", 1)[1]: int(v) for k, v in got.items() if k.startswith("duplicates_")}
+    summary["duplicate_columns"] = [[f, o, s if s in columns else None] for f, o, s in groups]
     summary["errors"] = {k.split(":", 1)[1]: int(v) for k, v in got.items() if k.startswith("errors:")}
     summary["steps"] = [
         {"step": r.name, "folder": r.folder, "shards_computed": r.computed, "shards_reused": r.reused,

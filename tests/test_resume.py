@@ -205,7 +205,7 @@ def test_the_summary_counts_the_columns_the_steps_name_whatever_their_names(samp
     config = {
         "input": str(sample_dir),
         "output": str(tmp_path / "out"),
-        "steps": [{"ExactDuplicates": {"duplicate_column": "dup"}},
+        "steps": [{"ExactDuplicates": {"duplicate_column": "dup", "duplicate_of_column": "dup_of"}},
                   {"SampleFilter": {"min_width": 10**6, "keep_column": "wide", "reason_column": "why_not_wide"}},
                   {"SampleFilter": {"min_width": 300, "drop_duplicates": ["dup"], "keep_column": "ok",
                                     "reason_column": "why"}}],
@@ -220,6 +220,14 @@ def test_the_summary_counts_the_columns_the_steps_name_whatever_their_names(samp
     assert facts["drops_by_reason"]["dup"] + narrow >= facts["samples_in"] - facts["samples_kept"]
     report = (tmp_path / "out.run" / "report.html").read_text()
     assert "width &lt; 300: " in report or "width < 300: " in report
+    assert "No dedup step ran" not in report and facts["duplicate_columns"] == [["dup", "dup_of", None]]
+    # a run over that export without a dedup step: its input's duplicate columns are an earlier run's, not shown
+    again = {"input": str(tmp_path / "out"), "output": str(tmp_path / "again"),
+             "steps": [{"SampleFilter": {"min_width": 300}}], "export": {"filter_column": "keep"}}  # fmt: skip
+    facts = {}
+    Pipeline.from_config(again).run(summary=facts.update)
+    assert facts["duplicates"] == {} and facts["duplicate_columns"] == []
+    assert "No dedup step ran" in (tmp_path / "again.run" / "report.html").read_text()
 
 
 def test_a_step_of_ones_own_is_counted_by_the_default_names_of_its_columns():
@@ -230,7 +238,10 @@ def test_a_step_of_ones_own_is_counted_by_the_default_names_of_its_columns():
 
     assert CaptionLength(column="is_duplicate").summary_columns() == {"duplicates:semantic": "is_duplicate"}
     assert CaptionLength().summary_columns() == {}
-    assert ExactDuplicates(duplicate_column="dup").summary_columns() == {"duplicates:exact": "dup"}
+    assert ExactDuplicates(duplicate_column="dup").summary_columns() == {
+        "duplicates:exact": "dup",
+        "duplicate_of:exact": "exact_duplicate_of",
+    }
     assert SampleFilter().summary_columns() == {"keep": "keep", "drop_reason": "drop_reason"}
 
 

@@ -182,7 +182,7 @@ class ExactDuplicates(Step):
                 self.error_column: pa.string()}  # fmt: skip
 
     def summary_columns(self) -> dict[str, str]:
-        return {"duplicates:exact": self.duplicate_column}
+        return {"duplicates:exact": self.duplicate_column, "duplicate_of:exact": self.duplicate_of_column}
 
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         df = dataset.metadata

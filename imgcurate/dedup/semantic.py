@@ -722,7 +722,8 @@ class SemanticDeduplicator(Step):
                              "(KMeans needs a sample per cluster): lower n_clusters")  # fmt: skip
 
     def summary_columns(self) -> dict[str, str]:
-        return {"duplicates:semantic": "is_duplicate"}
+        return {"duplicates:semantic": "is_duplicate", "duplicate_of:semantic": "duplicate_of",
+                "similarity:semantic": "max_similarity"}  # fmt: skip
 
     def thresholds(self) -> dict[str, list[tuple[str, float]]]:
         """The similarity above which a sample is a duplicate (``1 - eps``), drawn on the report's histogram."""

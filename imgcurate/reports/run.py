@@ -248,7 +248,9 @@ def run_report(
         body.append("<p>No step added a numeric score.</p>")
 
     # ---- duplicates
-    sets = dedup_column_sets(present)
+    # the dedup steps' columns as the summary names them (a summary written before it named them: the default names)
+    named = summary.get("duplicate_columns")
+    sets = dedup_column_sets(present) if named is None else [tuple(c) for c in named if c[0] in present]
     body.append('<h2 id="duplicates">Duplicates</h2>')
     if not sets:
         body.append("<p>No dedup step ran.</p>")

@@ -140,7 +140,8 @@ def content_digest(path: str) -> str:
 
 #: The run summary's roles (:meth:`Step.summary_columns`) and the column names the built-in steps give them by default.
 SUMMARY_DEFAULTS = {"keep": "keep", "drop_reason": "drop_reason", "duplicates:exact": "exact_duplicate",
-                    "duplicates:semantic": "is_duplicate"}  # fmt: skip
+                    "duplicate_of:exact": "exact_duplicate_of", "duplicates:semantic": "is_duplicate",
+                    "duplicate_of:semantic": "duplicate_of", "similarity:semantic": "max_similarity"}  # fmt: skip
 
 
 class Step(abc.ABC):
@@ -264,8 +265,9 @@ class Step(abc.ABC):
 
     def summary_columns(self) -> dict[str, str]:
         """Which of this step's output columns the run summary counts, by role: ``keep`` (a filter's boolean
-        column), ``drop_reason`` (its reasons, ``;``-separated) and ``duplicates:<kind>`` (a dedup's boolean column,
-        counted as duplicates of that kind). By default the output columns of the built-in steps' default names
+        column), ``drop_reason`` (its reasons, ``;``-separated), ``duplicates:<kind>`` (a dedup's boolean column,
+        counted as duplicates of that kind) with ``duplicate_of:<kind>`` and ``similarity:<kind>`` (the run report's
+        duplicate groups). By default the output columns of the built-in steps' default names
         (:data:`SUMMARY_DEFAULTS`): a step of one's own that writes ``drop_reason`` or ``is_duplicate`` is counted
         without saying so; one whose columns have other names overrides this."""
         outputs = set(self.output_columns())
