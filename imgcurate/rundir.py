@@ -377,7 +377,8 @@ def summarize(
     reason column of the filter that made ``keep_column`` (else of the last filter), the duplicates in each dedup's
     column, under its kind (and its column's name where two dedups share a kind). Drops and duplicates are read from
     the steps' columns only, not from columns the input already had (an earlier curation's); error columns
-    (``*_error``) are counted wherever they are, the input's too, as a filter's ``drop_errors`` drops them. None takes the built-in steps' default names wherever they are columns
+    (``*_error``) are counted wherever they are, the input's too, as a filter's ``drop_errors`` drops them. ``roles``
+    None takes the built-in steps' default names wherever they are columns
     (:data:`~imgcurate.steps.base.SUMMARY_DEFAULTS`)."""
     from imgcurate.steps.base import SUMMARY_DEFAULTS
 

@@ -301,8 +301,9 @@ class ClipTextFilter(SampleFilter):
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = getattr(self, "_given", None)  # the arguments given (see Step.__new__); None: unpickled
             for key, value in PRESETS[self.preset].items():
-                if getattr(self, key) == defaults[key]:
+                if key not in given if given is not None else getattr(self, key) == defaults[key]:
                     setattr(self, key, value)
         if isinstance(self.languages, str):
             self.languages = (self.languages,)

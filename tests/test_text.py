@@ -195,3 +195,12 @@ def test_score_and_caption_columns_of_the_wrong_type_are_refused_before_any_work
     out = ClipTextFilter(min_clip_score=0.75, languages=["en"], drop_errors=False)(typed).metadata.compute()
     assert out["keep"].tolist() == [False, False, False]
     assert out["drop_reason"].tolist() == ["clip_score < 0.75", "caption_language not in en", "clip_score < 0.75"]
+
+
+def test_an_argument_given_with_a_preset_wins_even_when_it_equals_the_default():
+    from imgcurate.text import ClipTextFilter
+
+    strict = ClipTextFilter(preset="datacomp_clip_b32", clip_score_inclusive=True)
+    assert strict.clip_score_inclusive is True and strict.min_clip_score == 0.25
+    assert ClipTextFilter(preset="laion2b", languages=()).languages == ()
+    assert ClipTextFilter(preset="laion2b").languages == ("en",)

@@ -165,13 +165,16 @@ class Step(abc.ABC):
         except TypeError:  # the constructor itself will say what is wrong (or this is pickle re-creating us)
             self._config = {}
             return self
+        given = set(bound.arguments)  # the arguments the caller gave, before the defaults fill in the others
         bound.apply_defaults()
         config = dict(bound.arguments)
         config.pop(next(iter(config)))  # self
         for name, param in inspect.signature(cls.__init__).parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in config:
+                given |= set(config[name])
                 config.update(config.pop(name))
         self._config = config
+        self._given = frozenset(given & set(config))
         return self
 
     # ------------------------------------------------------------------ what the step is
