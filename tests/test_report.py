@@ -131,3 +131,14 @@ def test_a_group_whose_kept_sample_was_filtered_out_still_shows(sample_ds, tmp_p
     assert page.count("not in the metadata") == len(targets) > 0
     figures = _figures(page)
     assert all(figures[t][0] is None for t in targets)  # no row, so no place in a shard to read it from
+
+
+def test_text_drawn_on_the_score_charts_is_never_read_as_math():
+    """Matplotlib reads text between two ``$`` as math ("price between $5 and $10" drew "price between 5and10")."""
+    from matplotlib.text import Text
+
+    from imgcurate.reports.scores import _plain
+
+    for reason in ("price between $5 and $10", "cost$ > $3", "plain"):
+        shown, math = Text(text=_plain(reason))._preprocess_math(_plain(reason))
+        assert math is False and shown == reason

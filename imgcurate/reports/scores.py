@@ -96,6 +96,11 @@ def collect_scores(
     ]
 
 
+def _plain(text: str) -> str:
+    """Text that matplotlib draws as it is: a ``$`` would start its math mode ("between $5 and $10")."""
+    return text.replace("$", r"\$")
+
+
 def draw_scores(histograms: Sequence[ScoreHistogram], thresholds: Mapping[str, Sequence[tuple[str, float]]],
                 axes: Sequence[Any]) -> None:  # fmt: skip
     """Draws each histogram on its axes, kept and dropped stacked, with its thresholds as dashed lines."""
@@ -108,9 +113,9 @@ def draw_scores(histograms: Sequence[ScoreHistogram], thresholds: Mapping[str, S
             label=["kept", "dropped"] if stacked else None,
         )  # fmt: skip
         infinite = f", non-finite={h.non_finite}" if h.non_finite else ""
-        ax.set_title(f"{h.column} (n={h.count}, null={h.nulls}{infinite})")
+        ax.set_title(_plain(f"{h.column} (n={h.count}, null={h.nulls}{infinite})"))
         for label, value in thresholds.get(h.column, ()):
-            ax.axvline(value, color="#222222", linestyle="--", label=f"{label} {value:g}")
+            ax.axvline(value, color="#222222", linestyle="--", label=_plain(f"{label} {value:g}"))
         if stacked or thresholds.get(h.column):
             ax.legend(fontsize=8, loc="upper right")
 
@@ -154,7 +159,7 @@ def score_histograms(
     if has_reasons:
         reasons, dropped, total = drop_counts(dataset, reason_column)
         ax = axes[len(present)]
-        ax.barh(reasons.index.astype(str), reasons.to_numpy(), color="#dd8452")
+        ax.barh([_plain(r) for r in reasons.index.astype(str)], reasons.to_numpy(), color="#dd8452")
         ax.set_title(f"dropped {dropped} of {total}, by reason")
     fig.tight_layout()
     check_replaceable(path, dataset.storage_options, b"\x89PNG", "a PNG image")
