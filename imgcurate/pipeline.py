@@ -800,16 +800,9 @@ class Pipeline:
         after a stop between the export and the end of the run then finishes without exporting again, and without
         ``--overwrite``; with ``--overwrite`` it exports again (what repairs a damaged export folder)."""
         from imgcurate.io.export import manifest_digest
-        from imgcurate.rundir import RunDir
 
-        if not (self.export and described) or self.export.get("overwrite"):  # --overwrite: write it again
-            return False
-        run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}), create=False)
-        if not (run.describes(described) and run.exists("exported.json")):
-            return False
-        try:
-            recorded = run.read_json("exported.json")
-        except ValueError:
+        recorded = self._record_of_this_run(described, "exported.json")  # --overwrite: None, write it again
+        if recorded is None:
             return False
         digest = manifest_digest(str(self.export["path"]), self.storage_options)
         if not (isinstance(recorded, dict) and digest is not None and recorded.get("manifest") == digest):
@@ -826,19 +819,24 @@ class Pipeline:
         to write, so an export refused the folder leaves none): the folder then holds what this run was allowed to
         replace when it began (no shards, or ``--overwrite`` was given), or this run's export, published in part or
         whole. Either way the rerun may write it again without ``--overwrite``."""
+        begun = self._record_of_this_run(described, "exporting.json")
+        where = _absolute_url(str(self.export["path"]), self.storage_options)
+        return isinstance(begun, dict) and begun.get("path") == where
+
+    def _record_of_this_run(self, described: dict[str, Any] | None, name: str) -> Any:
+        """The JSON file ``name`` of the run directory, when the run directory describes this run (``described``)
+        and this run exports without ``overwrite``; None otherwise, or when it is missing or cannot be read."""
         from imgcurate.rundir import RunDir
 
         if not (self.export and described) or self.export.get("overwrite"):
-            return False
+            return None
         run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}), create=False)
-        if not (run.describes(described) and run.exists("exporting.json")):
-            return False
+        if not (run.describes(described) and run.exists(name)):
+            return None
         try:
-            begun = run.read_json("exporting.json")
+            return run.read_json(name)
         except ValueError:
-            return False
-        where = _absolute_url(str(self.export["path"]), self.storage_options)
-        return isinstance(begun, dict) and begun.get("path") == where
+            return None
 
     def _open_export(self) -> ImageTextPairDataset:
         return ImageTextPairDataset.from_webdataset(
