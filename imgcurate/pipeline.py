@@ -820,8 +820,9 @@ class Pipeline:
         replace when it began (no shards, or ``--overwrite`` was given), or this run's export, published in part or
         whole. Either way the rerun may write it again without ``--overwrite``."""
         begun = self._record_of_this_run(described, "exporting.json")
-        where = _absolute_url(str(self.export["path"]), self.storage_options)
-        return isinstance(begun, dict) and begun.get("path") == where
+        if not isinstance(begun, dict):  # none recorded (or no export: nothing to begin)
+            return False
+        return begun.get("path") == _absolute_url(str(self.export["path"]), self.storage_options)
 
     def _record_of_this_run(self, described: dict[str, Any] | None, name: str) -> Any:
         """The JSON file ``name`` of the run directory, when the run directory describes this run (``described``)
