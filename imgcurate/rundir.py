@@ -394,17 +394,17 @@ def summarize(
     reason_column = reason.get("drop_reason")
     if reason_column:
         wanted["drops"] = df[reason_column].dropna().str.split(";").explode().value_counts()
-    dedups = [(role.split(":", 1)[1], column) for r in roles for role, column in r.items()
-              if role.startswith("duplicates:") and column in columns]  # fmt: skip
-    # each dedup's (flag, duplicate-of, similarity) columns, for the run report's duplicate groups
-    groups = [[column, r.get(f"duplicate_of:{kind}"), r.get(f"similarity:{kind}")] for r in roles
-              for role, column in r.items() if role.startswith("duplicates:") and column in columns
-              for kind in [role.split(":", 1)[1]] if r.get(f"duplicate_of:{kind}") in columns]  # fmt: skip
-    for kind, column in dict.fromkeys(dedups):
-        shared = sum(k == kind for k, _ in dict.fromkeys(dedups)) > 1
-        wanted[f"duplicates_{kind} ({column})" if shared else f"duplicates_{kind}"] = (
-            df[column].fillna(False).astype(bool).sum()
-        )
+    dedups = []  # each dedup step's (kind, flag, duplicate-of, similarity) columns
+    for r in roles:
+        for role, flag in r.items():
+            if role.startswith("duplicates:") and flag in columns:
+                kind = role.split(":", 1)[1]
+                dedups.append((kind, flag, r.get(f"duplicate_of:{kind}"), r.get(f"similarity:{kind}")))
+    dedups = list(dict.fromkeys(dedups))
+    kinds = [kind for kind, *_ in dedups]
+    for kind, flag, _, _ in dedups:
+        key = f"duplicates_{kind} ({flag})" if kinds.count(kind) > 1 else f"duplicates_{kind}"
+        wanted[key] = df[flag].fillna(False).astype(bool).sum()
     for column in sorted(c for c in columns if is_error_column(c)):
         wanted[f"errors:{column}"] = df[column].notnull().sum()
     got = dict(zip(wanted, progress.compute(list(wanted.values()), desc="run summary"), strict=True))
@@ -417,7 +417,9 @@ def summarize(
         drops = to_pandas(got["drops"])
         summary["drops_by_reason"] = {str(k): int(v) for k, v in sorted(drops.items())}
     summary["duplicates"] = {k.split("_", 1)[1]: int(v) for k, v in got.items() if k.startswith("duplicates_")}
-    summary["duplicate_columns"] = [[f, o, s if s in columns else None] for f, o, s in groups]
+    # for the run report's duplicate groups
+    summary["duplicate_columns"] = [[flag, of, sim if sim in columns else None]
+                                    for _, flag, of, sim in dedups if of in columns]  # fmt: skip
     summary["errors"] = {k.split(":", 1)[1]: int(v) for k, v in got.items() if k.startswith("errors:")}
     summary["steps"] = [
         {"step": r.name, "folder": r.folder, "shards_computed": r.computed, "shards_reused": r.reused,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import TYPE_CHECKING, Any
 
 import dask.dataframe as dd
@@ -39,9 +40,11 @@ def _pixel_digest(data: bytes) -> str:
     """The sha256 of the image's decoded pixels, without losing any: 8-bit images as RGB (grayscale, palette and RGB
     copies of one picture agree), with their alpha where it is not opaque everywhere (a transparent copy is another
     image), and images of more than 8 bits (16-bit PNG, 32-bit integer or float TIFF) as their own values."""
-    from imgcurate.embedders.decode import _open, to_rgb
+    from PIL import Image
 
-    image = _open(data, None)[0]
+    from imgcurate.embedders.decode import to_rgb
+
+    image = Image.open(io.BytesIO(data))
     image.load()
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image)
