@@ -361,28 +361,33 @@ class ImageTextPairDataset:
         *,
         overwrite: bool = False,
         index_files: bool = False,
+        storage_options: dict | None = None,
     ) -> ImageTextPairDataset:
         """Re-shards the kept samples into new tar shards with their parquet, copying member bytes unchanged.
 
         See :func:`imgcurate.io.export.export_webdataset` for the details (key scheme, streaming, atomicity).
+        ``storage_options`` are fsspec's options for ``path``; None uses the dataset's own (give them to read from
+        one object store, bucket or account and write to another, e.g. ``s3://`` input to a local folder).
 
         Returns:
-            The new dataset, opened from ``path``.
+            The new dataset, opened from ``path`` (with ``storage_options``).
         """
         self._export(path, filter_column=filter_column, samples_per_shard=samples_per_shard, max_shards=max_shards,
-                     old_id_col=old_id_col, overwrite=overwrite, index_files=index_files)  # fmt: skip
-        return ImageTextPairDataset.from_webdataset(path, self.id_col, storage_options=self.storage_options,
-                                                    validate=False)  # fmt: skip
+                     old_id_col=old_id_col, overwrite=overwrite, index_files=index_files,
+                     storage_options=storage_options)  # fmt: skip
+        out_so = self.storage_options if storage_options is None else storage_options
+        return ImageTextPairDataset.from_webdataset(path, self.id_col, storage_options=out_so, validate=False)
 
     def _export(self, path: str, **kwargs: Any) -> int:
         """:meth:`to_webdataset` without opening the export afterwards (a pipeline records the export it published
         first); returns the number of samples written."""
         from imgcurate.io.export import export_webdataset
 
+        out_so = kwargs.pop("storage_options", None)
         return export_webdataset(
             self._metadata, self.shards, path, source=self.path, id_col=self.id_col,
-            storage_options=self.storage_options, input_schema=self._input_schema, column_types=self._column_types,
-            **kwargs,
+            storage_options=self.storage_options, output_storage_options=out_so, input_schema=self._input_schema,
+            column_types=self._column_types, **kwargs,
         )  # fmt: skip
 
     def __repr__(self) -> str:

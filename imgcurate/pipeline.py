@@ -507,7 +507,9 @@ class Pipeline:
         id_col: the key column of the input.
         backend: ``auto``, ``pandas`` or ``cudf``.
         cluster: ``{address: ...}`` or LocalCluster options (``type: cuda`` for dask-cuda's LocalCUDACluster).
-        storage_options: passed to fsspec for the input.
+        storage_options: passed to fsspec for the input, the reports and the run directory. The export's own
+            ``storage_options`` (an argument of :meth:`ImageTextPairDataset.to_webdataset`), when given, are used for
+            the export folder and for the run directory beside it (the default run directory).
         reports: report name (see :data:`REPORTS`) -> its keyword arguments, ``path`` (the file to write) among
             them; written after the steps and before the export. In YAML a bare path stands for ``{path: ...}``.
         run_dir: the run directory (:mod:`imgcurate.rundir`): each step's columns are written there shard by shard
@@ -716,9 +718,10 @@ class Pipeline:
         from imgcurate.io._fs import in_the_way, task_url
 
         so = self.storage_options or {}
+        options = {"input": so, "export.path": self._export_options(), "run_dir": self._run_dir_options()}
         for key, folder in (("export.path", (self.export or {}).get("path")), ("run_dir", self.resolved_run_dir())):
             if folder:
-                fs, root = fsspec.core.url_to_fs(str(folder), **so)
+                fs, root = fsspec.core.url_to_fs(str(folder), **options[key])
                 found = in_the_way(fs, root)
                 if found is not None:
                     blocked, what = found
@@ -737,7 +740,7 @@ class Pipeline:
             paths = [("input", self.input), ("export.path", (self.export or {}).get("path")),
                      ("run_dir", self.resolved_run_dir())]  # fmt: skip
             for key, path in paths:
-                if path and process_local(fsspec.core.url_to_fs(str(path), **so)[0]):
+                if path and process_local(fsspec.core.url_to_fs(str(path), **options[key])[0]):
                     raise ConfigError(f"{key}: {path} is in this process's memory, which the cluster's worker "
                                       "processes do not share: use a filesystem they all reach, or a cluster with "
                                       "processes: false")  # fmt: skip
@@ -756,12 +759,13 @@ class Pipeline:
 
         so = self.storage_options or {}
 
-        def place(path: Any) -> tuple[Any, str] | None:
-            return fsspec.core.url_to_fs(str(path), **so) if path else None
+        def place(path: Any, options: dict | None = None) -> tuple[Any, str] | None:
+            return fsspec.core.url_to_fs(str(path), **(so if options is None else options)) if path else None
 
         run_dir = self.resolved_run_dir()
-        folders = {"the input folder": place(input_path), "the export folder": place((self.export or {}).get("path"))}
-        run = place(run_dir)
+        folders = {"the input folder": place(input_path),
+                   "the export folder": place((self.export or {}).get("path"), self._export_options())}  # fmt: skip
+        run = place(run_dir, self._run_dir_options())
         source, target = folders.values()
         if source and target and type(source[0]) is type(target[0]) and same_folder(target[0], target[1], source[1]):
             raise ConfigError(f"export.path: {self.export['path']} is the input folder: export into a folder of its "
@@ -804,7 +808,7 @@ class Pipeline:
         recorded = self._record_of_this_run(described, "exported.json")  # --overwrite: None, write it again
         if recorded is None:
             return False
-        digest = manifest_digest(str(self.export["path"]), self.storage_options)
+        digest = manifest_digest(str(self.export["path"]), self._export_options())
         if not (isinstance(recorded, dict) and digest is not None and recorded.get("manifest") == digest):
             return False
         try:  # the manifest is this export's: its shards must all still be there
@@ -822,7 +826,7 @@ class Pipeline:
         begun = self._record_of_this_run(described, "exporting.json")
         if not isinstance(begun, dict):  # none recorded (or no export: nothing to begin)
             return False
-        return begun.get("path") == _absolute_url(str(self.export["path"]), self.storage_options)
+        return begun.get("path") == _absolute_url(str(self.export["path"]), self._export_options())
 
     def _record_of_this_run(self, described: dict[str, Any] | None, name: str) -> Any:
         """The JSON file ``name`` of the run directory, when the run directory describes this run (``described``)
@@ -831,7 +835,7 @@ class Pipeline:
 
         if not (self.export and described) or self.export.get("overwrite"):
             return None
-        run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}), create=False)
+        run = RunDir(self.resolved_run_dir(), self._run_dir_options(), create=False)
         if not (run.describes(described) and run.exists(name)):
             return None
         try:
@@ -841,7 +845,7 @@ class Pipeline:
 
     def _open_export(self) -> ImageTextPairDataset:
         return ImageTextPairDataset.from_webdataset(
-            str(self.export["path"]), self.id_col, backend=self.backend, storage_options=self.storage_options,
+            str(self.export["path"]), self.id_col, backend=self.backend, storage_options=self._export_options(),
             validate=False,
         )  # fmt: skip
 
@@ -866,8 +870,18 @@ class Pipeline:
 
         if self.export:
             path = str(self.export["path"])
-            fs, root = fsspec.core.url_to_fs(path, **(self.storage_options or {}))
+            fs, root = fsspec.core.url_to_fs(path, **self._export_options())
             existing_shards(fs, root, path, bool(self.export.get("overwrite")))
+
+    def _export_options(self) -> dict[str, Any]:
+        """fsspec's options for the export folder: the export's own ``storage_options``, else the input's."""
+        given = (self.export or {}).get("storage_options")
+        return dict(self.storage_options or {} if given is None else given)
+
+    def _run_dir_options(self) -> dict[str, Any]:
+        """fsspec's options for the run directory: the export's when the run directory is the default one beside
+        the export, else the input's (``storage_options``)."""
+        return self._export_options() if not self.run_dir and self.export else dict(self.storage_options or {})
 
     def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """The steps applied to ``dataset``, lazily (nothing is computed)."""
@@ -898,7 +912,9 @@ class Pipeline:
             "steps": [s.describe() if isinstance(s, Step) else callable_description(s) for s in self.steps],
             # what the run writes after the steps: a rerun that changes only these must not keep the old summary
             "reports": self.reports,
-            "export": None if self.export is None else {k: v for k, v in self.export.items() if k != "overwrite"},
+            # without overwrite (what the run may replace) and storage_options (how to reach the folder, which may
+            # hold credentials), neither of which changes what is written
+            "export": None if self.export is None else _without(self.export, "overwrite", "storage_options"),
         }
 
     def compute_steps(
@@ -912,7 +928,7 @@ class Pipeline:
         folder = self.resolved_run_dir()
         if folder is None:
             return self.apply(dataset).persist(desc="computing the steps"), []
-        run = RunDir(folder, dict(self.storage_options or {}))
+        run = RunDir(folder, self._run_dir_options())
         described = described or self.describe(dataset)
         fingerprint = described["fingerprint"]
         run.begin(described)
@@ -980,11 +996,11 @@ class Pipeline:
                 kwargs = dict(self.export)
                 export_started = time.perf_counter()
                 path = str(kwargs.pop("path"))
-                run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {})) if described else None
+                run = RunDir(self.resolved_run_dir(), self._run_dir_options()) if described else None
 
                 def began() -> None:  # the folder was found fit to write: a stop from here until exported.json is
                     # written is the same run's, and its rerun may write the folder again
-                    run.write_json("exporting.json", {"path": _absolute_url(path, self.storage_options)})
+                    run.write_json("exporting.json", {"path": _absolute_url(path, self._export_options())})
 
                 result._export(path, **{**kwargs, "overwrite": bool(kwargs.get("overwrite")) or begun},
                                on_start=began if run is not None else None)  # fmt: skip
@@ -992,7 +1008,7 @@ class Pipeline:
                     from imgcurate.io.export import manifest_digest
 
                     run.write_json(
-                        "exported.json", {"path": path, "manifest": manifest_digest(path, self.storage_options)}
+                        "exported.json", {"path": path, "manifest": manifest_digest(path, self._export_options())}
                     )
                     run.fs.rm(posixpath.join(run.root, "exporting.json"))
                 out = self._open_export()
@@ -1000,7 +1016,7 @@ class Pipeline:
                                      "seconds": round(time.perf_counter() - export_started, 3)}  # fmt: skip
             facts["seconds"] = round(time.perf_counter() - started, 3)
             if self.resolved_run_dir():
-                run = RunDir(self.resolved_run_dir(), dict(self.storage_options or {}))
+                run = RunDir(self.resolved_run_dir(), self._run_dir_options())
                 run.write_json("summary.json", facts)
                 if self.report:
                     from imgcurate.reports.run import REPORT_NAME, run_report
@@ -1065,6 +1081,10 @@ def _worker_processes(spec: dict | None) -> bool:
     if "address" in spec or spec.get("type") == "cuda":
         return True
     return bool(spec.get("processes", True))
+
+
+def _without(mapping: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k not in keys}
 
 
 def _absolute_url(path: str, storage_options: dict | None) -> str:

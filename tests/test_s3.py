@@ -179,3 +179,58 @@ def test_an_input_tar_missing_while_an_export_selects_on_s3_is_not_a_concurrent_
     with pytest.raises(Exception) as raised:
         ds.to_webdataset("s3://data/out-of-a-missing-tar")  # moto's buckets outlive each test's server
     assert not isinstance(raised.value, ConcurrentExportError) and "00001.tar" in str(raised.value)
+
+
+def test_local_input_exports_to_s3_with_the_exports_own_storage_options(sample_dir, s3):
+    """The dataset reads a local folder (no storage options); ``to_webdataset(..., storage_options=...)`` writes the
+    export to S3 with options of its own, and the dataset it returns reads the export with them."""
+    import s3fs
+
+    ds = ImageTextPairDataset.from_webdataset(str(sample_dir))
+    df = ds.metadata.compute()
+    ds = ds.with_metadata(ds.metadata.assign(keep=ds.metadata["variant"] != "resized"))
+    out = ds.to_webdataset("s3://data/from-local", filter_column="keep", samples_per_shard=8, old_id_col="old",
+                           storage_options=s3)  # fmt: skip
+    assert out.storage_options == s3 and ds.storage_options == {}
+    fs = s3fs.S3FileSystem(**s3)
+    assert not fs.exists("data/from-local/.imgcurate-staging")
+    meta = ImageTextPairDataset.from_webdataset("s3://data/from-local", storage_options=s3).metadata.compute()
+    assert meta["old"].tolist() == df.loc[df["variant"] != "resized", "key"].tolist()
+    source = {s.key: s.members for t in sorted(sample_dir.glob("*.tar")) for s in iter_samples(str(t))}
+    exported = [s for t in out.tar_files for s in iter_samples(t, storage_options=s3)]
+    assert [source[old] for old in meta["old"]] == [s.members for s in exported]
+    local = ds.to_webdataset(str(sample_dir.parent / "local-out"), filter_column="keep", samples_per_shard=8,
+                             old_id_col="old")  # fmt: skip
+    for tar in local.tar_files:  # the same bytes as the same export into a local folder
+        name = tar.rsplit("/", 1)[1]
+        for ext in ("tar", "parquet"):
+            local_file = tar[: -len("tar")] + ext
+            assert fs.cat(f"data/from-local/{name[:-3]}{ext}") == open(local_file, "rb").read()
+
+
+def test_a_pipeline_exports_to_s3_with_the_export_sections_storage_options(sample_dir, s3):
+    """``export: {storage_options: ...}`` reaches the export folder and the default run directory beside it; the
+    options (which may hold credentials) are not recorded in ``run.json``; a rerun reuses the published export."""
+    import json
+
+    import s3fs
+
+    from imgcurate.dedup import ExactDuplicates
+    from imgcurate.pipeline import Pipeline
+
+    def pipeline():
+        return Pipeline(steps=[ExactDuplicates()], input=str(sample_dir),
+                        export={"path": "s3://data/piped", "storage_options": s3},
+                        report=False)  # fmt: skip
+
+    summaries = []
+    out = pipeline().run(summary=summaries.append)
+    fs = s3fs.S3FileSystem(**s3)
+    assert out.storage_options == s3 and out.num_shards >= 1
+    described = json.loads(fs.cat("data/piped.run/run.json"))
+    assert "storage_options" not in json.dumps(described) and "endpoint_url" not in json.dumps(described)
+    assert fs.exists("data/piped.run/summary.json") and fs.exists("data/piped/_imgcurate_export.json")
+    kept = ImageTextPairDataset.from_webdataset("s3://data/piped", storage_options=s3).metadata.compute()
+    assert len(kept) == summaries[0]["samples_in"] > 0
+    pipeline().run(summary=summaries.append)
+    assert summaries[1]["exported"]["reused"] is True

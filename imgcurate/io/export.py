@@ -167,10 +167,11 @@ def _select(
     so: dict,
     expected: bytes,
     types: dict[str, pa.DataType],
+    out_so: dict | None = None,
 ) -> pd.DataFrame:
-    """Writes a partition's kept rows to the staging folder; returns one row: shard, tar, count, schema, digest and
-    the tar's stamp (:func:`file_stamp`: its bytes are what the staged shards copy, so a rerun after the input
-    changed must not reuse them).
+    """Writes a partition's kept rows to the staging folder (fsspec options ``out_so``, else ``so``: the input's);
+    returns one row: shard, tar, count, schema, digest and the tar's stamp (:func:`file_stamp`: its bytes are what
+    the staged shards copy, so a rerun after the input changed must not reuse them).
 
     Columns named in ``types`` (:func:`_input_types`) are cast back to their input type where their values fit it
     (a column whose values do not fit, which a step changed but not its dtype, keeps its type: the shards' schemas
@@ -191,7 +192,8 @@ def _select(
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
         digest = hashlib.sha256(data).hexdigest()
-        with atomic_open(posixpath.join(stage_dir, "select", f"{shard.index:05d}.parquet"), "wb", so) as f:
+        select = posixpath.join(stage_dir, "select", f"{shard.index:05d}.parquet")
+        with atomic_open(select, "wb", so if out_so is None else out_so) as f:
             f.write(data)
     schema = table.schema.remove_metadata().serialize().to_pybytes()
     schema = b"" if schema == expected else schema
@@ -250,13 +252,16 @@ def _write_shard(
     schema: pa.Schema,
     so: dict,
     index: bool,
+    out_so: dict | None = None,
 ) -> int:
-    """Writes output shard ``shard`` into the staging folder from its ``(partition, tar, first, end)`` slices."""
+    """Writes output shard ``shard`` into the staging folder from its ``(partition, tar, first, end)`` slices; the
+    input tars are read with fsspec options ``so``, the staging folder with ``out_so`` (None: ``so``)."""
     reuse_freed_memory()  # as every shard-wise task does (:func:`imgcurate._dask.map_with_shard`)
+    out_so = so if out_so is None else out_so
     tables = []
-    with ShardWriter(posixpath.join(stage_dir, f"{shard:05d}.tar"), storage_options=so, index=index) as writer:
+    with ShardWriter(posixpath.join(stage_dir, f"{shard:05d}.tar"), storage_options=out_so, index=index) as writer:
         for part, tar, first, end in slices:
-            with fsspec.open(posixpath.join(stage_dir, "select", f"{part:05d}.parquet"), "rb", **so) as f:
+            with fsspec.open(posixpath.join(stage_dir, "select", f"{part:05d}.parquet"), "rb", **out_so) as f:
                 table = pq.read_table(f).slice(first, end - first)
             keys = table.column(id_col).to_pylist()
             missing = []
@@ -303,12 +308,15 @@ def selection(
     filter_column: str | None,
     so: dict,
     types: dict[str, pa.DataType] | None = None,
+    out_so: dict | None = None,
 ) -> dd.DataFrame:
     """The select pass: one row per shard (shard, tar, count, schema, digest); each task reads its own partition.
-    Columns named in ``types`` (:func:`_input_types`) are written with those types where their values fit."""
+    Columns named in ``types`` (:func:`_input_types`) are written with those types where their values fit. ``so``
+    are the input's fsspec options, ``out_so`` the staging folder's (None: the same)."""
     types = dict(types or {})
     expected = _declared_schema(metadata, types)
-    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, expected, types, meta=_SELECT_META)
+    return map_with_shard(_select, metadata, shards, stage_dir, filter_column, so, expected, types, out_so,
+                          meta=_SELECT_META)  # fmt: skip
 
 
 def _declared_schema(metadata: dd.DataFrame, types: dict[str, pa.DataType]) -> bytes:
@@ -328,8 +336,10 @@ def write_tasks(
     schema: pa.Schema,
     so: dict,
     index_files: bool,
+    out_so: dict | None = None,
 ) -> list[Any]:
-    """The write pass: one delayed task per output shard in ``todo``, holding only the tars of its own slices."""
+    """The write pass: one delayed task per output shard in ``todo``, holding only the tars of its own slices (read
+    with fsspec options ``so``; the staging folder with ``out_so``, None: the same)."""
     write = dask.delayed(_write_shard, pure=False)
     return [
         write(
@@ -342,6 +352,7 @@ def write_tasks(
             schema,
             so,
             index_files,
+            out_so,
         )  # fmt: skip
         for s in todo
     ]
@@ -410,6 +421,7 @@ def export_webdataset(
     source: str,
     id_col: str,
     storage_options: dict | None = None,
+    output_storage_options: dict | None = None,
     filter_column: str | None = None,
     samples_per_shard: int = 10000,
     max_shards: int | None = None,
@@ -428,7 +440,9 @@ def export_webdataset(
         path: the output folder (local or fsspec URL), created if needed.
         source: the input folder (the output must differ from it).
         id_col: the key column.
-        storage_options: passed to fsspec.
+        storage_options: passed to fsspec for the input (and for the output, unless ``output_storage_options``).
+        output_storage_options: passed to fsspec for the output folder; None uses ``storage_options`` (reading
+            from one object store or account and writing to another needs both).
         filter_column: a boolean metadata column; rows where it is true are kept (null counts as false). None keeps
             every row of the metadata frame.
         samples_per_shard: samples per output shard (the last one may hold fewer).
@@ -455,9 +469,10 @@ def export_webdataset(
         AlignmentError: a metadata partition no longer matches its tar.
     """
     so = dict(storage_options or {})
+    out_so = so if output_storage_options is None else dict(output_storage_options)
     _check_arguments(metadata, filter_column, samples_per_shard, max_shards, old_id_col)
     samples_per_shard, max_shards = int(samples_per_shard), None if max_shards is None else int(max_shards)
-    fs, out_root = fsspec.core.url_to_fs(path, **so)
+    fs, out_root = fsspec.core.url_to_fs(path, **out_so)
     check_reachable(fs, path)
     src_fs, src_root = fsspec.core.url_to_fs(source, **so)
     if type(src_fs) is type(fs) and same_folder(fs, out_root, src_root):
@@ -478,7 +493,7 @@ def export_webdataset(
 
     types = _input_types(metadata, input_schema)
     types.update(_fixed_size_lists(metadata, column_types))
-    selected = selection(metadata, shards, stage_dir, filter_column, so, types)
+    selected = selection(metadata, shards, stage_dir, filter_column, so, types, out_so)
     # one small row per shard comes back: its count, its digest, and its schema only where it differs from the meta's
     with _staging_kept(fs, out_root, path):
         (table,) = progress.compute([selected], desc="export: selecting", unit="shard")
@@ -504,9 +519,10 @@ def export_webdataset(
              old_id_col, index_files, schema.serialize().to_pybytes().hex()]
         ).encode()
     ).hexdigest()  # fmt: skip
-    staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files, so)
+    staged = _staged_shards(fs, posixpath.join(out_root, STAGING), fingerprint, len(plan), index_files, out_so)
     todo = [s for s in range(len(plan)) if s not in staged]
-    tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files)
+    tasks = write_tasks(plan, todo, tars, stage_dir, samples_per_shard, id_col, old_id_col, schema, so, index_files,
+                        out_so)  # fmt: skip
     with _staging_kept(fs, out_root, path):
         progress.compute(tasks, desc="export: writing shards", unit="shard")
     _check_own_staging(fs, posixpath.join(out_root, STAGING), fingerprint, path)
