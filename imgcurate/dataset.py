@@ -31,7 +31,7 @@ from imgcurate.io._fs import check_reachable, files_in, folder_fs, shard_tars, t
 from imgcurate.io.export import check_export_complete, check_listed_shards
 from imgcurate.io.schema import conform, parquet_path_for
 from imgcurate.io.shards import KEY_COLUMN, scan_shard
-from imgcurate.io.validate import check_shard, check_unique_keys, unify_schemas, with_status_errors
+from imgcurate.io.validate import check_scanned_stats, check_shard, check_unique_keys, unify_schemas, with_status_errors
 
 __all__ = ["ImageTextPairDataset"]
 
@@ -166,7 +166,14 @@ class ImageTextPairDataset:
             pq_path = parquet_path_for(tar)
             full_pq = task_url(fs, pq_path)
             if pq_path not in existing:
+                if fs.isdir(pq_path):  # a dataset folder of parquet parts (Spark, Dask): not read, and not written into
+                    raise ShardError(
+                        full_pq,
+                        "is a folder, not a parquet file: a shard's metadata is one parquet file "
+                        "beside its tar (move the folder away to have it rebuilt from the tar)",
+                    )
                 table = scan_shard(full_tar, id_col, storage_options)
+                check_scanned_stats(full_tar, storage_options, table.num_rows)
                 try:
                     write_parquet(table, full_pq, storage_options)
                 except OSError as err:

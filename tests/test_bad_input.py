@@ -516,6 +516,64 @@ def test_img2dataset_stats_must_agree_with_the_shard(tmp_path, jpeg):
         _open(tmp_path)
 
 
+def test_img2dataset_shard_without_its_parquet_opens_again_and_says_what_was_lost(tmp_path, jpeg):
+    """The metadata of a shard whose parquet is missing is rebuilt from the tar, which has no row for a failed
+    download: the first open says how many img2dataset recorded, and the folder opens again (the rebuilt parquet has
+    a row per sample written, which the statistics file also counts)."""
+    members = []
+    for key in ("000000", "000001"):  # row 000002 failed to download: only in the lost parquet
+        members += [(f"{key}.jpg", jpeg), (f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())]
+    write_tar(tmp_path / "00000.tar", members)
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2, "failed_to_download": 1}))
+    with pytest.warns(UserWarning, match=r"00000_stats\.json: img2dataset recorded 1 failed downloads"):
+        assert len(_open(tmp_path).metadata) == 2
+    assert (tmp_path / "00000.parquet").exists()
+    assert _open(tmp_path).metadata.compute()["key"].tolist() == ["000000", "000001"]
+    (tmp_path / "00000.parquet").unlink()  # a tar that lost samples is still an error, scanned or not
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 3, "failed_to_download": 0}))
+    with pytest.raises(ShardError, match=r"00000_stats\.json: says 3 samples were written, the tar has 2"):
+        _open(tmp_path)
+
+
+def test_img2dataset_statistics_of_a_missing_shard_are_an_error(tmp_path, jpeg):
+    for shard in ("00000", "00002"):
+        write_tar(tmp_path / f"{shard}.tar", [("a.jpg", jpeg)] if shard == "00000" else [("b.jpg", jpeg)])
+    for shard in ("00000", "00001", "00002"):
+        (tmp_path / f"{shard}_stats.json").write_text(json.dumps({"count": 1, "successes": 1}))
+    with pytest.raises(ShardError, match=r"00001_stats\.json: img2dataset's statistics of a shard whose 00001\.tar "
+                                         r"is missing"):  # fmt: skip
+        _open(tmp_path)
+    (tmp_path / "00001_stats.json").unlink()
+    assert _open(tmp_path).metadata.compute()["key"].tolist() == ["a", "b"]
+
+
+def test_a_parquet_folder_beside_a_tar_is_an_error_and_is_not_written_into(tmp_path, jpeg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg)])
+    (tmp_path / "00000.parquet").mkdir()  # a dataset folder, as Spark or Dask write one
+    pq.write_table(pa.table({"key": ["a"]}), tmp_path / "00000.parquet" / "part-0.parquet")
+    with pytest.raises(ShardError, match=r"00000\.parquet: is a folder, not a parquet file"):
+        _open(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "00000.parquet").iterdir()) == ["part-0.parquet"]
+
+
+@pytest.mark.parametrize("kind", ["large_string", "dictionary"])
+def test_img2dataset_status_fills_an_error_column_of_any_text_type(tmp_path, jpeg, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg)])
+    error = pa.array([None, None], pa.string())
+    error = error.cast(pa.large_string()) if kind == "large_string" else error.dictionary_encode()
+    table = pa.table({"key": ["a", "b"], "status": ["success", "failed_to_download"], "error_message": [None, "404"],
+                      "error": error})  # fmt: skip
+    pq.write_table(table, tmp_path / "00000.parquet")
+    error = _open(tmp_path).metadata.compute()["error"]
+    assert error.isna().tolist() == [True, False] and error[1] == "failed_to_download: 404"
+
+
 def test_decode_errors_carry_no_per_run_values(tmp_path, jpeg):
     from imgcurate.embedders import TimmImageEmbedder
 

@@ -128,6 +128,12 @@ def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]
                                                     "shard's tar is missing; restore it, or remove the parquet to "
                                                     "leave the shard out")  # fmt: skip
         warnings.warn(f"{task_url(fs, parquet)}: no {stem}.tar beside it; not read as a shard", stacklevel=3)
+    for stats in files_in(fs, root, "*_stats.json"):  # img2dataset writes one per shard it wrote, tar and parquet
+        stem = posixpath.basename(stats)[: -len("_stats.json")]
+        if stem.isdigit() and stem not in stems:
+            raise ShardError(task_url(fs, stats), f"img2dataset's statistics of a shard whose {stem}.tar is missing "
+                                                  "(no such regular file): restore the tar, or remove the statistics "
+                                                  "file to leave the shard out")  # fmt: skip
     return tars
 
 

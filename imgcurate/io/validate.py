@@ -105,21 +105,48 @@ def _compare_keys(tar: str, pq_keys: list[str], failed: list[bool], tar_keys: li
         )
 
 
-def _check_stats(tar: str, storage_options: dict, rows: int, samples: int | None) -> None:
+def _read_stats(tar: str, storage_options: dict) -> tuple[str, Any, Any] | None:
+    """``(path, count, successes)`` of img2dataset's statistics file beside ``tar``; None when there is none."""
     path = stats_path_for(tar)
     fs, fs_path = fsspec.core.url_to_fs(path, **storage_options)
     if not fs.exists(fs_path):
-        return
+        return None
     try:
         with fs.open(fs_path, "rb") as f:
             stats = json.load(f)
-        count, successes = stats.get("count"), stats.get("successes")
+        return path, stats.get("count"), stats.get("successes")
     except (OSError, ValueError, AttributeError) as err:
         raise ShardError(path, f"not a readable img2dataset statistics file ({err})") from None
-    if isinstance(count, int) and count != rows:
+
+
+def _check_stats(tar: str, storage_options: dict, rows: int, samples: int | None) -> None:
+    """The shard agrees with img2dataset's statistics file, when there is one: the parquet has a row per URL
+    (``count``), or a row per sample written (``successes``: a parquet rebuilt by scanning the tar, which has no row
+    for a failed download), and the tar a sample per success."""
+    found = _read_stats(tar, storage_options)
+    if found is None:
+        return
+    path, count, successes = found
+    if isinstance(count, int) and count != rows and not (isinstance(successes, int) and successes == rows):
         raise ShardError(path, f"says the shard has {count} rows, its parquet has {rows}")
     if samples is not None and isinstance(successes, int) and successes != samples:
         raise ShardError(path, f"says {successes} samples were written, the tar has {samples}")
+
+
+def check_scanned_stats(tar: str, storage_options: dict, samples: int) -> None:
+    """For a shard whose metadata was rebuilt by scanning its tar (its parquet was missing): the tar holds the
+    samples img2dataset's statistics file says were written, and a warning says how many failed downloads, which
+    only the lost parquet recorded, now have no row."""
+    found = _read_stats(tar, storage_options)
+    if found is None:
+        return
+    path, count, successes = found
+    if isinstance(successes, int) and successes != samples:
+        raise ShardError(path, f"says {successes} samples were written, the tar has {samples}")
+    if isinstance(count, int) and isinstance(successes, int) and count > successes:
+        warnings.warn(f"{path}: img2dataset recorded {count - successes} failed downloads in this shard's parquet, "
+                      "which is missing: the metadata rebuilt from the tar has rows for its samples only",
+                      stacklevel=3)  # fmt: skip
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -198,7 +225,7 @@ def with_status_errors(table: pa.Table) -> pa.Table:
     if ERROR_COLUMN in table.column_names:
         index = table.column_names.index(ERROR_COLUMN)
         error = table.column(ERROR_COLUMN)
-        if not pa.types.is_string(error.type) and not pa.types.is_null(error.type):
+        if not _is_text(error.type) and not pa.types.is_null(error.type):
             return table
         merged = pc.coalesce(error.cast(pa.string()), derived)
         return table.set_column(index, pa.field(ERROR_COLUMN, pa.string()), merged)
