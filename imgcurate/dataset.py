@@ -21,6 +21,7 @@ import dask.dataframe as dd
 import fsspec
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgcurate import progress
@@ -30,8 +31,16 @@ from imgcurate.errors import AlignmentError, ShardError
 from imgcurate.io._fs import check_reachable, files_in, folder_fs, shard_tars, task_url, write_parquet
 from imgcurate.io.export import check_export_complete, check_listed_shards
 from imgcurate.io.schema import conform, parquet_path_for
-from imgcurate.io.shards import KEY_COLUMN, scan_shard
-from imgcurate.io.validate import check_scanned_stats, check_shard, check_unique_keys, unify_schemas, with_status_errors
+from imgcurate.io.shards import ERROR_COLUMN, KEY_COLUMN, scan_shard
+from imgcurate.io.validate import (
+    STATUS_COLUMN,
+    STATUS_MESSAGE_COLUMN,
+    check_scanned_stats,
+    check_shard,
+    check_unique_keys,
+    unify_schemas,
+    with_status_errors,
+)
 
 __all__ = ["ImageTextPairDataset"]
 
@@ -339,11 +348,18 @@ class ImageTextPairDataset:
         """Writes the metadata as one parquet per shard, named after the tars (``00012.tar`` -> ``00012.parquet``).
 
         Args:
-            path: the folder to write to; None overwrites the parquet files beside the tars (atomically).
+            path: the folder to write to; None overwrites the parquet files beside the tars (atomically), which
+                then must still describe their tars: each shard's rows are its parquet's rows, in order, and the
+                columns that record failed downloads (``status``, ``error_message``, ``error``) are kept.
             columns: the columns to write (the id column is always written); None writes all.
 
         Returns:
             The paths written.
+
+        Raises:
+            ShardError: in place, a shard whose rows or failure columns the frame changed (a row filter, or
+                ``columns`` leaving out ``status``): its parquet is left as it was (and the other shards' are
+                written; each of them still describes its tar). Write such a frame to another folder, or export it.
         """
         df = self._metadata
         if columns is not None:
@@ -353,8 +369,8 @@ class ImageTextPairDataset:
             check_reachable(fs, path)
             fs.makedirs(root, exist_ok=True)
             path = task_url(fs, root)
-        written = self.map_shards(_save_partition, path, self.storage_options, meta=pd.Series([], dtype=object),
-                                  frame=df)  # fmt: skip
+        written = self.map_shards(_save_partition, path, self.storage_options, self.id_col,
+                                  meta=pd.Series([], dtype=object), frame=df)  # fmt: skip
         return progress.compute([written], desc="saving metadata")[0].tolist()
 
     # ------------------------------------------------------------------ export
@@ -402,10 +418,48 @@ class ImageTextPairDataset:
         return f"ImageTextPairDataset(path={self.path!r}, shards={len(self.tar_files)}, columns=[{cols}])"
 
 
-def _save_partition(part: Any, shard: Any, folder: str | None, storage_options: dict) -> pd.Series:
+def _save_partition(part: Any, shard: Any, folder: str | None, storage_options: dict, id_col: str) -> pd.Series:
     target = parquet_path_for(shard.tar if folder is None else posixpath.join(folder, posixpath.basename(shard.tar)))
-    write_parquet(to_arrow(part), target, storage_options)
+    table = to_arrow(part)
+    if folder is None:
+        _check_replaces(target, table, id_col, storage_options)
+    write_parquet(table, target, storage_options)
     return pd.Series([target], dtype=object)
+
+
+#: The columns that excuse a parquet row without a sample in the tar (img2dataset's failed downloads).
+_FAILURE_COLUMNS = (STATUS_COLUMN, STATUS_MESSAGE_COLUMN, ERROR_COLUMN)
+
+
+def _check_replaces(parquet: str, table: pa.Table, id_col: str, storage_options: dict) -> None:
+    """``table`` may replace the shard's ``parquet`` beside its tar: the same keys in the same order, and every column
+    of the parquet that records a failure (a status other than ``success``, an error) kept; else the folder would no
+    longer open."""
+    try:
+        with fsspec.open(parquet, "rb", **storage_options) as f:
+            pf = pq.ParquetFile(f)
+            present = [name for name in _FAILURE_COLUMNS if name in pf.schema_arrow.names and name != id_col]
+            old = pf.read(columns=[id_col, *present])
+    except FileNotFoundError:  # its metadata was kept in memory (it could not be written at open)
+        return
+    keys = old.column(id_col).cast(pa.string())
+    advice = "save to another folder (path=...) or export the selection with to_webdataset"
+    new_keys = table.column(id_col).cast(pa.string())
+    if not keys.equals(new_keys):
+        raise ShardError(
+            parquet,
+            f"cannot be replaced by metadata with other rows ({len(new_keys)} rows where it "
+            f"has {len(keys)}, or keys changed or reordered): it describes its tar; {advice}",
+        )
+    dropped = [name for name in present if name not in table.column_names and _records_failures(old.column(name))]
+    if dropped:
+        raise ShardError(parquet, f"cannot be replaced by metadata without its column {dropped[0]!r}, which records "
+                                  f"failed downloads: include it in columns, or {advice}")  # fmt: skip
+
+
+def _records_failures(column: pa.ChunkedArray) -> bool:
+    values = column.cast(pa.string())
+    return bool(pc.any(pc.fill_null(pc.not_equal(values, "success"), False)).as_py())
 
 
 def _as_is(part: Any, shard: Any) -> Any:

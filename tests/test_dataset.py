@@ -109,6 +109,33 @@ def test_save_metadata_round_trip(sample_ds, tmp_path):
     assert again.metadata["area"].compute().tolist() == back["area"].tolist()
 
 
+def test_save_metadata_in_place_refuses_what_would_no_longer_describe_the_tars(sample_ds):
+    """A row filter, or leaving out the status that excuses a failed download, would make the folder fail to open
+    (and lose those rows): the shard's parquet is left as it was, and the error names it."""
+    import glob
+
+    import pyarrow as pa
+
+    parquets = sorted(glob.glob(os.path.join(sample_ds.path, "*.parquet")))
+    keys = {p: pq.read_table(p).column("key").to_pylist() for p in parquets}
+    df = sample_ds.metadata
+    with pytest.raises(ShardError, match=r"0000\d\.parquet: cannot be replaced by metadata with other rows"):
+        sample_ds.with_metadata(df[df["variant"] != "resized"]).save_metadata()
+    assert {p: pq.read_table(p).column("key").to_pylist() for p in parquets} == keys
+    assert len(ImageTextPairDataset.from_webdataset(sample_ds.path).metadata) == sum(map(len, keys.values()))
+
+    first = parquets[0]
+    statuses = ["success"] * (len(keys[first]) - 1) + ["failed_to_resize"]
+    pq.write_table(pq.read_table(first).append_column("status", pa.array(statuses)), first)
+    ds = ImageTextPairDataset.from_webdataset(sample_ds.path)
+    with pytest.raises(ShardError, match=r"00000\.parquet: cannot be replaced by metadata without its column 'status'"):
+        ds.save_metadata(columns=["caption"])
+    assert "status" in pq.read_schema(first).names
+    ds.save_metadata(columns=["caption", "status"])  # kept: accepted; the error column holds no failure here
+    again = ImageTextPairDataset.from_webdataset(sample_ds.path).metadata.compute()
+    assert again["status"].tolist()[: len(statuses)] == statuses and again["caption"].notna().all()
+
+
 def test_backend_choice():
     assert resolve_backend_name("pandas") == "pandas"
     assert get_backend("pandas").name == "pandas"
