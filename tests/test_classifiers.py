@@ -111,6 +111,40 @@ def test_null_embeddings_give_null_scores(tmp_path):
     assert scores.dtype == np.float32
 
 
+def test_scores_do_not_depend_on_the_embeddings_scale_and_non_finite_rows_get_null(tmp_path):
+    """The LAION heads were trained on L2-normalised CLIP embeddings: an embedder run with
+    ``normalize_embeddings=False`` (norms of 10-20 for CLIP) must not change the score. A row holding NaN or infinite
+    values is scored null, even by a head whose first layer turns NaN into a number (the Keras NSFW head's does)."""
+    save_file(_aesthetic_state(), str(tmp_path / "a.safetensors"))
+    torch.save(_nsfw_state(), tmp_path / "nsfw.pth")
+    x = _embeddings(6)
+    scale = np.array([1.0, 14.0, 0.03, 1e30, 2.0, 5.0], dtype=np.float32)[:, None]
+    for clf in (AestheticClassifier(model_path=str(tmp_path / "a.safetensors"), device="cpu"),
+                NsfwClassifier(model_path=str(tmp_path / "nsfw.pth"), device="cpu")):  # fmt: skip
+        np.testing.assert_allclose(clf.predict(x * scale), clf.predict(x), rtol=1e-5, atol=1e-6)
+
+    class NanToZero(AestheticClassifier):
+        def load_model(self, device):
+            head = super().load_model(device)
+            return _NanToZeroFirst(head)
+
+    bad = x.copy()
+    bad[1, 5], bad[4, 0] = np.nan, np.inf
+    scores = NanToZero(model_path=str(tmp_path / "a.safetensors"), device="cpu").predict(bad)
+    assert np.isnan(scores).tolist() == [False, True, False, False, True, False]
+    np.testing.assert_allclose(scores[[0, 2, 3, 5]], AestheticClassifier(
+        model_path=str(tmp_path / "a.safetensors"), device="cpu").predict(x[[0, 2, 3, 5]]), rtol=1e-6)  # fmt: skip
+
+
+class _NanToZeroFirst(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return self.head(torch.nan_to_num(x, nan=0.0, posinf=0.0))
+
+
 def test_fused_into_the_embedder_pass_equals_standalone(sample_ds, tmp_path):
     save_file(_aesthetic_state(), str(tmp_path / "a.safetensors"))
     torch.save(_nsfw_state(), tmp_path / "n.pth")

@@ -24,8 +24,11 @@ class ImageClassifier(ShardStep):
     """Base class of the classifiers on embeddings.
 
     It reads ``embedding_column``, checks each embedding's length, runs the model in batches on the CPU or GPU and
-    adds ``pred_column`` with the declared type. Null embeddings (failed decodes) give null scores. A subclass only
-    loads its model (:meth:`load_model`) and may post-process its output (:meth:`postprocess`).
+    adds ``pred_column`` with the declared type. Null embeddings (failed decodes) and embeddings holding NaN or
+    infinite values give null scores. With :attr:`normalizes_input` (the default, as the LAION heads were trained on
+    L2-normalised CLIP embeddings and their reference code normalises them) each embedding is L2-normalised first, so
+    an embedder run with ``normalize_embeddings=False`` gets the same scores. A subclass only loads its model
+    (:meth:`load_model`) and may post-process its output (:meth:`postprocess`).
 
     Usable alone (``AestheticClassifier()(dataset)``) or inside an embedder's ``classifiers=[...]`` pass.
 
@@ -63,23 +66,35 @@ class ImageClassifier(ShardStep):
         return output.reshape(output.shape[0], -1)[:, 0]
 
     gpu = "optional"
+    #: L2-normalise each embedding before the model sees it (a no-op, to float32 rounding, on normalised input).
+    normalizes_input = True
 
     def cache_key(self) -> tuple:
         """What identifies the loaded model in the per-worker cache: by default the whole configuration."""
         return (type(self).__qualname__, self.fingerprint())
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        """Scores a (N, D) float32 array of embeddings; returns N scores of ``pred_type``."""
+        """Scores a (N, D) array of embeddings; returns N scores of ``pred_type``, NaN for a row that holds NaN or
+        infinite values (a model may map those to a number: the Keras NSFW head's first layer turns NaN into 0)."""
         import torch
 
+        x = np.array(embeddings, dtype=np.float32)
+        scores = np.full(len(x), np.nan, dtype=self.pred_type)
+        finite = np.isfinite(x).all(axis=1) if x.ndim == 2 else np.ones(len(x), dtype=bool)
+        x = x[finite] if not finite.all() else x
+        if self.normalizes_input and len(x):
+            norms = np.linalg.norm(x.astype(np.float64), axis=1)  # float64: no overflow for huge finite values
+            x = (x / np.maximum(norms, np.finfo(np.float64).tiny)[:, None]).astype(np.float32)
         device = resolve_device(self.device)
         model = cached_model((*self.cache_key(), device), lambda: self.load_model(device))
         out = []
         with torch.inference_mode():
-            for start in range(0, len(embeddings), self.batch_size):
-                batch = torch.from_numpy(np.array(embeddings[start : start + self.batch_size], dtype=np.float32))
+            for start in range(0, len(x), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(x[start : start + self.batch_size]))
                 out.append(self.postprocess(model(batch.to(device).float())).float().cpu().numpy())
-        return np.concatenate(out).astype(self.pred_type) if out else np.zeros(0, self.pred_type)
+        if out:
+            scores[finite] = np.concatenate(out).astype(self.pred_type)
+        return scores
 
     def predict_rows(self, matrix: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Scores the rows of a ``(rows, dim)`` matrix; rows where ``valid`` is false get NaN."""
