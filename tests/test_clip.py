@@ -131,6 +131,35 @@ def test_checkpoint_file_and_clear_errors(tmp_path, sample_ds, tiny, monkeypatch
         ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "bad.safetensors")).load_model("cpu")
 
 
+def test_a_tag_keeps_its_quick_gelu_when_a_local_checkpoint_brings_the_weights(tmp_path, tiny, monkeypatch):
+    """OpenAI's CLIP weights were trained with QuickGELU (their tag says so): a local copy given as
+    ``checkpoint_path`` beside ``pretrained="openai"`` (the way to use them offline) must get that architecture too,
+    not plain GELU. A tiny architecture registered with open_clip under a tag of its own stands in for ViT-B-32."""
+    import json
+    import shutil
+
+    import open_clip.pretrained as registry
+    from safetensors.torch import save_file
+
+    folder = tiny.removeprefix("local-dir:")
+    shutil.copy(f"{folder}/open_clip_config.json", tmp_path / "tiny-quickgelu-clip.json")
+    config = json.loads((tmp_path / "tiny-quickgelu-clip.json").read_text())
+    (tmp_path / "tiny-quickgelu-clip.json").write_text(json.dumps(config.get("model_cfg", config)))
+    open_clip.add_model_config(str(tmp_path / "tiny-quickgelu-clip.json"))
+    tag = {**registry._PRETRAINED["ViT-B-32"]["openai"], "url": "", "hf_hub": "nobody/tiny-quickgelu-clip/"}
+    monkeypatch.setitem(registry._PRETRAINED, "tiny-quickgelu-clip", {"openai": tag})
+    torch.manual_seed(0)
+    reference = open_clip.create_model("tiny-quickgelu-clip", pretrained=None, force_quick_gelu=True).eval()
+    weights = str(tmp_path / "weights.safetensors")
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, weights)
+    emb = ClipEmbedder("tiny-quickgelu-clip", pretrained="openai", checkpoint_path=weights, device="cpu")
+    model = emb.load_model("cpu").clip
+    assert {type(m).__name__ for m in model.modules()} >= {"QuickGELU"}
+    x = torch.randn(2, 3, *model.visual.image_size)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.encode_image(x).numpy(), reference.encode_image(x).numpy(), atol=1e-6)
+
+
 def test_local_dir_without_weights_or_with_a_broken_config_is_a_file_error(tmp_path, tiny):
     import shutil
 

@@ -106,6 +106,8 @@ class ClipEmbedder(ImageEmbedder):
             loaded from the Hugging Face cache. None: random weights seeded with :data:`RANDOM_WEIGHTS_SEED`
             (unless ``checkpoint_path`` or a ``local-dir:``/``hf-hub:`` name brings weights).
         checkpoint_path: a local open_clip state dict (safetensors, or a torch file read with ``weights_only=True``).
+            With ``pretrained``, the tag still gives the architecture (OpenAI's QuickGELU) and the preprocessing:
+            ``pretrained="openai", checkpoint_path=<a copy of OpenAI's weights>`` is the OpenAI model, offline.
         caption_column: the metadata column of captions; None reads each sample's ``.txt`` member from the tar.
         text_embedding_column: the output column of caption embeddings.
         score_column: the output column of CLIP scores (float32).
@@ -193,7 +195,9 @@ class ClipEmbedder(ImageEmbedder):
 
         self._check_local_dir()
         tag = self.pretrained if self.checkpoint_path is None else None
-        quick_gelu = bool(tag and (open_clip.get_pretrained_cfg(self.model_name, tag) or {}).get("quick_gelu"))
+        # the tag's architecture even when a local checkpoint brings its weights: OpenAI's were trained with QuickGELU
+        named = (open_clip.get_pretrained_cfg(self.model_name, self.pretrained) or {}) if self.pretrained else {}
+        quick_gelu = bool(named.get("quick_gelu"))
         try:
             with torch.random.fork_rng(devices=[]):  # random weights: the same model in every worker process
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)
