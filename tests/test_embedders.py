@@ -205,6 +205,12 @@ def test_pretrained_from_the_hf_cache_offline(tmp_path, monkeypatch):
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text(commit)
     (folder / "snapshots" / commit).mkdir(parents=True)
+    # an open_clip checkpoint in the same repository (as ClipEmbedder's OpenAI tags cache) is a file timm never reads
+    save_file(source.state_dict(), str(folder / "snapshots" / commit / "open_clip_model.safetensors"))
+    with pytest.raises(MissingWeightsError, match="not available offline.*checkpoint_path"):
+        TimmImageEmbedder("test_vit", pretrained=True).check_resources()
+    with pytest.warns(UserWarning, match="random"):
+        TimmImageEmbedder("test_vit", pretrained="if-available", engine="torch").model("cpu")  # falls back
     save_file(source.state_dict(), str(folder / "snapshots" / commit / "model.safetensors"))
     clear()
     TimmImageEmbedder("test_vit", pretrained=True).check_resources()  # found in the cache now

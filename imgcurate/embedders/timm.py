@@ -473,8 +473,7 @@ def fetch_pretrained_weights(model_name: str) -> bool:
         if cfg.hf_hub_id:
             from huggingface_hub import hf_hub_download
 
-            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
-            for name in [*names, "model.safetensors", "pytorch_model.bin"]:
+            for name in hub_weight_names(cfg.hf_hub_filename):
                 try:
                     hf_hub_download(cfg.hf_hub_id, name)
                     break
@@ -487,6 +486,21 @@ def fetch_pretrained_weights(model_name: str) -> bool:
     except Exception:  # noqa: BLE001 - no network, or the source refused: the weights are not here
         return False
     return bool(pretrained_weights_cached(model_name))
+
+
+def hub_weight_names(filename: str | None) -> list[str]:
+    """The files of a Hugging Face repository that timm loads a model's weights from, in the order it tries them:
+    the pretrained config's ``hf_hub_filename`` (else ``pytorch_model.bin``), its safetensors alternative first
+    (``model.safetensors``; ``open_clip_model.safetensors`` for ``open_clip_pytorch_model.bin``; ``x.safetensors``
+    for another ``x.bin``). Only these: another file of the repository (an open_clip checkpoint beside timm's) is
+    not read by timm, so it does not make the weights available."""
+    filename = filename or "pytorch_model.bin"
+    if filename.endswith(".safetensors"):
+        return [filename]
+    safe = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+    alternative = safe.get(filename) or (filename.removesuffix(".bin") + ".safetensors" if filename.endswith(".bin")
+                                         else None)  # fmt: skip
+    return [alternative, filename] if alternative else [filename]
 
 
 def pretrained_weights_cached(model_name: str) -> bool | None:
@@ -502,10 +516,7 @@ def pretrained_weights_cached(model_name: str) -> bool | None:
     if cfg is None:
         return None
     if cfg.hf_hub_id:
-        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
-        names += ["model.safetensors", "pytorch_model.bin"]
-        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        return in_hf_cache(cfg.hf_hub_id, names)
+        return in_hf_cache(cfg.hf_hub_id, hub_weight_names(cfg.hf_hub_filename))
     if cfg.url:
         import torch.hub
 
