@@ -965,7 +965,7 @@ class Pipeline:
         self.check_config(dataset)
         for step in self.steps:
             if isinstance(step, Step):
-                step.prepare()  # before it is described: the fingerprint holds what was settled
+                step.prepare_all()  # before it is described: the fingerprint holds what was settled
                 step.check_resources()
         described = self.describe(dataset) if self.resolved_run_dir() else None
         published = self._published_export(described)

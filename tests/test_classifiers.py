@@ -207,6 +207,44 @@ def test_default_weights_without_network_say_where_to_put_them(monkeypatch):
         AestheticClassifier(device="cpu").predict(_embeddings(2))
 
 
+def test_default_weights_are_fetched_where_the_run_starts_and_checked_offline(sample_ds, tmp_path, monkeypatch):
+    """Without model_path the published file is downloaded once when the step is applied (a fused classifier's too),
+    before any shard is embedded: a file that cannot be fetched stops the run there, saying where to put it. Offline
+    (HF_HUB_OFFLINE) the resource check a pipeline runs first refuses a file that is not cached."""
+    from imgcurate.classifiers import aesthetic
+    from imgcurate.errors import MissingWeightsError
+
+    calls = []
+    real_urlopen = weights_mod.urllib.request.urlopen
+
+    def offline(*a, **k):
+        calls.append(a)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights_mod.urllib.request, "urlopen", offline)
+    embedder = TimmImageEmbedder("test_vit", output="head", model_kwargs={"num_classes": 768},
+                                 classifiers=[AestheticClassifier(device="cpu")])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE.pth.*IMGCURATE_HOME"):
+        embedder(sample_ds)  # lazy: nothing is computed, yet the missing file is found now
+    assert len(calls) == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match=r"sac\+logos\+ava1-l14-linearMSE.pth.*downloads are off"):
+        AestheticClassifier(head="ViT-L-14").check_resources()
+    AestheticClassifier(head="auto").check_resources()  # the head (and so its file) is not known yet: nothing to check
+    assert len(calls) == 1  # the checks download nothing
+
+    monkeypatch.setattr(weights_mod.urllib.request, "urlopen", real_urlopen)  # a file:// URL needs no network
+    published = tmp_path / "published.pth"
+    torch.save(_aesthetic_state(), published)
+    head = aesthetic.HEADS["ViT-L-14"]
+    monkeypatch.setitem(aesthetic.HEADS, "ViT-L-14", (*head[:2], WeightFile("test.pth", published.as_uri())))
+    clf = AestheticClassifier(head="ViT-L-14", device="cpu")
+    clf.prepare_all()
+    assert (tmp_path / "home" / "weights" / "test.pth").read_bytes() == published.read_bytes()
+    np.testing.assert_allclose(clf.predict(_embeddings()), _aesthetic_numpy(_aesthetic_state(), _embeddings()),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
 def test_score_filters_and_reasons(sample_ds):
     df = sample_ds.metadata
 

@@ -143,6 +143,9 @@ class AestheticClassifier(ImageClassifier):
             shapes = {k.removeprefix("model."): v for k, v in state_dict_shapes(self.model_path).items()}
             check_head_file(HEADS, self.embedding_size, self.model_path, shapes, WHAT, any_size=not self._size_known)
 
+    def published_weights(self) -> WeightFile:
+        return next(h for h in HEADS.values() if h[0] == self.embedding_size)[2]
+
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 

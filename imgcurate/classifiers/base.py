@@ -61,6 +61,44 @@ class ImageClassifier(ShardStep):
     def load_model(self, device: str) -> torch.nn.Module:
         """Loads the model on ``device`` in eval mode: (N, embedding_size) float32 -> (N, 1) or (N,)."""
 
+    def published_weights(self) -> Any:
+        """The published weight file (:class:`~imgcurate.classifiers.weights.WeightFile`) this classifier loads when
+        no ``model_path`` is given, for the head the embeddings need; None when it has none (the default)."""
+        return None
+
+    def _default_weights(self) -> Any:
+        """The published file to fetch: none with ``model_path``, nor while ``head="auto"`` has not seen the
+        embeddings' size (which picks the file)."""
+        if getattr(self, "model_path", None) is not None or not getattr(self, "_size_known", True):
+            return None
+        return self.published_weights()
+
+    def prepare(self) -> None:
+        """Downloads the published weights (no ``model_path``) into ``$IMGCURATE_HOME/weights`` once, where the run
+        starts: a file that cannot be fetched stops the run before any work, saying where to put it, instead of
+        every worker trying the download on its first shard."""
+        from imgcurate.classifiers.weights import cached_weights
+
+        weights = self._default_weights()
+        if weights is not None:
+            cached_weights(weights)
+
+    def check_resources(self) -> None:
+        """As :meth:`Step.check_resources`; and offline (``HF_HUB_OFFLINE``) the published weights must be in
+        ``$IMGCURATE_HOME/weights`` already (a run could not download them)."""
+        from imgcurate._models import hf_offline
+        from imgcurate.classifiers.weights import cached_weights
+
+        super().check_resources()
+        weights = self._default_weights()
+        if weights is not None and hf_offline():
+            from imgcurate.errors import MissingWeightsError
+
+            try:
+                cached_weights(weights, download=False)
+            except FileNotFoundError as err:
+                raise MissingWeightsError(str(err)) from None
+
     def postprocess(self, output: torch.Tensor) -> torch.Tensor:
         """Turns the model output into one score per row (default: squeeze the last axis)."""
         return output.reshape(output.shape[0], -1)[:, 0]

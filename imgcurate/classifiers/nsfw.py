@@ -174,6 +174,9 @@ class NsfwClassifier(ImageClassifier):
             shapes = state_dict_shapes(path)
             check_head_file(HEADS, self.embedding_size, path, shapes, WHAT, any_size=not self._size_known)
 
+    def published_weights(self) -> WeightFile:
+        return next(h for h in HEADS.values() if h[0] == self.embedding_size)[2]
+
     def load_model(self, device: str) -> torch.nn.Module:
         from imgcurate.embedders.timm import load_state_dict_file
 

@@ -225,6 +225,14 @@ class Step(abc.ABC):
         every worker then reads). Called by :meth:`__call__` and :meth:`Pipeline.run`, not by the commands that only
         check a config. Default: nothing."""
 
+    def prepare_all(self) -> None:
+        """:meth:`prepare` of the steps among this step's arguments (an embedder's fused classifiers), then of this
+        step: what a run calls where it starts."""
+        for inner in self.inner_steps():
+            if isinstance(inner, Step):
+                inner.prepare_all()
+        self.prepare()
+
     def check_resources(self) -> None:
         """Checks, before a run does any work, that what the step loads at run time is here (weights in the caches
         when offline). Not part of :meth:`check`, so a config can be written and checked on a machine without them.
@@ -332,7 +340,7 @@ class Step(abc.ABC):
         self.check(dataset.metadata._meta, dataset.id_col)
         if dataset.input_rows is not None:
             self.check_rows(dataset.input_rows)
-        self.prepare()
+        self.prepare_all()
         return dataset.with_columns(self.added(dataset), self.output_columns())
 
     def __repr__(self) -> str:
