@@ -963,10 +963,11 @@ class Pipeline:
         if dataset is None:
             dataset = self.open_input()
         self.check_config(dataset)
-        for step in self.steps:
-            if isinstance(step, Step):
-                step.prepare_all()  # before it is described: the fingerprint holds what was settled
-                step.check_resources()
+        steps = [step for step in self.steps if isinstance(step, Step)]
+        for step in steps:  # every step's files first: an offline run names what is missing before any download
+            step.check_resources()
+        for step in steps:
+            step.prepare_all()  # before it is described: the fingerprint holds what was settled
         described = self.describe(dataset) if self.resolved_run_dir() else None
         published = self._published_export(described)
         begun = not published and self._export_begun(described)

@@ -270,8 +270,8 @@ class TimmImageEmbedder(ImageEmbedder):
 
     def check_resources(self) -> None:
         """Offline, the pretrained weights must be in the caches: a missing download is an error before any work,
-        not at the first shard; so must the local files it loads (:meth:`Step.check_resources`)."""
-        super().check_resources()
+        not at the first shard; so must the local files it loads (:meth:`Step.check_resources`, checked after the
+        model's own weights, as are its fused classifiers')."""
         wanted = self.pretrained is True and self.checkpoint_path is None
         if wanted and hf_offline() and pretrained_weights_cached(self.model_name) is False:
             raise MissingWeightsError(self._missing_weights("are not available offline"))
@@ -292,6 +292,7 @@ class TimmImageEmbedder(ImageEmbedder):
             with torch.device("meta"):
                 model = timm.create_model(self.model_name, pretrained=False, **self._kwargs())
             self._check_checkpoint(model, shapes)
+        super().check_resources()
 
     def _check_checkpoint(self, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> set[str]:
         """Compares the checkpoint's tensors with the model's; returns the head's names that are not to be loaded
