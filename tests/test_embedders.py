@@ -86,6 +86,28 @@ def test_equals_timm_reference_path(sample_ds, tmp_path, name, decoder):
             np.testing.assert_allclose(got, want, atol=2e-3)
 
 
+def test_a_model_built_for_another_image_size_gets_images_of_that_size(sample_ds, tmp_path):
+    """``model_kwargs={"img_size": ...}`` builds the model for that input size; the preprocessing must resize to it
+    too (timm's pretrained config still says 160 for test_vit, which a ViT built for 96 refuses or, with dynamic
+    sizes, embeds at the wrong scale)."""
+    model, ckpt = _checkpoint(tmp_path, "test_vit", img_size=96)
+    emb = TimmImageEmbedder("test_vit", checkpoint_path=ckpt, model_kwargs={"img_size": 96}, normalize_embeddings=False,
+                            decoder="pil", use_jpeg_draft=False, engine="torch")  # fmt: skip
+    assert emb.data_config["input_size"] == (3, 96, 96)
+    df = emb(sample_ds).metadata.compute()
+    config = timm.data.resolve_model_data_config(model, args={"input_size": (3, 96, 96)})
+    transform = timm.data.create_transform(**config, is_training=False)
+    images = _images(sample_ds)
+    for key, got in zip(df["key"][:6], df["image_embedding"][:6], strict=True):
+        x = transform(Image.open(io.BytesIO(images[key])).convert("RGB")).unsqueeze(0)
+        assert x.shape[-2:] == (96, 96)
+        with torch.no_grad():
+            want = model.forward_head(model.forward_features(x), pre_logits=True)[0].numpy()
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, rtol=1e-4, atol=1e-4)
+    strict = TimmImageEmbedder("vit_tiny_patch16_224", model_kwargs={"img_size": (64, 96)}, device="cpu")
+    assert strict.data_config["input_size"] == (3, 64, 96) and strict.embedding_dim() == 192
+
+
 def test_normalised_and_independent_of_batch_size(sample_ds):
     a = TimmImageEmbedder("test_vit", batch_size=1)(sample_ds).metadata.compute()
     b = TimmImageEmbedder("test_vit", batch_size=16, num_threads_per_worker=1)(sample_ds).metadata.compute()

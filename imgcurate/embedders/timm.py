@@ -360,7 +360,7 @@ class TimmImageEmbedder(ImageEmbedder):
 
         with torch.device("meta"):
             model = timm.create_model(self.model_name, pretrained=False, **self._kwargs()).eval()
-            self._data_config = timm.data.resolve_model_data_config(model)
+            self._data_config = timm.data.resolve_model_data_config(model, args=_size_args(self.model_kwargs))
             x = torch.empty(1, *self._data_config["input_size"])
             out = model(x) if self.output == "head" else model.forward_head(model.forward_features(x), pre_logits=True)
         self.__dict__["_embedding_dim"] = int(out.shape[-1])
@@ -487,6 +487,16 @@ def fetch_pretrained_weights(model_name: str) -> bool:
     except Exception:  # noqa: BLE001 - no network, or the source refused: the weights are not here
         return False
     return bool(pretrained_weights_cached(model_name))
+
+
+def _size_args(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's data config arguments for a model built with ``img_size=`` (an int or (height, width)): the
+    preprocessing must give images of the size the model was built for, not its pretrained config's size."""
+    size = model_kwargs.get("img_size")
+    if size is None:
+        return {}
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return {"input_size": (3, int(height), int(width))}
 
 
 def hub_weight_names(filename: str | None) -> list[str]:
