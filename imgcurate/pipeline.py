@@ -503,6 +503,9 @@ class Pipeline:
     Args:
         steps: :class:`~imgcurate.steps.Step` objects (or any ``dataset -> dataset`` callables).
         export: keyword arguments of :meth:`ImageTextPairDataset.to_webdataset` (``path`` among them), or None.
+            Without ``filter_column``, the export keeps the rows that the pipeline's filter keeps: the ``keep`` column
+            of the one step that writes one (a :class:`~imgcurate.filters.SampleFilter`); with several such steps,
+            name the column; ``filter_column: null`` (None) exports every row.
         input: the input folder, opened by :meth:`run` when no dataset is given.
         id_col: the key column of the input.
         backend: ``auto``, ``pandas`` or ``cudf``.
@@ -539,11 +542,24 @@ class Pipeline:
             from imgcurate.dataset import ImageTextPairDataset
             from imgcurate.io.export import check_sizes
 
+            if "filter_column" not in self.export:
+                self.export = {**self.export, "filter_column": self._keep_column()}
             bind(ImageTextPairDataset.to_webdataset, self.export, "export", skip=1)
             try:
                 check_sizes(self.export.get("samples_per_shard", 1), self.export.get("max_shards"))
             except ValueError as err:
                 raise ConfigError(f"export: {err}") from None
+
+    def _keep_column(self) -> str | None:
+        """The ``keep`` column of the one step that writes one (the export's default filter column); None without
+        such a step. Several are a :class:`ConfigError`: which of them selects the export is the config's to say."""
+        found = [(step.name, step.summary_columns()["keep"]) for step in self.steps
+                 if isinstance(step, Step) and "keep" in step.summary_columns()]  # fmt: skip
+        if len(found) > 1:
+            named = ", ".join(f"{column!r} ({name})" for name, column in found)
+            raise ConfigError(f"export: several steps write a keep column ({named}): name the one that selects the "
+                              "export as filter_column (null exports every row)")  # fmt: skip
+        return found[0][1] if found else None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -574,6 +590,9 @@ class Pipeline:
                 raise ConfigError(f"reports.{name}: give the file to write (a path, or path: ...), got {value!r}")
         export = dict(config.get("export") or {})
         if config.get("output"):
+            if export.get("path") not in (None, config["output"]):
+                raise ConfigError(f"output: {config['output']} and export.path: {export['path']} name two folders: "
+                                  "give one of them")  # fmt: skip
             export.setdefault("path", config["output"])
         if export and not export.get("path"):
             raise ConfigError("export: give the folder to write as 'path' (or a top-level 'output')")

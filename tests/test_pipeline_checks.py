@@ -295,6 +295,36 @@ def test_config_file_mistakes_name_the_file(sample_dir, tmp_path, capsys):
     assert f"{config}: steps[0].SampleFilter: unknown key 'min_widht'" in capsys.readouterr().err
 
 
+def test_an_export_without_filter_column_keeps_what_the_filter_keeps(sample_dir, tmp_path, capsys):
+    """``output:`` with a filter among the steps exports the filter's survivors (its keep column, renamed or not);
+    ``filter_column: null`` exports every row; two filters must be told apart; output and export.path must agree."""
+    from imgcurate import ImageTextPairDataset
+
+    def run(name, export=None, steps=None):
+        steps = steps or [{"ExactDuplicates": {}}, {"SampleFilter": {"min_width": 300, "keep_column": "ok"}}]
+        config = {"input": str(sample_dir), "output": str(tmp_path / name), "steps": steps}
+        if export is not None:
+            config["export"] = export
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        return main(["run", str(tmp_path / f"{name}.yaml")])
+
+    assert run("kept") == 0
+    source = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata.compute()
+    kept = ImageTextPairDataset.from_webdataset(str(tmp_path / "kept"), validate=False).metadata.compute()
+    assert 0 < len(kept) < len(source) and bool(kept["ok"].all())
+    assert "kept" in capsys.readouterr().out
+    assert run("all", export={"filter_column": None}) == 0
+    assert len(ImageTextPairDataset.from_webdataset(str(tmp_path / "all")).metadata) == len(source)
+    two = [{"SampleFilter": {"min_width": 300}}, {"SampleFilter": {"min_height": 300, "keep_column": "tall",
+                                                                   "reason_column": "why"}}]  # fmt: skip
+    capsys.readouterr()
+    assert run("two", steps=two) == 2
+    assert "export: several steps write a keep column ('keep' (SampleFilter), 'tall' (SampleFilter))" in (
+        capsys.readouterr().err)  # fmt: skip
+    assert run("both", export={"path": str(tmp_path / "elsewhere")}) == 2
+    assert "name two folders" in capsys.readouterr().err
+
+
 def test_an_export_folder_that_holds_shards_is_refused_before_any_step_runs(sample_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "00000.tar").write_bytes(b"an older export")
