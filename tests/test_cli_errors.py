@@ -4,6 +4,7 @@ doctor; a failed rerun leaves no stale summary; a sample that cannot be hashed s
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pyarrow as pa
@@ -107,6 +108,11 @@ def test_output_files_into_a_missing_folder_name_the_folder(sample_dir, tmp_path
     assert main(["report", str(tmp_path / "out.run"), "--output", str(missing / "r.html")]) == 2
     assert _one_error(capsys) == f"--output: the folder {missing} does not exist (create it first)"
     assert not (tmp_path / "no").exists()
+    for folder in (tmp_path / "out.run", tmp_path / "out"):  # a folder is not a report's file
+        before = sorted(os.listdir(folder))
+        assert main(["report", str(tmp_path / "out.run"), "--output", str(folder)]) == 2
+        assert _one_error(capsys) == f"{folder}: is a folder: give the report the name of a file"
+        assert sorted(os.listdir(folder)) == before
     # the library's own error names the file asked for, not the temporary one it writes first
     with pytest.raises(FileNotFoundError) as err:
         report_run_dir(str(tmp_path / "out.run"), str(missing / "r.html"))

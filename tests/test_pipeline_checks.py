@@ -273,9 +273,11 @@ def test_a_report_over_a_dataset_file_or_a_file_of_another_kind_is_refused_befor
     monkeypatch.setattr(ImageEmbedder, "embed_shard", lambda *a, **k: pytest.fail("a step ran"))
     (tmp_path / "out").mkdir()
     (tmp_path / "notes.txt").write_text("a file of the user's")
+    (tmp_path / "reports").mkdir()
     for path, problem in [
         (tmp_path / "out" / "00000.tar", "is named like a file of the dataset in the export folder"),
         (tmp_path / "notes.txt", "holds a file that is not a report; a report does not replace it"),
+        (tmp_path / "reports", "is a folder: give the report the name of a file"),
     ]:
         config = _base(sample_dir, tmp_path)
         config["reports"] = {"scores": str(path)}
@@ -283,6 +285,13 @@ def test_a_report_over_a_dataset_file_or_a_file_of_another_kind_is_refused_befor
         assert main(["run", str(tmp_path / "p.yaml")]) == 2
         assert f"reports.scores.path: {path}" in (err := capsys.readouterr().err) and problem in err, err
     assert os.listdir(tmp_path / "out") == [] and (tmp_path / "notes.txt").read_text() == "a file of the user's"
+    assert os.listdir(tmp_path / "reports") == []
+    from imgcurate.io._fs import atomic_open
+
+    with pytest.raises(IsADirectoryError, match=r"reports: cannot write it: it is a folder"):
+        with atomic_open(str(tmp_path / "reports"), "wb") as f:  # no writer moves its file into a folder
+            f.write(b"x")
+    assert os.listdir(tmp_path / "reports") == []
 
 
 def test_config_file_mistakes_name_the_file(sample_dir, tmp_path, capsys):

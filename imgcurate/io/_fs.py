@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import os
@@ -307,6 +308,9 @@ def atomic_open(path: str, mode: str = "wb", storage_options: dict | None = None
             never the temporary name.
     """
     fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if process_local(fs) or isinstance(fs, LocalFileSystem):  # the rename would move the file into a folder there
+        if fs.isdir(fs_path):
+            raise IsADirectoryError(errno.EISDIR, f"{path}: cannot write it: it is a folder")
     tmp = temp_name(fs_path)
     try:
         handle = fs.open(tmp, mode)

@@ -100,6 +100,8 @@ def check_replaceable(path: str, storage_options: dict | None, starts: bytes | t
 
     fs, where = fsspec.core.url_to_fs(path, **(storage_options or {}))
     if not fs.isfile(where):
+        if fs.isdir(where):
+            raise FileExistsError(f"{path}: is a folder: give the report the name of a file")
         return
     starts = (starts,) if isinstance(starts, bytes) else starts
     with fs.open(where, "rb") as f:
