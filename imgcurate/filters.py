@@ -170,6 +170,18 @@ class SampleFilter(ShardStep):
             _check_name(column, f"{self.name}'s {option} column")
         if self.keep_column == self.reason_column:
             raise ValueError(f"keep_column and reason_column are both {self.keep_column!r}: give them different names")
+        for option in ("min_width", "min_height", "max_aspect_ratio", "min_aesthetic", "max_nsfw"):
+            value = getattr(self, option)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value != value:
+                raise ValueError(f"{option}: NaN compares false with every value: give a number or None")
+        for option in ("min_width", "min_height"):
+            value = getattr(self, option)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{option}: a size of at least 0 pixels, got {value!r}")
+        ratio = self.max_aspect_ratio
+        if isinstance(ratio, int | float) and not isinstance(ratio, bool) and ratio < 1:
+            raise ValueError(f"max_aspect_ratio: the longer side over the shorter one, so at least 1 (1 keeps only "
+                             f"square images), got {ratio!r}")  # fmt: skip
         rules = []
         for i, rule in enumerate(self.rules):
             if isinstance(rule, dict):

@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import inspect
 import posixpath
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -749,7 +750,7 @@ class Pipeline:
                     raise ConfigError(f"{key}: {folder} cannot be made: {task_url(fs, blocked)} is {what}, not a "
                                       "folder")  # fmt: skip
         for name, kwargs in self.reports.items():
-            folder = os.path.dirname(os.path.abspath(str(kwargs["path"])))
+            folder = os.path.dirname(os.path.abspath(os.path.expanduser(str(kwargs["path"]))))
             if "://" not in str(kwargs["path"]) and not os.path.isdir(folder):
                 raise ConfigError(f"reports.{name}.path: the folder {folder} does not exist")
         self._check_overlaps(input_path or self.input)
@@ -1071,6 +1072,12 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.2's floats too: PyYAML follows YAML 1.1, where a float needs a dot, so `eps: 1e-4` or `1.0e3` was text
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def read_config(path: str) -> dict:

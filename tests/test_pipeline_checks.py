@@ -334,6 +334,28 @@ def test_an_export_without_filter_column_keeps_what_the_filter_keeps(sample_dir,
     assert "name two folders" in capsys.readouterr().err
 
 
+def test_yaml_exponents_tilde_report_paths_and_filter_ranges(sample_dir, tmp_path, capsys, monkeypatch):
+    """``eps: 1e-4`` is a number (YAML 1.2; PyYAML's 1.1 rule made it text), a report path under ``~`` is the home
+    folder's as every other path is, and filter bounds that cannot mean anything are refused before any work."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"input: {sample_dir}\nsteps:\n  - ExactDuplicates: {{}}\n"
+        "  - SemanticDeduplicator: {n_clusters: 2, eps: 1e-4, embedding_column: exact_duplicate}\n"
+    )
+    pipeline = Pipeline.from_yaml(str(config))
+    assert pipeline.steps[1].eps == [1e-4]
+    config.write_text(f"input: {sample_dir}\nsteps:\n  - ExactDuplicates: {{}}\nreports: {{duplicates: ~/d.html}}\n")
+    assert main(["run", str(config)]) == 0
+    assert (tmp_path / "home" / "d.html").read_bytes().startswith(b"<!doctype html")
+    capsys.readouterr()
+    for option, value, problem in [("max_aspect_ratio", 0.5, "at least 1"), ("min_width", -5, "at least 0 pixels")]:
+        config.write_text(f"input: {sample_dir}\nsteps:\n  - SampleFilter: {{{option}: {value}}}\n")
+        assert main(["run", str(config)]) == 2
+        assert f"steps[0].SampleFilter: {option}: " in (err := capsys.readouterr().err) and problem in err, err
+
+
 def test_an_export_folder_that_holds_shards_is_refused_before_any_step_runs(sample_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "00000.tar").write_bytes(b"an older export")
