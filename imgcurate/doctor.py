@@ -307,8 +307,8 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
     except OSError as err:  # the input is not reachable from this machine: the column flow is not checked
         dataset = None
         notes.append(f"column flow not checked: the input cannot be read here ({err})")
-    pipeline.check_config(dataset)
-    problems = []
+    pipeline.check_config(dataset, devices=False)
+    problems = pipeline.device_problems()
     for step in pipeline.steps:
         if isinstance(step, Step):
             try:

@@ -379,6 +379,7 @@ def _resource_problems(steps: list[Any]) -> list[str]:
             step.check_resources()
         except ImgcurateError as err:
             problems.append(str(err))
+        problems += step.device_problems()
     return problems
 
 
@@ -715,11 +716,13 @@ class Pipeline:
                     f"{reason!r}) is there at the end of the steps: name the scores in 'columns'"
                 )
 
-    def check_config(self, dataset: ImageTextPairDataset | None) -> None:
+    def check_config(self, dataset: ImageTextPairDataset | None, devices: bool = True) -> None:
         """The checks of the config that need neither an image nor a cluster, as :meth:`run` makes them before any
         work: the column flow on the dataset's ``meta`` (:meth:`check`; skipped when ``dataset`` is None, an input
         that cannot be read here) and the places it writes (:meth:`_check_paths`). ``imgcurate estimate`` and
-        ``imgcurate doctor`` make these same checks, so a config they accept is one that ``run`` accepts.
+        ``imgcurate doctor`` make these same checks, so a config they accept is one that ``run`` accepts. With
+        ``devices``, a GPU a step is told to use must be usable (:meth:`device_problems`; the doctor lists those
+        problems among the rest instead).
 
         Raises:
             ConfigError: naming the key, step or column at fault.
@@ -727,6 +730,18 @@ class Pipeline:
         if dataset is not None:
             self.check(dataset)
         self._check_paths(dataset.path if dataset is not None else self.input)
+        problems = self.device_problems() if devices else []
+        if problems:
+            raise ConfigError(problems[0])
+
+    def device_problems(self) -> list[str]:
+        """Why a step told to use a GPU (``device: cuda``) cannot use one here, when the run's tasks run on this
+        machine (no cluster, or one the run starts); none for a cluster given by its address (or a client made
+        before the run), whose workers check themselves (:func:`check_workers`)."""
+        if (self.cluster and "address" in self.cluster) or (not self.cluster and progress.distributed_client()):
+            return []
+        return [f"steps[{i}].{problem}" for i, step in enumerate(self.steps) if isinstance(step, Step)
+                for problem in step.device_problems()]  # fmt: skip
 
     def _check_paths(self, input_path: str | None = None) -> None:
         """The export folder and the run directory are folders (no part of their paths is a file), and each report

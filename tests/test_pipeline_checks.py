@@ -491,6 +491,36 @@ def test_packages_a_step_chooses_are_checked_on_the_workers_of_a_client_made_bef
     assert not (tmp_path / "out").exists()
 
 
+def test_a_step_told_to_use_a_gpu_is_checked_where_its_tasks_run(sample_dir, tmp_path, capsys):
+    """``device: cuda`` where torch cannot use a GPU: one line before any work, from run, estimate and doctor alike
+    (torch's error came from the first shard, a traceback); on a cluster given by its address the workers check
+    themselves, not the client (which may have no GPU of its own)."""
+    from distributed import LocalCluster
+
+    from imgcurate import device
+    from imgcurate.errors import ClusterError
+
+    if device.torch_cuda_problem() is None:
+        pytest.skip("torch can use a GPU here")
+    steps = [{"TimmImageEmbedder": {"model_name": "test_resnet", "device": "cuda",
+                                    "classifiers": []}}]  # fmt: skip
+    config = {"input": str(sample_dir), "output": str(tmp_path / "out"), "steps": steps}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    problem = "steps[0].TimmImageEmbedder: device 'cuda', but no NVIDIA driver is visible: use device 'auto' or 'cpu'"
+    for command in (["run"], ["estimate"]):
+        assert main([*command, str(tmp_path / "p.yaml")]) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err == f"imgcurate: error: {problem}", (command, err)
+        assert not (tmp_path / "out.run").exists()
+    assert main(["doctor", "--config", str(tmp_path / "p.yaml")]) == 1  # its table, then what would not work
+    assert f"would not work: {problem}" in capsys.readouterr().out
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        config["cluster"] = {"address": cluster.scheduler_address}
+        with pytest.raises(ClusterError, match=r"device 'cuda', but no NVIDIA driver is visible"):
+            Pipeline.from_config(config).run()
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_cudf_run_checks_that_the_workers_have_cudf(sample_ds):
     """With the cuDF backend every worker holds cuDF partitions: cudf and dask_cudf must import there (this machine
     has neither, as a CPU-only worker of a GPU job would)."""

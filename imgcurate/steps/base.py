@@ -252,6 +252,21 @@ class Step(abc.ABC):
             if isinstance(inner, Step):
                 inner.check_resources()
 
+    def device_problems(self) -> list[str]:
+        """What keeps a GPU that this step, or a step among its arguments, is told to use (``device: cuda``) from
+        working where this runs (a run checks it in its own process when its tasks run on this machine, and on every
+        worker of a cluster given by its address); empty when nothing does."""
+        from imgcurate import device
+
+        found = []
+        for step in [self, *(s for s in self.inner_steps() if isinstance(s, Step))]:
+            named = str(getattr(step, "device", "") or "")
+            if named.startswith("cuda"):
+                problem = device.torch_cuda_problem()
+                if problem:
+                    found.append(f"{step.name}: device {named!r}, but {problem}: use device 'auto' or 'cpu'")
+        return found
+
     def inner_steps(self) -> list[Any]:
         """The steps among this step's arguments, as the constructor built them: an embedder's fused classifiers
         (:class:`Step` objects, or any object with ``output_columns``)."""
