@@ -545,7 +545,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, mistakes):
             print(f"imgcurate: error: {err}", file=sys.stderr)
             return 2
+        if _from_an_object_store(err):  # no credentials, an endpoint that does not answer, access denied
+            print(f"imgcurate: error: the object store: {type(err).__name__}: {err} (check the storage_options: "
+                  "credentials, endpoint, bucket)", file=sys.stderr)  # fmt: skip
+            return 2
         raise
+
+
+#: The packages whose errors are an object store's answer (or its absence), not a fault of imgcurate's.
+_STORE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp")
+
+
+def _from_an_object_store(err: BaseException) -> bool:
+    return any(kind.__module__.split(".")[0] in _STORE_PACKAGES for kind in type(err).__mro__)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,22 @@ def test_a_pipeline_exports_to_s3_with_the_export_sections_storage_options(sampl
     assert len(kept) == summaries[0]["samples_in"] > 0
     pipeline().run(summary=summaries.append)
     assert summaries[1]["exported"]["reused"] is True
+
+
+def test_an_object_store_that_does_not_answer_is_one_line_from_the_cli(sample_dir, tmp_path, capsys, monkeypatch):
+    """botocore's errors (no endpoint, no credentials, access denied) are the store's answer, not a fault of the
+    program: one line naming the error and what to check, exit 2, no traceback."""
+    import yaml
+
+    from imgcurate.cli import main
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}"},
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}  # fmt: skip
+    config = {"input": str(sample_dir), "steps": [{"ExactDuplicates": {}}],
+              "export": {"path": "s3://nobucket/out", "storage_options": options}}  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgcurate: error: the object store: EndpointConnectionError: ") and "storage_options" in err
+    assert len(err.strip().splitlines()) == 1
