@@ -55,14 +55,15 @@ class Report:
             return (
                 f"input: {self.input}: {self.shards} shards, {self.samples:,} samples, {_size(self.tar_bytes)} of tars"
             )
+        width = max([34, *(len(e.adds) for e in self.steps)])  # every column a step adds, in full
         lines = [
             f"input: {self.input}: {self.shards} shards, {self.samples:,} samples, {_size(self.tar_bytes)} of tars",
-            f"{'step':<24} {'adds':<34} {'reads':>9} {'writes':>9} {'memory':>9} {'GPU mem':>9} {'time':>10}",
+            f"{'step':<24} {'adds':<{width}} {'reads':>9} {'writes':>9} {'memory':>9} {'GPU mem':>9} {'time':>10}",
         ]
         for e in self.steps:
             when = "-" if e.seconds is None else _duration(e.seconds)
             lines.append(
-                f"{e.step:<24} {e.adds[:34]:<34} {_size(e.read_bytes):>9} {_size(e.written_bytes):>9} "
+                f"{e.step:<24} {e.adds:<{width}} {_size(e.read_bytes):>9} {_size(e.written_bytes):>9} "
                 f"{_size(e.memory_bytes):>9} {_size(e.gpu_memory_bytes) if e.gpu_memory_bytes else '-':>9} {when:>10}"
             )
             if e.notes:
@@ -244,7 +245,7 @@ def _classifier(step: Any, st: _State) -> Estimate:
 def _exact(step: Any, st: _State) -> Estimate:
     return Estimate(
         type(step).__name__,
-        adds="image_sha256, exact_duplicate(_of)",
+        adds=", ".join(step.output_columns()),
         read_bytes=st.tar_bytes,
         written_bytes=st.samples * 80,
         notes="reads every image" + (" and decodes it" if getattr(step, "by", "bytes") == "pixels" else ""),
@@ -264,7 +265,7 @@ def _dedup_flops(n: int, dim: int, k: int, iterations: int) -> float:
 def _semantic(step: Any, st: _State) -> Estimate:
     n, k = st.samples, step.n_clusters
     dim = st.embedding_dim
-    out = Estimate(type(step).__name__, adds="cluster, max_similarity, duplicate_of, is_duplicate")
+    out = Estimate(type(step).__name__, adds=", ".join(step.output_columns()))
     out.written_bytes = n * 40
     if dim is None:
         out.notes = "embedding size unknown (no embedder earlier in this pipeline)"
@@ -330,7 +331,7 @@ def _captions(step: Any, st: _State) -> Estimate:
 
 
 def _filter(step: Any, st: _State) -> Estimate:
-    return Estimate(type(step).__name__, adds="keep, drop_reason", written_bytes=st.samples * 16)
+    return Estimate(type(step).__name__, adds=", ".join(step.output_columns()), written_bytes=st.samples * 16)
 
 
 #: step class name -> its estimator.
@@ -374,7 +375,8 @@ def estimate_config(path: str, measure: bool = False, input_path: str | None = N
         pipeline.input = input_path
     if not pipeline.input:
         raise ValueError(f"{path}: the config has no 'input' folder (or pass --input-path)")
-    pipeline.check_config(pipeline.open_input(validate=False))
+    # a GPU the config names need not be usable here: a config for the GPU nodes is estimated on any machine
+    pipeline.check_config(pipeline.open_input(validate=False), devices=False)
     shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.storage_options)
     st = _State(samples, tar_bytes, measure)
     steps = []
