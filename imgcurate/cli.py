@@ -108,7 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     out = pipeline.run(summary=_print_summary)
     if pipeline.resolved_run_dir():
-        print(f"run directory: {pipeline.resolved_run_dir()} (summary.json; report.html, the run report)")
+        report = "; report.html, the run report" if pipeline.report else ""
+        print(f"run directory: {pipeline.resolved_run_dir()} (summary.json{report})")
     for kwargs in pipeline.reports.values():
         print(f"wrote {kwargs['path']}")
     if pipeline.export:

@@ -335,8 +335,25 @@ def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") 
         raise ClusterError(f"cluster: the local cluster did not start with these options ({one_line(err)})") from None
     # The scheduler builds each graph in this process; with the tasks in worker processes, this process does only
     # graph work, so the collector waits between passes for the cluster's lifetime (as ``dask scheduler`` does).
-    with contextlib.nullcontext() if tasks_here else progress.GraphGC(), cluster, Client(cluster) as client:
+    with contextlib.nullcontext() if tasks_here else progress.GraphGC(), _quiet_shuffles(), cluster, \
+            Client(cluster) as client:  # fmt: skip
         yield client
+
+
+@contextlib.contextmanager
+def _quiet_shuffles() -> Iterator[None]:
+    """The scheduler of a cluster the run starts runs in this process, and distributed's p2p shuffle plugin logs a
+    warning when each shuffle starts and ends (a report's ``nunique`` is one): normal operation, not for the run's
+    output. Its real errors still show."""
+    import logging
+
+    logger = logging.getLogger("distributed.shuffle._scheduler_plugin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def connect(address: str) -> Any:
@@ -648,8 +665,9 @@ class Pipeline:
                 step.check(meta, id_col)
                 if dataset.input_rows is not None:
                     step.check_rows(dataset.input_rows)
-            except ValueError as err:
-                raise ConfigError(f"{where}: {err}") from None
+            except ValueError as err:  # a step's own message may name it already
+                message = str(err).removeprefix(f"{step.name}: ")
+                raise ConfigError(f"{where}: {message}") from None
             for column in step.output_columns():
                 if column == id_col:
                     raise ConfigError(f"{where}: writes the key column {id_col!r}: give its output another name")
