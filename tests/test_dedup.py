@@ -867,6 +867,59 @@ def test_pixels_hash_every_bit_of_the_decoded_pixels(tmp_path):
     assert df["image_sha256_error"].isna().all()
 
 
+def test_pixels_of_16_bit_colour_pngs_animations_and_cmyk_are_hashed_whole(tmp_path):
+    """Pillow reads a 16-bit RGB(A) PNG as 8-bit (its high bytes), converts CMYK to RGB with a loss, and shows the
+    first frame of an animation: none of those may make two different images one. Each such image still equals its
+    own re-encoding (an opaque 16-bit RGBA copy of a 16-bit RGB image; the same animation as GIF frames in WebP)."""
+    import io
+
+    import cv2
+    from conftest import write_tar
+    from PIL import Image
+
+    from imgcurate import ImageTextPairDataset
+
+    def encoded(image, fmt, **kwargs):
+        out = io.BytesIO()
+        image.save(out, fmt, **kwargs)
+        return out.getvalue()
+
+    def png16(rgb):  # OpenCV writes 16-bit colour PNGs (Pillow cannot), in BGR(A) order
+        order = [2, 1, 0, 3][: rgb.shape[-1]]
+        return cv2.imencode(".png", np.ascontiguousarray(rgb[..., order]))[1].tobytes()
+
+    rng = np.random.default_rng(2)
+    deep = rng.integers(0, 65536, (12, 10, 3)).astype(np.uint16)
+    low = deep.copy()
+    low[..., 0] ^= 1  # the same high bytes: Pillow's 8-bit view is identical
+    opaque = np.concatenate([deep, np.full((12, 10, 1), 65535, np.uint16)], axis=-1)
+    frames = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(3)]
+    other = [frames[0], frames[2], frames[1]]  # the same first frame
+    cmyk = rng.integers(0, 255, (8, 8, 4), dtype=np.uint8)
+    cmyk[..., :3] = 255  # full cyan, magenta and yellow: black in RGB whatever the black ink
+    cmyk_other = cmyk.copy()
+    cmyk_other[..., 3] //= 2  # other black ink
+    members = {
+        "deep": png16(deep), "deep-low": png16(low), "deep-opaque": png16(opaque),
+        "anim": encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=50),
+        "anim-other": encoded(other[0], "WEBP", save_all=True, append_images=other[1:], lossless=True, duration=50),
+        "anim-again": encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=90),
+        "cmyk": encoded(Image.fromarray(cmyk, "CMYK"), "TIFF"),
+        "cmyk-other": encoded(Image.fromarray(cmyk_other, "CMYK"), "TIFF"),
+    }  # fmt: skip
+    ext = {"cmyk": "tif", "cmyk-other": "tif"}
+    ext.update({k: "webp" for k in members if k.startswith("anim")})
+    write_tar(tmp_path / "00000.tar", [(f"{k}.{ext.get(k, 'png')}", v) for k, v in members.items()])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(members["deep"]))),
+                          np.asarray(Image.open(io.BytesIO(members["deep-low"]))))  # fmt: skip
+    df = ExactDuplicates(by="pixels")(ImageTextPairDataset.from_webdataset(str(tmp_path))).metadata.compute()
+    of = {k: (v if dup else None) for k, v, dup in zip(df["key"], df["exact_duplicate_of"], df["exact_duplicate"],
+                                                         strict=True)}  # fmt: skip
+    assert of == {"deep": None, "deep-low": None, "deep-opaque": "deep", "anim": None, "anim-other": None,
+                  "anim-again": "anim", "cmyk": None, "cmyk-other": None}  # fmt: skip
+    assert df["image_sha256_error"].isna().all()
+
+
 def test_exact_duplicates_output_columns_must_have_different_names():
     with pytest.raises(ValueError, match="duplicate_of_column and error_column are both 'exact_duplicate_of': give"):
         ExactDuplicates(error_column="exact_duplicate_of")

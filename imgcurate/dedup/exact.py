@@ -39,29 +39,72 @@ _BY = ("bytes", "pixels")
 def _pixel_digest(data: bytes) -> str:
     """The sha256 of the image's decoded pixels, without losing any: 8-bit images as RGB (grayscale, palette and RGB
     copies of one picture agree), with their alpha where it is not opaque everywhere (a transparent copy is another
-    image), and images of more than 8 bits (16-bit PNG, 32-bit integer or float TIFF) as their own values."""
+    image); images of more than 8 bits (16-bit PNG, grayscale or colour; 32-bit integer or float TIFF) as their own
+    values; CMYK and other colour spaces as their own bytes (converting them to RGB loses bits); and every frame of
+    an animation or page of a multi-page file, in order (two animations that share a first frame differ)."""
     from PIL import Image
 
+    image = Image.open(io.BytesIO(data))
+    frames = getattr(image, "n_frames", 1)
+    if frames == 1:
+        return _frame_digest(image, data).hexdigest()
+    digest = hashlib.sha256(f"{frames} frames".encode())
+    for i in range(frames):
+        image.seek(i)
+        digest.update(_frame_digest(image, None).digest())
+    return digest.hexdigest()
+
+
+def _frame_digest(image: Any, data: bytes | None) -> Any:
+    """The sha256 (a hashlib object) of one frame's pixels (see :func:`_pixel_digest`); ``data`` (the file, for a
+    single-frame image) lets a 16-bit colour PNG be read at full depth."""
     from imgcurate.embedders.decode import to_rgb
 
-    image = Image.open(io.BytesIO(data))
+    wide = _png_colour_16(image, data) if data is not None else None
+    if wide is not None:
+        if wide.shape[-1] == 4 and (wide[..., 3] == 65535).all():
+            wide = wide[..., :3]  # opaque everywhere: the RGB copy's digest
+        digest = hashlib.sha256(f"{image.size} {'RGBA' if wide.shape[-1] == 4 else 'RGB'} 16".encode())
+        digest.update(np.ascontiguousarray(wide.astype(">u2")))
+        return digest
     image.load()
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image)
         digest = hashlib.sha256(f"{image.size} {values.dtype.kind}".encode())
         digest.update(np.ascontiguousarray(values.astype(np.float64 if values.dtype.kind == "f" else np.int64)))
-        return digest.hexdigest()
+        return digest
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:  # not opaque everywhere: the alpha is part of the picture
             digest = hashlib.sha256(f"{image.size} RGBA".encode())
             digest.update(rgba.tobytes())
-            return digest.hexdigest()
+            return digest
         image = rgba.convert("RGB")
+    if image.mode not in ("1", "L", "P", "RGB"):  # CMYK, YCbCr, LAB, HSV: their own values, not a lossy RGB
+        digest = hashlib.sha256(f"{image.size} {image.mode}".encode())
+        digest.update(image.tobytes())
+        return digest
     image = to_rgb(image)
     digest = hashlib.sha256(f"{image.size}".encode())
     digest.update(image.tobytes())
-    return digest.hexdigest()
+    return digest
+
+
+def _png_colour_16(image: Any, data: bytes) -> np.ndarray | None:
+    """A 16-bit RGB or RGBA PNG's samples as uint16 (height, width, bands); None for any other image. Pillow reads
+    such a PNG as 8-bit RGB(A), keeping each sample's high byte; decoding the same data a second time with the
+    little-endian raw mode keeps the low bytes instead (the unfiltering, which depends only on the 6 or 8 bytes of
+    a pixel, is the same), and the two make the full samples."""
+    from PIL import Image
+
+    tile = image.tile[0] if image.format == "PNG" and len(image.tile) == 1 else None
+    if tile is None or tile.args not in ("RGB;16B", "RGBA;16B"):
+        return None
+    image.load()
+    low = Image.open(io.BytesIO(data))
+    low.tile = [low.tile[0]._replace(args=tile.args.replace(";16B", ";16L"))]
+    low.load()
+    return (np.asarray(image).astype(np.uint16) << 8) | np.asarray(low).astype(np.uint16)
 
 
 def _hash_shard(part: Any, shard: Shard, io: ShardIO, by: str, groups: int) -> pd.DataFrame:
