@@ -873,11 +873,12 @@ def test_pixels_of_16_bit_colour_pngs_animations_and_cmyk_are_hashed_whole(tmp_p
     own re-encoding (an opaque 16-bit RGBA copy of a 16-bit RGB image; the same animation as GIF frames in WebP)."""
     import io
 
-    import cv2
     from conftest import write_tar
     from PIL import Image
 
     from imgcurate import ImageTextPairDataset
+
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the test extra) writes 16-bit colour PNGs")
 
     def encoded(image, fmt, **kwargs):
         out = io.BytesIO()
