@@ -29,6 +29,26 @@ def _open(folder):
     return ImageTextPairDataset.from_webdataset(str(folder))
 
 
+def test_a_sample_with_two_images_uses_the_same_one_whatever_their_order_and_a_gif_is_named(tmp_path, jpeg):
+    """Of two image members the first in IMAGE_EXTENSIONS' order is the sample's image (jpg before png), so a
+    step's answer does not depend on the order the tar lists them in; a sample whose only picture is a gif gets an
+    error that lists the extensions read."""
+    from PIL import Image
+
+    from imgcurate.dedup import ExactDuplicates
+    from imgcurate.io.tar import NO_IMAGE
+
+    png = encode_image(Image.new("RGB", (8, 8), (1, 2, 3)), "png")
+    gif = io.BytesIO()
+    Image.new("P", (8, 8)).save(gif, "GIF")
+    gif = gif.getvalue()
+    write_tar(tmp_path / "00000.tar", [("a.png", png), ("a.jpg", jpeg), ("b.jpg", jpeg), ("b.png", png),
+                                       ("c.gif", gif)])  # fmt: skip
+    df = ExactDuplicates()(_open(tmp_path)).metadata.compute().set_index("key")
+    assert df.loc["b", "exact_duplicate_of"] == "a"  # both are the jpg
+    assert df.loc["c", "error"] == NO_IMAGE and "gif" not in NO_IMAGE and "jpg" in NO_IMAGE
+
+
 def test_truncated_tar_names_the_file(tmp_path, jpeg):
     write_tar(tmp_path / "00000.tar", [(f"s{i}.jpg", jpeg) for i in range(5)])
     data = (tmp_path / "00000.tar").read_bytes()
@@ -95,7 +115,7 @@ def test_sample_without_image_and_non_utf8_caption_are_error_rows(tmp_path, jpeg
     assert df.index.tolist() == ["a", "b", "c"]
     assert "not valid UTF-8" in df.loc["a", "error"]
     assert df.loc["a", "caption"] == "caf\ufffd"
-    assert df.loc["b", "error"] == "sample has no image member"
+    assert df.loc["b", "error"] == "sample has no image member (jpg, jpeg, png, webp, bmp, tif or tiff)"
     assert df.loc["b", "caption"] == "caption only"
     assert "not valid JSON" in df.loc["c", "error"]
 

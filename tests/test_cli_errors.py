@@ -216,7 +216,7 @@ def test_a_sample_that_cannot_be_hashed_gets_its_reason_and_is_neither_copy_nor_
     assert rows["image_sha256_error"] == [
         None,
         None,
-        "sample has no image member",
+        "sample has no image member (jpg, jpeg, png, webp, bmp, tif or tiff)",
         "cannot decode image: UnidentifiedImageError: cannot identify image file (image bytes)",
         "cannot decode image: UnidentifiedImageError: cannot identify image file (image bytes)",
     ]

@@ -152,7 +152,7 @@ def test_corrupt_image_gives_a_null_embedding_and_an_error(tmp_path, sample_dir)
     assert df["image_embedding"].notna().tolist() == [True, False, False, False, True]
     assert "cannot decode image" in df.loc["b", "image_embedding_error"]
     assert "cannot decode image" in df.loc["c", "image_embedding_error"]
-    assert df.loc["d", "image_embedding_error"] == "sample has no image member"
+    assert df.loc["d", "image_embedding_error"] == "sample has no image member (jpg, jpeg, png, webp, bmp, tif or tiff)"
     np.testing.assert_allclose(df.loc["a", "image_embedding"], df.loc["e", "image_embedding"], atol=1e-6)
 
 

@@ -78,7 +78,7 @@ def test_bad_images_fail_only_their_own_rows(tmp_path, sample_dir, decoder):
     assert df["image_embedding"].notna().tolist() == [True, False, False, False, True, True]
     assert "cannot decode image" in df.loc["b", "image_embedding_error"]
     assert "cannot decode image" in df.loc["c", "image_embedding_error"]
-    assert df.loc["d", "image_embedding_error"] == "sample has no image member"
+    assert df.loc["d", "image_embedding_error"] == "sample has no image member (jpg, jpeg, png, webp, bmp, tif or tiff)"
     np.testing.assert_allclose(df.loc["a", "image_embedding"], df.loc["f", "image_embedding"], atol=1e-5)
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from imgcurate.io._fs import atomic_open, open_output, temp_name, write_parquet
 from imgcurate.io.index import format_index, save_index
-from imgcurate.io.tar import iter_samples
+from imgcurate.io.tar import NO_IMAGE, iter_samples
 
 __all__ = [
     "ShardWriter",
@@ -303,7 +303,7 @@ def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None
             if problem:
                 errors.append(problem)
         if sample.image_ext is None:
-            errors.append("sample has no image member")
+            errors.append(NO_IMAGE)
         caption = caption_or_json(caption, fields)
         fields = own_fields(
             fields, (id_col, CAPTION_COLUMN, ERROR_COLUMN), {id_col: sample.key, CAPTION_COLUMN: caption}

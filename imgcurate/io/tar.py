@@ -40,6 +40,8 @@ from imgcurate.io._fs import open_input
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 _IMAGE_EXTS = frozenset(IMAGE_EXTENSIONS)
+#: The error of a sample without a member of those extensions (a ``gif`` is not one).
+NO_IMAGE = f"sample has no image member ({', '.join(IMAGE_EXTENSIONS[:-1])} or {IMAGE_EXTENSIONS[-1]})"
 #: The file buffer of a local tar read with its data: few system calls, so threads seldom wait for the GIL.
 _READ_BUFFER = 1 << 20
 
@@ -92,11 +94,10 @@ class Sample:
 
     @property
     def image_ext(self) -> str | None:
-        """The extension of the sample's image member, or None when it has none."""
-        for ext in self.sizes:
-            if ext.lower() in IMAGE_EXTENSIONS:
-                return ext
-        return None
+        """The extension of the sample's image member, or None when it has none. Of several, the first in the order
+        of :data:`IMAGE_EXTENSIONS` (``jpg`` before ``png``), whatever their order in the tar."""
+        found = {ext.lower(): ext for ext in self.sizes if ext.lower() in _IMAGE_EXTS}
+        return next((found[ext] for ext in IMAGE_EXTENSIONS if ext in found), None)
 
     @property
     def image(self) -> bytes | None:
@@ -430,7 +431,7 @@ def aligned_images(
             yield None, NO_SAMPLE
             continue
         image = sample.image
-        yield image, (None if image is not None else "sample has no image member")
+        yield image, (None if image is not None else NO_IMAGE)
 
 
 def missing_rows(tar: str, keys: list[str], tar_keys: list[str]) -> set[int]:
