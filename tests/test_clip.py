@@ -127,8 +127,10 @@ def test_checkpoint_file_and_clear_errors(tmp_path, sample_ds, tiny, monkeypatch
         emb.check_resources()  # what a pipeline runs before any work
     ClipEmbedder(tiny, device="cpu").check_resources()  # no pretrained tag: nothing to find
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="not a checkpoint of this open_clip model"):
+    with pytest.raises(ValueError, match="not a checkpoint of this open_clip model") as raised:
         ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "bad.safetensors")).load_model("cpu")
+    assert "Unexpected key(s) in state_dict: \"x\"" in str(raised.value)  # which tensors, not just that some
+    assert "Missing key(s)" in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_a_tag_keeps_its_quick_gelu_when_a_local_checkpoint_brings_the_weights(tmp_path, tiny, monkeypatch):

@@ -457,7 +457,9 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     try:
         load_checkpoint(model, path, strict=True, weights_only=True)
     except Exception as err:  # open_clip's own errors name no file
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        # torch's message: a header line, then the missing, unexpected and mis-shaped tensors, one line each
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        first = "; ".join(lines[:1] + [line[:200] for line in lines[1:4]])
         raise WeightFileError(
             path, f"not a checkpoint of this open_clip model ({type(err).__name__}: {first})"
         ) from None
