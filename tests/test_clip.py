@@ -129,7 +129,7 @@ def test_checkpoint_file_and_clear_errors(tmp_path, sample_ds, tiny, monkeypatch
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not a checkpoint of this open_clip model") as raised:
         ClipEmbedder(tiny, checkpoint_path=str(tmp_path / "bad.safetensors")).load_model("cpu")
-    assert "Unexpected key(s) in state_dict: \"x\"" in str(raised.value)  # which tensors, not just that some
+    assert 'Unexpected key(s) in state_dict: "x"' in str(raised.value)  # which tensors, not just that some
     assert "Missing key(s)" in str(raised.value) and "\n" not in str(raised.value)
 
 

@@ -47,6 +47,20 @@ def test_shards_from_a_folder(tmp_path):
         assert members[f"{key}.{ext}"] == files[source]
 
 
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    """macOS leaves ``._name.jpg`` AppleDouble files beside copied photos, and ``.thumbnails`` folders hold images of
+    their own: neither is a sample (the tar reader skips such names too)."""
+    folder, files = _photo_folder(tmp_path)
+    first = next(name for name in files if "/" not in name)
+    (folder / f"._{first}").write_bytes(b"\x00\x05\x16\x07 AppleDouble header")
+    (folder / ".thumbnails").mkdir()
+    (folder / ".thumbnails" / first).write_bytes(files[first])
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    make_shards(str(folder), str(tmp_path / "shards"), samples_per_shard=10)
+    df = ImageTextPairDataset.from_webdataset(str(tmp_path / "shards")).metadata.compute()
+    assert sorted(df["source_path"]) == sorted(files) and df["error"].isna().all()
+
+
 def test_shards_from_a_csv_with_a_missing_file(tmp_path):
     folder, files = _photo_folder(tmp_path, n=3)
     listing = pd.DataFrame(

@@ -327,7 +327,10 @@ def make_shards(
     so = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(source, **so)
     if fs.isdir(root):
-        files = sorted(fs.find(root))
+        # hidden files and folders (macOS ``._photo.jpg`` AppleDouble files, ``.DS_Store``, ``.git``) are skipped, as
+        # the tar reader skips members whose names start with a dot
+        files = sorted(p for p in fs.find(root) if not any(part.startswith(".") for part in
+                                                            posixpath.relpath(p, root).split("/")))  # fmt: skip
         total = sum(p.rpartition(".")[2].lower() in IMAGE_EXTENSIONS for p in files)
         if not total:  # checked before the output is touched
             raise FileNotFoundError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
