@@ -167,6 +167,12 @@ def test_the_report_command_rebuilds_the_same_page_from_the_run_directory(finish
 
 
 def test_a_folder_that_is_not_a_finished_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope.run")]) == 2
+    assert f"{tmp_path / 'nope.run'}: no such folder" in capsys.readouterr().err
+    from imgcurate import ImageTextPairDataset
+
+    with pytest.raises(ValueError, match="the path is empty"):  # not the current folder
+        ImageTextPairDataset.from_webdataset("")
     (tmp_path / "half.run" / "steps").mkdir(parents=True)
     (tmp_path / "half.run" / "run.json").write_text("{}")
     assert main(["report", str(tmp_path / "half.run")]) == 2

@@ -95,7 +95,10 @@ def check_reachable(fs: fsspec.AbstractFileSystem, path: str) -> None:
 
 def folder_fs(path: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``fsspec.core.url_to_fs`` for a folder the user named, its errors naming ``path``: an unknown protocol
-    (``foo://``) or one whose package is not installed (``s3://`` without s3fs)."""
+    (``foo://``) or one whose package is not installed (``s3://`` without s3fs). An empty path is an error, not the
+    current folder."""
+    if not str(path).strip():
+        raise ValueError('the path is empty: give the folder ("." for the current one)')
     try:
         return fsspec.core.url_to_fs(path, **(storage_options or {}))
     except (ValueError, ImportError) as err:

@@ -288,6 +288,9 @@ def report_run_dir(
 
     so = dict(storage_options or {})
     run = RunDir(run_dir, so, create=False)
+    if not run.fs.isdir(run.root):
+        raise ConfigError(f"{run_dir}: no such folder (give the run directory of a run: <export path>.run by "
+                          "default)")  # fmt: skip
     for name in ("run.json", "summary.json"):
         if not run.exists(name):
             raise ConfigError(f"{run_dir}: no {name}; not a finished run (rerun the pipeline to finish it)")
