@@ -9,6 +9,7 @@ value, and what was expected; they are :class:`ConfigError`, which the CLI print
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import inspect
 import types
@@ -147,4 +148,6 @@ def _describe(annotation: Any) -> str:
         return "a mapping"
     if origin is typing.Literal:
         return " or ".join(map(repr, args))
+    if dataclasses.is_dataclass(annotation):  # built from a mapping of its fields (a filter's Rule)
+        return f"a mapping with {', '.join(f.name for f in dataclasses.fields(annotation))}"
     return getattr(annotation, "__name__", str(annotation))

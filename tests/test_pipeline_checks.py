@@ -350,6 +350,13 @@ def test_yaml_exponents_tilde_report_paths_and_filter_ranges(sample_dir, tmp_pat
     assert main(["run", str(config)]) == 0
     assert (tmp_path / "home" / "d.html").read_bytes().startswith(b"<!doctype html")
     capsys.readouterr()
+    config.write_text(f"input: {sample_dir}\nsteps:\n  - SampleFilter: {{rules: [[width, '>=', 5]]}}\n")
+    assert main(["run", str(config)]) == 2  # the form a rule takes in YAML is named
+    assert "rules: expected a list of a mapping with column, op, value, reason" in capsys.readouterr().err
+    config.write_text(f"input: {sample_dir}\nsteps:\n  - SampleFilter: {{rules: [{{column: width, op: '>=', "
+                      "value: 300}]}\n")  # fmt: skip
+    assert main(["run", str(config)]) == 0
+    capsys.readouterr()
     for option, value, problem in [("max_aspect_ratio", 0.5, "at least 1"), ("min_width", -5, "at least 0 pixels")]:
         config.write_text(f"input: {sample_dir}\nsteps:\n  - SampleFilter: {{{option}: {value}}}\n")
         assert main(["run", str(config)]) == 2
