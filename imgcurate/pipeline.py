@@ -1075,7 +1075,7 @@ class Pipeline:
                 if self.report:
                     from imgcurate.reports.run import REPORT_NAME, run_report
 
-                    run_report(result, run.url(REPORT_NAME), facts)
+                    run_report(result, run.url(REPORT_NAME), facts, storage_options=self._run_dir_options())
             if summary is not None:
                 summary(facts)
             if nothing is not None:

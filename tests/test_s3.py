@@ -220,8 +220,7 @@ def test_a_pipeline_exports_to_s3_with_the_export_sections_storage_options(sampl
 
     def pipeline():
         return Pipeline(steps=[ExactDuplicates()], input=str(sample_dir),
-                        export={"path": "s3://data/piped", "storage_options": s3},
-                        report=False)  # fmt: skip
+                        export={"path": "s3://data/piped", "storage_options": s3})  # fmt: skip
 
     summaries = []
     out = pipeline().run(summary=summaries.append)
@@ -230,6 +229,12 @@ def test_a_pipeline_exports_to_s3_with_the_export_sections_storage_options(sampl
     described = json.loads(fs.cat("data/piped.run/run.json"))
     assert "storage_options" not in json.dumps(described) and "endpoint_url" not in json.dumps(described)
     assert fs.exists("data/piped.run/summary.json") and fs.exists("data/piped/_imgcurate_export.json")
+    assert fs.cat("data/piped.run/report.html").startswith(b"<!doctype html")  # the run report, with those options
+    from imgcurate.reports.run import report_run_dir
+
+    report_run_dir("s3://data/piped.run", str(sample_dir.parent / "again.html"), storage_options=s3,
+                   input_storage_options={})  # fmt: skip
+    assert (sample_dir.parent / "again.html").read_bytes().startswith(b"<!doctype html")
     kept = ImageTextPairDataset.from_webdataset("s3://data/piped", storage_options=s3).metadata.compute()
     assert len(kept) == summaries[0]["samples_in"] > 0
     pipeline().run(summary=summaries.append)

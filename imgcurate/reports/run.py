@@ -142,6 +142,7 @@ def run_report(
     thumb_size: int = 128,
     caption_column: str = "caption",
     title: str | None = None,
+    storage_options: dict | None = None,
 ) -> str:
     """Writes the run report (see the module docs) for a dataset that holds the steps' columns.
 
@@ -157,6 +158,8 @@ def run_report(
         thumb_size: the longer side of each thumbnail, in pixels.
         caption_column: shown under each thumbnail when present.
         title: the page's heading (default: the input's path).
+        storage_options: fsspec's options for ``path``; None uses the dataset's (the run directory of an export to
+            another store has the export's).
 
     Returns:
         ``path``.
@@ -261,11 +264,13 @@ def run_report(
         )  # fmt: skip
         marks = thresholds.get(columns[2], []) if columns[2] else []
         body.append(f'<div class="dedup">{"".join(render_duplicates(facts, heading="h3", marks=marks))}</div>')
-    return write_page(path, "imgcurate run report", body, thumb_size, dataset.storage_options)
+    so = dataset.storage_options if storage_options is None else storage_options
+    return write_page(path, "imgcurate run report", body, thumb_size, so)
 
 
 def report_run_dir(
     run_dir: str, path: str | None = None, *, storage_options: dict | None = None, backend: str | None = None,
+    input_storage_options: dict | None = None,
     **kwargs: Any,
 ) -> str:  # fmt: skip
     """Writes the run report of a finished run from its run directory alone: the input named in ``run.json``, the
@@ -274,7 +279,9 @@ def report_run_dir(
     Args:
         run_dir: the run directory.
         path: the HTML file to write; default ``report.html`` inside the run directory.
-        storage_options: fsspec options for the run directory and the input.
+        storage_options: fsspec options for the run directory and the report (and the input, unless
+            ``input_storage_options``).
+        input_storage_options: fsspec options for the input, where they differ (an export to another store).
         backend: the dataframe backend (default: the configured one).
         **kwargs: passed to :func:`run_report`.
 
@@ -303,9 +310,10 @@ def report_run_dir(
         raise ConfigError(f"{run_dir}: its run.json or summary.json is not what this version of imgcurate writes (no "
                           "input, or steps without their folders); rerun the pipeline to report on it")  # fmt: skip
     id_col = info.get("id_col", "key")
-    if fingerprint_chain([input_fingerprint(source, so), id_col]) != info.get("fingerprint"):
+    source_so = so if input_storage_options is None else dict(input_storage_options)
+    if fingerprint_chain([input_fingerprint(source, source_so), id_col]) != info.get("fingerprint"):
         raise ConfigError(f"{run_dir}: the input {source} changed since this run; rerun the pipeline to report on it")
-    dataset = ImageTextPairDataset.from_webdataset(source, id_col, backend=backend, storage_options=so)
+    dataset = ImageTextPairDataset.from_webdataset(source, id_col, backend=backend, storage_options=source_so)
     for step in steps:
         folder = step["folder"]
         first = run.url("steps", folder, f"{0:06d}.parquet")
@@ -315,4 +323,4 @@ def report_run_dir(
         meta = empty_frame(types, backend_of(dataset.metadata._meta).name)
         dataset = dataset.with_columns(run.read_step(folder, dataset, meta, types), types)
     out = path or posixpath.join(run_dir.rstrip("/"), REPORT_NAME)
-    return run_report(dataset, out, summary, title=str(info.get("input") or source), **kwargs)
+    return run_report(dataset, out, summary, title=str(info.get("input") or source), storage_options=so, **kwargs)
