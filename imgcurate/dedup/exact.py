@@ -97,12 +97,13 @@ def _png_colour_16(image: Any, data: bytes) -> np.ndarray | None:
     a pixel, is the same), and the two make the full samples."""
     from PIL import Image
 
-    tile = image.tile[0] if image.format == "PNG" and len(image.tile) == 1 else None
-    if tile is None or tile.args not in ("RGB;16B", "RGBA;16B"):
+    # a tile is (codec, extents, offset, raw mode): a plain tuple before Pillow 11, a named one since
+    tile = tuple(image.tile[0]) if image.format == "PNG" and len(image.tile) == 1 else None
+    if tile is None or len(tile) != 4 or tile[3] not in ("RGB;16B", "RGBA;16B"):
         return None
     image.load()
     low = Image.open(io.BytesIO(data))
-    low.tile = [low.tile[0]._replace(args=tile.args.replace(";16B", ";16L"))]
+    low.tile = [tile[:3] + (tile[3].replace(";16B", ";16L"),)]
     low.load()
     return (np.asarray(image).astype(np.uint16) << 8) | np.asarray(low).astype(np.uint16)
 
