@@ -562,12 +562,22 @@ class Pipeline:
             from imgcurate.io.export import check_sizes
 
             if "filter_column" not in self.export:
-                self.export = {**self.export, "filter_column": self._keep_column()}
+                self._keep_column()  # several keep columns and none named: an error now, not at the run
             bind(ImageTextPairDataset.to_webdataset, self.export, "export", skip=1)
             try:
                 check_sizes(self.export.get("samples_per_shard", 1), self.export.get("max_shards"))
             except ValueError as err:
                 raise ConfigError(f"export: {err}") from None
+
+    def _export_settings(self) -> dict[str, Any] | None:
+        """The export's arguments with its filter column settled: the one given (None exports every row), else the
+        keep column of the pipeline's filter (:meth:`_keep_column`). Read where it is used, so that an export set
+        after construction (``imgcurate run --output``) gets the same default."""
+        if self.export is None:
+            return None
+        if "filter_column" in self.export:
+            return dict(self.export)
+        return {**self.export, "filter_column": self._keep_column()}
 
     def _keep_column(self) -> str | None:
         """The ``keep`` column of the one step that writes one (the export's default filter column); None without
@@ -679,7 +689,7 @@ class Pipeline:
                 written[column] = where
             meta = zip_columns_meta(meta, step.output_meta(meta))
         columns = list(map(str, meta.columns))
-        column = (self.export or {}).get("filter_column")
+        column = (self._export_settings() or {}).get("filter_column")
         if column is not None:
             if column not in columns:
                 raise ConfigError(f"export.filter_column: no column {column!r} at the end of the steps "
@@ -967,7 +977,7 @@ class Pipeline:
             "reports": self.reports,
             # without overwrite (what the run may replace) and storage_options (how to reach the folder, which may
             # hold credentials), neither of which changes what is written
-            "export": None if self.export is None else _without(self.export, "overwrite", "storage_options"),
+            "export": _without(self._export_settings(), "overwrite", "storage_options") if self.export else None,
         }
 
     def compute_steps(
@@ -1032,7 +1042,7 @@ class Pipeline:
             result, records = self.compute_steps(dataset, described)
             for name, kwargs in self.reports.items():
                 _load(REPORTS, "report", name)(result, **kwargs)
-            keep = (self.export or {}).get("filter_column")
+            keep = (self._export_settings() or {}).get("filter_column")
             roles = [s.summary_columns() for s in self.steps if isinstance(s, Step)]
             facts = summarize(result, records, keep, roles)
             out = result
@@ -1047,7 +1057,7 @@ class Pipeline:
                 out = self._open_export()
                 facts["exported"] = {"path": out.path, "shards": out.num_shards, "seconds": 0.0, "reused": True}
             elif self.export:
-                kwargs = dict(self.export)
+                kwargs = self._export_settings()
                 export_started = time.perf_counter()
                 path = str(kwargs.pop("path"))
                 run = RunDir(self.resolved_run_dir(), self._run_dir_options()) if described else None

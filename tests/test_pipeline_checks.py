@@ -322,6 +322,12 @@ def test_an_export_without_filter_column_keeps_what_the_filter_keeps(sample_dir,
     kept = ImageTextPairDataset.from_webdataset(str(tmp_path / "kept"), validate=False).metadata.compute()
     assert 0 < len(kept) < len(source) and bool(kept["ok"].all())
     assert "kept" in capsys.readouterr().out
+    # the same export given on the command line, after the config is read
+    config = {"input": str(sample_dir), "steps": [{"SampleFilter": {"min_width": 300, "keep_column": "ok"}}]}
+    (tmp_path / "flag.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "flag.yaml"), "--output", str(tmp_path / "flag")]) == 0
+    flagged = ImageTextPairDataset.from_webdataset(str(tmp_path / "flag"), validate=False).metadata.compute()
+    assert len(flagged) == len(kept) and bool(flagged["ok"].all())
     assert run("all", export={"filter_column": None}) == 0
     assert len(ImageTextPairDataset.from_webdataset(str(tmp_path / "all")).metadata) == len(source)
     two = [{"SampleFilter": {"min_width": 300}}, {"SampleFilter": {"min_height": 300, "keep_column": "tall",
