@@ -136,6 +136,27 @@ def test_scores_do_not_depend_on_the_embeddings_scale_and_non_finite_rows_get_nu
         model_path=str(tmp_path / "a.safetensors"), device="cpu").predict(x[[0, 2, 3, 5]]), rtol=1e-6)  # fmt: skip
 
 
+def test_a_head_of_ones_own_gets_its_embeddings_as_they_are():
+    """Only the LAION heads normalise their input: a classifier of one's own trained on raw embeddings keeps them."""
+    from imgcurate.classifiers.base import ImageClassifier
+
+    class Norm(ImageClassifier):
+        def __init__(self):
+            super().__init__("image_embedding", "norm", "float32", 16, 4, "cpu")
+
+        def load_model(self, device):
+            return _Norm()
+
+    x = np.array([[3.0, 4.0, 0.0, 0.0], [np.nan, 0.0, 0.0, 0.0]], dtype=np.float32)
+    scores = Norm().predict(x)
+    assert scores[0] == pytest.approx(5.0) and np.isnan(scores[1])
+
+
+class _Norm(torch.nn.Module):
+    def forward(self, x):
+        return x.norm(dim=1, keepdim=True)
+
+
 class _NanToZeroFirst(torch.nn.Module):
     def __init__(self, head):
         super().__init__()

@@ -134,6 +134,22 @@ def test_changed_settings_recompute_only_that_step_and_the_ones_after(sample_dir
     assert again["drops_by_reason"] == {"width < 400": int((df["width"] < 400).sum())}
 
 
+def test_a_step_whose_results_version_changed_is_computed_again(sample_dir, monkeypatch):
+    """A run directory computed by an imgcurate whose step gave other results for the same configuration (a new
+    ``results_version``) computes that step again, and the steps after it, rather than mixing old shards with new."""
+    from imgcurate.dedup import ExactDuplicates
+
+    later = {"SampleFilter": {"min_width": 400, "keep_column": "big", "reason_column": "why"}}
+    config = {"input": str(sample_dir), "run_dir": "memory://imgcurate-test-version",
+              "steps": [{"SampleFilter": {"min_width": 300}}, {"ExactDuplicates": {}}, later]}  # fmt: skip
+    Pipeline.from_config(config).run()
+    assert "results_version" not in json.dumps(Pipeline.from_config(config).steps[0].describe())  # 1 is not written
+    monkeypatch.setattr(ExactDuplicates, "results_version", ExactDuplicates.results_version + 1)
+    again = {}
+    Pipeline.from_config(config).run(summary=again.update)
+    assert [(s["shards_computed"], s["shards_reused"]) for s in again["steps"]] == [(0, 4), (4, 0), (4, 0)]
+
+
 def _widened(factor):
     def widen(ds):
         df = ds.metadata

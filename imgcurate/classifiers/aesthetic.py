@@ -143,6 +143,8 @@ class AestheticClassifier(ImageClassifier):
             shapes = {k.removeprefix("model."): v for k, v in state_dict_shapes(self.model_path).items()}
             check_head_file(HEADS, self.embedding_size, self.model_path, shapes, WHAT, any_size=not self._size_known)
 
+    normalizes_input = True  # trained on L2-normalised CLIP embeddings
+
     def published_weights(self) -> WeightFile:
         return next(h for h in HEADS.values() if h[0] == self.embedding_size)[2]
 

@@ -25,10 +25,11 @@ class ImageClassifier(ShardStep):
 
     It reads ``embedding_column``, checks each embedding's length, runs the model in batches on the CPU or GPU and
     adds ``pred_column`` with the declared type. Null embeddings (failed decodes) and embeddings holding NaN or
-    infinite values give null scores. With :attr:`normalizes_input` (the default, as the LAION heads were trained on
-    L2-normalised CLIP embeddings and their reference code normalises them) each embedding is L2-normalised first, so
-    an embedder run with ``normalize_embeddings=False`` gets the same scores. A subclass only loads its model
-    (:meth:`load_model`) and may post-process its output (:meth:`postprocess`).
+    infinite values give null scores. With :attr:`normalizes_input` (the LAION heads set it: they were trained on
+    L2-normalised CLIP embeddings, and their reference code normalises them) each embedding is L2-normalised first,
+    so an embedder run with ``normalize_embeddings=False`` gets the same scores; a head of one's own gets its
+    embeddings as they are. A subclass only loads its model (:meth:`load_model`) and may post-process its output
+    (:meth:`postprocess`).
 
     Usable alone (``AestheticClassifier()(dataset)``) or inside an embedder's ``classifiers=[...]`` pass.
 
@@ -104,8 +105,10 @@ class ImageClassifier(ShardStep):
         return output.reshape(output.shape[0], -1)[:, 0]
 
     gpu = "optional"
+    #: 2: embeddings L2-normalised before the head (LAION's heads), rows holding NaN or inf scored null
+    results_version = 2
     #: L2-normalise each embedding before the model sees it (a no-op, to float32 rounding, on normalised input).
-    normalizes_input = True
+    normalizes_input = False
 
     def cache_key(self) -> tuple:
         """What identifies the loaded model in the per-worker cache: by default the whole configuration."""

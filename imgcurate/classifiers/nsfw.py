@@ -174,6 +174,8 @@ class NsfwClassifier(ImageClassifier):
             shapes = state_dict_shapes(path)
             check_head_file(HEADS, self.embedding_size, path, shapes, WHAT, any_size=not self._size_known)
 
+    normalizes_input = True  # trained on L2-normalised CLIP embeddings
+
     def published_weights(self) -> WeightFile:
         return next(h for h in HEADS.values() if h[0] == self.embedding_size)[2]
 

@@ -202,6 +202,10 @@ class ExactDuplicates(Step):
         >>> ds.to_webdataset("out/", filter_column=...)  # keep ~exact_duplicate
     """
 
+    #: 2: pixels of 16-bit colour PNGs, CMYK and animations hashed whole; a sample's image is its first member in
+    #: IMAGE_EXTENSIONS' order
+    results_version = 2
+
     def __init__(
         self,
         by: str = "bytes",

@@ -127,6 +127,9 @@ class ImageEmbedder(ShardStep):
         return None
 
     gpu = "optional"
+    #: 2: a sample's image is its first member in IMAGE_EXTENSIONS' order; timm's ``img_size`` sizes the input;
+    #: a CLIP tag keeps its QuickGELU with a local checkpoint
+    results_version = 2
 
     def cache_key(self) -> tuple:
         """What identifies the loaded model in the per-worker cache: by default the whole configuration, so two

@@ -151,10 +151,14 @@ class Step(abc.ABC):
         requires: the optional packages the step needs (:class:`Requirement`), checked at construction.
         gpu: ``"no"``, ``"optional"`` (runs on a GPU when one is usable) or ``"required"``; shown by
             ``imgcurate stages``.
+        results_version: raised when a change of imgcurate changes what the step computes for the same
+            configuration; part of :meth:`describe` from 2 on, so a run directory computed by an earlier version
+            computes the step again instead of mixing its old shards with new ones.
     """
 
     requires: ClassVar[tuple[Requirement, ...]] = ()
     gpu: ClassVar[str] = "no"
+    results_version: ClassVar[int] = 1
 
     def __new__(cls, *args: Any, **kwargs: Any):
         for requirement in cls.requires:
@@ -188,6 +192,8 @@ class Step(abc.ABC):
         loads (:meth:`loaded_files`)."""
         cls = type(self)
         out = {"step": f"{cls.__module__}:{cls.__qualname__}", "config": _jsonable(self.config)}
+        if cls.results_version > 1:  # version 1 is not written: the descriptions of earlier runs stay the same
+            out["results_version"] = cls.results_version
         files = self.loaded_files()
         if files:
             out["files"] = files
