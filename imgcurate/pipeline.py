@@ -762,11 +762,18 @@ class Pipeline:
         if problems:
             raise ConfigError(problems[0])
 
+    def _tasks_here(self) -> bool:
+        """Whether the run's tasks run on this machine: no cluster, or one the run starts (not one given by its
+        address, nor a distributed client made before the run, whose workers may be anywhere)."""
+        if self.cluster:
+            return "address" not in self.cluster
+        return progress.distributed_client() is None
+
     def device_problems(self) -> list[str]:
         """Why a step told to use a GPU (``device: cuda``) cannot use one here, when the run's tasks run on this
         machine (no cluster, or one the run starts); none for a cluster given by its address (or a client made
         before the run), whose workers check themselves (:func:`check_workers`)."""
-        if (self.cluster and "address" in self.cluster) or (not self.cluster and progress.distributed_client()):
+        if not self._tasks_here():
             return []
         return [f"steps[{i}].{problem}" for i, step in enumerate(self.steps) if isinstance(step, Step)
                 for problem in step.device_problems()]  # fmt: skip
@@ -1029,8 +1036,12 @@ class Pipeline:
         steps = [step for step in self.steps if isinstance(step, Step)]
         for step in steps:  # every step's files first: an offline run names what is missing before any download
             step.check_resources()
-        for step in steps:
-            step.prepare_all()  # before it is described: the fingerprint holds what was settled
+        import dask
+
+        # on a cluster given by its address the tasks run elsewhere: a weight file fetched here would not be theirs
+        with dask.config.set({"imgcurate.tasks-elsewhere": not self._tasks_here()}):
+            for step in steps:
+                step.prepare_all()  # before it is described: the fingerprint holds what was settled
         described = self.describe(dataset) if self.resolved_run_dir() else None
         published = self._published_export(described)
         begun = not published and self._export_begun(described)

@@ -253,6 +253,14 @@ def test_default_weights_are_fetched_where_the_run_starts_and_checked_offline(sa
         AestheticClassifier(head="ViT-L-14").check_resources()
     AestheticClassifier(head="auto").check_resources()  # the head (and so its file) is not known yet: nothing to check
     assert len(calls) == 1  # the checks download nothing
+    import dask
+
+    from imgcurate.pipeline import Pipeline
+
+    assert not Pipeline(steps=[], cluster={"address": "tcp://127.0.0.1:1"})._tasks_here()
+    with dask.config.set({"imgcurate.tasks-elsewhere": True}):  # what a run on a cluster given by its address sets
+        AestheticClassifier(head="ViT-L-14").prepare_all()  # each worker fetches its own copy: nothing here
+    assert len(calls) == 1
 
     monkeypatch.setattr(weights_mod.urllib.request, "urlopen", real_urlopen)  # a file:// URL needs no network
     published = tmp_path / "published.pth"

@@ -78,10 +78,11 @@ class ImageClassifier(ShardStep):
         """Downloads the published weights (no ``model_path``) into ``$IMGCURATE_HOME/weights`` once, where the run
         starts: a file that cannot be fetched stops the run before any work, saying where to put it, instead of
         every worker trying the download on its first shard."""
+        from imgcurate import config
         from imgcurate.classifiers.weights import cached_weights
 
         weights = self._default_weights()
-        if weights is not None:
+        if weights is not None and not config.get("tasks-elsewhere", False):  # else each worker fetches its own
             cached_weights(weights)
 
     def check_resources(self) -> None:
