@@ -554,11 +554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 #: The packages whose errors are an object store's answer (or its absence), not a fault of imgcurate's.
-_STORE_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp")
+_STORE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure.core", "google.auth", "google.api_core",
+                  "google.cloud.storage")  # fmt: skip
 
 
 def _from_an_object_store(err: BaseException) -> bool:
-    return any(kind.__module__.split(".")[0] in _STORE_PACKAGES for kind in type(err).__mro__)
+    return any(kind.__module__ == m or kind.__module__.startswith(m + ".") for kind in type(err).__mro__
+               for m in _STORE_MODULES)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from imgcurate.io.validate import (
     check_scanned_stats,
     check_shard,
     check_unique_keys,
+    stats_path_for,
     unify_schemas,
     with_status_errors,
 )
@@ -169,6 +170,7 @@ class ImageTextPairDataset:
         tars = shard_tars(fs, root, path)
         existing = set(files_in(fs, root, "*.parquet"))
         check_listed_shards(fs, root, tars)
+        lost: dict[str, int] = {}  # shard -> failed downloads that only its missing parquet recorded
 
         def prepare(tar: str) -> tuple[_Part, pa.Schema, int]:
             full_tar = task_url(fs, tar)
@@ -182,7 +184,9 @@ class ImageTextPairDataset:
                         "beside its tar (move the folder away to have it rebuilt from the tar)",
                     )
                 table = scan_shard(full_tar, id_col, storage_options)
-                check_scanned_stats(full_tar, storage_options, table.num_rows)
+                failed = check_scanned_stats(full_tar, storage_options, table.num_rows)
+                if failed:
+                    lost[full_tar] = failed
                 try:
                     write_parquet(table, full_pq, storage_options)
                 except OSError as err:
@@ -194,6 +198,11 @@ class ImageTextPairDataset:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             prepared = list(progress.bar(pool.map(prepare, tars), desc="opening shards", total=len(tars), unit="shard"))
+        if lost:  # one warning for the folder, not one per shard
+            first = min(lost)
+            warnings.warn(f"{len(lost)} shard(s) had no parquet: their metadata was rebuilt from the tars, which hold "
+                          f"no row for the {sum(lost.values())} failed downloads that img2dataset's statistics files "
+                          f"record (the first: {stats_path_for(first)})", stacklevel=2)  # fmt: skip
         parts = [p for p, _, _ in prepared]
         schema = unify_schemas([s for _, s, _ in prepared], [p.tar for p in parts])
         if validate:
@@ -446,11 +455,10 @@ def _check_replaces(parquet: str, table: pa.Table, id_col: str, storage_options:
     advice = "save to another folder (path=...) or export the selection with to_webdataset"
     new_keys = table.column(id_col).cast(pa.string())
     if not keys.equals(new_keys):
-        raise ShardError(
-            parquet,
-            f"cannot be replaced by metadata with other rows ({len(new_keys)} rows where it "
-            f"has {len(keys)}, or keys changed or reordered): it describes its tar; {advice}",
-        )
+        how = (f"{len(new_keys)} rows where it has {len(keys)}" if len(new_keys) != len(keys)
+               else "its keys changed or in another order")  # fmt: skip
+        raise ShardError(parquet, f"cannot be replaced by metadata with other rows ({how}): it describes its tar; "
+                                  f"{advice}")  # fmt: skip
     dropped = [name for name in present if name not in table.column_names and _records_failures(old.column(name))]
     if dropped:
         raise ShardError(parquet, f"cannot be replaced by metadata without its column {dropped[0]!r}, which records "

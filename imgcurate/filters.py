@@ -16,6 +16,7 @@ operator (``!=`` too). Reasons are joined with ``;`` in ``drop_reason``, so a re
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -170,16 +171,17 @@ class SampleFilter(ShardStep):
             _check_name(column, f"{self.name}'s {option} column")
         if self.keep_column == self.reason_column:
             raise ValueError(f"keep_column and reason_column are both {self.keep_column!r}: give them different names")
-        for option in ("min_width", "min_height", "max_aspect_ratio", "min_aesthetic", "max_nsfw"):
-            value = getattr(self, option)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value != value:
+        bounds = {o: getattr(self, o) for o in ("min_width", "min_height", "max_aspect_ratio", "min_aesthetic",
+                                                "max_nsfw")}  # fmt: skip
+        bounds = {o: v for o, v in bounds.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        for option, value in bounds.items():
+            if value != value:
                 raise ValueError(f"{option}: NaN compares false with every value: give a number or None")
         for option in ("min_width", "min_height"):
-            value = getattr(self, option)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"{option}: a size of at least 0 pixels, got {value!r}")
-        ratio = self.max_aspect_ratio
-        if isinstance(ratio, int | float) and not isinstance(ratio, bool) and ratio < 1:
+            if bounds.get(option, 0) < 0:
+                raise ValueError(f"{option}: a size of at least 0 pixels, got {bounds[option]!r}")
+        ratio = bounds.get("max_aspect_ratio")
+        if ratio is not None and ratio < 1:
             raise ValueError(f"max_aspect_ratio: the longer side over the shorter one, so at least 1 (1 keeps only "
                              f"square images), got {ratio!r}")  # fmt: skip
         rules = []

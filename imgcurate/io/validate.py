@@ -133,20 +133,19 @@ def _check_stats(tar: str, storage_options: dict, rows: int, samples: int | None
         raise ShardError(path, f"says {successes} samples were written, the tar has {samples}")
 
 
-def check_scanned_stats(tar: str, storage_options: dict, samples: int) -> None:
+def check_scanned_stats(tar: str, storage_options: dict, samples: int) -> int:
     """For a shard whose metadata was rebuilt by scanning its tar (its parquet was missing): the tar holds the
-    samples img2dataset's statistics file says were written, and a warning says how many failed downloads, which
-    only the lost parquet recorded, now have no row."""
+    samples img2dataset's statistics file says were written. Returns how many failed downloads, which only the lost
+    parquet recorded, now have no row (0 without a statistics file)."""
     found = _read_stats(tar, storage_options)
     if found is None:
-        return
+        return 0
     path, count, successes = found
     if isinstance(successes, int) and successes != samples:
         raise ShardError(path, f"says {successes} samples were written, the tar has {samples}")
     if isinstance(count, int) and isinstance(successes, int) and count > successes:
-        warnings.warn(f"{path}: img2dataset recorded {count - successes} failed downloads in this shard's parquet, "
-                      "which is missing: the metadata rebuilt from the tar has rows for its samples only",
-                      stacklevel=3)  # fmt: skip
+        return count - successes
+    return 0
 
 
 def _is_text(kind: pa.DataType) -> bool:
