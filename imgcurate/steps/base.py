@@ -268,7 +268,8 @@ class Step(abc.ABC):
         for step in [self, *(s for s in self.inner_steps() if isinstance(s, Step))]:
             named = str(getattr(step, "device", "") or "")
             if named.startswith("cuda"):
-                problem = device.torch_cuda_problem()
+                index = named.partition(":")[2]
+                problem = device.torch_cuda_visible_problem(int(index) if index.isdigit() else 0)
                 if problem:
                     found.append(f"{step.name}: device {named!r}, but {problem}: use device 'auto' or 'cpu'")
         return found
