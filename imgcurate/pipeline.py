@@ -101,7 +101,17 @@ def stage_summary(name: str) -> str:
         doc = inspect.getdoc(load_stage(name)) or ""
     except ImportError as err:  # a step whose optional dependency is missing still gets listed
         return f"(unavailable: {err})"
-    return doc.splitlines()[0] if doc else ""
+    return _plain_text(doc.splitlines()[0]) if doc else ""
+
+
+#: reStructuredText roles (``:class:`~imgcurate.filters.Rule```) and literals (````keep````), as plain text.
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def _plain_text(line: str) -> str:
+    line = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), line)
+    return _LITERAL.sub(r"\1", line)
 
 
 def stage_info(name: str) -> dict[str, Any]:
@@ -129,9 +139,10 @@ def stage_info(name: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": pname, "type": annotation, "required": param.default is param.empty}
         if param.default is not param.empty:
             default = param.default
-            entry["default"] = (
-                default if default is None or isinstance(default, bool | int | float | str) else repr(default)
-            )
+            plain = (type(None), bool, int, float, str)
+            if isinstance(default, tuple | list) and all(isinstance(v, plain) for v in default):
+                default = list(default)  # as YAML writes it: drop_duplicates: []
+            entry["default"] = default if isinstance(default, (*plain, list)) else repr(default)
         parameters.append(entry)
     return {
         "name": name,

@@ -176,6 +176,8 @@ def test_stages_verbose_and_json_list_parameters_gpu_and_optional_packages(monke
     assert params["batch_size"]["default"] is None and emb["gpu"] == "optional"
     assert infos["SampleFilter"]["gpu"] == "no"
     assert {p["name"]: p["default"] for p in infos["SampleFilter"]["parameters"]}["min_aesthetic"] is None
+    assert {p["name"]: p["default"] for p in infos["SampleFilter"]["parameters"]}["drop_duplicates"] == []
+    assert not [i["name"] for i in infos.values() if "`" in i["summary"] or ":class:" in i["summary"]]  # plain text
     assert infos["ClipEmbedder"]["requires"][0]["package"] == "open-clip-torch"
 
     # a missing optional package, and a step whose module cannot be imported: listed, not fatal
