@@ -397,10 +397,12 @@ def _write_text(path: str, text: str, force: bool) -> int:
     if path == "-":
         sys.stdout.write(text)
         return 0
-    if os.path.exists(os.path.expanduser(path)) and not force:
-        print(f"{path} exists; pass --force to overwrite", file=sys.stderr)
-        return 1
-    with open(os.path.expanduser(path), "w") as f:  # '~' as the folder check (fsspec) reads it
+    where = os.path.expanduser(path)  # '~' as the folder check (fsspec) reads it
+    if os.path.isdir(where):
+        raise IsADirectoryError(f"{path}: is a folder: give the config the name of a file")
+    if os.path.exists(where) and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite")
+    with open(where, "w") as f:
         f.write(text)
     print(f"wrote {path}")
     return 0

@@ -37,7 +37,9 @@ def test_stages_and_init_config(tmp_path, capsys):
     assert "SampleFilter" in capsys.readouterr().out
     assert main(["init-config", str(tmp_path / "c.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["steps"][1]["SampleFilter"]["min_width"] == 256
-    assert main(["init-config", str(tmp_path / "c.yaml")]) == 1
+    capsys.readouterr()
+    assert main(["init-config", str(tmp_path / "c.yaml")]) == 2  # kept: one line, as every mistake
+    assert capsys.readouterr().err == f"imgcurate: error: {tmp_path / 'c.yaml'} exists; pass --force to overwrite\n"
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
@@ -260,7 +262,7 @@ def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
     assert "unknown timm model" in capsys.readouterr().err
     assert not (tmp_path / "c.yaml").exists()
     assert main(base + ["--no-dedup", "--no-nsfw"]) == 0
-    assert main(base) == 1  # exists, no --force
+    assert main(base) == 2  # exists, no --force: a one-line mistake
     text = (tmp_path / "c.yaml").read_text()
     assert "NsfwClassifier" not in text and "n_clusters: 1000" not in text
 

@@ -372,8 +372,11 @@ def test_cli_mistakes_of_place_and_setting_are_one_line(sample_dir, tmp_path, ca
     (tmp_path / "folder").mkdir()
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "empty.csv").write_text("")
+    not_a_file = "folder: is a folder: give the config the name of a file"
+    config = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "out"), "--output-file"]
     cases = [
-        (["init-config", str(tmp_path / "folder"), "--force"], "Is a directory"),
+        (["init-config", str(tmp_path / "folder"), "--force"], not_a_file),
+        ([*config, str(tmp_path / "folder"), "--force"], not_a_file),
         (["sample", str(tmp_path / "a-file")], f"a-file: cannot be made a folder: {tmp_path / 'a-file'} is a file"),
         (["shard", str(tmp_path / "empty.csv"), str(tmp_path / "out")], "empty.csv: not a readable list of images"),
     ]
