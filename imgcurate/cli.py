@@ -120,6 +120,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from imgcurate.reports import report_run_dir
 
+    if args.output == "-":  # the page on stdout, as config and init-config write theirs
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="imgcurate-report-") as folder:
+            page = report_run_dir(args.run_dir, f"{folder}/report.html")
+            with open(page, encoding="utf-8") as f:
+                sys.stdout.write(f.read())
+        return 0
     if args.output:
         _check_folder_of("--output", args.output)
     print(f"wrote {report_run_dir(args.run_dir, args.output)}")
@@ -478,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write the HTML run report of a finished run from its run directory")
     p.add_argument("run_dir", help="the run directory (by default <output>.run)")
-    p.add_argument("--output", default=None, help="the HTML file to write (default: report.html in the run directory)")
+    p.add_argument("--output", default=None, help="the HTML file to write ('-' for stdout; default: report.html in "
+                   "the run directory)")  # fmt: skip
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("estimate", help="estimate a pipeline's samples, bytes, memory and (with --measure) time")

@@ -147,6 +147,9 @@ def test_the_report_command_rebuilds_the_same_page_from_the_run_directory(finish
     assert main(["report", str(run_dir), "--output", str(tmp_path / "again.html")]) == 0
     again = (tmp_path / "again.html").read_text(encoding="utf-8")
     assert _without_timestamp(again) == _without_timestamp(written)
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--output", "-"]) == 0  # on stdout, as config writes a config
+    assert _without_timestamp(capsys.readouterr().out) == _without_timestamp(written) and not os.path.exists("-")
     # the default place is the run directory; from another working directory too (run.json names the input in full)
     os.remove(run_dir / "report.html")
     cwd = os.getcwd()
