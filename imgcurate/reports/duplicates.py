@@ -147,7 +147,8 @@ def render_duplicates(facts: DuplicateFacts, heading: str = "h1",
         if target not in f.by_id.index:
             status = "not in the metadata"
         else:
-            status = f"also flagged, duplicate of {head[f.of_col]}" if bool(head["_flag"]) else "kept"
+            # "not flagged": the dedup keeps it, though a later filter may drop it for another reason
+            status = f"also flagged, duplicate of {head[f.of_col]}" if bool(head["_flag"]) else "not flagged"
         members = group.head(f.max_per_group)
         cards = [show(head, f"({status})")] + [show(m, similarity(m)) for _, m in members.iterrows()]
         size = int(f.top[target])
