@@ -367,7 +367,9 @@ class _DaskKMeansStandIn:
 
     fitted: list = []
 
-    def __init__(self, *, n_clusters, max_iter, tol, random_state, client=None):
+    def __init__(self, *, n_clusters, max_iter, tol, random_state, n_init="auto", max_samples_per_batch=1 << 15,
+                 client=None):  # fmt: skip
+        assert n_init == 1 and 1 <= max_samples_per_batch * n_clusters <= max(1 << 24, n_clusters)
         self.params = dict(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=random_state)
 
     def fit(self, x):
@@ -397,7 +399,7 @@ def test_cuml_dask_glue_with_a_stand_in_for_cuml(sample_ds, monkeypatch):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with Client(cluster):
             got = dedup(ds).metadata.compute()
-    assert dedup.stats_["kmeans_iterations"] >= 1
+    assert dedup.stats_["kmeans_iterations"] >= 1 and dedup.stats_["kmeans_backend"] == "cuml-dask"
     fitted = _DaskKMeansStandIn.fitted[-1]  # the whole sample (36 rows < 256 per cluster), normalised, in order
     assert len(fitted) == got.cluster.notna().sum() and np.allclose(np.linalg.norm(fitted, axis=1), 1, atol=1e-6)
     reference = SemanticDeduplicator(n_clusters=3, kmeans_backend="sklearn")

@@ -149,10 +149,17 @@ def _fit_sklearn(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
     return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
 
 
+def _cuml_batch(n_clusters: int) -> int:
+    """cuML's ``max_samples_per_batch``: its distance batch holds this many rows times ``n_clusters`` floats, so at
+    most 2^24 values (64 MiB), not its default of 32,768 rows (13 GB at 10^5 clusters)."""
+    return max(1, min(1 << 15, (1 << 24) // max(int(n_clusters), 1)))
+
+
 def _fit_cuml(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
     from cuml.cluster import KMeans
 
-    km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed, output_type="numpy").fit(x)
+    km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed, output_type="numpy", n_init=1,
+                max_samples_per_batch=_cuml_batch(n_clusters)).fit(x)  # fmt: skip
     return np.asarray(km.cluster_centers_, dtype=np.float32), int(km.n_iter_)
 
 
@@ -160,7 +167,8 @@ def _fit_cuml_dask(x, n_clusters, max_iter, seed, tol, sample_per_cluster):
     from cuml.dask.cluster import KMeans
 
     _require_client()
-    km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed).fit(x)
+    km = KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol, random_state=seed, n_init=1,
+                max_samples_per_batch=_cuml_batch(n_clusters)).fit(x)  # fmt: skip
     centroids = km.cluster_centers_
     centroids = centroids.get() if hasattr(centroids, "get") else np.asarray(centroids)  # CuPy -> host
     return np.asarray(centroids, dtype=np.float32), int(km.n_iter_)
@@ -386,7 +394,11 @@ class SemanticDeduplicator(Step):
             multi-GPU KMeans on the workers of a distributed client). None picks by the dataset's backend: faiss on
             pandas; on cuDF, cuml-dask when the client's workers hold distinct GPUs (dask-cuda), else cuml.
         block_size: tile size of the blockwise similarity computation.
-        tol: KMeans stops early when its objective improves by less than this (relative) in one iteration.
+        tol: KMeans stops early below this change in one iteration. Its meaning is each backend's own: faiss, the
+            objective's relative improvement; scikit-learn, the centroids' shift relative to the data's variance;
+            cuML, the squared shift of the centroids. Each backend runs one initialisation (cuML's k-means||, the
+            others k-means++ or faiss's random rows), so centroids differ between backends; ``find`` equals the
+            dataset path for one backend and the same centroids.
         device: where the in-cluster similarity tiles are computed: ``cpu`` (NumPy), ``cuda`` (CuPy, the same
             code) or ``auto`` (cuda when a GPU is usable and CuPy installed). Each cluster's embeddings are copied
             to the GPU in turn, so its memory holds one cluster at a time.
@@ -877,7 +889,7 @@ class SemanticDeduplicator(Step):
             if n
         ]
         centroids, iterations = self._kmeans(da.concatenate(blocks), "cuml-dask")
-        self.stats_["kmeans_iterations"] = iterations
+        self.stats_.update(kmeans_iterations=iterations, kmeans_backend="cuml-dask")
         return centroids
 
 
