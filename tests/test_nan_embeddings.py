@@ -205,3 +205,31 @@ def test_a_declared_fixed_size_that_the_values_do_not_have_is_left_where_values_
                                            dtype=pd.ArrowDtype(embedding_type(2)))})  # fmt: skip
     kept = backends.to_arrow(fixed, {"emb": embedding_type(8)}, where_fits=True)  # arrow: a type error, not invalid
     assert kept.schema.field("emb").type == embedding_type(2)
+
+
+def test_missing_scalar_floats_are_null_on_either_backend_and_nan_inside_embeddings_stays_nan():
+    """pandas writes a NaN score as null (``Table.from_pandas``); cuDF's arrow export keeps NaN as a value, so the
+    cuDF backend turns the top-level float columns' NaN into null too (not an embedding's NaN elements): an export,
+    a saved metadata file or a run directory holds the same parquet on either backend."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from imgcurate.backends import PandasBackend, nan_as_null
+
+    matrix = _nan_matrix()
+    frame = pd.DataFrame({"score": np.array([0.5, np.nan, 1.0, np.nan], dtype=np.float32),
+                          "count": np.array([1, 2, 3, 4])})  # fmt: skip
+    frame["emb"] = pd.Series(pd.arrays.ArrowExtensionArray(embedding_array(matrix, valid=np.array([True] * 4))))
+    from_pandas = PandasBackend().to_arrow(frame)
+    as_cudf_exports_it = pa.table(
+        {
+            "score": pa.array(frame["score"].to_numpy(), from_pandas=False),
+            "count": pa.array(frame["count"].to_numpy()),
+            "emb": from_pandas.column("emb"),
+        }
+    )
+    assert as_cudf_exports_it.column("score").null_count == 0  # NaN as a value, as cuDF exports it
+    got = nan_as_null(as_cudf_exports_it)
+    assert got.schema.equals(from_pandas.schema) and got.column("score").equals(from_pandas.column("score"))
+    assert got.column("score").null_count == 2 and got.column("count").equals(from_pandas.column("count"))
+    np.testing.assert_array_equal(np.stack(got.column("emb").to_pylist()), matrix)  # its NaN stays a value

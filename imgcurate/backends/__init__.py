@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from imgcurate import config
 from imgcurate.errors import MissingDependencyError
@@ -259,6 +260,18 @@ class PandasBackend(Backend):
         return embedding_matrix(values, name)
 
 
+def nan_as_null(table: pa.Table) -> pa.Table:
+    """A table's top-level floating-point columns with NaN as null, as ``pa.Table.from_pandas`` writes a pandas frame
+    (NaN inside a list, an embedding's value, stays NaN): so that the cuDF backend, whose arrow export keeps NaN as a
+    value, writes the same parquet as the pandas backend (a missing score is null in either)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_floating(field.type):
+            column = table.column(i)
+            if pc.any(pc.is_nan(column)).as_py():
+                table = table.set_column(i, field, pc.if_else(pc.is_nan(column), pa.scalar(None, field.type), column))
+    return table
+
+
 class CudfBackend(Backend):
     """cuDF frames on the GPU. Imports cudf on first use only."""
 
@@ -296,7 +309,7 @@ class CudfBackend(Backend):
                 declared = arrow_type_of(frame[field.name].dtype)
                 if declared is not None:
                     table = table.set_column(i, pa.field(field.name, declared), pa.nulls(len(table), declared))
-        return table
+        return nan_as_null(table)
 
     def to_pandas(self, frame: Any) -> pd.DataFrame:
         """Through arrow, with the pandas backend's dtypes: a list column (embeddings) arrives as one arrow-backed
@@ -304,7 +317,7 @@ class CudfBackend(Backend):
         stays NaN: cuDF keeps nulls in a mask, so its arrow export has them as nulls and NaN as values."""
         if not hasattr(frame, "columns"):  # a Series
             return self.to_pandas(frame.to_frame(name="values"))["values"].rename(frame.name)
-        out = _backend_instance("pandas").from_arrow(frame.to_arrow(preserve_index=False))
+        out = _backend_instance("pandas").from_arrow(self.to_arrow(frame))
         out.index = frame.index.to_pandas()
         return out
 
