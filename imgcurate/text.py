@@ -86,8 +86,12 @@ def check_languages(languages: tuple[str, ...]) -> None:
 
 
 def detect_languages(texts: list[str | None]) -> tuple[list[str | None], np.ndarray]:
-    """ISO 639-1 language codes and their probabilities (0-1) for short texts; None and NaN for missing or blank."""
+    """ISO 639-1 language codes and their probabilities (0-1) for short texts; None and NaN for missing or blank
+    texts, and for texts the model finds no feature of any language in (``"ok"``, ``"..."``, an emoji): it then
+    scores every language alike, and its top label (``sr``, which it counts twice) is no answer."""
     identifier = _identifier()
+    # a probability no higher than a language counted twice gets from uniform scores: the model abstains
+    uniform = 2.0 / max(len(identifier.nb_classes), 1) * (1 + 1e-6)
     languages: list[str | None] = []
     confidence = np.full(len(texts), np.nan, dtype=np.float32)
     for i, text in enumerate(texts):
@@ -95,6 +99,9 @@ def detect_languages(texts: list[str | None]) -> tuple[list[str | None], np.ndar
             languages.append(None)
             continue
         language, probability = identifier.classify(text.replace("\n", " "))
+        if probability <= uniform:
+            languages.append(None)
+            continue
         languages.append(str(language))
         confidence[i] = probability
     return languages, confidence
@@ -104,7 +111,8 @@ class CaptionFeatures(ShardStep):
     """Adds the caption's word count, character count and (optionally) language with its confidence.
 
     Words are whitespace-separated tokens (``str.split()``, as DataComp counts them); characters are the caption's
-    length in Unicode code points. Missing captions give 0 words, 0 characters and a null language.
+    length in Unicode code points. Missing captions give 0 words, 0 characters and a null language; so do captions
+    with no feature of any language (``"ok"``, ``"..."``, an emoji), whose language is null with a NaN confidence.
 
     Args:
         caption_column: the metadata column of captions.
@@ -115,6 +123,9 @@ class CaptionFeatures(ShardStep):
     Example:
         >>> ds = CaptionFeatures()(ds)  # caption_words, caption_chars, caption_language, ...  # doctest: +SKIP
     """
+
+    #: 2: no language for a caption the model finds no feature in (it said Serbian)
+    results_version = 2
 
     def __init__(self, caption_column: str = "caption", language: bool = True, prefix: str = "caption_"):
         if language:

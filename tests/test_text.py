@@ -19,6 +19,10 @@ def test_language_identification_offline():
     )
     assert languages == ["en", "fr", "de", None, None]
     assert (confidence[:3] > 0.5).all() and np.isnan(confidence[3:]).all()
+    # text with no feature of any language: the model scores every language alike, which is no answer (it gave
+    # Serbian, the one language it counts twice)
+    languages, confidence = detect_languages(["ok", "...", "😀", "the", "un chat noir dort sur le canapé"])
+    assert languages == [None, None, None, None, "fr"] and np.isnan(confidence[:4]).all()
 
 
 def test_caption_features(sample_ds):
