@@ -88,6 +88,14 @@ class OptionColumn(NamedTuple):
     hint: str = ""
 
 
+def _text_dtype(kind: Any) -> bool:
+    """A pandas dtype of text (pandas' string dtype, or arrow's string types); not object, which may hold anything."""
+    if isinstance(kind, pd.StringDtype):
+        return True
+    arrow = getattr(kind, "pyarrow_dtype", None)
+    return arrow is not None and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow))
+
+
 @dataclass(frozen=True)
 class Rule:
     """Keep a sample when ``column <op> value`` holds; otherwise it is dropped for ``reason``.
@@ -111,6 +119,9 @@ class Rule:
     def __post_init__(self):
         if self.op not in _OPS and self.op not in ("isnull", "notnull"):
             raise ValueError(f"unknown op {self.op!r}: choose one of {', '.join([*_OPS, 'isnull', 'notnull'])}")
+        if isinstance(self.value, numbers.Real) and not isinstance(self.value, bool) and self.value != self.value:
+            raise ValueError(f"rule {self.column} {self.op} nan: NaN compares false with every value (every sample "
+                             "would be dropped); test for missing values with op isnull or notnull")  # fmt: skip
         _check_reason(self.name, f"rule {self.column} {self.op}" + ("" if self.value is None else f" {self.value!r}"))
 
     @property
@@ -255,6 +266,9 @@ class SampleFilter(ShardStep):
                 raise ColumnError(f"{where} holds {kind}, which cannot be compared with {value!r} ({rule.op})")
             if boolean and not isinstance(value, bool | np.bool_ | int | float | np.number):
                 raise ColumnError(f"{where} holds booleans, which cannot be compared with {value!r} ({rule.op})")
+            if _text_dtype(kind) and number:  # a json field written as text in some shards is read as text
+                raise ColumnError(f"{where} holds text, which never equals the number {value!r}: give the value as "
+                                  f"text ({str(value)!r})")  # fmt: skip
 
     def _rules(self, columns: list[str]) -> list[tuple[str, Any]]:
         """(reason, predicate on the frame) pairs; predicates return True where the sample passes."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -321,8 +322,16 @@ class ClipTextFilter(SampleFilter):
         self.languages = tuple(self.languages)
         super().__post_init__()  # after the preset: it checks the columns of every rule, the preset's too
         check_languages(self.languages)
+        for option in ("min_clip_score", "min_words", "min_chars", "min_language_confidence", "min_side",
+                       "clip_top_fraction"):  # fmt: skip
+            value = getattr(self, option)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and value != value:
+                raise ValueError(f"{option}: NaN compares false with every value: give a number or None")
         if self.clip_top_fraction is not None and not 0 < self.clip_top_fraction <= 1:
             raise ValueError(f"clip_top_fraction must be in (0, 1], got {self.clip_top_fraction}")
+        if self.min_language_confidence is not None and not self.languages:
+            raise ValueError("min_language_confidence applies to the languages kept: give languages too (e.g. "
+                             "languages: [en])")  # fmt: skip
         self.threshold: float | None = None
 
     def _rules(self, columns: list[str]) -> list[tuple[str, Any]]:

@@ -145,3 +145,25 @@ def test_a_null_side_fails_the_aspect_ratio_and_odd_rule_values_are_refused_befo
     # NumPy's numbers are numbers
     kept = SampleFilter(rules=[Rule("clip_score", ">=", np.float64(0.4))])(ds).metadata["keep"].compute()
     assert kept.tolist() == [False, True, True]
+
+
+def test_rules_and_bounds_that_could_never_pass_are_refused_before_work(tmp_path):
+    """A NaN bound, a number against a text column (a json field read as text) and a language confidence without
+    languages to apply it to would drop every sample, or none, without a word: each is refused."""
+    from imgcurate.text import ClipTextFilter
+
+    ds = score_dataset(tmp_path / "s", [0.1, 0.5, 0.9])
+    df = ds.metadata
+    ds = ds.with_metadata(df.assign(year=df["key"].astype("string[pyarrow]")))
+    with pytest.raises(ValueError, match=r"rule clip_score >= nan: NaN compares false with every value"):
+        Rule("clip_score", ">=", float("nan"))
+    with pytest.raises(ColumnError, match=r"rules\[0\] \(year == 2024\): column 'year' holds text, which never equals "
+                                          r"the number 2024: give the value as text \('2024'\)"):  # fmt: skip
+        SampleFilter(rules=[Rule("year", "==", 2024)])(ds)
+    key = df["key"].compute().iloc[1]
+    assert SampleFilter(rules=[Rule("year", "==", key)])(ds).metadata["keep"].compute().tolist() == [False, True, False]
+    for option in ("min_clip_score", "min_words", "min_language_confidence"):
+        with pytest.raises(ValueError, match=f"^{option}: NaN compares false with every value"):
+            ClipTextFilter(**{option: float("nan"), "languages": ["en"]})
+    with pytest.raises(ValueError, match="min_language_confidence applies to the languages kept: give languages"):
+        ClipTextFilter(min_language_confidence=0.5)
