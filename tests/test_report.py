@@ -115,6 +115,17 @@ def test_an_undecodable_duplicate_gets_a_placeholder(tmp_path):
     assert figures[keys[1]][0] is None and figures[keys[2]][0] is None and "no image" in page
 
 
+def test_control_characters_of_a_caption_are_not_written_into_the_page(tmp_path):
+    """HTML allows no NUL or BEL (browsers show boxes, parsers may stop): such characters of a caption are written as
+    the replacement character; tab and newline stay."""
+    photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
+    records = [Record({"jpg": photo}, caption="a\x00b\x07c\td"), Record({"jpg": photo}, caption="copy")]
+    write_shards(records, str(tmp_path / "in"), samples_per_shard=2)
+    ds = ExactDuplicates()(ImageTextPairDataset.from_webdataset(str(tmp_path / "in")))
+    page = open(duplicate_groups(ds, str(tmp_path / "dups.html")), encoding="utf-8").read()
+    assert "a\ufffdb\ufffdc\td" in page and not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
+
+
 def test_a_dataset_without_dedup_columns_is_a_clear_error(sample_ds, tmp_path):
     (tmp_path / "report").mkdir()
     with pytest.raises(ValueError, match="no dedup columns .*is_duplicate \\+ duplicate_of"):

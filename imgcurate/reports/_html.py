@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from typing import Any
 
 import dask
@@ -110,14 +111,20 @@ def check_replaceable(path: str, storage_options: dict | None, starts: bytes | t
         raise FileExistsError(f"{path}: holds a file that is not {kind}; a report does not replace it")
 
 
+#: Characters HTML does not allow in a page (C0 controls but tab, newline and carriage return; DEL; C1 controls).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def write_page(path: str, title: str, body: list[str], thumb_size: int, storage_options: dict | None) -> str:
     """Writes a self-contained page (styles inline, images as data URLs) atomically; returns ``path``. An existing
-    file there must be an HTML page (:func:`check_replaceable`)."""
+    file there must be an HTML page (:func:`check_replaceable`). Control characters (a caption's NUL or BEL, which
+    HTML does not allow) are written as U+FFFD, the replacement character."""
     check_replaceable(path, storage_options, b"<!doctype html", "an HTML page")
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>:root{{--thumb:{thumb_size + 16}px}}{STYLE}</style></head><body>" + "\n".join(body) + "</body></html>"
     )
+    page = _CONTROL.sub("\ufffd", page)
     with atomic_open(path, "wb", storage_options) as f:
         f.write(page.encode("utf-8"))
     return path
