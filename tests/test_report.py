@@ -126,6 +126,23 @@ def test_control_characters_of_a_caption_are_not_written_into_the_page(tmp_path)
     assert "a\ufffdb\ufffdc\td" in page and not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
 
 
+def test_the_groups_shown_do_not_depend_on_the_sharding_when_sizes_tie(tmp_path):
+    """Eight groups of one copy each, three shown: the same three (the first keys) in one shard or in eight."""
+    photos = [encode_image(Image.new("RGB", (20, 20), (30 * i, 10, 10)), "png") for i in range(8)]
+    records = [Record({"png": photo}, caption=f"photo {i}") for i, photo in enumerate(photos)]
+    records += [Record({"png": photo}, caption=f"copy {i}") for i, photo in enumerate(photos)]
+    shown = []
+    for per_shard in (16, 2):
+        folder = tmp_path / f"in-{per_shard}"
+        write_shards(records, str(folder), samples_per_shard=per_shard)
+        ds = ExactDuplicates()(ImageTextPairDataset.from_webdataset(str(folder)))
+        page = open(duplicate_groups(ds, str(tmp_path / f"{per_shard}.html"), max_groups=3), encoding="utf-8").read()
+        targets = re.findall(r"<h3>1 duplicate\(s\) of (.*?)</h3>", page)
+        captions = {k: c for k, (_, c) in _figures(page).items()}
+        shown.append([re.search(r"photo \d+", captions[t]).group(0) for t in targets])  # keys differ by sharding
+    assert shown[0] == shown[1] == ["photo 0", "photo 1", "photo 2"]
+
+
 def test_a_dataset_without_dedup_columns_is_a_clear_error(sample_ds, tmp_path):
     (tmp_path / "report").mkdir()
     with pytest.raises(ValueError, match="no dedup columns .*is_duplicate \\+ duplicate_of"):

@@ -77,14 +77,16 @@ def collect_duplicates(
     flagged = small[small["_flag"]]
     # first pass: counts, the largest groups' targets, the closest unflagged pairs, the similarity range
     first = [small["_flag"].count(), small["_flag"].sum(), flagged[of_col].nunique()]
-    first.append(flagged[of_col].value_counts().nlargest(max_groups))
+    counts = flagged[of_col].value_counts()
+    # each target's count lies in one partition of the counts: each partition's largest groups, then theirs here
+    first.append(counts.map_partitions(_largest_groups, max_groups, meta=counts._meta))
     if sim_col is not None and borderline:
         candidates = small[~small["_flag"] & small[of_col].notnull() & small[sim_col].notnull()]
         first.append(candidates.nlargest(borderline, sim_col))
     if sim_col is not None:
         first += [small[sim_col].min(), small[sim_col].max()]
     got = progress.compute(first, desc=f"{flag_col}: counts")
-    total, n_flagged, n_targets, top = int(got[0]), int(got[1]), int(got[2]), got[3]
+    total, n_flagged, n_targets, top = int(got[0]), int(got[1]), int(got[2]), _largest_groups(got[3], max_groups)
     near = got[4].sort_values(sim_col, ascending=False) if sim_col is not None and borderline else small._meta
     targets = sorted(top.index, key=lambda t: (-int(top[t]), str(t)))
     top = top.reindex(targets)
@@ -221,6 +223,17 @@ def find_dedup_columns(present: Sequence[str]) -> tuple[str, str, str | None]:
             return flag, of, (sim if sim in present else None)
     looked = "; ".join(f"{flag} + {of}" for flag, of, _ in _DEDUP_COLUMNS)
     raise ValueError(f"the metadata has no dedup columns (looked for {looked}); run a dedup step first")
+
+
+def _largest_groups(counts: pd.Series, k: int) -> pd.Series:
+    """The ``k`` largest groups, ties broken by the target's key: the same groups however the rows are sharded
+    (``nlargest`` keeps whichever tie it meets first)."""
+    if counts.empty:
+        return counts
+    top = counts.nlargest(k, keep="all")  # every tie at the cut, then the key decides among them
+    order = pd.DataFrame({"n": top.to_numpy(), "key": top.index.astype(str)}).sort_values(
+        ["n", "key"], ascending=[False, True], kind="stable")  # fmt: skip
+    return top.iloc[order.index[:k]]
 
 
 def _histograms(part: pd.DataFrame, sim_col: str, bins: np.ndarray) -> pd.Series:
