@@ -58,18 +58,37 @@ def test_exif_orientation_is_applied_only_when_asked_and_alike_on_every_decoder(
     _turned_only_when_asked(tmp_path, decoder, stored, rotated)
 
 
-def _turned_only_when_asked(tmp_path, decoder: str, stored: Image.Image, rotated: bytes) -> None:
+def _turned_only_when_asked(tmp_path, decoder: str, stored: Image.Image, rotated: bytes, device: str = "cpu") -> None:
     """``rotated`` (``stored`` with an orientation of 6) embeds as the upright image with ``exif_transpose`` and as
     ``stored`` without it."""
     upright = _jpeg(stored.transpose(Image.Transpose.ROTATE_270))  # what a viewer shows for the rotated one
     write_tar(tmp_path / "00000.tar", [("rot.jpg", rotated), ("up.jpg", upright), ("raw.jpg", _jpeg(stored))])
     tar, keys = str(tmp_path / "00000.tar"), ["rot", "up", "raw"]
     for exif in (True, False):
-        emb = TimmImageEmbedder("test_vit", batch_size=3, decoder=decoder, device="cpu", exif_transpose=exif)
-        rot, up, raw = _rows(emb.loader("cpu"), tar, keys)
+        emb = TimmImageEmbedder("test_vit", batch_size=3, decoder=decoder, device=device, exif_transpose=exif)
+        rot, up, raw = (row.cpu() for row in _rows(emb.loader(device), tar, keys))
         same, other = (up, raw) if exif else (raw, up)
         assert (rot - same).abs().mean().item() < 0.02, (decoder, exif)
         assert (rot - other).abs().mean().item() > 0.3, (decoder, exif)
+
+
+@pytest.mark.gpu()
+@pytest.mark.parametrize("decoder", ["torchvision", "dali"])
+def test_exif_orientation_on_the_gpu_decoders(tmp_path, decoder):
+    """torchvision's CUDA JPEG decoder ignores the EXIF orientation (it applies it on the CPU only): a turned image
+    goes to PIL there. DALI's mixed decoder turns it itself."""
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed")
+    stored = _quadrants()
+    _turned_only_when_asked(tmp_path, decoder, stored, _jpeg(stored, ROTATE_90_CW), device="cuda")
+
+
+def test_which_jpegs_need_turning_is_read_from_their_header():
+    from imgcurate.embedders.decode import needs_turn
+
+    stored = _quadrants()
+    assert needs_turn(_jpeg(stored, ROTATE_90_CW)) and not needs_turn(_jpeg(stored))
+    assert not needs_turn(b"\xff\xd8\xff not a jpeg at all")
 
 
 def _sample_jpegs() -> list[tuple[str, bytes]]:

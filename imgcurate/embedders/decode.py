@@ -201,6 +201,19 @@ def _orientation(image: Image.Image) -> int | None:
     return image.getexif().get(ExifTags.Base.Orientation)
 
 
+def needs_turn(data: bytes) -> bool:
+    """Whether PIL's ``exif_transpose`` would turn or flip the image (an EXIF or XMP orientation other than 1).
+    torchvision's CUDA JPEG decoder ignores the orientation, so its loader hands such an image to PIL. Only images
+    whose metadata holds EXIF or the word ``Orientation`` are opened."""
+    end = _metadata_end(data)
+    if data.find(b"Exif", 0, end) < 0 and data.find(b"Orientation", 0, end) < 0:
+        return False
+    try:
+        return _orientation(Image.open(io.BytesIO(data))) not in (None, 1)
+    except Exception:  # noqa: BLE001 - an unreadable header: the decoder names the problem
+        return False
+
+
 def orientation_only_in_xmp(data: bytes) -> bool:
     """Whether PIL's ``exif_transpose`` would turn the image by an orientation its EXIF does not carry (PIL reads XMP's
     ``tiff:Orientation`` when EXIF has none); torchvision's and DALI's decoders read EXIF only, so the loaders hand

@@ -39,6 +39,7 @@ from imgcurate.embedders.decode import (
     decode_rgb,
     decode_tensor_sized,
     error_text,
+    needs_turn,
     orientation_only_in_xmp,
     warm_up_samples,
 )
@@ -295,6 +296,8 @@ class TorchvisionLoader:
 
         out: list[Any] = [None] * len(datas)
         jpegs = []
+        # torchvision applies the EXIF orientation on the CPU only: on CUDA a turned image goes to PIL
+        on_gpu = torch.device(self.device).type == "cuda"
         for i, data in enumerate(datas):
             if data[:3] == b"\xff\xd8\xff":
                 try:
@@ -302,7 +305,8 @@ class TorchvisionLoader:
                 except Exception as err:
                     out[i] = err
                     continue
-                if not (self.exif_transpose and orientation_only_in_xmp(data)):  # else PIL, which reads XMP too
+                # else PIL, which reads XMP too (and turns the image on the device's behalf)
+                if not (self.exif_transpose and (orientation_only_in_xmp(data) or (on_gpu and needs_turn(data)))):
                     jpegs.append(i)
         if jpegs:
             encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
