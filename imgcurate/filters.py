@@ -248,7 +248,7 @@ class SampleFilter(ShardStep):
             if column in present and not _KINDS[wanted](kind := dtype(column)):
                 raise ColumnError(f"{self.name}'s {option} column {column!r} holds {_held(kind)}, not {wanted}{hint}")
         if self.drop_errors:
-            for column in filter(is_error_column, present):
+            for column in [c for c in present if is_error_column(c, dtype(c))]:
                 _check_name(column, f"{self.name} (drop_errors) reads the error column", ColumnError)
         for i, rule in enumerate(self.rules):
             if rule.op in ("isnull", "notnull") or rule.column not in present:
@@ -325,14 +325,16 @@ class SampleFilter(ShardStep):
 
     def read_columns(self, meta: Any, id_col: str) -> list[str]:
         """The rule columns, plus every error column present when ``drop_errors`` is set."""
-        errors = [c for c in map(str, meta.columns) if is_error_column(c)] if self.drop_errors else []
+        errors = [c for c in map(str, meta.columns) if is_error_column(c, meta[c].dtype)] if self.drop_errors else []
         return list(dict.fromkeys([*self.input_columns(id_col), *errors]))
 
     def process(self, part: Any, shard: Shard, io: ShardIO) -> dict[str, Any]:
         frame = to_pandas(part)
         keep = np.ones(len(frame), dtype=bool)
         reasons = [[] for _ in range(len(frame))]
-        for name, passes in self._rules([c for c in map(str, frame.columns) if c != io.id_col]):
+        columns = [c for c in map(str, frame.columns)
+                   if c != io.id_col and (not is_error_column(c) or is_error_column(c, frame[c].dtype))]  # fmt: skip
+        for name, passes in self._rules(columns):
             ok = passes(frame).to_numpy(dtype=bool, na_value=False)
             keep &= ok
             for row in np.flatnonzero(~ok):

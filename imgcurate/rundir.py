@@ -405,7 +405,7 @@ def summarize(
     for kind, flag, _, _ in dedups:
         key = f"duplicates_{kind} ({flag})" if kinds.count(kind) > 1 else f"duplicates_{kind}"
         wanted[key] = df[flag].fillna(False).astype(bool).sum()
-    for column in sorted(c for c in columns if is_error_column(c)):
+    for column in sorted(c for c in columns if is_error_column(c, df._meta[c].dtype)):
         wanted[f"errors:{column}"] = df[column].notnull().sum()
     got = dict(zip(wanted, progress.compute(list(wanted.values()), desc="run summary"), strict=True))
     summary: dict[str, Any] = {"samples_in": int(got["samples"])}

@@ -167,3 +167,15 @@ def test_rules_and_bounds_that_could_never_pass_are_refused_before_work(tmp_path
             ClipTextFilter(**{option: float("nan"), "languages": ["en"]})
     with pytest.raises(ValueError, match="min_language_confidence applies to the languages kept: give languages"):
         ClipTextFilter(min_language_confidence=0.5)
+
+
+def test_a_number_named_like_an_error_column_is_a_score_not_an_error(tmp_path):
+    """``*_error`` columns hold per-sample error text; a numeric field of the input that happens to end so (a
+    reconstruction error) is not one, and drop_errors leaves it alone."""
+    ds = score_dataset(tmp_path / "s", [0.1, 0.5, 0.9])
+    df = ds.metadata
+    ds = ds.with_metadata(df.assign(reconstruction_error=df["clip_score"] * 2, ocr_error=df["key"].where(
+        df["clip_score"] > 0.7)))  # fmt: skip
+    out = SampleFilter()(ds).metadata.compute()
+    assert out["keep"].tolist() == [True, True, False] and out["drop_reason"].tolist()[2] == "ocr_error set"
+    assert drop_report(SampleFilter()(ds)).to_dict() == {"total": 3, "kept": 2, "dropped": 1, "ocr_error set": 1}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 from imgcurate.errors import ShardError
@@ -11,9 +13,17 @@ from imgcurate.errors import ShardError
 __all__ = ["parquet_path_for", "conform", "unify", "is_error_column"]
 
 
-def is_error_column(column: str) -> bool:
-    """Whether a metadata column holds per-sample error text: ``error`` (the input's) or ``<step>_error``."""
-    return column == "error" or column.endswith("_error")
+def is_error_column(column: str, dtype: Any = None) -> bool:
+    """Whether a metadata column holds per-sample error text: ``error`` (the input's) or ``<step>_error``; given its
+    ``dtype``, only one that can hold text (a number named ``reconstruction_error`` is a score, not an error)."""
+    if not (column == "error" or column.endswith("_error")):
+        return False
+    if dtype is None:
+        return True
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype):
+        return False
+    arrow = getattr(dtype, "pyarrow_dtype", None)
+    return arrow is None or pa.types.is_string(arrow) or pa.types.is_large_string(arrow) or pa.types.is_null(arrow)
 
 
 def parquet_path_for(tar_path: str) -> str:

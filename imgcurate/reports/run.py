@@ -201,7 +201,7 @@ def run_report(
     # the filter's reason column as the summary names it (a summary written before it was named: the default)
     reason_column = summary.get("drop_reason_column", "drop_reason" if "drops_by_reason" in summary else None)
     reason_column = reason_column if reason_column in present else None
-    errors = [c for c in present if is_error_column(c)]
+    errors = [c for c in present if is_error_column(c, dataset.metadata._meta[c].dtype)]
     groups = ([(reason_column, "reason")] if reason_column else []) + [(c, "error") for c in errors]
     examples = collect_examples(dataset, groups, samples_per_reason, caption_column) if groups else None
     thumbs = {}
