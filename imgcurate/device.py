@@ -92,26 +92,17 @@ def _first_line(err: BaseException) -> str:
 def torch_cuda_visible_problem(index: int = 0) -> str | None:
     """None when torch sees a GPU of ``index`` here, else why not; unlike :func:`torch_cuda_problem` it runs
     nothing on the GPU, so no CUDA context is made in this process (a client that starts GPU workers next)."""
-    if not driver_visible():
-        return "no NVIDIA driver is visible"
-    if importlib.util.find_spec("torch") is None:
-        return "torch is not installed"
-    import torch
-
-    try:
-        if not torch.cuda.is_available():
-            raise RuntimeError("torch.cuda.is_available() is false")
-        count = torch.cuda.device_count()
-    except Exception as err:  # noqa: BLE001 - any failure means: not usable, with the reason
-        return f"torch {torch.__version__} cannot use the GPU ({_first_line(err)}){driver_hint(torch.version.cuda)}"
-    if index >= count:
-        return f"torch sees {count} GPU(s), not one of index {index}"
-    return None
+    return _torch_cuda(run=False, index=index)
 
 
 @functools.cache
 def torch_cuda_problem() -> str | None:
     """None when torch runs an operation on the GPU here, else why not (decided once per process)."""
+    return _torch_cuda(run=True)
+
+
+def _torch_cuda(run: bool, index: int = 0) -> str | None:
+    """Why torch cannot use the GPU of ``index`` here (None when it can): with ``run``, a tensor sum on it."""
     if not driver_visible():
         return "no NVIDIA driver is visible"
     if importlib.util.find_spec("torch") is None:
@@ -121,10 +112,13 @@ def torch_cuda_problem() -> str | None:
     try:
         if not torch.cuda.is_available():
             raise RuntimeError("torch.cuda.is_available() is false")
-        if int(torch.ones(2, device="cuda").sum().item()) != 2:
+        count = None if run else torch.cuda.device_count()
+        if run and int(torch.ones(2, device="cuda").sum().item()) != 2:
             raise RuntimeError("a CUDA tensor sum gave a wrong answer")
     except Exception as err:  # noqa: BLE001 - any failure means: not usable, with the reason
         return f"torch {torch.__version__} cannot use the GPU ({_first_line(err)}){driver_hint(torch.version.cuda)}"
+    if count is not None and index >= count:
+        return f"torch sees {count} GPU(s), not one of index {index}"
     return None
 
 
