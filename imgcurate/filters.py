@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -48,9 +48,15 @@ _SEPARATOR = ";"  # between the reasons of one sample in drop_reason; drop_repor
 _SPLITS = f"contains {_SEPARATOR!r}, which separates the reasons in drop_reason"
 
 
+#: The totals of :func:`drop_report`, which no reason may be called.
+_TOTALS = ("total", "kept", "dropped")
+
+
 def _check_reason(reason: str, what: str) -> None:
     if _SEPARATOR in reason:
         raise ValueError(f"{what}: its reason {reason!r} {_SPLITS}: give a reason without it")
+    if reason in _TOTALS:
+        raise ValueError(f"{what}: its reason {reason!r} is the name of a total of the drop report: give another")
 
 
 def _check_name(column: str, what: str, error: type[ValueError] = ValueError) -> None:
@@ -161,6 +167,9 @@ class SampleFilter(ShardStep):
         >>> ds = step(ds)  # doctest: +SKIP
         >>> ds.to_webdataset("out/", filter_column="keep")  # doctest: +SKIP
     """
+
+    #: 2: a numeric ``*_error`` column is not an error column; a reason given by two rules is written once
+    results_version: ClassVar[int] = 2
 
     min_width: int | None = None
     min_height: int | None = None
@@ -339,7 +348,8 @@ class SampleFilter(ShardStep):
             keep &= ok
             for row in np.flatnonzero(~ok):
                 reasons[row].append(name)
-        text = [_SEPARATOR.join(r) if r else None for r in reasons]
+        # a reason given by two rules (the same rule twice) is one reason of the sample, counted once
+        text = [_SEPARATOR.join(dict.fromkeys(r)) if r else None for r in reasons]
         return {self.keep_column: keep, self.reason_column: pa.array(text, pa.string())}
 
 
@@ -351,5 +361,5 @@ def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason
     counts = column.dropna().str.split(_SEPARATOR).explode().value_counts()
     reasons, total, dropped = progress.compute([counts, column.size, column.notnull().sum()], desc="drop report")
     reasons, total, dropped = to_pandas(reasons), int(total), int(dropped)
-    summary = pd.Series({"total": total, "kept": total - dropped, "dropped": dropped})
+    summary = pd.Series(dict(zip(_TOTALS, (total, total - dropped, dropped), strict=True)))
     return pd.concat([summary, reasons.astype("int64")])

@@ -179,3 +179,13 @@ def test_a_number_named_like_an_error_column_is_a_score_not_an_error(tmp_path):
     out = SampleFilter()(ds).metadata.compute()
     assert out["keep"].tolist() == [True, True, False] and out["drop_reason"].tolist()[2] == "ocr_error set"
     assert drop_report(SampleFilter()(ds)).to_dict() == {"total": 3, "kept": 2, "dropped": 1, "ocr_error set": 1}
+
+
+def test_a_reason_is_counted_once_per_sample_and_may_not_be_named_like_a_total(tmp_path):
+    ds = score_dataset(tmp_path / "s", [0.1, 0.5, 0.9])
+    twice = SampleFilter(rules=[Rule("clip_score", ">=", 0.3), Rule("clip_score", ">=", 0.3)])(ds)
+    reasons = twice.metadata.compute()["drop_reason"]
+    assert reasons[0] == "not clip_score >= 0.3" and reasons[1:].isna().all()  # not "...;not clip_score >= 0.3"
+    assert drop_report(twice).to_dict() == {"total": 3, "kept": 2, "dropped": 1, "not clip_score >= 0.3": 1}
+    with pytest.raises(ValueError, match="its reason 'kept' is the name of a total of the drop report"):
+        Rule("clip_score", ">=", 0.3, reason="kept")
