@@ -267,6 +267,17 @@ def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
     assert "NsfwClassifier" not in text and "n_clusters: 1000" not in text
 
 
+def test_estimate_names_the_columns_each_step_adds_as_configured(sample_dir, tmp_path, capsys):
+    config = {"input": str(sample_dir), "steps": [
+        {"ExactDuplicates": {"hash_column": "h", "duplicate_column": "d", "duplicate_of_column": "d_of"}},
+        {"SampleFilter": {"min_width": 10, "keep_column": "ok", "reason_column": "why"}}]}  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["estimate", str(tmp_path / "p.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("ExactDuplicates") and "h, d, d_of, h_error" in line for line in lines), lines
+    assert any(line.startswith("SampleFilter") and "ok, why" in line for line in lines), lines
+
+
 def test_estimate_from_the_input_alone_and_with_a_config_flag(sample_dir, tmp_path, capsys):
     from imgcurate.estimate import THROUGHPUT, estimate_config, model_size
 

@@ -62,7 +62,8 @@ MISTAKES = {
     ),
     "more clusters than input rows": (
         lambda c: c["steps"].insert(2, {"SemanticDeduplicator": {"n_clusters": 1_000_000}}),
-        "rows, fewer than n_clusters=1000000 (KMeans needs a sample per cluster): lower n_clusters",
+        "steps[2].SemanticDeduplicator: the input has 36 rows, fewer than n_clusters=1000000 (KMeans needs a sample "
+        "per cluster): lower n_clusters",  # the step's name once
     ),
     "an unknown step": (lambda c: c["steps"].append({"SemanticDedup": {}}), "unknown step 'SemanticDedup'"),
     "a filter column no step makes": (
@@ -578,3 +579,17 @@ def test_the_source_digest_workers_are_compared_by_follows_the_package_files_onl
     with open(copy / "cli.py", "a") as f:
         f.write("# changed\n")
     assert identity()[0] == version and identity()[1] != digest
+
+
+def test_a_cluster_the_run_starts_does_not_print_the_shuffle_plugins_start_and_stop_warnings():
+    """distributed's p2p shuffle plugin warns when each shuffle starts and ends, in the scheduler this process runs;
+    the run's output stays its own, and the logger is as it was afterwards."""
+    import logging
+
+    from imgcurate.pipeline import _cluster
+
+    logger = logging.getLogger("distributed.shuffle._scheduler_plugin")
+    before = logger.level
+    with _cluster({"n_workers": 1, "processes": False, "dashboard_address": None}):
+        assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    assert logger.level == before
