@@ -155,7 +155,11 @@ class RunDir:
             except ValueError:
                 pass
         if thresholds is None:
-            self.write_json(marks, step.thresholds() if hasattr(step, "thresholds") else {})
+            if todo:  # the step computed its shards here, so it knows its data's thresholds
+                thresholds = step.thresholds() if hasattr(step, "thresholds") else {}
+            else:
+                thresholds = step.thresholds_for(dataset) if hasattr(step, "thresholds_for") else {}
+            self.write_json(marks, thresholds)
             thresholds = self.read_json(marks)
         record.thresholds = thresholds
         record.seconds = time.perf_counter() - started

@@ -403,10 +403,18 @@ class ClipTextFilter(SampleFilter):
                 found.setdefault(column, []).append((label, float(value)))
         return found
 
+    def thresholds_for(self, dataset: ImageTextPairDataset) -> dict[str, list[tuple[str, float]]]:
+        if self.clip_top_fraction is not None and self.threshold is None:
+            self._fit_threshold(dataset)
+        return self.thresholds()
+
+    def _fit_threshold(self, dataset: ImageTextPairDataset) -> None:
+        q = float(1 - Fraction(repr(float(self.clip_top_fraction))))  # 1 - 0.3 is 0.7, not 0.7000000000000001
+        self.threshold = global_quantile(dataset.metadata, self.clip_score_column, q)
+
     def added(self, dataset: ImageTextPairDataset) -> dd.DataFrame:
         if self.clip_top_fraction is not None:
-            q = float(1 - Fraction(repr(float(self.clip_top_fraction))))  # 1 - 0.3 is 0.7, not 0.7000000000000001
-            self.threshold = global_quantile(dataset.metadata, self.clip_score_column, q)
+            self._fit_threshold(dataset)
         return super().added(dataset)
 
 

@@ -298,3 +298,11 @@ def test_clip_scores_and_their_thresholds_are_drawn_also_when_every_shard_is_reu
         assert f"clip_score top 50% {marks['top 50%']:g}" in page and "clip_score min_clip_score -0.5" in page
         assert "not in top 50%" in page  # the drop reason, with its thumbnails
     assert [s["shards_reused"] for s in summary["steps"]] == [4, 4]
+    # a run killed after the filter's last shard, before its thresholds.json: the rerun computes the quantile again
+    (marks_file,) = (tmp_path / "clip.run" / "steps").glob("01-*/thresholds.json")
+    wanted = json.loads(marks_file.read_text())
+    marks_file.unlink()
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    assert json.loads(marks_file.read_text()) == wanted
+    summary = json.loads((tmp_path / "clip.run" / "summary.json").read_text())
+    assert dict(summary["steps"][1]["thresholds"]["clip_score"]) == marks

@@ -296,6 +296,12 @@ class Step(abc.ABC):
         the columns' histograms. Filters fill this in; most steps apply none."""
         return {}
 
+    def thresholds_for(self, dataset: ImageTextPairDataset) -> dict[str, list[tuple[str, float]]]:
+        """:meth:`thresholds` for ``dataset`` when :meth:`added` has not run in this process: a step whose threshold
+        is a statistic of the data (a quantile) computes it here. A run directory calls this when every shard's
+        result is stored but the thresholds that went with them are not (a run killed between the two)."""
+        return self.thresholds()
+
     def summary_columns(self) -> dict[str, str]:
         """Which of this step's output columns the run summary counts, by role: ``keep`` (a filter's boolean
         column), ``drop_reason`` (its reasons, ``;``-separated), ``duplicates:<kind>`` (a dedup's boolean column,
