@@ -194,17 +194,21 @@ _WORKER_OPTIONS = ("memory_limit", "local_directory", "resources", "env", "prelo
 
 
 def _cluster_options(kind: str) -> list[str]:
-    if kind == "cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as err:
-            raise MissingDependencyError("cluster type 'cuda'", "dask-cuda", extra="gpu") from err
-        named = inspect.signature(LocalCUDACluster.__init__).parameters
-    else:
-        from distributed import LocalCluster
+    from distributed import LocalCluster
 
-        named = inspect.signature(LocalCluster.__init__).parameters
-    return [n for n, p in named.items() if n != "self" and p.kind is not p.VAR_KEYWORD] + list(_WORKER_OPTIONS)
+    def named(function: Callable) -> list[str]:
+        params = inspect.signature(function).parameters
+        return [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+
+    local = named(LocalCluster.__init__) + list(_WORKER_OPTIONS)
+    if kind != "cuda":
+        return local
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as err:
+        raise MissingDependencyError("cluster type 'cuda'", "dask-cuda", extra="gpu") from err
+    # LocalCUDACluster hands the options it does not name to LocalCluster (a dashboard address, a host)
+    return list(dict.fromkeys(named(LocalCUDACluster.__init__) + local))
 
 
 def check_cluster(spec: Any) -> dict[str, Any] | None:
@@ -277,6 +281,9 @@ def _check_cluster_values(spec: dict[str, Any]) -> None:
     env = spec.get("env")
     if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) for k in env)):
         raise ConfigError(f"cluster.env: expected 'NAME: value' environment variables, got {env!r}")
+    if spec.get("type") == "cuda" and env and "CUDA_VISIBLE_DEVICES" in env:
+        raise ConfigError("cluster.env: dask-cuda sets CUDA_VISIBLE_DEVICES for each worker (one GPU each); choose "
+                          "the GPUs with cluster.CUDA_VISIBLE_DEVICES instead")  # fmt: skip
     for key in ("local_directory", "host"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ConfigError(f"cluster.{key}: expected a string, got {spec[key]!r}")
@@ -311,6 +318,32 @@ def cuda_cluster_options(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def with_worker_env(specs: dict[Any, dict], env: dict[str, Any]) -> dict[Any, dict]:
+    """Worker specs (``SpecCluster.new_worker_spec``'s ``{name: {"cls": ..., "options": {...}}}``) with ``env`` in
+    each worker's environment, under what the spec sets itself (dask-cuda's ``CUDA_VISIBLE_DEVICES``)."""
+    out = {}
+    for name, spec in specs.items():
+        options = dict(spec.get("options", {}))
+        options["env"] = {**{k: str(v) for k, v in env.items()}, **(options.get("env") or {})}
+        out[name] = {**spec, "options": options}
+    return out
+
+
+def _cuda_cluster(options: dict[str, Any]) -> Any:
+    """dask-cuda's LocalCUDACluster with ``options``. Its workers' environment is its own ``CUDA_VISIBLE_DEVICES``
+    only (it replaces the ``env`` option), so a config's ``env`` is added to each worker's spec here."""
+    from dask_cuda import LocalCUDACluster
+
+    options = dict(options)
+    env = options.pop("env", None) or {}
+
+    class CUDAClusterWithEnv(LocalCUDACluster):
+        def new_worker_spec(self) -> dict:
+            return with_worker_env(super().new_worker_spec(), env)
+
+    return CUDAClusterWithEnv(**options)
+
+
 @contextlib.contextmanager
 def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") -> Iterator[Any]:
     if not spec:
@@ -333,9 +366,7 @@ def _cluster(spec: dict | None, steps: list[Any] = (), backend: str = "pandas") 
     tasks_here = False
     try:
         if kind == "cuda":
-            from dask_cuda import LocalCUDACluster
-
-            cluster = LocalCUDACluster(**cuda_cluster_options(spec))
+            cluster = _cuda_cluster(cuda_cluster_options(spec))
         else:
             kwargs = local_cluster_kwargs(spec)  # one 1-thread worker per core, malloc settings
             tasks_here = kwargs.get("processes", True) is False

@@ -169,6 +169,19 @@ def test_kmeans_backend_follows_the_workers_gpus(monkeypatch):
     assert step.kmeans_backend_for(None) == "faiss"
 
 
+def test_a_cuda_clusters_env_reaches_every_worker_beside_the_gpu_dask_cuda_gives_it():
+    from imgcurate.pipeline import with_worker_env
+
+    # the shape of dask-cuda's LocalCUDACluster.new_worker_spec: its env holds only the worker's GPU list
+    specs = {0: {"cls": "Nanny", "options": {"env": {"CUDA_VISIBLE_DEVICES": "0,1"}, "nthreads": 1}},
+             1: {"cls": "Nanny", "options": {"env": {"CUDA_VISIBLE_DEVICES": "1,0"}, "nthreads": 1}}}  # fmt: skip
+    out = with_worker_env(specs, {"OMP_NUM_THREADS": 4, "CUDA_VISIBLE_DEVICES": "7"})
+    assert out[0]["options"] == {"env": {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "0,1"}, "nthreads": 1}
+    assert out[1]["options"]["env"] == {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "1,0"}
+    assert specs[0]["options"]["env"] == {"CUDA_VISIBLE_DEVICES": "0,1"}  # the specs given are left as they were
+    assert with_worker_env({0: {"cls": "Nanny", "options": {}}}, {"A": "b"})[0]["options"] == {"env": {"A": "b"}}
+
+
 def test_a_cuda_cluster_shares_one_rmm_pool_with_torch_and_cupy(monkeypatch):
     from imgcurate import pipeline
 

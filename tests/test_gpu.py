@@ -8,6 +8,7 @@ the top check that rule itself; the rest need a GPU (also: test_loaders.py::test
 
 from __future__ import annotations
 
+import os
 import types
 
 import dask
@@ -109,6 +110,17 @@ def test_workers_have_distinct_gpus_on_a_local_cuda_cluster_only():
         assert device.workers_have_distinct_gpus(client)
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
         assert not device.workers_have_distinct_gpus(client)  # two workers on the same (first) GPU
+
+
+@pytest.mark.gpu("dask_cuda")
+def test_a_pipelines_cuda_cluster_gives_its_workers_the_configs_env_and_one_gpu_each():
+    from imgcurate.pipeline import _cluster, check_cluster
+
+    spec = check_cluster({"type": "cuda", "dashboard_address": ":0", "env": {"IMGCURATE_TEST_ENV": "set"}})
+    with _cluster(spec) as client:
+        seen = client.run(lambda: (os.environ.get("IMGCURATE_TEST_ENV"), os.environ["CUDA_VISIBLE_DEVICES"]))
+        assert seen and all(value == "set" for value, _ in seen.values())
+        assert len({gpus.split(",")[0] for _, gpus in seen.values()}) == len(seen)
 
 
 @pytest.mark.gpu()

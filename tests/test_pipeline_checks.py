@@ -467,6 +467,20 @@ def test_cluster_options_that_distributed_takes_pass_the_checks():
     assert check_cluster({"dashboard_address": ":0", "memory_limit": 0.5, "scheduler_port": 0})
 
 
+def test_a_cuda_clusters_options_include_those_dask_cuda_hands_to_local_cluster():
+    pytest.importorskip("dask_cuda")  # installed by .ci/run: it imports without a GPU
+    from imgcurate.errors import ConfigError
+    from imgcurate.pipeline import check_cluster
+
+    spec = {"type": "cuda", "n_workers": 1, "dashboard_address": ":0", "host": "127.0.0.1", "env": {"A": "1"},
+            "rmm_pool_size": "1GB", "CUDA_VISIBLE_DEVICES": "0"}  # fmt: skip
+    assert check_cluster(spec) == spec
+    with pytest.raises(ConfigError, match=r"cluster: unknown key 'dashbord_address'"):
+        check_cluster({"type": "cuda", "dashbord_address": ":0"})
+    with pytest.raises(ConfigError, match=r"cluster\.env: dask-cuda sets CUDA_VISIBLE_DEVICES .+ cluster\.CUDA_VI"):
+        check_cluster({"type": "cuda", "env": {"CUDA_VISIBLE_DEVICES": "1"}})
+
+
 def test_packages_a_step_chooses_are_checked_on_the_workers_of_a_client_made_before_the_run(sample_dir, tmp_path,
                                                                                              monkeypatch):  # fmt: skip
     """A step's packages that its configuration chooses (the KMeans backend, language identification) are checked
