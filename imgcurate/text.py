@@ -307,6 +307,8 @@ class ClipTextFilter(SampleFilter):
     caption_prefix: str = "caption_"
 
     gpu: ClassVar[str] = "no"
+    #: 3: a caption in a kept language identified with too little confidence is dropped for that, not its language
+    results_version: ClassVar[int] = 3
 
     def __post_init__(self):
         if self.preset is not None:
@@ -355,12 +357,17 @@ class ClipTextFilter(SampleFilter):
             wanted = set(self.languages)
 
             def language(df: pd.DataFrame) -> pd.Series:
-                ok = df[f"{p}language"].isin(wanted).fillna(False).astype(bool)
-                if self.min_language_confidence is not None:
-                    ok &= _cmp(df[f"{p}language_confidence"], ">=", self.min_language_confidence)
-                return ok
+                return df[f"{p}language"].isin(wanted).fillna(False).astype(bool)
 
             rules.append((f"{p}language not in {','.join(self.languages)}", language))
+            if self.min_language_confidence is not None:
+                least = self.min_language_confidence
+
+                def confident(df: pd.DataFrame) -> pd.Series:
+                    # a caption in another language is dropped for its language only, not for this too
+                    return ~language(df) | _cmp(df[f"{p}language_confidence"], ">=", least)
+
+                rules.append((f"{p}language_confidence < {least}", confident))
         if self.min_side is not None:
 
             def side(df: pd.DataFrame) -> pd.Series:

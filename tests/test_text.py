@@ -201,6 +201,28 @@ def test_score_and_caption_columns_of_the_wrong_type_are_refused_before_any_work
     assert out["drop_reason"].tolist() == ["clip_score < 0.75", "caption_language not in en", "clip_score < 0.75"]
 
 
+def test_a_caption_identified_with_too_little_confidence_is_dropped_for_that_and_not_for_its_language(tmp_path):
+    from PIL import Image
+
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.testing import encode_image
+
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    captions = ["a dog runs on the beach", "le chien court sur la plage", "ok"]
+    write_shards([Record({"jpg": jpg}, caption=c) for c in captions], str(tmp_path), samples_per_shard=2)
+    ds = CaptionFeatures()(ImageTextPairDataset.from_webdataset(str(tmp_path)))
+    df = ds.metadata.compute()
+    assert df["caption_language"].tolist()[:2] == ["en", "fr"] and df["caption_language"].isna().tolist()[2]
+    least = float(df["caption_language_confidence"].iloc[0]) + 1e-6  # the English caption is just below it
+    out = ClipTextFilter(languages=["en"], min_language_confidence=least, drop_errors=False)(ds).metadata.compute()
+    assert out["keep"].tolist() == [False, False, False]
+    reasons = out["drop_reason"].tolist()
+    assert reasons[0] == f"caption_language_confidence < {least}"
+    assert reasons[1] == reasons[2] == "caption_language not in en"  # another language or none: that reason only
+    assert ClipTextFilter(languages=["en"], min_language_confidence=least).results_version == 3
+
+
 def test_an_argument_given_with_a_preset_wins_even_when_it_equals_the_default():
     from imgcurate.text import ClipTextFilter
 
