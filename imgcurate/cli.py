@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     pass
@@ -545,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+            return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: what finished is kept (a rerun of ``run`` resumes), no traceback
         print("imgcurate: interrupted", file=sys.stderr)
         return 130
@@ -562,6 +567,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "credentials, endpoint, bucket)", file=sys.stderr)  # fmt: skip
             return 2
         raise
+
+
+def _show_warning(shown: Callable, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:  # fmt: skip
+    """Shows imgcurate's own warnings on the command line as ``imgcurate: warning: ...`` (the message names the
+    step, file or option), and others with ``shown``, Python's way (their source line says where they come from)."""
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(ours):
+        from tqdm import tqdm
+
+        tqdm.write(f"imgcurate: warning: {message}", file=sys.stderr if file is None else file)  # under any bar
+    else:
+        shown(message, category, filename, lineno, file, line)
 
 
 #: The packages whose errors are an object store's answer (or its absence), not a fault of imgcurate's.

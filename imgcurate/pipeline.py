@@ -708,6 +708,7 @@ class Pipeline:
         """
         meta, id_col = dataset.metadata._meta, dataset.id_col
         read = set(map(str, meta.columns))
+        self._warn_upstream()
         written: dict[str, str] = {}  # column -> the step that writes it
         for i, step in enumerate(self.steps):
             if not isinstance(step, Step):
@@ -745,6 +746,17 @@ class Pipeline:
             raise ConfigError(f"export.old_id_col: {old_id_col!r} is already a column at the end of the steps (the "
                               "export would have to replace it): give the old keys another column name")  # fmt: skip
         self._check_report_columns(columns)
+
+    def _warn_upstream(self) -> None:
+        """Warns with what each step finds doubtful in the steps before it (:meth:`Step.upstream_warnings`: a filter
+        preset set on another CLIP model's scores); needs no input."""
+        writers: dict[str, Step] = {}  # column -> the last step that writes it
+        for i, step in enumerate(self.steps):
+            if not isinstance(step, Step):
+                continue
+            for message in step.upstream_warnings(writers):
+                warnings.warn(f"steps[{i}].{step.name}: {message}", stacklevel=3)
+            writers.update(dict.fromkeys(step.output_columns(), step))
 
     def _check_report_columns(self, columns: list[str]) -> None:
         """The columns each report reads are there at the end of the steps."""
@@ -799,6 +811,8 @@ class Pipeline:
         """
         if dataset is not None:
             self.check(dataset)
+        else:
+            self._warn_upstream()
         self._check_paths(dataset.path if dataset is not None else self.input)
         problems = self.device_problems() if devices else []
         if problems:

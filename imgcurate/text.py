@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -175,6 +176,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_aspect_ratio": 3.0,
     },
 }
+
+#: The CLIP model whose scores each preset's score rule was set on: open_clip's architecture and pretrained tag.
+PRESET_MODELS: dict[str, tuple[str, str]] = {
+    "datacomp_clip_l14_top30": ("ViT-L-14", "openai"),
+    "datacomp_clip_b32": ("ViT-B-32", "openai"),
+    "laion2b": ("ViT-B-32", "openai"),
+}
+
+
+def preset_model_problem(preset: str | None, model_name: str | None, pretrained: str | None) -> str | None:
+    """Why scores of CLIP ``model_name`` (``pretrained``) do not suit ``preset``'s score rule, or None: a threshold
+    or fraction chosen on one model's scores selects other samples on another's."""
+    wanted = PRESET_MODELS.get(preset or "")
+    if wanted is None or model_name is None:
+        return None
+    if (model_name.removesuffix("-quickgelu"), pretrained) == wanted:
+        return None
+    given = f"{model_name} ({pretrained})" if pretrained else f"{model_name} (no pretrained tag)"
+    return (f"preset {preset!r} was set on scores of CLIP {wanted[0]} ({wanted[1]}), and the scores here come from "
+            f"{given}: its rule selects other samples on that model's scores")  # fmt: skip
 
 
 #: The most values :func:`global_quantile` gathers on the client (8 MB of float64).
@@ -408,7 +429,16 @@ class ClipTextFilter(SampleFilter):
                                      (f"{p}language_confidence", "min_language_confidence", confidence)]:  # fmt: skip
             if value is not None:
                 found.setdefault(column, []).append((label, float(value)))
+        if self.min_side is not None:  # the smaller side is at least this exactly when both sides are
+            for column in ("width", "height"):
+                found.setdefault(column, []).append(("min_side", float(self.min_side)))
         return found
+
+    def upstream_warnings(self, writers: Mapping[str, Any]) -> list[str]:
+        writer = writers.get(self.clip_score_column)
+        problem = preset_model_problem(self.preset, getattr(writer, "model_name", None),
+                                       getattr(writer, "pretrained", None))  # fmt: skip
+        return [problem] if problem else []
 
     def thresholds_for(self, dataset: ImageTextPairDataset) -> dict[str, list[tuple[str, float]]]:
         if self.clip_top_fraction is not None and self.threshold is None:

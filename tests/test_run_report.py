@@ -285,9 +285,10 @@ def test_clip_scores_and_their_thresholds_are_drawn_also_when_every_shard_is_reu
     from imgcurate.embedders.clip import write_random_clip
 
     tiny = write_random_clip(tmp_path / "tiny-clip", seed=1)
+    rules = {"min_clip_score": -0.5, "clip_top_fraction": 0.5, "min_side": 10}
     config = {"input": str(sample_dir), "run_dir": str(tmp_path / "clip.run"), "backend": "pandas",
               "steps": [{"ClipEmbedder": {"model_name": tiny, "device": "cpu", "batch_size": 8}},
-                        {"ClipTextFilter": {"min_clip_score": -0.5, "clip_top_fraction": 0.5}}]}  # fmt: skip
+                        {"ClipTextFilter": rules}]}  # fmt: skip
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     for _ in range(2):  # the second run reuses every shard: the top fraction's quantile comes from the run dir
         assert main(["run", str(tmp_path / "p.yaml")]) == 0
@@ -297,6 +298,10 @@ def test_clip_scores_and_their_thresholds_are_drawn_also_when_every_shard_is_reu
         assert marks["min_clip_score"] == -0.5 and -1 <= marks["top 50%"] <= 1
         assert f"clip_score top 50% {marks['top 50%']:g}" in page and "clip_score min_clip_score -0.5" in page
         assert "not in top 50%" in page  # the drop reason, with its thumbnails
+        # the smaller side is at least min_side exactly when both sides are: drawn on both histograms
+        assert summary["steps"][1]["thresholds"]["width"] == summary["steps"][1]["thresholds"]["height"]
+        assert summary["steps"][1]["thresholds"]["width"] == [["min_side", 10.0]]
+        assert "width min_side 10" in page and "height min_side 10" in page
     assert [s["shards_reused"] for s in summary["steps"]] == [4, 4]
     # a run killed after the filter's last shard, before its thresholds.json: the rerun computes the quantile again
     (marks_file,) = (tmp_path / "clip.run" / "steps").glob("01-*/thresholds.json")

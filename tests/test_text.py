@@ -154,6 +154,43 @@ steps:
         Pipeline.from_yaml(str(bad))
 
 
+def test_a_preset_set_on_another_clip_models_scores_is_warned_about(sample_dir, tmp_path, capsys):
+    import warnings
+
+    from imgcurate.cli import main
+    from imgcurate.pipeline import Pipeline
+
+    def check(model, pretrained, preset):
+        steps = [{"ClipEmbedder": {"model_name": model, "pretrained": pretrained}}, {"CaptionFeatures": {}},
+                 {"ClipTextFilter": {"preset": preset}}]  # fmt: skip
+        pipeline = Pipeline.from_config({"input": str(sample_dir), "steps": steps})
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            pipeline.check(pipeline.open_input(validate=False))
+        return [str(w.message) for w in seen if "preset" in str(w.message)]
+
+    assert check("ViT-L-14", "laion2b_s32b_b82k", "laion2b") == [
+        "steps[2].ClipTextFilter: preset 'laion2b' was set on scores of CLIP ViT-B-32 (openai), and the scores here "
+        "come from ViT-L-14 (laion2b_s32b_b82k): its rule selects other samples on that model's scores"
+    ]
+    assert check("ViT-B-32", "openai", "datacomp_clip_l14_top30")[0].startswith(
+        "steps[2].ClipTextFilter: preset 'datacomp_clip_l14_top30' was set on scores of CLIP ViT-L-14 (openai)"
+    )
+    assert check("ViT-B-32", "openai", "laion2b") == check("ViT-B-32-quickgelu", "openai", "datacomp_clip_b32") == []
+    assert check("ViT-L-14", "laion2b_s32b_b82k", "datacomp_basic") == []  # no score rule
+    argv = ["config", "--input-path", str(sample_dir), "--output-path", str(tmp_path / "out"), "--output-file",
+            str(tmp_path / "c.yaml"), "--clip-model", "ViT-L-14", "--filter-preset", "laion2b"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "imgcurate: warning: steps[4].ClipTextFilter: preset 'laion2b' was set on scores of CLIP ViT-B-32 " \
+           "(openai), and the scores here come from ViT-L-14 (openai)" in capsys.readouterr().err  # fmt: skip
+    (tmp_path / "c.yaml").unlink()
+    assert main([*argv[:2], str(tmp_path / "no shards yet"), *argv[3:]]) == 0  # warned without an input too
+    assert "imgcurate: warning: steps[4].ClipTextFilter: preset 'laion2b'" in capsys.readouterr().err
+    assert main([*argv[:-3], "ViT-B-32", "--filter-preset", "laion2b", "--force"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def _shards_with(folder, fields):
     """Shards of 8x8 images whose json fields (and so parquet columns) are ``fields``, one dict per sample."""
     from PIL import Image

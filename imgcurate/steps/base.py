@@ -296,6 +296,12 @@ class Step(abc.ABC):
         the columns' histograms. Filters fill this in; most steps apply none."""
         return {}
 
+    def upstream_warnings(self, writers: Mapping[str, Step]) -> list[str]:
+        """What is doubtful about the steps before this one in a pipeline, given ``writers`` (each column written so
+        far -> the step that writes it); the pipeline's check warns with each. None by default (a filter preset
+        set on another model's scores says so)."""
+        return []
+
     def thresholds_for(self, dataset: ImageTextPairDataset) -> dict[str, list[tuple[str, float]]]:
         """:meth:`thresholds` for ``dataset`` when :meth:`added` has not run in this process: a step whose threshold
         is a statistic of the data (a quantile) computes it here. A run directory calls this when every shard's
