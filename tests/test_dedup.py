@@ -724,6 +724,39 @@ def test_assign_gives_a_row_the_same_distance_whatever_rows_it_is_computed_with(
             np.testing.assert_array_equal(got_dist, dist[part])  # bit for bit
 
 
+def test_a_row_whose_nearest_centroids_tie_gets_the_same_one_alone_as_in_the_whole_array():
+    """Identical centroids (KMeans gives them for data with repeated points) and ones a rounding apart: the matrix
+    product's last bits change with the rows beside a row, which moved a row alone in its shard to the other one."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = rng.standard_normal((7, 16)).astype(np.float32)
+    centroids[5] = centroids[3]
+    centroids[6] = np.nextafter(centroids[1], np.float32(np.inf))  # one float step from centroid 1
+    labels, dist = _assign(x, centroids)
+    assert not np.isin(labels, [5]).any()  # an exact tie goes to the lower index
+    for i in range(len(x)):
+        alone, alone_dist = _assign(x[i : i + 1].copy(), centroids)
+        assert (alone[0], alone_dist[0]) == (labels[i], dist[i]), i
+
+
+def test_copies_in_one_row_shards_meet_in_one_cluster_when_centroids_tie():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x[280:] = x[:20] + 1e-5  # near-copies, in the large shard, of the rows that are each alone in a shard
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = rng.standard_normal((7, 16)).astype(np.float32)
+    centroids[5] = centroids[3]
+    ds = _embedded([x[i : i + 1] for i in range(20)] + [x[20:]])
+    step = SemanticDeduplicator(n_clusters=7, eps=0.01)
+    got = ds.with_columns(step.added(ds, centroids=centroids)).metadata.compute()
+    want = step.find(x, centroids=centroids)
+    flags = want["is_duplicate_0.01"]
+    assert (flags[:20] != flags[280:]).all()  # one of each pair, whichever the keep rule keeps
+    np.testing.assert_array_equal(got["cluster"].to_numpy(), want["cluster"])
+    np.testing.assert_array_equal(got["is_duplicate"].to_numpy(), want["is_duplicate_0.01"])
+
+
 @pytest.mark.parametrize("keep", ["hard", "easy"])
 def test_exact_copies_in_other_shards_keep_the_copy_find_keeps(keep):
     rng = np.random.default_rng(3)

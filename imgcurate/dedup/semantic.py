@@ -216,7 +216,7 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     dist = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), block):
         rows = np.asarray(x[start : start + block])
-        nearest = (rows @ unit.T).argmax(axis=1)
+        nearest = _nearest(rows, unit)
         labels[start : start + block] = nearest
         # the distance again, row by row: a matrix product's value for a row can differ in its last bit with the
         # number of rows it is computed with (BLAS blocks by the matrix's shape), and the hard and easy rules order
@@ -228,6 +228,45 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
                 "ij,ij->i", rows[part], unit[nearest[part]]
             )
     return labels, dist
+
+
+def _nearest(rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """The nearest unit centroid of each row, the same whatever rows it is computed with.
+
+    The matrix product's similarities can differ in their last bits with the number of rows (BLAS blocks by shape),
+    which alone would move a row whose two nearest centroids tie within rounding (identical centroids, which KMeans
+    gives data with repeated points) to the other one when its shard holds only it: its copies in other shards would
+    then sit in another cluster and never be compared. So where centroids come within ``dim * 2**-22`` of a unit
+    row's best (twice the most two float32 sums of ``dim`` products of unit vectors can differ by), their
+    similarities are computed again one pair at a time, which gives the same bits whatever else is in the block,
+    and the best of them wins, the lowest centroid index on a tie.
+    """
+    sims = rows @ unit.T
+    nearest = sims.argmax(axis=1) if sims.shape[1] else np.zeros(len(rows), dtype=np.int64)
+    if len(rows) == 0 or sims.shape[1] < 2:
+        return nearest
+    at = np.arange(len(rows))
+    least = sims[at, nearest] - rows.shape[1] * 2.0**-22  # the rows are unit vectors (or zero)
+    sims[at, nearest] = -np.inf  # the runner-up next: a max, as fast as the argmax (a count of the near ones is not)
+    tied = np.flatnonzero(sims.max(axis=1) >= least)
+    tied = tied[rows[tied].any(axis=1)]  # a zero row's similarities are all exactly 0: the argmax's 0 stands
+    if tied.size:
+        near = sims[tied] >= least[tied, None]
+        near[np.arange(tied.size), nearest[tied]] = True
+        r, c = np.nonzero(near)
+        which = tied[r]
+        again = np.empty(len(which), dtype=np.float32)
+        for start in range(0, len(which), _PAIRS_AT_ONCE):  # the rows gathered: at most 32 MB at 512-d
+            pairs = slice(start, start + _PAIRS_AT_ONCE)
+            again[pairs] = np.einsum("ij,ij->i", rows[which[pairs]], unit[c[pairs]])
+        order = np.lexsort((c, -again, which))  # per row: the best similarity first, then the lowest index
+        first = order[np.r_[True, which[order][1:] != which[order][:-1]]]
+        nearest[which[first]] = c[first]
+    return nearest
+
+
+#: How many (row, centroid) pairs :func:`_nearest` computes again at once.
+_PAIRS_AT_ONCE = 1 << 14
 
 
 def similarity_rounding(dim: int) -> float:
