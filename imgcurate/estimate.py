@@ -230,7 +230,7 @@ def _embedder(step: Any, st: _State) -> Estimate:
         return out
     found = table_rate(step.model_name, device, gflop)
     if found is None:
-        out.notes = f"{size_note}; no measured throughput on {device} (--measure times it here)"
+        out.notes = f"{size_note}; no measured throughput on {device} (--measure times it on a machine with one)"
     else:
         rate, source = found
         out.seconds = st.samples / rate
@@ -377,6 +377,15 @@ def estimate_config(path: str, measure: bool = False, input_path: str | None = N
         raise ValueError(f"{path}: the config has no 'input' folder (or pass --input-path)")
     # a GPU the config names need not be usable here: a config for the GPU nodes is estimated on any machine
     pipeline.check_config(pipeline.open_input(validate=False), devices=False)
+    from imgcurate.errors import ConfigError
+    from imgcurate.steps.base import Step
+
+    # --measure runs the models here (whatever cluster the config names), on the devices they name
+    problems = [f"steps[{i}].{problem}" for i, step in enumerate(pipeline.steps) if measure and isinstance(step, Step)
+                for problem in step.device_problems()]  # fmt: skip
+    if problems:
+        raise ConfigError(f"{problems[0]} (--measure times the steps on this machine: estimate without it, or on "
+                          "a machine with that device)")  # fmt: skip
     shards, samples, tar_bytes = _count_input(pipeline.input, pipeline.storage_options)
     st = _State(samples, tar_bytes, measure)
     steps = []

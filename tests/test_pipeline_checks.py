@@ -540,6 +540,12 @@ def test_a_step_told_to_use_a_gpu_is_checked_where_its_tasks_run(sample_dir, tmp
     assert capsys.readouterr().err.strip() == f"imgcurate: error: {problem}"
     assert not (tmp_path / "out.run").exists()
     assert main(["estimate", str(tmp_path / "p.yaml")]) == 0  # a config for the GPU nodes, estimated anywhere
+    capsys.readouterr()
+    assert main(["estimate", str(tmp_path / "p.yaml"), "--measure"]) == 2  # but not timed here: one line
+    assert (
+        capsys.readouterr().err.strip() == f"imgcurate: error: {problem} (--measure times the steps on this "
+        "machine: estimate without it, or on a machine with that device)"
+    )
     assert main(["doctor", "--config", str(tmp_path / "p.yaml")]) == 1  # its table, then what would not work
     assert f"would not work: {problem}" in capsys.readouterr().out
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
