@@ -293,7 +293,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
     Raises:
         ConfigError: the config is wrong, with the message ``run`` gives.
     """
-    from imgcurate.errors import ImgcurateError, MissingDependencyError
+    from imgcurate.errors import MissingDependencyError
     from imgcurate.pipeline import Pipeline
     from imgcurate.steps.base import Step
 
@@ -311,10 +311,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
     problems = pipeline.device_problems()
     for step in pipeline.steps:
         if isinstance(step, Step):
-            try:
-                step.check_resources()
-            except ImgcurateError as err:
-                problems.append(str(err))
+            problems += step.resource_problems()
     if pipeline.cluster and "address" in pipeline.cluster:
         problems.extend(_cluster_problems(pipeline, dataset))
     return problems, notes

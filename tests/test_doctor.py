@@ -103,3 +103,26 @@ def test_doctor_imports_no_gpu_library_without_a_driver(no_gpu):
 
     doctor.diagnose({"backend": "cudf"})
     assert not {"cudf", "cuml", "cupy", "dask_cuda", "raft_dask"} & set(sys.modules)
+
+
+def test_doctor_lists_every_missing_weights_file_of_a_step_and_of_its_fused_heads(no_gpu, sample_dir, tmp_path,
+                                                                                     capsys, fresh_models):  # fmt: skip
+    """A run stops at the first missing file; the doctor lists them all: the tower's and each head's."""
+    from imgcurate.embedders.timm import pretrained_weights_cached
+
+    model = "vit_base_patch32_clip_224.openai"
+    if pretrained_weights_cached(model):
+        pytest.skip("this machine's cache holds the tower's weights")
+    config = tmp_path / "p.yaml"
+    config.write_text(f"""\
+input: {sample_dir}
+steps:
+  - TimmImageEmbedder: {{model_name: {model}, pretrained: true, device: cpu,
+                        classifiers: [AestheticClassifier: {{}}, NsfwClassifier: {{}}]}}
+""")  # fmt: skip
+    assert main(["doctor", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    missing = [line for line in out.splitlines() if "would not work" in line]
+    assert len(missing) == 3, out
+    assert model in missing[0]
+    assert "sa_0_4_vit_b_32_linear.pth" in missing[1] and "clip_autokeras_nsfw_b32.zip" in missing[2]

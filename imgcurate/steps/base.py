@@ -254,9 +254,30 @@ class Step(abc.ABC):
         for name, path in self.local_files().items():
             if not os.path.exists(path):
                 raise FileError(path, f"not found ({self.name}'s {name})")
+        if getattr(self, "_own_resources_only", False):  # resource_problems checks those steps on their own
+            return
         for inner in self.inner_steps():
             if isinstance(inner, Step):
                 inner.check_resources()
+
+    def resource_problems(self) -> list[str]:
+        """Every problem :meth:`check_resources` would stop at, each once: this step's own first, then those of the
+        steps among its arguments (an embedder's fused heads), so ``imgcurate doctor`` lists every missing file at
+        once where a run stops at the first."""
+        from imgcurate.errors import ImgcurateError
+
+        problems = []
+        self._own_resources_only = True
+        try:
+            self.check_resources()
+        except ImgcurateError as err:
+            problems.append(str(err))
+        finally:
+            del self._own_resources_only
+        for inner in self.inner_steps():
+            if isinstance(inner, Step):
+                problems += inner.resource_problems()
+        return list(dict.fromkeys(problems))
 
     def device_problems(self) -> list[str]:
         """What keeps a GPU that this step, or a step among its arguments, is told to use (``device: cuda``) from
