@@ -1109,8 +1109,11 @@ class Pipeline:
             result, records = self.compute_steps(dataset, described)
             for name, kwargs in self.reports.items():
                 _load(REPORTS, "report", name)(result, **kwargs)
-            keep = (self._export_settings() or {}).get("filter_column")
             roles = [s.summary_columns() for s in self.steps if isinstance(s, Step)]
+            if self.export:
+                keep = self._export_settings().get("filter_column")
+            else:  # no export: the summary counts what the last filter keeps
+                keep = next((r["keep"] for r in reversed(roles) if "keep" in r), None)
             facts = summarize(result, records, keep, roles)
             out = result
             nothing = None

@@ -466,6 +466,22 @@ def _small_config(sample_dir, tmp_path, min_width=0):
     return str(path)
 
 
+def test_a_run_without_an_export_counts_what_its_last_filter_keeps(sample_dir, tmp_path, capsys):
+    from imgcurate.cli import main
+
+    first = {"min_width": 0, "rules": [{"column": "width", "op": "<", "value": 0}]}
+    config = {"input": str(sample_dir), "run_dir": str(tmp_path / "r.run"),
+              "steps": [{"SampleFilter": first},
+                        {"SampleFilter": {"min_width": 256, "keep_column": "wide", "reason_column": "why"}}]}  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "p.yaml")]) == 0
+    summary = json.loads((tmp_path / "r.run" / "summary.json").read_text())
+    wide = ImageTextPairDataset.from_webdataset(str(sample_dir)).metadata["width"].ge(256).sum().compute()
+    assert (summary["samples_in"], summary["samples_kept"], summary["keep_column"]) == (36, wide, "wide")
+    assert summary["drops_by_reason"] == {"width < 256": 36 - wide}
+    assert f"samples in: 36, kept: {wide}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("before", ["publish", "exported.json"])
 def test_a_run_stopped_while_exporting_finishes_on_the_same_command_without_overwrite(sample_dir, tmp_path,
                                                                                       monkeypatch, before):  # fmt: skip
