@@ -327,7 +327,11 @@ def _clusters_for(input_path: str) -> int:
         from imgcurate.estimate import _count_input
 
         _, samples, _ = _count_input(input_path, None)
-    except (OSError, ValueError):  # the input is not there yet
+    except (OSError, ValueError) as err:  # the input is not there yet, or not readable here
+        import warnings
+
+        warnings.warn(f"n_clusters: 1000, as the input cannot be counted here ({err}); set --n-clusters to about "
+                      "one per 1,000 input samples", stacklevel=2)  # fmt: skip
         return 1000
     return max(1, round(samples / 1000))
 

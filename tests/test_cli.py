@@ -266,6 +266,10 @@ def test_config_rejects_bad_values_and_keeps_existing_files(tmp_path, capsys):
     assert main(base) == 2  # exists, no --force: a one-line mistake
     text = (tmp_path / "c.yaml").read_text()
     assert "NsfwClassifier" not in text and "n_clusters: 1000" not in text
+    capsys.readouterr()
+    assert main(base + ["--force"]) == 0  # "in" does not exist: the clusters are not counted, and it says so
+    assert "n_clusters: 1000" in (tmp_path / "c.yaml").read_text()
+    assert "imgcurate: warning: n_clusters: 1000, as the input cannot be counted here (in: " in capsys.readouterr().err
 
 
 def test_estimate_names_the_columns_each_step_adds_as_configured(sample_dir, tmp_path, capsys):
