@@ -14,8 +14,8 @@ NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "quickstart.ipyn
 def test_quickstart_notebook_runs_and_exports(tmp_path, monkeypatch):
     cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("IMGCURATE_QUICKSTART_MODEL", "test_resnet")
-    monkeypatch.setenv("IMGCURATE_QUICKSTART_PRETRAINED", "0")
+    monkeypatch.setenv("IMGCURATE_NOTEBOOK_MODEL", "test_resnet")
+    monkeypatch.setenv("IMGCURATE_NOTEBOOK_PRETRAINED", "0")
     namespace: dict = {}
     for i, cell in enumerate(cells):
         exec(compile("".join(cell["source"]), f"{NOTEBOOK.name} cell {i}", "exec"), namespace)

@@ -45,6 +45,11 @@ def test_the_python_blocks_run_in_order_on_the_sample(tmp_path, monkeypatch, cap
     printed = capsys.readouterr().out
     kept, total = map(int, re.search(r"(\d+) kept of (\d+)", printed).groups())
     assert total == 36 and 0 < kept < total
+    # the same job as examples/sample_pipeline.yaml: one sample per photo with a copy 256 pixels wide, its widest
+    src, out = namespace["ds"].metadata.compute(), namespace["out"].metadata.compute()
+    assert not out["source"].duplicated().any() and len(out) == kept
+    assert set(out["source"]) == set(src.loc[(src["width"] >= 256) & src["error"].isna(), "source"])
+    assert out["width"].tolist() == [src.loc[src["source"] == s, "width"].max() for s in out["source"]]
     assert (tmp_path / "sample_data" / "curated_py").is_dir() and (tmp_path / "sample_data" / "big").is_dir()
     # the step class of "Writing a step" works on a dataset
     from imgcurate import ImageTextPairDataset
@@ -84,7 +89,7 @@ def test_the_first_two_commands_are_the_ones_the_tests_cover(line):
     text = README.read_text()
     first = [s.strip() for s in re.findall(r"^    (\S.*)$", text, re.M)][line]
     if line == 0:
-        assert first.endswith("imgcurate sample sample_data/shards && imgcurate run examples/sample_pipeline.yaml"
-                              " --overwrite")  # fmt: skip
+        assert first.endswith("imgcurate sample sample_data/shards --overwrite && imgcurate run "
+                              "examples/sample_pipeline.yaml --overwrite")  # fmt: skip
     else:
         assert first == "bash .ci/run"
