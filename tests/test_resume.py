@@ -470,9 +470,9 @@ def test_a_run_without_an_export_counts_what_its_last_filter_keeps(sample_dir, t
     from imgcurate.cli import main
 
     first = {"min_width": 0, "rules": [{"column": "width", "op": "<", "value": 0}]}
+    last = {"min_width": 256, "keep_column": "wide", "reason_column": "why"}
     config = {"input": str(sample_dir), "run_dir": str(tmp_path / "r.run"),
-              "steps": [{"SampleFilter": first},
-                        {"SampleFilter": {"min_width": 256, "keep_column": "wide", "reason_column": "why"}}]}  # fmt: skip
+              "steps": [{"SampleFilter": first}, {"SampleFilter": last}]}  # fmt: skip
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "p.yaml")]) == 0
     summary = json.loads((tmp_path / "r.run" / "summary.json").read_text())
