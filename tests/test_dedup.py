@@ -199,6 +199,45 @@ def test_clear_errors():
         SemanticDeduplicator(n_clusters=10).find(np.ones((3, 4), np.float32))
     with pytest.raises(ValueError, match="which_to_keep must be one of hard, easy, random, or a list of metadata"):
         SemanticDeduplicator(n_clusters=2, which_to_keep="best")
+    for kwargs, message in (
+        ({"n_clusters": 2.5}, r"n_clusters must be an integer of at least 1, got 2\.5"),
+        ({"n_clusters": True}, r"n_clusters must be an integer of at least 1, got True"),
+        ({"n_clusters": "3"}, r"n_clusters must be an integer of at least 1, got '3'"),
+        ({"n_clusters": 2, "eps": "0.01"}, r"eps: expected a number in \[0, 2\) or a list of them, got '0\.01'"),
+        ({"n_clusters": 2, "eps": None}, r"eps: expected a number in \[0, 2\) or a list of them, got None"),
+        ({"n_clusters": 2, "eps": [0.01, 0.01]}, r"eps gives 0\.01 twice"),
+        ({"n_clusters": 2, "tol": float("nan")}, r"tol must be a number \(a negative one never stops early\), got nan"),
+        ({"n_clusters": 2, "error_column": "cluster"}, r"error_column: 'cluster' is one of the step's other output"),
+    ):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            SemanticDeduplicator(**kwargs)
+    # NumPy's numbers are numbers
+    step = SemanticDeduplicator(n_clusters=np.int64(2), eps=np.float32(0.5), fit_sample=np.int64(100))
+    assert (step.n_clusters, step.eps, step.fit_sample) == (2, [0.5], 100) and type(step.fit_sample) is int
+
+
+def test_a_step_that_would_write_the_key_column_is_refused(sample_ds):
+    from imgcurate.dedup import ExactDuplicates
+    from imgcurate.steps.base import ColumnError
+
+    for step in (SemanticDeduplicator(n_clusters=2, error_column="key"), ExactDuplicates(hash_column="key")):
+        with pytest.raises(ColumnError, match=r"writes the key column 'key': give its output another name"):
+            step(sample_ds)
+
+
+def test_ids_of_several_python_types_name_the_kept_copy_as_text():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    x[20:] = x[:20]  # every row of the second shard copies one of the first
+    ds = _embedded([x[:20], x[20:]])
+    df = ds.metadata
+    ids = df["key"].map_partitions(lambda s, partition_info=None: pd.Series(
+        [i if i % 2 else f"s{i}" for i in range(partition_info["number"] * 20, partition_info["number"] * 20 + len(s))],
+        index=s.index, dtype=object), meta=("key", object))  # fmt: skip
+    ds = ds.with_metadata(df.assign(key=ids))
+    out = SemanticDeduplicator(n_clusters=2, eps=1e-3)(ds).metadata.compute()
+    assert out["is_duplicate"].tolist() == [False] * 20 + [True] * 20
+    assert out["duplicate_of"].tolist()[20:] == [str(i) if i % 2 else f"s{i}" for i in range(20)]
 
 
 def test_more_clusters_than_input_rows_fail_when_the_step_is_applied_before_any_embedding(sample_ds, monkeypatch):

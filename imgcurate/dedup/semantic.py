@@ -46,6 +46,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import numbers
 import os
 import sys
 import time
@@ -435,9 +436,9 @@ class SemanticDeduplicator(Step):
         block_size: tile size of the blockwise similarity computation.
         tol: KMeans stops early below this change in one iteration. Its meaning is each backend's own: faiss, the
             objective's relative improvement; scikit-learn, the centroids' shift relative to the data's variance;
-            cuML, the squared shift of the centroids. Each backend runs one initialisation (cuML's k-means||, the
-            others k-means++ or faiss's random rows), so centroids differ between backends; ``find`` equals the
-            dataset path for one backend and the same centroids.
+            cuML, the squared shift of the centroids; a negative ``tol`` runs every iteration. Each backend runs one
+            initialisation (cuML's k-means||, the others k-means++ or faiss's random rows), so centroids differ
+            between backends; ``find`` equals the dataset path for one backend and the same centroids.
         device: where the in-cluster similarity tiles are computed: ``cpu`` (NumPy), ``cuda`` (CuPy, the same
             code) or ``auto`` (cuda when a GPU is usable and CuPy installed). Each cluster's embeddings are copied
             to the GPU in turn, so its memory holds one cluster at a time.
@@ -499,15 +500,22 @@ class SemanticDeduplicator(Step):
                 raise ValueError(f"which_to_keep names the column {twice!r} twice")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
-        self.eps = [float(eps)] if isinstance(eps, int | float) else [float(e) for e in eps]
+        values = [eps] if isinstance(eps, numbers.Real) or not isinstance(eps, Sequence) else list(eps)
+        if any(isinstance(e, bool) or not isinstance(e, numbers.Real) for e in values):
+            raise ValueError(f"eps: expected a number in [0, 2) or a list of them, got {eps!r}")
+        self.eps = [float(e) for e in values]
         if not self.eps or any(not 0 <= e < 2 for e in self.eps):
             raise ValueError(f"eps must be in [0, 2), got {eps!r}")
-        if n_clusters < 1:
-            raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
-        for name, value, least in (("max_iter", max_iter, 1), ("block_size", block_size, 1),
-                                   ("random_state", random_state, 0)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        twice = next((e for i, e in enumerate(self.eps) if e in self.eps[:i]), None)
+        if twice is not None:
+            raise ValueError(f"eps gives {twice!r} twice (each eps has a column of its own)")
+        for name, value, least in (("n_clusters", n_clusters, 1), ("max_iter", max_iter, 1),
+                                   ("block_size", block_size, 1), ("random_state", random_state, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or tol != tol:
+            raise ValueError(f"tol must be a number (a negative one never stops early), got {tol!r}")
+        n_clusters = int(n_clusters)
         if kmeans_backend is not None:
             _check_kmeans_backend(kmeans_backend)
         if device not in ("auto", "cpu", "cuda"):
@@ -516,6 +524,8 @@ class SemanticDeduplicator(Step):
             from imgcurate.errors import MissingDependencyError
 
             raise MissingDependencyError("SemanticDeduplicator(device='cuda')", "cupy-cuda13x", extra="gpu")
+        if isinstance(fit_sample, np.integer | np.floating):
+            fit_sample = fit_sample.item()
         if fit_sample is not None and not (
             (isinstance(fit_sample, int) and not isinstance(fit_sample, bool) and fit_sample >= n_clusters)
             or (isinstance(fit_sample, float) and 0 < fit_sample <= 1)
@@ -538,6 +548,8 @@ class SemanticDeduplicator(Step):
         self.fit_sample = fit_sample
         self.error_column = error_column
         self.stats_: dict[str, Any] = {}
+        if error_column in self._answer_columns():
+            raise ValueError(f"error_column: {error_column!r} is one of the step's other output columns")
 
     # ------------------------------------------------------------------ core, on arrays
     def _cache(self, name: str) -> str | None:
@@ -740,6 +752,9 @@ class SemanticDeduplicator(Step):
         return list(dict.fromkeys([self.embedding_column, self._id(id_col), *self.keep_by]))
 
     def output_columns(self) -> dict[str, pa.DataType]:
+        return {**self._answer_columns(), self.error_column: pa.string()}
+
+    def _answer_columns(self) -> dict[str, pa.DataType]:
         types = {
             "cluster": pa.int64(),
             "distance_to_centroid": pa.float32(),
@@ -749,7 +764,6 @@ class SemanticDeduplicator(Step):
         }
         if len(self.eps) > 1:
             types.update({f"is_duplicate_eps{e}": pa.bool_() for e in self.eps})
-        types[self.error_column] = pa.string()
         return types
 
     def check(self, meta: Any, id_col: str) -> None:

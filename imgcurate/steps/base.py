@@ -354,6 +354,8 @@ class Step(abc.ABC):
         Raises:
             ColumnError: a column is missing, naming the step, the column and what is there.
         """
+        if id_col in self.output_columns():
+            raise ColumnError(f"{self.name} writes the key column {id_col!r}: give its output another name")
         present = list(map(str, meta.columns))
         missing = [c for c in self.input_columns(id_col) if c not in present]
         if missing:

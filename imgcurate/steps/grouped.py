@@ -224,7 +224,13 @@ def rows_matrix(column: pd.Series, rows: np.ndarray) -> np.ndarray:
 def text_column(values: Any) -> pd.api.extensions.ExtensionArray:
     """Text (a pandas or arrow column of strings) as pandas' arrow string column, without a Python object per row
     when it is arrow already."""
-    array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, from_pandas=True)
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        array = values
+    else:
+        try:
+            array = pa.array(values, from_pandas=True)
+        except (pa.ArrowTypeError, pa.ArrowInvalid):  # Python objects of several types (ids: 7 and "a7"): as text
+            array = pa.array([None if v is None or v != v else str(v) for v in values], type=pa.large_string())
     return pd.array(array.cast(pa.large_string()), dtype=_TEXT)
 
 
