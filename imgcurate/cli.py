@@ -464,28 +464,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="write the bundled sample shards (real photos shipped by scikit-image)")
-    p.add_argument("out")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=10)
+    p.add_argument("out", help="the folder to write the shards to")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10, help="samples per shard (default: 10)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("shard", help="turn a folder of images (or a CSV/parquet list) into shards")
     p.add_argument("src", help="folder of images with optional .txt/.json sidecars, or a .csv/.parquet list")
-    p.add_argument("out")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=10000)
-    p.add_argument("--path-col", default=None)
-    p.add_argument("--caption-col", default=None)
+    p.add_argument("out", help="the folder to write the shards to")
+    p.add_argument("--samples-per-shard", type=_positive_int, default=10000, help="samples per shard (default: 10000)")
+    p.add_argument("--path-col", default=None, help="a list's column of image paths (default: the first of path, "
+                   "image_path, filepath, file and image that it has)")  # fmt: skip
+    p.add_argument("--caption-col", default=None, help="a list's column of captions (default: the first of caption, "
+                   "text and txt that it has; none: no captions)")  # fmt: skip
     p.add_argument("--index-files", action="store_true", help="also write each shard's DALI index (.idx)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("index", help="write the DALI index (.idx) of each shard in a folder that lacks one")
-    p.add_argument("folder")
+    p.add_argument("folder", help="a folder of .tar shards (local or an fsspec URL)")
     p.add_argument("--overwrite", action="store_true", help="rewrite indexes that exist")
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("run", help="run a YAML pipeline")
-    p.add_argument("config")
+    p.add_argument("config", help="the pipeline's YAML file")
     p.add_argument("--output", default=None, help="override the export folder")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in the export folder")
     p.add_argument("--run-dir", default=None, help="where step results go, shard by shard (default: <output>.run)")
@@ -521,9 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsfw-threshold", type=float, default=None, help="drop nsfw_score >= this (0-1; 0.5)")
     p.add_argument("--no-aesthetic", action="store_true", help="no aesthetic head and no aesthetic rule")
     p.add_argument("--no-nsfw", action="store_true", help="no NSFW head and no NSFW rule")
-    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True, help="exact and semantic dedup")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                   help="exact and semantic dedup (default: on)")  # fmt: skip
     p.add_argument("--batch-size", type=_positive_int, default=None, help="embedder batch size (default: per device)")
-    p.add_argument("--images-per-tar", type=_positive_int, default=10000, help="samples per exported shard")
+    p.add_argument("--images-per-tar", type=_positive_int, default=10000,
+                   help="samples per exported shard (default: 10000)")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm image tower (default: CLIP ViT-L/14)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load its weights")
     p.add_argument(
@@ -544,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-config", help="write an example pipeline config")
     p.add_argument("out", nargs="?", default="-", help="file to write ('-' for stdout)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite the file")
     p.set_defaults(func=_cmd_init_config)
     return parser
 
@@ -559,14 +563,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("imgcurate: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the CLI shows the message, not a traceback, for our own errors
-        from imgcurate.errors import ImgcurateError
+        from imgcurate.errors import ImgcurateError, from_an_object_store
 
         mistakes = (ImgcurateError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                     PermissionError, ValueError)  # fmt: skip
         if isinstance(err, mistakes):
             print(f"imgcurate: error: {err}", file=sys.stderr)
             return 2
-        if _from_an_object_store(err):  # no credentials, an endpoint that does not answer, access denied
+        if from_an_object_store(err):  # no credentials, an endpoint that does not answer, access denied
             print(f"imgcurate: error: the object store: {type(err).__name__}: {err} (check the storage_options: "
                   "credentials, endpoint, bucket)", file=sys.stderr)  # fmt: skip
             return 2
@@ -584,16 +588,6 @@ def _show_warning(shown: Callable, message: Warning | str, category: type[Warnin
         tqdm.write(f"imgcurate: warning: {message}", file=sys.stderr if file is None else file)  # under any bar
     else:
         shown(message, category, filename, lineno, file, line)
-
-
-#: The packages whose errors are an object store's answer (or its absence), not a fault of imgcurate's.
-_STORE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure.core", "google.auth", "google.api_core",
-                  "google.cloud.storage")  # fmt: skip
-
-
-def _from_an_object_store(err: BaseException) -> bool:
-    return any(kind.__module__ == m or kind.__module__.startswith(m + ".") for kind in type(err).__mro__
-               for m in _STORE_MODULES)  # fmt: skip
 
 
 if __name__ == "__main__":

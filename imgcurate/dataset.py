@@ -86,6 +86,8 @@ class ImageTextPairDataset:
         tar_files: the shard paths, in order.
         id_col: the column that holds sample keys.
         storage_options: passed to fsspec for every file access.
+        shards: the shard frame (one row per shard: its index and tar path, :func:`imgcurate._dask.shard_frame`);
+            None builds it from ``tar_files``.
         input_schema: the arrow schema the metadata was read from (:meth:`from_webdataset` gives it), kept through
             :meth:`with_metadata`; the export writes each column that still has the dtype it was read as with its
             input type (see :attr:`input_schema`).
@@ -266,6 +268,7 @@ class ImageTextPairDataset:
 
     @property
     def num_shards(self) -> int:
+        """The number of shards (tar files), which is the metadata's number of partitions."""
         return len(self.tar_files)
 
     def _checked(self, metadata: dd.DataFrame) -> dd.DataFrame:
@@ -346,7 +349,8 @@ class ImageTextPairDataset:
         a lazy frame runs every step behind it again, so anything that reads the frame more than once (a report
         followed by an export) should read a persisted dataset. Within one compute every step runs once per shard,
         dedup steps included. A pipeline with a run directory writes each step's results to disk instead of holding
-        them in memory. Under a distributed client the partitions stay on the workers.
+        them in memory. Under a distributed client the partitions stay on the workers. ``desc`` labels the
+        progress bar.
 
         Example:
             >>> ds = TimmImageEmbedder("resnet50")(ds).persist()  # doctest: +SKIP
@@ -398,11 +402,25 @@ class ImageTextPairDataset:
         """Re-shards the kept samples into new tar shards with their parquet, copying member bytes unchanged.
 
         See :func:`imgcurate.io.export.export_webdataset` for the details (key scheme, streaming, atomicity).
-        ``storage_options`` are fsspec's options for ``path``; None uses the dataset's own (give them to read from
-        one object store, bucket or account and write to another, e.g. ``s3://`` input to a local folder).
+
+        Args:
+            path: the output folder (local or an fsspec URL); it must differ from the input.
+            filter_column: a boolean metadata column: the rows where it is true are exported (null counts as false).
+                None exports every row.
+            samples_per_shard: samples per output shard (the last one may hold fewer).
+            max_shards: write only the first this many shards (a subset); None writes every kept sample.
+            old_id_col: keep each sample's old key in this column (the export gives new keys).
+            overwrite: replace the shards already in ``path``; otherwise a folder holding shards is an error.
+            index_files: also write each shard's DALI index (``.idx``).
+            storage_options: fsspec's options for ``path``; None uses the dataset's own (give them to read from one
+                object store, bucket or account and write to another, e.g. ``s3://`` input to a local folder).
 
         Returns:
             The new dataset, opened from ``path`` (with ``storage_options``).
+
+        Raises:
+            ValueError: an unknown or non-boolean filter column, ``path`` equal to the input, or nothing selected.
+            FileExistsError: ``path`` holds shards and ``overwrite`` is false.
         """
         self._export(path, filter_column=filter_column, samples_per_shard=samples_per_shard, max_shards=max_shards,
                      old_id_col=old_id_col, overwrite=overwrite, index_files=index_files,

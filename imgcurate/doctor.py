@@ -293,7 +293,7 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
     Raises:
         ConfigError: the config is wrong, with the message ``run`` gives.
     """
-    from imgcurate.errors import MissingDependencyError
+    from imgcurate.errors import MissingDependencyError, from_an_object_store, one_line
     from imgcurate.pipeline import Pipeline
     from imgcurate.steps.base import Step
 
@@ -304,9 +304,12 @@ def check_config(path: str) -> tuple[list[str], list[str]]:
     notes = []
     try:
         dataset = pipeline.open_input(validate=False)
-    except OSError as err:  # the input is not reachable from this machine: the column flow is not checked
+    except Exception as err:  # noqa: BLE001 - the input is not reachable from this machine (a missing folder, an
+        # object store without credentials here): the column flow is not checked, the rest is
+        if not (isinstance(err, OSError) or from_an_object_store(err)):
+            raise
         dataset = None
-        notes.append(f"column flow not checked: the input cannot be read here ({err})")
+        notes.append(f"column flow not checked: the input cannot be read here ({type(err).__name__}: {one_line(err)})")
     pipeline.check_config(dataset, devices=False)
     problems = pipeline.device_problems()
     for step in pipeline.steps:

@@ -80,3 +80,14 @@ class ConcurrentExportError(ImgcurateError, RuntimeError):
 def one_line(err: BaseException) -> str:
     """An error's message on one line (its type's name when it has none), to quote inside another message."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+#: The packages whose errors are an object store's answer (or its absence), not a fault of imgcurate's.
+_STORE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure.core", "google.auth", "google.api_core",
+                  "google.cloud.storage")  # fmt: skip
+
+
+def from_an_object_store(err: BaseException) -> bool:
+    """Whether ``err`` is an object store's answer: no credentials, an endpoint that does not answer, access denied."""
+    return any(kind.__module__ == m or kind.__module__.startswith(m + ".") for kind in type(err).__mro__
+               for m in _STORE_MODULES)  # fmt: skip

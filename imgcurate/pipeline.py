@@ -1006,8 +1006,20 @@ class Pipeline:
 
     def _run_dir_options(self) -> dict[str, Any]:
         """fsspec's options for the run directory: the export's when the run directory is the default one beside
-        the export, else the input's (``storage_options``)."""
-        return self._export_options() if not self.run_dir and self.export else dict(self.storage_options or {})
+        the export; for one given, those of the export or else of the input whose filesystem (protocol) it is on,
+        and none (the environment's credentials) when it is on neither's: an input's S3 keys are not handed to
+        another object store."""
+        if not self.run_dir and self.export:
+            return self._export_options()
+        import fsspec
+
+        def protocol(url: Any) -> str:
+            return fsspec.core.split_protocol(str(url))[0] or "file"
+
+        where = protocol(self.run_dir)
+        if self.export and self.export.get("path") and protocol(self.export["path"]) == where:
+            return self._export_options()
+        return dict(self.storage_options or {}) if self.input and protocol(self.input) == where else {}
 
     def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """The steps applied to ``dataset``, lazily (nothing is computed)."""

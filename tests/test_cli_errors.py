@@ -190,6 +190,11 @@ def test_a_failed_rerun_leaves_no_summary_of_the_earlier_run(sample_dir, tmp_pat
     assert _one_error(capsys) == f"{run_dir}: no summary.json; not a finished run (rerun the pipeline to finish it)"
     assert main(["run", config, "--overwrite"]) == 0  # a rerun that finishes reports the new input
     assert json.loads((run_dir / "summary.json").read_text())["samples_in"] == 30
+    hint = "(give the run directory of a run: <export path>.run by default)"
+    assert main(["report", config]) == 2
+    assert _one_error(capsys) == f"{config}: a file, not a folder {hint}"
+    assert main(["report", str(sample_dir)]) == 2  # the shards, not the run directory
+    assert _one_error(capsys) == f"{sample_dir}: no run.json, so not a run directory {hint}"
 
 
 def test_a_sample_that_cannot_be_hashed_gets_its_reason_and_is_neither_copy_nor_unique(tmp_path, capsys):

@@ -310,6 +310,7 @@ def make_shards(
         samples_per_shard: samples per shard.
         path_col: the column of image paths in a list (default: the first of path, image_path, filepath, file, image).
         caption_col: the caption column in a list (default: the first of caption, text, txt).
+        index_files: also write each shard's DALI index (``NNNNN.idx``), for ``use_index_files=True`` readers.
         overwrite: replace the shards already in ``out``; otherwise a folder with shards in it is an error.
         storage_options: fsspec options for ``source``, the images it lists and ``out`` (an object store's
             credentials and endpoint).

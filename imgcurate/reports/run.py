@@ -295,12 +295,14 @@ def report_run_dir(
 
     so = dict(storage_options or {})
     run = RunDir(run_dir, so, create=False)
+    hint = "give the run directory of a run: <export path>.run by default"
     if not run.fs.isdir(run.root):
-        raise ConfigError(f"{run_dir}: no such folder (give the run directory of a run: <export path>.run by "
-                          "default)")  # fmt: skip
-    for name in ("run.json", "summary.json"):
-        if not run.exists(name):
-            raise ConfigError(f"{run_dir}: no {name}; not a finished run (rerun the pipeline to finish it)")
+        what = "a file, not a folder" if run.fs.isfile(run.root) else "no such folder"
+        raise ConfigError(f"{run_dir}: {what} ({hint})")
+    if not run.exists("run.json"):
+        raise ConfigError(f"{run_dir}: no run.json, so not a run directory ({hint})")
+    if not run.exists("summary.json"):
+        raise ConfigError(f"{run_dir}: no summary.json; not a finished run (rerun the pipeline to finish it)")
     info, summary = run.read_json("run.json"), run.read_json("summary.json")
     source = info.get("input_url") or info.get("input") if isinstance(info, dict) else None
     steps = summary.get("steps", []) if isinstance(summary, dict) else None
