@@ -1136,7 +1136,10 @@ class Pipeline:
                            "give the drops by reason")  # fmt: skip
                 facts["exported"] = {"path": str(self.export["path"]), "shards": 0, "error": "no sample is selected"}
             elif published:  # this same run published it before it was stopped: the rerun finishes the rest
-                out = self._open_export()
+                run = RunDir(self.resolved_run_dir(), self._run_dir_options())
+                if run.exists("exporting.json"):  # a stop between recording the export and removing this mark:
+                    run.fs.rm(posixpath.join(run.root, "exporting.json"))  # left, it would let a later run replace
+                out = self._open_export()  # another run's export in that folder without --overwrite
                 facts["exported"] = {"path": out.path, "shards": out.num_shards, "seconds": 0.0, "reused": True}
             elif self.export:
                 kwargs = self._export_settings()
