@@ -230,7 +230,8 @@ def _embedder(step: Any, st: _State) -> Estimate:
         return out
     found = table_rate(step.model_name, device, gflop)
     if found is None:
-        out.notes = f"{size_note}; no measured throughput on {device} (--measure times it on a machine with one)"
+        where = "on a machine with one" if device.startswith("cuda") else "here"
+        out.notes = f"{size_note}; no measured throughput on {device} (--measure times it {where})"
     else:
         rate, source = found
         out.seconds = st.samples / rate

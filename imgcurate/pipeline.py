@@ -573,7 +573,9 @@ class Pipeline:
         cluster: ``{address: ...}`` or LocalCluster options (``type: cuda`` for dask-cuda's LocalCUDACluster).
         storage_options: passed to fsspec for the input, the reports and the run directory. The export's own
             ``storage_options`` (an argument of :meth:`ImageTextPairDataset.to_webdataset`), when given, are used for
-            the export folder and for the run directory beside it (the default run directory).
+            the export folder and for the run directory beside it (the default run directory). A ``run_dir`` given
+            takes the options of the export or else of the input that is on its kind of filesystem, and none (the
+            environment's credentials) when neither is.
         reports: report name (see :data:`REPORTS`) -> its keyword arguments, ``path`` (the file to write) among
             them; written after the steps and before the export. In YAML a bare path stands for ``{path: ...}``.
         run_dir: the run directory (:mod:`imgcurate.rundir`): each step's columns are written there shard by shard
@@ -721,9 +723,7 @@ class Pipeline:
             except ValueError as err:  # a step's own message may name it already
                 message = str(err).removeprefix(f"{step.name}: ")
                 raise ConfigError(f"{where}: {message}") from None
-            for column in step.output_columns():
-                if column == id_col:
-                    raise ConfigError(f"{where}: writes the key column {id_col!r}: give its output another name")
+            for column in step.output_columns():  # the key column is Step.check's
                 if column in written:
                     raise ConfigError(f"{where}: writes the column {column!r}, which {written[column]} writes too, "
                                       "so the earlier result would be lost: give one of them another name")  # fmt: skip
@@ -952,6 +952,8 @@ class Pipeline:
         begun = self._record_of_this_run(described, "exporting.json")
         if not isinstance(begun, dict):  # none recorded (or no export: nothing to begin)
             return False
+        if self._record_of_this_run(described, "exported.json") is not None:
+            return False  # recorded as published (a stop left the mark): not published now, so another run's there
         return begun.get("path") == _absolute_url(str(self.export["path"]), self._export_options())
 
     def _record_of_this_run(self, described: dict[str, Any] | None, name: str) -> Any:
@@ -1011,15 +1013,11 @@ class Pipeline:
         another object store."""
         if not self.run_dir and self.export:
             return self._export_options()
-        import fsspec
-
-        def protocol(url: Any) -> str:
-            return fsspec.core.split_protocol(str(url))[0] or "file"
-
-        where = protocol(self.run_dir)
-        if self.export and self.export.get("path") and protocol(self.export["path"]) == where:
+        if self.export and self.export.get("path") and _same_filesystem(self.run_dir, self.export["path"]):
             return self._export_options()
-        return dict(self.storage_options or {}) if self.input and protocol(self.input) == where else {}
+        if self.input is None or _same_filesystem(self.run_dir, self.input):  # no input: run(dataset)'s caller's
+            return dict(self.storage_options or {})
+        return {}
 
     def apply(self, dataset: ImageTextPairDataset) -> ImageTextPairDataset:
         """The steps applied to ``dataset``, lazily (nothing is computed)."""
@@ -1148,7 +1146,10 @@ class Pipeline:
                 run = RunDir(self.resolved_run_dir(), self._run_dir_options()) if described else None
 
                 def began() -> None:  # the folder was found fit to write: a stop from here until exported.json is
-                    # written is the same run's, and its rerun may write the folder again
+                    # written is the same run's, and its rerun may write the folder again; an earlier export's
+                    # record goes first, so that both files are there only after a stop as this one is recorded
+                    if run.exists("exported.json"):
+                        run.fs.rm(posixpath.join(run.root, "exported.json"))
                     run.write_json("exporting.json", {"path": _absolute_url(path, self._export_options())})
 
                 result._export(path, **{**kwargs, "overwrite": bool(kwargs.get("overwrite")) or begun},
@@ -1176,6 +1177,21 @@ class Pipeline:
             if nothing is not None:
                 raise ValueError(nothing)
             return out
+
+
+def _same_filesystem(a: Any, b: Any) -> bool:
+    """Whether two URLs are on the same kind of filesystem (``s3://`` and ``s3a://`` are; a local path and
+    ``memory://`` are not), judged by the last link of a chained URL (``simplecache::s3://...``)."""
+    import fsspec
+
+    def kind(url: Any) -> Any:
+        protocol = fsspec.core.split_protocol(str(url).split("::")[-1])[0] or "file"
+        try:
+            return fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError):  # not installed here: its name stands for it
+            return protocol
+
+    return kind(a) == kind(b)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

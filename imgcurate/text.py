@@ -441,7 +441,7 @@ class ClipTextFilter(SampleFilter):
         return [problem] if problem else []
 
     def thresholds_for(self, dataset: ImageTextPairDataset) -> dict[str, list[tuple[str, float]]]:
-        if self.clip_top_fraction is not None and self.threshold is None:
+        if self.clip_top_fraction is not None:  # this dataset's, not one the step was applied to before
             self._fit_threshold(dataset)
         return self.thresholds()
 

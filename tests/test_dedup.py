@@ -214,6 +214,7 @@ def test_clear_errors():
     # NumPy's numbers are numbers
     step = SemanticDeduplicator(n_clusters=np.int64(2), eps=np.float32(0.5), fit_sample=np.int64(100))
     assert (step.n_clusters, step.eps, step.fit_sample) == (2, [0.5], 100) and type(step.fit_sample) is int
+    assert SemanticDeduplicator(n_clusters=2, eps=np.array([0.1, 0.2])).eps == [0.1, 0.2]
 
 
 def test_a_step_that_would_write_the_key_column_is_refused(sample_ds):
@@ -223,6 +224,16 @@ def test_a_step_that_would_write_the_key_column_is_refused(sample_ds):
     for step in (SemanticDeduplicator(n_clusters=2, error_column="key"), ExactDuplicates(hash_column="key")):
         with pytest.raises(ColumnError, match=r"writes the key column 'key': give its output another name"):
             step(sample_ds)
+
+
+def test_text_of_several_python_types_keeps_its_nulls():
+    from imgcurate.steps.grouped import text_column
+
+    values = pd.Series([7, "a7", pd.NA, None, float("nan")], dtype=object)
+    assert (
+        text_column(values).tolist()[:2] == ["7", "a7"]
+        and text_column(values).isna().tolist() == [False] * 2 + [True] * 3
+    )
 
 
 def test_ids_of_several_python_types_name_the_kept_copy_as_text():

@@ -467,6 +467,24 @@ def test_cluster_options_that_distributed_takes_pass_the_checks():
     assert check_cluster({"dashboard_address": ":0", "memory_limit": 0.5, "scheduler_port": 0})
 
 
+def test_a_run_directory_given_takes_the_storage_options_of_its_own_filesystem_only():
+    from imgcurate.pipeline import Pipeline
+
+    so, export_so = {"anon": True}, {"key": "k"}
+
+    def options(**kwargs):
+        return Pipeline(steps=[], storage_options=so, **kwargs)._run_dir_options()
+
+    assert options(input="s3://in/shards", run_dir="s3a://other/run") == so  # the same kind of store
+    assert options(input="s3://in/shards", run_dir="simplecache::s3://other/run") == so
+    assert options(input="s3://in/shards", run_dir="/local/run") == {}  # S3 keys are not for another filesystem
+    assert options(input="/local/shards", run_dir="memory://run") == {}
+    assert options(run_dir="s3://b/run") == so  # run(dataset) with no input: the options given
+    export = {"path": "memory://out", "storage_options": export_so}
+    assert options(input="s3://in/shards", run_dir="memory://run", export=export) == export_so
+    assert options(input="s3://in/shards", export=export) == export_so  # the default run dir, beside the export
+
+
 def test_a_cuda_clusters_options_include_those_dask_cuda_hands_to_local_cluster():
     pytest.importorskip("dask_cuda")  # installed by .ci/run: it imports without a GPU
     from imgcurate.errors import ConfigError

@@ -540,12 +540,11 @@ def test_an_export_refused_the_folder_records_no_begun_export(sample_dir, tmp_pa
 def test_a_stop_as_the_export_is_recorded_leaves_no_mark_to_replace_another_export(sample_dir, tmp_path,
                                                                                     monkeypatch):  # fmt: skip
     """Stopped between recording the published export (exported.json) and removing the mark of a begun one
-    (exporting.json): the rerun finishes and removes the mark, so a later rerun of it is refused a folder where
-    another run's export was published since, as any other run is."""
+    (exporting.json): the rerun finishes and removes the mark; and whether or not it ran first, a later run of the
+    same config is refused a folder where another run's export was published since, as any other run is."""
     from imgcurate.cli import main
     from imgcurate.rundir import RunDir
 
-    config = _small_config(sample_dir, tmp_path)
     write_json = RunDir.write_json
 
     def stop_after_exported(self, name, value):
@@ -553,22 +552,27 @@ def test_a_stop_as_the_export_is_recorded_leaves_no_mark_to_replace_another_expo
         if name == "exported.json":
             raise _Stop
 
-    monkeypatch.setattr(RunDir, "write_json", stop_after_exported)
-    with pytest.raises(_Stop):
-        main(["run", config])
-    monkeypatch.setattr(RunDir, "write_json", write_json)
-    run_dir = tmp_path / "out.run"
-    assert (run_dir / "exporting.json").exists() and (run_dir / "exported.json").exists()
-    assert main(["run", config]) == 0
-    assert not (run_dir / "exporting.json").exists()
-    other = yaml.safe_load(open(config))
-    other["export"]["samples_per_shard"] = 3
-    other["run_dir"] = str(tmp_path / "other.run")
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
-    assert main(["run", str(tmp_path / "other.yaml"), "--overwrite"]) == 0
-    theirs = _files(tmp_path / "out")
-    assert main(["run", config]) == 2  # another run's export is there: not replaced without --overwrite
-    assert _files(tmp_path / "out") == theirs
+    for rerun_first in (True, False):
+        base = tmp_path / f"rerun_first_{rerun_first}"
+        base.mkdir()
+        config = _small_config(sample_dir, base)
+        monkeypatch.setattr(RunDir, "write_json", stop_after_exported)
+        with pytest.raises(_Stop):
+            main(["run", config])
+        monkeypatch.setattr(RunDir, "write_json", write_json)
+        run_dir = base / "out.run"
+        assert (run_dir / "exporting.json").exists() and (run_dir / "exported.json").exists()
+        if rerun_first:
+            assert main(["run", config]) == 0
+            assert not (run_dir / "exporting.json").exists()
+        other = yaml.safe_load(open(config))
+        other["export"]["samples_per_shard"] = 3
+        other["run_dir"] = str(base / "other.run")
+        (base / "other.yaml").write_text(yaml.safe_dump(other))
+        assert main(["run", str(base / "other.yaml"), "--overwrite"]) == 0
+        theirs = _files(base / "out")
+        assert main(["run", config]) == 2  # another run's export is there: not replaced without --overwrite
+        assert _files(base / "out") == theirs
 
 
 def test_a_run_stopped_after_its_export_finishes_on_the_same_command_without_overwrite(sample_dir, tmp_path,

@@ -225,9 +225,7 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarra
         # are gathered 4,096 rows at a time (8 MB at 512-d)
         for at in range(0, len(rows), 4096):
             part = slice(at, at + 4096)
-            dist[start + at : start + at + len(rows[part])] = 1.0 - np.einsum(
-                "ij,ij->i", rows[part], unit[nearest[part]]
-            )
+            dist[start + at : start + at + len(rows[part])] = 1.0 - _pair_dots(rows[part], unit[nearest[part]])
     return labels, dist
 
 
@@ -251,15 +249,18 @@ def _nearest(rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
     sims[at, nearest] = -np.inf  # the runner-up next: a max, as fast as the argmax (a count of the near ones is not)
     tied = np.flatnonzero(sims.max(axis=1) >= least)
     tied = tied[rows[tied].any(axis=1)]  # a zero row's similarities are all exactly 0: the argmax's 0 stands
-    if tied.size:
-        near = sims[tied] >= least[tied, None]
-        near[np.arange(tied.size), nearest[tied]] = True
+    # tied rows a few at a time, so that their (row, centroid) pairs stay bounded when many centroids tie
+    step = max(1, _PAIRS_AT_ONCE // unit.shape[0])
+    for start in range(0, tied.size, step):
+        some = tied[start : start + step]
+        near = sims[some] >= least[some, None]
+        near[np.arange(some.size), nearest[some]] = True
         r, c = np.nonzero(near)
-        which = tied[r]
+        which = some[r]
         again = np.empty(len(which), dtype=np.float32)
-        for start in range(0, len(which), _PAIRS_AT_ONCE):  # the rows gathered: at most 32 MB at 512-d
-            pairs = slice(start, start + _PAIRS_AT_ONCE)
-            again[pairs] = np.einsum("ij,ij->i", rows[which[pairs]], unit[c[pairs]])
+        for at in range(0, len(which), _PAIRS_AT_ONCE):  # the rows gathered: at most 32 MB at 512-d
+            pairs = slice(at, at + _PAIRS_AT_ONCE)
+            again[pairs] = _pair_dots(rows[which[pairs]], unit[c[pairs]])
         order = np.lexsort((c, -again, which))  # per row: the best similarity first, then the lowest index
         first = order[np.r_[True, which[order][1:] != which[order][:-1]]]
         nearest[which[first]] = c[first]
@@ -268,6 +269,15 @@ def _nearest(rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
 
 #: How many (row, centroid) pairs :func:`_nearest` computes again at once.
 _PAIRS_AT_ONCE = 1 << 14
+
+
+def _pair_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The dot product of each row of ``a`` with the same row of ``b``, each the same bits whatever the other rows
+    (NumPy's einsum sums a row alone in another order than rows of a block when a row is longer than its buffer,
+    8,192 values, so a single row is computed beside a copy of itself)."""
+    if len(a) == 1:
+        return np.einsum("ij,ij->i", np.concatenate([a, a]), np.concatenate([b, b]))[:1]
+    return np.einsum("ij,ij->i", a, b)
 
 
 def similarity_rounding(dim: int) -> float:
@@ -500,7 +510,10 @@ class SemanticDeduplicator(Step):
                 raise ValueError(f"which_to_keep names the column {twice!r} twice")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
-        values = [eps] if isinstance(eps, numbers.Real) or not isinstance(eps, Sequence) else list(eps)
+        if isinstance(eps, numbers.Real) or not isinstance(eps, Sequence | np.ndarray) or isinstance(eps, str):
+            values = [eps]
+        else:
+            values = list(np.ravel(eps)) if isinstance(eps, np.ndarray) else list(eps)
         if any(isinstance(e, bool) or not isinstance(e, numbers.Real) for e in values):
             raise ValueError(f"eps: expected a number in [0, 2) or a list of them, got {eps!r}")
         self.eps = [float(e) for e in values]

@@ -261,9 +261,9 @@ class Step(abc.ABC):
                 inner.check_resources()
 
     def resource_problems(self) -> list[str]:
-        """Every problem :meth:`check_resources` would stop at, each once: this step's own first, then those of the
-        steps among its arguments (an embedder's fused heads), so ``imgcurate doctor`` lists every missing file at
-        once where a run stops at the first."""
+        """What :meth:`check_resources` finds, for this step and for each step among its arguments (an embedder's
+        fused heads) separately: the first problem of each, so ``imgcurate doctor`` lists the tower's missing weights
+        and every head's at once, where a run stops at the first of them all."""
         from imgcurate.errors import ImgcurateError
 
         problems = []
@@ -355,7 +355,7 @@ class Step(abc.ABC):
             ColumnError: a column is missing, naming the step, the column and what is there.
         """
         if id_col in self.output_columns():
-            raise ColumnError(f"{self.name} writes the key column {id_col!r}: give its output another name")
+            raise ColumnError(f"{self.name}: writes the key column {id_col!r}: give its output another name")
         present = list(map(str, meta.columns))
         missing = [c for c in self.input_columns(id_col) if c not in present]
         if missing:

@@ -230,7 +230,8 @@ def text_column(values: Any) -> pd.api.extensions.ExtensionArray:
         try:
             array = pa.array(values, from_pandas=True)
         except (pa.ArrowTypeError, pa.ArrowInvalid):  # Python objects of several types (ids: 7 and "a7"): as text
-            array = pa.array([None if v is None or v != v else str(v) for v in values], type=pa.large_string())
+            array = pa.array([None if pd.api.types.is_scalar(v) and pd.isna(v) else str(v) for v in values],
+                             type=pa.large_string())  # fmt: skip
     return pd.array(array.cast(pa.large_string()), dtype=_TEXT)
 
 
