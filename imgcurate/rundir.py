@@ -229,7 +229,7 @@ class RunDir:
         with self.fs.open(posixpath.join(self.root, name), "rb") as f:
             try:
                 return json.loads(f.read())
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:
                 raise ValueError(f"{self.url(name)}: not valid JSON ({err}); a rerun of the pipeline writes it "
                                  "again") from None  # fmt: skip
 

@@ -120,6 +120,55 @@ def test_sample_without_image_and_non_utf8_caption_are_error_rows(tmp_path, jpeg
     assert "not valid JSON" in df.loc["c", "error"]
 
 
+def test_a_member_over_the_size_limit_is_not_read_and_the_export_refuses_it(tmp_path, jpeg, monkeypatch):
+    """A member whose header declares more than imgcurate reads of one member (a hostile or damaged tar: 12 GiB of
+    caption) is not read into memory: a per-sample error, and an export that names it instead of dropping it."""
+    from imgcurate.dedup import ExactDuplicates
+    from imgcurate.io import tar as tar_module
+
+    big = bytes(2000)
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "00000.tar",
+              [("a.jpg", jpeg), ("b.txt", big), ("b.jpg", jpeg), ("c.jpg", big), ("d.jpg", jpeg)])  # fmt: skip
+    monkeypatch.setattr(tar_module, "MAX_MEMBER_BYTES", 1000)
+    ds = _open(tmp_path / "in")
+    df = ds.metadata.compute().set_index("key")
+    over = "member {!r} holds 2000 bytes, over the 1000-byte limit: not read"
+    assert df.loc["b", "error"] == over.format("b.txt") and df["caption"].isna().all()
+    out = ExactDuplicates()(ds).metadata.compute().set_index("key")
+    assert out.loc["c", "image_sha256_error"] == over.format("c.jpg")
+    assert out["image_sha256_error"].isna().tolist() == [True, True, False, True]
+    assert out["exact_duplicate"].tolist() == [False, True, False, True]  # b's image is read: a copy of a's
+    with pytest.raises(ShardError, match=r"00000\.tar: sample 'b': member 'b\.txt' holds 2000 bytes, over the "
+                                         r"1000-byte limit: not read, so the export cannot copy it"):  # fmt: skip
+        ds.to_webdataset(str(tmp_path / "out"))
+    df = ds.metadata
+    keep = ~df["key"].isin(["b", "c"])
+    kept = ds.with_metadata(df.assign(keep=keep)).to_webdataset(str(tmp_path / "out"), "keep", overwrite=True)
+    assert len(kept.metadata) == 2
+
+
+def test_json_nested_too_deeply_is_an_error_row_not_the_end_of_the_job(tmp_path, jpeg):
+    """A json member nested thousands of levels deep stopped the whole open with a RecursionError; one nested a
+    few dozen levels, kept as nested columns by ``imgcurate shard``, made a parquet that cannot be read back."""
+    from imgcurate.io.make import make_shards
+
+    deep = lambda levels: ('{"x": ' + "[" * levels + "1" + "]" * levels + "}").encode()  # noqa: E731
+    write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg), ("a.json", deep(5000)), ("b.jpg", jpeg),
+                                       ("b.json", deep(40)), ("c.jpg", jpeg), ("c.json", deep(20))])  # fmt: skip
+    df = _open(tmp_path).metadata.compute().set_index("key")
+    assert df.loc["a", "error"] == df.loc["b", "error"] == "json member is nested deeper than 32 levels"
+    assert pd.isna(df.loc["c", "error"]) and df.loc["c", "x"] == "[" * 20 + "1" + "]" * 20  # kept as JSON text
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, levels in (("p", 40), ("q", 20)):
+        (src / f"{name}.jpg").write_bytes(jpeg)
+        (src / f"{name}.json").write_bytes(deep(levels))
+    make_shards(str(src), str(tmp_path / "made"))
+    made = _open(tmp_path / "made").metadata.compute()
+    assert made["error"].tolist()[0] == "sidecar json is nested deeper than 32 levels" and pd.isna(made["error"][1])
+
+
 def test_empty_shard_is_an_empty_partition(sample_dir):
     write_tar(sample_dir / "00004.tar", [])
     ds = _open(sample_dir)

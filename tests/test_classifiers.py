@@ -379,6 +379,24 @@ def test_damaged_weight_files_are_errors_naming_the_file_at_check_time_and_at_lo
         clf.predict(_embeddings())
 
 
+def test_a_zip_whose_pth_is_not_weights_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """A small zip can hold gigabytes of zeros: the member's first bytes are read, not the whole of it."""
+    from imgcurate.embedders.state_dict import read_state_dict
+    from imgcurate.errors import WeightFileError
+
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("model.pth", bytes(20 << 20))
+    assert path.stat().st_size < 100_000
+
+    def inflate(self, name, pwd=None):
+        raise AssertionError(f"{name} inflated whole")
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", inflate)
+    with pytest.raises(WeightFileError, match=r"bomb\.zip!model\.pth: not a weight file"):
+        read_state_dict(str(path))
+
+
 @pytest.mark.parametrize("name", ["aesthetic.pth", "AESTHETIC.SAFETENSORS", "aesthetic.bin"])
 def test_the_format_is_told_by_the_first_bytes_not_the_suffix(tmp_path, name):
     state = _aesthetic_state()

@@ -119,11 +119,13 @@ def test_control_characters_of_a_caption_are_not_written_into_the_page(tmp_path)
     """HTML allows no NUL or BEL (browsers show boxes, parsers may stop): such characters of a caption are written as
     the replacement character; tab and newline stay."""
     photo = encode_image(Image.new("RGB", (40, 30), (200, 30, 30)), "jpg")
-    records = [Record({"jpg": photo}, caption="a\x00b\x07c\td"), Record({"jpg": photo}, caption="copy")]
+    records = [Record({"jpg": photo}, caption="a\x00b\x07c\td"), Record({"jpg": photo}, caption="copy \u202egpj.exe")]
     write_shards(records, str(tmp_path / "in"), samples_per_shard=2)
     ds = ExactDuplicates()(ImageTextPairDataset.from_webdataset(str(tmp_path / "in")))
     page = open(duplicate_groups(ds, str(tmp_path / "dups.html")), encoding="utf-8").read()
     assert "a\ufffdb\ufffdc\td" in page and not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
+    # a right-to-left override would show the caption reversed ("exe.jpg"), and the text after it too
+    assert "copy \ufffdgpj.exe" in page and not re.search("[\u202a-\u202e\u2066-\u2069]", page)
 
 
 def test_the_groups_shown_do_not_depend_on_the_sharding_when_sizes_tie(tmp_path):

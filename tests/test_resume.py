@@ -143,9 +143,9 @@ def test_a_step_whose_results_version_changed_is_computed_again(sample_dir, monk
     config = {"input": str(sample_dir), "run_dir": "memory://imgcurate-test-version",
               "steps": [{"SampleFilter": {"min_width": 300}}, {"ExactDuplicates": {}}, later]}  # fmt: skip
     Pipeline.from_config(config).run()
-    from imgcurate.dedup import SemanticDeduplicator
+    from user_steps import CaptionLength
 
-    assert "results_version" not in json.dumps(SemanticDeduplicator(n_clusters=2).describe())  # 1 is not written
+    assert "results_version" not in json.dumps(CaptionLength().describe())  # 1 is not written
     monkeypatch.setattr(ExactDuplicates, "results_version", ExactDuplicates.results_version + 1)
     again = {}
     Pipeline.from_config(config).run(summary=again.update)

@@ -475,6 +475,8 @@ class SemanticDeduplicator(Step):
     """
 
     gpu = "optional"
+    #: 2: a row whose nearest centroids tie within rounding gets the same one whatever else its shard holds
+    results_version = 2
 
     def __init__(
         self,

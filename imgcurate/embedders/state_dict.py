@@ -113,10 +113,11 @@ def read_state_dict(path: str, *, mmap: bool = False) -> dict[str, torch.Tensor]
             raise WeightFileError(path, f"a zip holding {what} ({listing or 'empty'}); expected one state dict")
         where = f"{path}!{members[0]}"
         try:
+            with archive.open(members[0]) as member:  # its kind from its first bytes, before inflating all of it
+                inner = weight_format(where, member.read(16))
             data = archive.read(members[0])
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise WeightFileError(where, f"cannot be read from the zip ({_first_line(err)})") from None
-    inner = weight_format(where, data[:16])
     if inner == "safetensors":
         from safetensors.torch import load
 

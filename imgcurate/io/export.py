@@ -109,7 +109,7 @@ def check_listed_shards(fs: fsspec.AbstractFileSystem, root: str, tars: list[str
     with fs.open(manifest, "rb") as f:
         try:
             listed = [str(s["tar"]) for s in json.loads(f.read()).get("shards", [])]
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             raise ShardError(task_url(fs, manifest), "is not the export manifest imgcurate writes (unreadable JSON, "
                                                      "or no list of shards)") from None  # fmt: skip
     found = {posixpath.basename(t) for t in tars}
@@ -268,8 +268,13 @@ def _write_shard(
             for row, sample in enumerate(aligned_samples(tar, keys, so)):
                 if sample is None:
                     missing.append(row)
-                elif index:
-                    _check_indexable(tar, sample)
+                else:
+                    if sample.unread:  # copied in memory: a member over the limit cannot be, and is not dropped
+                        why = next(iter(sample.unread.values()))
+                        raise ShardError(tar, f"sample {sample.key!r}: {why}, so the export cannot copy it; leave the "
+                                              "sample out (filter_column)")  # fmt: skip
+                    if index:
+                        _check_indexable(tar, sample)
                 writer.write(new_key(shard, writer.count, samples_per_shard), {} if sample is None else sample.members)
             # img2dataset's failed downloads stay rows without a sample; any other such row is an error (checked
             # once the whole slice is read, so that rows out of tar order are named as such first)
@@ -584,7 +589,7 @@ def _staged_plan(fs: fsspec.AbstractFileSystem, stage_root: str) -> str | None:
     try:
         with fs.open(marker, "rb") as f:
             found = json.loads(f.read())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, RecursionError):
         return None
     return found.get("fingerprint") if isinstance(found, dict) else None
 

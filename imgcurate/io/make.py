@@ -24,6 +24,7 @@ from imgcurate.io.shards import (
     CAPTION_COLUMN,
     ERROR_COLUMN,
     KEY_COLUMN,
+    JSONTooDeepError,
     ShardWriter,
     caption_or_json,
     columns_to_table,
@@ -206,6 +207,8 @@ def _folder_records(folder: str, fs: fsspec.AbstractFileSystem, files: list[str]
                 error = _also(error, f"cannot read the sidecar json of {name!r} ({_reason(err)})")
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 error = _also(error, f"sidecar json is not valid JSON ({err})")
+            except JSONTooDeepError as err:
+                error = _also(error, f"sidecar json is {err}")
         try:
             data = fs.cat_file(path)
         except OSError as err:

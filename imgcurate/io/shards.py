@@ -22,6 +22,8 @@ __all__ = [
     "caption_or_json",
     "columns_to_table",
     "load_json",
+    "JSONTooDeepError",
+    "MAX_JSON_DEPTH",
     "encodable",
     "atomic_open",
     "write_parquet",
@@ -218,6 +220,15 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+#: How deeply a sample's JSON may nest (objects and lists in one another). Parquet reads at most 100 levels of
+#: nested columns, and Python's JSON reader fails near 1,000 with a RecursionError that would stop the whole job.
+MAX_JSON_DEPTH = 32
+
+
+class JSONTooDeepError(ValueError):
+    """A JSON document nests deeper than :data:`MAX_JSON_DEPTH` levels."""
+
+
 def load_json(data: bytes | str) -> Any:
     """``json.loads``, with every string made encodable: JSON may escape a lone UTF-16 surrogate (``"\\ud83d"``, half
     of an emoji cut short), which Python keeps and UTF-8 (arrow, parquet, tar) cannot hold. Such a half becomes
@@ -225,8 +236,29 @@ def load_json(data: bytes | str) -> Any:
 
     Raises:
         json.JSONDecodeError, UnicodeDecodeError: as ``json.loads``.
+        JSONTooDeepError: the document nests deeper than :data:`MAX_JSON_DEPTH` levels.
     """
-    return encodable(json.loads(data))
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise JSONTooDeepError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _nests_deeper(value, MAX_JSON_DEPTH):
+        raise JSONTooDeepError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return encodable(value)
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds lists and dicts more than ``limit`` levels deep (walked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            if depth >= limit:
+                return True
+            stack.extend((v, depth + 1) for v in item if isinstance(v, list | dict))
+    return False
 
 
 def encodable(value: Any) -> Any:
@@ -249,6 +281,8 @@ def _json_fields(data: bytes) -> tuple[dict[str, Any], str | None]:
         value = load_json(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         return {}, f"json member is not valid JSON ({err})"
+    except JSONTooDeepError as err:
+        return {}, f"json member is {err}"
     if not isinstance(value, dict):
         return {}, "json member is not a JSON object"
     fields = {k: (v if v is None or isinstance(v, str | int | float | bool) else _as_text(v)) for k, v in value.items()}

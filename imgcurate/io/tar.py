@@ -56,6 +56,10 @@ _SKIP_META = re.compile(r"__[^/]*__($|/)")
 #: but not in the tar).
 NO_SAMPLE = "no sample in the shard for this row"
 
+#: The most bytes of one member that are read into memory (1 GiB). A larger member (a damaged or hostile header, or
+#: no image anyone would train on) is not read: its sample records why, and the export refuses to copy it.
+MAX_MEMBER_BYTES = 1 << 30
+
 
 def split_member_name(name: str, lower: bool = True) -> tuple[str | None, str]:
     """Splits a member path into ``(key, extension)`` as webdataset's ``base_plus_ext`` does, the extension in lower
@@ -91,6 +95,8 @@ class Sample:
     members: dict[str, bytes] = dataclasses.field(default_factory=dict)
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)
+    #: extension -> why its bytes were not read though asked for (over :data:`MAX_MEMBER_BYTES`)
+    unread: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def image_ext(self) -> str | None:
@@ -353,7 +359,11 @@ def iter_samples(
                     if unsafe_member_name(name):
                         current.errors.append(f"unsafe member name {name!r}")
                     current.sizes[ext] = size
-                    if read_it and (exts is None or ext in exts):
+                    if read_it and (exts is None or ext in exts) and size > MAX_MEMBER_BYTES:
+                        why = f"member {name!r} holds {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit: not read"
+                        current.unread[ext] = why
+                        current.errors.append(why)
+                    elif read_it and (exts is None or ext in exts):
                         data = members.read(size)
                         if len(data) != size:
                             raise ShardError(path, f"truncated tar: member {name!r} has {len(data)} of {size} bytes")
@@ -431,7 +441,7 @@ def aligned_images(
             yield None, NO_SAMPLE
             continue
         image = sample.image
-        yield image, (None if image is not None else NO_IMAGE)
+        yield image, (None if image is not None else sample.unread.get(sample.image_ext or "", NO_IMAGE))
 
 
 def missing_rows(tar: str, keys: list[str], tar_keys: list[str]) -> set[int]:

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgcurate.errors import ShardError
+from imgcurate.errors import ShardError, one_line
 from imgcurate.io.shards import ERROR_COLUMN
 from imgcurate.io.tar import read_keys
 
@@ -115,8 +115,8 @@ def _read_stats(tar: str, storage_options: dict) -> tuple[str, Any, Any] | None:
         with fs.open(fs_path, "rb") as f:
             stats = json.load(f)
         return path, stats.get("count"), stats.get("successes")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ShardError(path, f"not a readable img2dataset statistics file ({err})") from None
+    except (OSError, ValueError, AttributeError, RecursionError) as err:
+        raise ShardError(path, f"not a readable img2dataset statistics file ({one_line(err)})") from None
 
 
 def _check_stats(tar: str, storage_options: dict, rows: int, samples: int | None) -> None:

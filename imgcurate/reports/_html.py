@@ -111,14 +111,16 @@ def check_replaceable(path: str, storage_options: dict | None, starts: bytes | t
         raise FileExistsError(f"{path}: holds a file that is not {kind}; a report does not replace it")
 
 
-#: Characters HTML does not allow in a page (C0 controls but tab, newline and carriage return; DEL; C1 controls).
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Characters HTML does not allow in a page (C0 controls but tab, newline and carriage return; DEL; C1 controls),
+#: and Unicode's bidirectional controls (embeddings, overrides, isolates), with which a caption or key could reorder
+#: the text shown around it.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def write_page(path: str, title: str, body: list[str], thumb_size: int, storage_options: dict | None) -> str:
     """Writes a self-contained page (styles inline, images as data URLs) atomically; returns ``path``. An existing
     file there must be an HTML page (:func:`check_replaceable`). Control characters (a caption's NUL or BEL, which
-    HTML does not allow) are written as U+FFFD, the replacement character."""
+    HTML does not allow) and bidirectional controls are written as U+FFFD, the replacement character."""
     check_replaceable(path, storage_options, b"<!doctype html", "an HTML page")
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
