@@ -10,7 +10,9 @@ Scales, so that thresholds mean what they say:
 - Width, height and aspect ratio are read from the metadata (``width``/``height`` columns).
 
 A sample whose value is null or NaN for a rule (a failed decode gives null scores) fails that rule, whatever its
-operator (``!=`` too). Reasons are joined with ``;`` in ``drop_reason``, so a reason may not contain one.
+operator (``!=`` too). For the size and score options (``min_width``, ``max_aspect_ratio``, ``min_aesthetic``, ...)
+its reason is ``<column> unknown`` (img2dataset run with ``disable_all_reencoding`` records no width or height), not
+the option's comparison. Reasons are joined with ``;`` in ``drop_reason``, so a reason may not contain one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from imgcurate.steps.base import ColumnError, ShardIO, ShardStep
 if TYPE_CHECKING:
     from imgcurate.dataset import ImageTextPairDataset
 
-__all__ = ["Rule", "SampleFilter", "drop_report"]
+__all__ = ["ImageSize", "Rule", "SampleFilter", "drop_report"]
 
 _OPS = {
     ">=": lambda s, v: s >= v,
@@ -145,6 +147,20 @@ class Rule:
         return (_OPS[self.op](column, self.value) & column.notna()).fillna(False).astype(bool)
 
 
+def _known_and(reason: str, passes: Any, *columns: str) -> list[tuple[str, Any]]:
+    """An option's rule as two: ``<column> unknown`` for each of ``columns`` that is null or NaN, and ``reason`` for
+    a known value that fails ``passes``."""
+
+    def known(column: str) -> Any:
+        return lambda df: pd.to_numeric(df[column], errors="coerce").notna()
+
+    def passes_or_unknown(df: pd.DataFrame) -> pd.Series:
+        unknown = ~np.logical_and.reduce([known(c)(df).to_numpy(dtype=bool) for c in columns])
+        return pd.Series(passes(df).to_numpy(dtype=bool, na_value=False) | unknown, index=df.index)
+
+    return [(reason, passes_or_unknown)] + [(f"{c} unknown", known(c)) for c in columns]
+
+
 @dataclass(repr=False)
 class SampleFilter(ShardStep):
     """Adds ``keep`` (bool) and ``drop_reason`` (the failed rules, ``;``-separated; null when kept) columns.
@@ -169,7 +185,8 @@ class SampleFilter(ShardStep):
     """
 
     #: 2: a numeric ``*_error`` column is not an error column; a reason given by two rules is written once
-    results_version: ClassVar[int] = 2
+    #: 3: a null size or score is dropped for ``<column> unknown``, not for the option's comparison
+    results_version: ClassVar[int] = 3
 
     min_width: int | None = None
     min_height: int | None = None
@@ -283,25 +300,25 @@ class SampleFilter(ShardStep):
         """(reason, predicate on the frame) pairs; predicates return True where the sample passes."""
         rules: list[tuple[str, Any]] = []
         if self.min_width is not None:
-            rules.append((f"width < {self.min_width}", Rule("width", ">=", self.min_width).passes))
+            rules += _known_and(f"width < {self.min_width}", Rule("width", ">=", self.min_width).passes, "width")
         if self.min_height is not None:
-            rules.append((f"height < {self.min_height}", Rule("height", ">=", self.min_height).passes))
+            rules += _known_and(f"height < {self.min_height}", Rule("height", ">=", self.min_height).passes, "height")
         if self.max_aspect_ratio is not None:
             limit = self.max_aspect_ratio
 
             def aspect(df):
                 w, h = df["width"].astype("float64"), df["height"].astype("float64")
                 ratio = w.where(w >= h, h) / w.where(w < h, h)
-                # a null side fails (both comparisons are false with a null, which took the other side twice)
-                return ((ratio <= limit) & w.notna() & h.notna()).fillna(False).astype(bool)
+                return (ratio <= limit).fillna(False).astype(bool)
 
-            rules.append((f"aspect ratio > {limit}", aspect))
+            rules += _known_and(f"aspect ratio > {limit}", aspect, "width", "height")
         if self.min_aesthetic is not None:
             reason = f"{self.aesthetic_column} < {self.min_aesthetic}"
-            rules.append((reason, Rule(self.aesthetic_column, ">=", self.min_aesthetic).passes))
+            passes = Rule(self.aesthetic_column, ">=", self.min_aesthetic).passes
+            rules += _known_and(reason, passes, self.aesthetic_column)
         if self.max_nsfw is not None:
             reason = f"{self.nsfw_column} >= {self.max_nsfw}"
-            rules.append((reason, Rule(self.nsfw_column, "<", self.max_nsfw).passes))
+            rules += _known_and(reason, Rule(self.nsfw_column, "<", self.max_nsfw).passes, self.nsfw_column)
         if self.drop_errors:
             for column in [c for c in columns if is_error_column(str(c))]:
                 rules.append((f"{column} set", Rule(column, "isnull").passes))
@@ -363,3 +380,51 @@ def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason
     reasons, total, dropped = to_pandas(reasons), int(total), int(dropped)
     summary = pd.Series(dict(zip(_TOTALS, (total, total - dropped, dropped), strict=True)))
     return pd.concat([summary, reasons.astype("int64")])
+
+
+class ImageSize(ShardStep):
+    """Adds each image's width and height, read from its header (no pixels are decoded): for metadata that has none,
+    as img2dataset writes with ``disable_all_reencoding`` (null ``width`` and ``height``), so that the size options
+    of :class:`SampleFilter` and :class:`~imgcurate.text.ClipTextFilter` work.
+
+    Args:
+        width_column: the output column of widths; by default ``width``, the one the filters read (an input column of
+            that name is replaced: a pipeline warns that it is).
+        height_column: the output column of heights (``height``).
+        error_column: why an image's size could not be read (no image, an unreadable header, a header declaring
+            more pixels than PIL decodes); its width and height are null.
+
+    Example:
+        >>> ds = SampleFilter(min_width=256)(ImageSize()(ds))  # doctest: +SKIP
+    """
+
+    def __init__(self, width_column: str = "width", height_column: str = "height",
+                 error_column: str = "image_size_error"):  # fmt: skip
+        if len({width_column, height_column, error_column}) < 3:
+            raise ValueError("width_column, height_column and error_column must be three different names")
+        self.width_column = width_column
+        self.height_column = height_column
+        self.error_column = error_column
+
+    def input_columns(self, id_col: str) -> list[str]:
+        return [id_col]
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {self.width_column: pa.int32(), self.height_column: pa.int32(), self.error_column: pa.string()}
+
+    def process(self, part: Any, shard: Shard, io: ShardIO) -> dict[str, Any]:
+        from imgcurate.io.make import image_size
+        from imgcurate.io.tar import aligned_images
+
+        keys = to_pandas(part[[io.id_col]])[io.id_col].tolist()
+        widths: list[int | None] = []
+        heights: list[int | None] = []
+        errors: list[str | None] = []
+        for data, error in aligned_images(shard.tar, keys, io.storage_options):
+            size = image_size(data) if data is not None else error
+            known = isinstance(size, tuple)
+            widths.append(size[0] if known else None)
+            heights.append(size[1] if known else None)
+            errors.append(None if known else size)
+        return {self.width_column: pa.array(widths, pa.int32()), self.height_column: pa.array(heights, pa.int32()),
+                self.error_column: pa.array(errors, pa.string())}  # fmt: skip

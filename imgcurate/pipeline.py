@@ -48,6 +48,7 @@ __all__ = ["STAGES", "REPORTS", "Pipeline", "load_stage", "run_config", "stage_i
 #: Step name -> "module:attribute". Modules are imported only when a step is used.
 STAGES: dict[str, str] = {
     "SampleFilter": "imgcurate.filters:SampleFilter",
+    "ImageSize": "imgcurate.filters:ImageSize",
     "TimmImageEmbedder": "imgcurate.embedders.timm:TimmImageEmbedder",
     "ClipEmbedder": "imgcurate.embedders.clip:ClipEmbedder",
     "CaptionFeatures": "imgcurate.text:CaptionFeatures",

@@ -38,7 +38,7 @@ import pyarrow as pa
 from imgcurate import progress
 from imgcurate._dask import Shard
 from imgcurate.backends import to_pandas
-from imgcurate.filters import OptionColumn, SampleFilter
+from imgcurate.filters import OptionColumn, SampleFilter, _known_and
 from imgcurate.steps.base import Requirement, ShardIO, ShardStep
 
 if TYPE_CHECKING:
@@ -329,7 +329,8 @@ class ClipTextFilter(SampleFilter):
 
     gpu: ClassVar[str] = "no"
     #: 3: a caption in a kept language identified with too little confidence is dropped for that, not its language
-    results_version: ClassVar[int] = 3
+    #: 4: a null size or score is dropped for ``<column> unknown``, not for the option's comparison
+    results_version: ClassVar[int] = 4
 
     def __post_init__(self):
         if self.preset is not None:
@@ -363,12 +364,12 @@ class ClipTextFilter(SampleFilter):
         if self.min_clip_score is not None:
             op = ">=" if self.clip_score_inclusive else ">"
             reason = f"{score} {'<' if op == '>=' else '<='} {self.min_clip_score}"
-            rules.append((reason, lambda df, v=self.min_clip_score: _cmp(df[score], op, v)))
+            rules += _known_and(reason, lambda df, v=self.min_clip_score: _cmp(df[score], op, v), score)
         if self.clip_top_fraction is not None:
             if self.threshold is None:
                 raise RuntimeError("clip_top_fraction needs the global threshold: apply the step to the dataset")
             reason = f"{score} not in top {self.clip_top_fraction:.0%}"
-            rules.append((reason, lambda df, v=self.threshold: _cmp(df[score], ">=", v)))
+            rules += _known_and(reason, lambda df, v=self.threshold: _cmp(df[score], ">=", v), score)
         p = self.caption_prefix
         if self.min_words is not None:
             rules.append((f"{p}words < {self.min_words}", lambda df: _cmp(df[f"{p}words"], ">=", self.min_words)))
@@ -395,7 +396,7 @@ class ClipTextFilter(SampleFilter):
                 smaller = np.minimum(df["width"].astype("float64"), df["height"].astype("float64"))
                 return (smaller >= self.min_side).fillna(False).astype(bool)
 
-            rules.append((f"smaller side < {self.min_side}", side))
+            rules += _known_and(f"smaller side < {self.min_side}", side, "width", "height")
         return rules
 
     def _columns(self) -> list[OptionColumn]:

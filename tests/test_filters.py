@@ -7,6 +7,7 @@ import operator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import score_dataset
 
@@ -140,6 +141,14 @@ def test_a_null_side_fails_the_aspect_ratio_and_odd_rule_values_are_refused_befo
     ds = ds.with_metadata(df.assign(width=width, height=height, flag=df["clip_score"] > 0.3))
     out = SampleFilter(max_aspect_ratio=10.0, drop_errors=False)(ds).metadata.compute()
     assert out["keep"].tolist() == [False, True, False]  # a null width, as a null height, fails
+    # for the size it does not have, not for a comparison (img2dataset with disable_all_reencoding records none)
+    reasons = lambda out: [None if pd.isna(r) else r for r in out["drop_reason"]]  # noqa: E731
+    assert reasons(out) == ["width unknown", None, "height unknown"]
+    out = SampleFilter(min_width=0, min_height=0, drop_errors=False)(ds).metadata.compute()
+    assert reasons(out) == ["width unknown", None, "height unknown"]
+    scored = ds.with_metadata(df.assign(aesthetic_score=df["clip_score"].mask(df["clip_score"] > 0.7) * 10))
+    out = SampleFilter(min_aesthetic=4.0, drop_errors=False)(scored).metadata.compute()
+    assert reasons(out) == ["aesthetic_score < 4.0", None, "aesthetic_score unknown"]
     with pytest.raises(ColumnError, match=r"rules\[0\] \(flag >= 'yes'\): column 'flag' holds booleans, which cannot"):
         SampleFilter(rules=[Rule("flag", ">=", "yes")])(ds)
     # NumPy's numbers are numbers
@@ -189,3 +198,50 @@ def test_a_reason_is_counted_once_per_sample_and_may_not_be_named_like_a_total(t
     assert drop_report(twice).to_dict() == {"total": 3, "kept": 2, "dropped": 1, "not clip_score >= 0.3": 1}
     with pytest.raises(ValueError, match="its reason 'kept' is the name of a total of the drop report"):
         Rule("clip_score", ">=", 0.3, reason="kept")
+
+
+def test_image_size_reads_the_sizes_img2dataset_left_null_so_the_size_options_work(tmp_path):
+    """img2dataset with disable_all_reencoding writes null width and height: every sample then failed min_width.
+    ImageSize reads them from the image headers; an image without a readable header gets its reason instead."""
+    import warnings
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from imgcurate import ImageTextPairDataset
+    from imgcurate.filters import ImageSize
+    from imgcurate.io.make import Record, write_shards
+    from imgcurate.pipeline import Pipeline
+    from imgcurate.testing import encode_image
+
+    sizes = [(300, 200), (120, 400), (640, 480)]
+    kinds = ["jpg", "png", "jpg"]
+    records = [Record({kind: encode_image(Image.new("RGB", size, (9, 9, 9)), kind)})
+               for kind, size in zip(kinds, sizes, strict=True)]  # fmt: skip
+    records.append(Record({"jpg": b"\xff\xd8 not a jpeg"}))
+    write_shards(records, str(tmp_path / "in"), samples_per_shard=2)
+    for path in (tmp_path / "in").glob("*.parquet"):  # as img2dataset leaves them: the sizes null
+        table = pq.read_table(path)
+        for name in ("width", "height"):
+            table = table.set_column(table.column_names.index(name), pa.field(name, pa.int32()),
+                                     pa.nulls(table.num_rows, pa.int32()))  # fmt: skip
+        pq.write_table(table, path)
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"))
+    assert ds.metadata["width"].isna().all().compute()
+    before = SampleFilter(min_width=100, drop_errors=False)(ds).metadata.compute()
+    assert before["drop_reason"].eq("width unknown").all()
+    out = SampleFilter(min_width=250, drop_errors=False)(ImageSize()(ds)).metadata.compute()
+    assert out["width"].tolist()[:3] == [300, 120, 640] and out["height"].tolist()[:3] == [200, 400, 480]
+    assert pd.isna(out["width"].iloc[3]) and out["image_size_error"].iloc[3] == "image header is unreadable"
+    assert out["image_size_error"].isna().tolist()[:3] == [True] * 3
+    assert [None if pd.isna(r) else r for r in out["drop_reason"]] == [None, "width < 250", None, "width unknown"]
+    config = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+              "steps": [{"ImageSize": {}}, {"SampleFilter": {"min_width": 250}}]}  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        exported = Pipeline.from_config(config).run()
+    assert any("replaces the input's column 'width'" in str(w.message) for w in seen)
+    df = exported.metadata.compute()
+    assert df["width"].tolist() == [300, 640]
+    schema = pq.read_schema(str(tmp_path / "out" / "00000.parquet"))
+    assert schema.field("width").type == schema.field("height").type == pa.int32()  # as img2dataset writes them
