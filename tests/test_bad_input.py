@@ -523,6 +523,15 @@ def test_json_fields_named_like_our_columns_are_kept_when_a_tar_is_scanned(tmp_p
                                        ("c.json", json.dumps(repeated).encode())])  # fmt: skip
     df = _open(tmp_path).metadata.compute().set_index("key")
     assert pd.isna(df.loc["c", "source_key"]) and pd.isna(df.loc["c", "source_caption"])
+    # img2dataset's sample without a caption: an empty txt and a json caption of null, as its parquet has it (null),
+    # and no column of nulls for the json's caption
+    none = {"key": "d", "caption": None, "url": "http://z"}
+    (tmp_path / "more").mkdir()
+    write_tar(tmp_path / "more" / "00000.tar", [("d.jpg", jpeg), ("d.txt", b""), ("d.json", json.dumps(none).encode()),
+                                                ("e.jpg", jpeg), ("e.txt", b"")])  # fmt: skip
+    df = _open(tmp_path / "more").metadata.compute().set_index("key")
+    assert pd.isna(df.loc["d", "caption"]) and df.loc["e", "caption"] == ""  # an empty txt alone is an empty caption
+    assert "source_caption" not in df.columns and "source_key" not in df.columns
 
 
 def test_json_field_int_in_some_shards_and_text_in_one_becomes_text(tmp_path, jpeg):

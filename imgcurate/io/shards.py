@@ -301,11 +301,11 @@ def own_fields(fields: dict[str, Any], reserved: tuple[str, ...], own: dict[str,
     """A sample's json fields with those named like the columns imgcurate fills itself (key, caption, error)
     renamed ``source_<name>``, so that they neither replace the sample's own values nor are lost; a field that says
     what ``own`` (the sample's own values) says already is dropped instead (img2dataset's json repeats the key and
-    the caption), and a ``source_<name>`` field of the json's own is kept as it is."""
+    the caption), and so is a null one; a ``source_<name>`` field of the json's own is kept as it is."""
     out = {name: value for name, value in fields.items() if name not in reserved}
     for name in reserved:
-        if name in fields and (own is None or fields[name] != own.get(name)):
-            out.setdefault(f"source_{name}", fields[name])
+        if name in fields and fields[name] is not None and (own is None or fields[name] != own.get(name)):
+            out.setdefault(f"source_{name}", fields[name])  # a null field says nothing: no column of nulls
     return out
 
 
@@ -338,6 +338,8 @@ def scan_shard(path: str, id_col: str = KEY_COLUMN, storage_options: dict | None
                 errors.append(problem)
         if sample.image_ext is None:
             errors.append(NO_IMAGE)
+        if caption == "" and CAPTION_COLUMN in fields and fields[CAPTION_COLUMN] is None:
+            caption = None  # img2dataset writes a missing caption as an empty txt beside a json caption of null
         caption = caption_or_json(caption, fields)
         fields = own_fields(
             fields, (id_col, CAPTION_COLUMN, ERROR_COLUMN), {id_col: sample.key, CAPTION_COLUMN: caption}
