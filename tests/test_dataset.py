@@ -62,7 +62,17 @@ def test_parquet_missing_rows_is_an_error(sample_dir):
 
 def test_no_shards_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards in this folder$"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path))
+    # img2dataset's other output formats: parquet files, or folders of image files
+    (tmp_path / "00000.parquet").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards in this folder \(it holds \.parquet files but no "
+                                                r"tars: imgcurate reads WebDataset shards, img2dataset's output_format "
+                                                r"webdataset\)$"):  # fmt: skip
+        ImageTextPairDataset.from_webdataset(str(tmp_path))
+    (tmp_path / "00000.parquet").unlink()
+    (tmp_path / "00000").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"\(it holds folders: `imgcurate shard FOLDER OUT` turns a folder"):
         ImageTextPairDataset.from_webdataset(str(tmp_path))
 
 

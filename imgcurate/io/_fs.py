@@ -118,7 +118,13 @@ def shard_tars(fs: fsspec.AbstractFileSystem, root: str, path: str) -> list[str]
             raise FileNotFoundError(f"{path}: no such folder")
         if fs.isfile(root):
             raise NotADirectoryError(f"{path}: a file, not a folder of .tar shards")
-        raise FileNotFoundError(f"{path}: no .tar shards in this folder")
+        hint = ""
+        if files_in(fs, root, "*.parquet"):
+            hint = " (it holds .parquet files but no tars: imgcurate reads WebDataset shards, img2dataset's "
+            hint += "output_format webdataset)"
+        elif any(d.get("type") == "directory" for d in fs.ls(root, detail=True)):
+            hint = " (it holds folders: `imgcurate shard FOLDER OUT` turns a folder of images into shards)"
+        raise FileNotFoundError(f"{path}: no .tar shards in this folder{hint}")
     for tar in tars:
         if isinstance(fs, LocalFileSystem) and not os.path.exists(tar):  # listed, yet not there: a broken link
             raise ShardError(tar, "a broken symbolic link: the file it points to is missing")
