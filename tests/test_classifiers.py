@@ -292,7 +292,8 @@ def test_score_filters_and_reasons(sample_ds):
     assert out.loc[out.keep, "drop_reason"].isna().all()
     assert out.loc[~out.keep, "drop_reason"].notna().all()
     row = out[out.aesthetic_score.isna()].iloc[0]
-    assert "aesthetic_score < 5.0" in row["drop_reason"] and not row["keep"]
+    assert "aesthetic_score unknown" in row["drop_reason"] and "aesthetic_score <" not in row["drop_reason"]
+    assert not row["keep"]
     report = drop_report(SampleFilter(min_aesthetic=5.0, max_nsfw=0.5, min_width=300)(ds))
     assert report["total"] == len(out) and report["kept"] == ok.sum()
     assert report["nsfw_score >= 0.5"] == (~(out.nsfw_score < 0.5)).sum()
