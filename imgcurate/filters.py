@@ -383,9 +383,10 @@ def drop_report(dataset: ImageTextPairDataset, reason_column: str = "drop_reason
 
 
 class ImageSize(ShardStep):
-    """Adds each image's width and height, read from its header (no pixels are decoded): for metadata that has none,
-    as img2dataset writes with ``disable_all_reencoding`` (null ``width`` and ``height``), so that the size options
-    of :class:`SampleFilter` and :class:`~imgcurate.text.ClipTextFilter` work.
+    """Adds each image's width and height, read from its header (no pixels are decoded).
+
+    For metadata that has none, as img2dataset writes with ``disable_all_reencoding`` (null ``width`` and
+    ``height``), so that the size options of :class:`SampleFilter` and :class:`~imgcurate.text.ClipTextFilter` work.
 
     Args:
         width_column: the output column of widths; by default ``width``, the one the filters read (an input column of
