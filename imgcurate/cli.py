@@ -563,12 +563,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("imgcurate: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the CLI shows the message, not a traceback, for our own errors
-        from imgcurate.errors import ImgcurateError, from_an_object_store
+        from imgcurate.errors import ImgcurateError, from_an_object_store, one_line
 
         mistakes = (ImgcurateError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                     PermissionError, ValueError)  # fmt: skip
         if isinstance(err, mistakes):
             print(f"imgcurate: error: {err}", file=sys.stderr)
+            return 2
+        if type(err).__module__.split(".")[0] == "distributed":  # KilledWorker, a scheduler gone (cancelled)
+            print(f"imgcurate: error: the cluster: {type(err).__name__}: {one_line(err)} (workers that died again and "
+                  "again ran out of memory, see cluster.memory_limit, or were killed; a scheduler that went away "
+                  "cancels the run); run again to go on: what finished is kept", file=sys.stderr)  # fmt: skip
             return 2
         if from_an_object_store(err):  # no credentials, an endpoint that does not answer, access denied
             print(f"imgcurate: error: the object store: {type(err).__name__}: {err} (check the storage_options: "

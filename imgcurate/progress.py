@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -202,9 +203,41 @@ def persist(collection: T, *, desc: str) -> T:
 
 
 def _follow(futures: Sequence[Any], desc: str, unit: str = "part") -> None:
-    """Advances a bar as distributed futures finish; raises the first task error as soon as it happens."""
+    """Advances a bar as distributed futures finish; raises the first task error as soon as it happens, and a
+    :class:`~imgcurate.errors.ClusterError` when the cluster has had no worker for ``imgcurate.no-workers-timeout``
+    seconds (its tasks would wait for ever: every worker died and none was restarted, or none was started)."""
     from distributed import as_completed
 
-    for future in bar(as_completed(futures), desc=desc, total=len(futures), unit=unit):
-        if future.status == "error":
-            future.result()  # raises the task's exception here, not after the rest finish
+    from imgcurate.errors import ClusterError
+
+    limit = float(config.get("no-workers-timeout", 60) or 0)
+    starved = threading.Event()
+    stop = threading.Event()
+
+    def watch(client: Any) -> None:
+        since = None
+        while not stop.wait(min(1.0, limit / 4)):
+            try:
+                workers = len(client.scheduler_info().get("workers", {}))  # kept fresh by the client, no call
+            except Exception:  # noqa: BLE001 - a client closing: nothing to watch
+                return
+            since = None if workers else since or time.monotonic()
+            if since is not None and time.monotonic() - since >= limit:
+                starved.set()
+                client.cancel(list(futures), reason="the cluster has no worker")
+                return
+
+    watcher = None
+    if limit > 0 and futures:
+        watcher = threading.Thread(target=watch, args=(futures[0].client,), daemon=True, name="imgcurate-no-workers")
+        watcher.start()
+    try:
+        for future in bar(as_completed(futures), desc=desc, total=len(futures), unit=unit):
+            if starved.is_set():
+                raise ClusterError(f"cluster: no worker for {limit:g} s (every worker died and none was restarted, "
+                                   "or none was started); start workers and run again: what finished is kept "
+                                   "(imgcurate.no-workers-timeout sets the wait)")  # fmt: skip
+            if future.status == "error":
+                future.result()  # raises the task's exception here, not after the rest finish
+    finally:
+        stop.set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -412,3 +413,26 @@ def test_ctrl_c_is_exit_130_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(imgcurate.cli, "_cmd_stages", interrupted)
     assert main(["stages"]) == 130
     assert capsys.readouterr().err == "imgcurate: interrupted\n"
+
+
+def test_a_cluster_that_killed_its_workers_or_went_away_is_one_line(sample_dir, tmp_path, capsys, monkeypatch):
+    """distributed's KilledWorker (a worker over its memory limit, restarted again and again) and a scheduler gone
+    (its futures cancelled) are the cluster's answer: one line with what to check, exit 2, no traceback."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    from imgcurate.pipeline import Pipeline
+
+    config = _config(sample_dir, tmp_path)
+    worker = types.SimpleNamespace(address="tcp://127.0.0.1:1")
+    for err in (KilledWorker("('embed', 3)", worker, 3), FutureCancelledError("('embed', 3)", "unknown")):
+
+        def fail(self, *args, err=err, **kwargs):
+            raise err
+
+        monkeypatch.setattr(Pipeline, "run", fail)
+        capsys.readouterr()
+        assert main(["run", config]) == 2
+        line = _one_error(capsys)
+        assert line.startswith(f"the cluster: {type(err).__name__}: ") and "cluster.memory_limit" in line
+        assert line.endswith("run again to go on: what finished is kept")

@@ -175,3 +175,22 @@ def test_several_collections_computed_together_share_their_inputs(sample_ds):
     expected = sample_ds.metadata.compute()["width"]
     assert (lo, hi, n) == (expected.min(), expected.max(), expected.count())
     assert len(_CALLS) == sample_ds.num_shards
+
+
+def test_a_cluster_left_with_no_worker_stops_the_computation_with_an_error_instead_of_waiting_for_ever():
+    """Every worker died and none was restarted (or none was started): the tasks would wait for ever."""
+    import time
+
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import Client, LocalCluster
+
+    from imgcurate.errors import ClusterError
+
+    frame = dd.from_pandas(pd.DataFrame({"x": range(10)}), npartitions=2)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster):
+        with dask.config.set({"imgcurate.no-workers-timeout": 1.5}):
+            started = time.perf_counter()
+            with pytest.raises(ClusterError, match=r"^cluster: no worker for 1\.5 s \(every worker died"):
+                progress.compute([frame.x.sum()], desc="sum", unit="shard")
+            assert time.perf_counter() - started < 30
