@@ -37,6 +37,18 @@ class Fails(ShardStep):
         raise RuntimeError(f"shard {shard.index}: this step always fails")
 
 
+class KillsItsWorker(ShardStep):
+    """Ends the worker process that runs it (as the kernel's OOM killer would), on every shard."""
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        return {"never": pa.int64()}
+
+    def process(self, part, shard, io):
+        import os
+
+        os._exit(1)
+
+
 class BrokenBuild(ShardStep):
     """Fails as it is built, with an error of its own kind."""
 
